@@ -40,9 +40,9 @@ class _Strict(BaseModel):
 class Horizons(_Strict):
     """Default label horizons, in days."""
 
-    churn_days: int = Field(30, gt=0)
-    purchase_days: int = Field(14, gt=0)
-    activity_lookback_days: int = Field(30, gt=0)
+    churn_days: int = Field(default=30, gt=0)
+    purchase_days: int = Field(default=14, gt=0)
+    activity_lookback_days: int = Field(default=30, gt=0)
 
 
 class OnlineStore(_Strict):

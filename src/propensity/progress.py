@@ -25,7 +25,9 @@ __all__ = ["ProgressCallback", "rich_progress", "print_progress", "report"]
 ProgressCallback = Callable[[str, float, float], None]
 
 
-def report(progress: ProgressCallback | None, description: str, completed: float, total: float) -> None:
+def report(
+    progress: ProgressCallback | None, description: str, completed: float, total: float
+) -> None:
     """Call ``progress`` if one was given (keeps call sites free of ``if`` noise)."""
     if progress is not None:
         progress(description, completed, total)

@@ -88,7 +88,9 @@ EVENT_FIELDS: tuple[EventField, ...] = (
     ),
 )
 
-ARROW_SCHEMA = pa.schema([pa.field(f.name, f.arrow_type, nullable=not f.required) for f in EVENT_FIELDS])
+ARROW_SCHEMA = pa.schema(
+    [pa.field(f.name, f.arrow_type, nullable=not f.required) for f in EVENT_FIELDS]
+)
 REQUIRED_COLUMNS: tuple[str, ...] = tuple(f.name for f in EVENT_FIELDS if f.required)
 NUMERIC_COLUMNS: tuple[str, ...] = ("price", "quantity", "propensity")
 
@@ -97,7 +99,9 @@ def schema_markdown() -> str:
     """Render the schema as a Markdown table (used for the README)."""
     rows = ["| field | type | required | meaning |", "| --- | --- | --- | --- |"]
     for f in EVENT_FIELDS:
-        rows.append(f"| `{f.name}` | {f.arrow_type} | {'yes' if f.required else 'no'} | {f.description} |")
+        rows.append(
+            f"| `{f.name}` | {f.arrow_type} | {'yes' if f.required else 'no'} | {f.description} |"
+        )
     rows += ["", "| event_type | meaning |", "| --- | --- |"]
     rows += [f"| `{name}` | {text} |" for name, text in EVENT_TYPES.items()]
     return "\n".join(rows)

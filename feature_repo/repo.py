@@ -1,0 +1,107 @@
+"""Feast definitions of the propensity feature store.
+
+Declarative: one entity, one Parquet source and feature view per theme, one
+on-demand view computed at request time, and the versioned feature services.
+Names, schemas and services all come from ``propensity.features.definitions``,
+the single feature registry; the Parquet tables are written by
+``propensity.features.snapshots.build_features``.
+
+``propensity.features.store.FeatureStoreAdapter`` calls :func:`definitions`
+with the project's ``features_dir``. The module-level objects below exist for
+the ``feast`` CLI (``feast apply`` run in this folder) and read the project
+settings of the parent folder.
+"""
+
+from __future__ import annotations
+
+import inspect
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from feast import (
+    Entity,
+    FeatureService,
+    FeatureView,
+    Field,
+    FileSource,
+    RequestSource,
+    ValueType,
+)
+from feast.on_demand_feature_view import OnDemandFeatureView
+from feast.types import Float64, String
+
+from propensity.features.definitions import (
+    ENTITY,
+    ON_DEMAND_FEATURES,
+    SERVICES,
+    VIEWS,
+    features_of,
+    request_features,
+)
+
+# Weekly snapshots: a row stays valid until the next one, plus a day of slack.
+TTL = timedelta(days=8)
+
+
+def definitions(features_dir: Path) -> list[Any]:
+    """Build every Feast object, reading the feature tables under ``features_dir``."""
+    customer = Entity(
+        name="customer",
+        join_keys=[ENTITY],
+        value_type=ValueType.STRING,
+        description="A customer, identified by customer_id (e.g. C0000001).",
+    )
+    views: dict[str, Any] = {}
+    for view, text in VIEWS.items():
+        source = FileSource(
+            name=f"{view}_source",
+            path=str(Path(features_dir) / f"{view}.parquet"),
+            timestamp_field="event_timestamp",
+        )
+        views[view] = FeatureView(
+            name=view,
+            entities=[customer],
+            ttl=TTL,
+            schema=[Field(name=ENTITY, dtype=String)]
+            + [
+                Field(name=f.name, dtype=Float64, description=f.description)
+                for f in features_of(view)
+            ],
+            source=source,
+            online=True,
+            description=text,
+        )
+    request = RequestSource(name="request", schema=[Field(name="request_time", dtype=Float64)])
+    # Built without the decorator on purpose: the decorator rewrites the function's
+    # module to __main__ to pickle it by value; the package function pickles by
+    # reference instead, so any process with propensity installed can load it.
+    odfv = OnDemandFeatureView(
+        name="request_features",
+        sources=[views["lifecycle"][["last_event_epoch"]], request],
+        schema=[Field(name=name, dtype=Float64) for name in ON_DEMAND_FEATURES],
+        mode="python",
+        udf=request_features,
+        udf_string=inspect.getsource(request_features),
+        description="Values computed at request time.",
+    )
+    views[odfv.name] = odfv
+    services = [
+        FeatureService(name=name, features=[views[v] for v in members])
+        for name, members in SERVICES.items()
+    ]
+    return [customer, *views.values(), *services]
+
+
+def _cli_objects() -> dict[str, Any]:
+    from propensity.config import load_settings
+
+    settings = load_settings(Path(__file__).resolve().parent.parent)
+    return {
+        f"{type(o).__name__}_{o.name}": o for o in definitions(settings.path(settings.features_dir))
+    }
+
+
+# The feast CLI collects module attributes; the adapter only calls definitions().
+if __name__ != "propensity_feature_repo":
+    globals().update(_cli_objects())

@@ -1,0 +1,437 @@
+"""Simulate one block of customers: outcomes, campaigns, truth and event columns.
+
+Everything is vectorized over customers and days; the only Python loops run
+over campaign waves and over the days of a label horizon.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date
+
+import numpy as np
+
+from propensity.events import _sim_latent as lat
+
+EVENT_CODES: tuple[str, ...] = (
+    "session_start",
+    "page_view",
+    "product_view",
+    "search",
+    "add_to_cart",
+    "remove_from_cart",
+    "checkout_start",
+    "purchase",
+    "feature_use",
+    "email_open",
+    "email_click",
+    "support_ticket",
+    "campaign_exposure",
+)
+CHANNELS: tuple[str, ...] = ("web", "app", "email", "support")
+DEVICES: tuple[str, ...] = ("desktop", "mobile", "tablet")
+PRODUCTS_PER_CATEGORY = 60
+_CODE = {name: i for i, name in enumerate(EVENT_CODES)}
+_COLUMNS = (
+    "customer",
+    "ts",
+    "type",
+    "session",
+    "product",
+    "category",
+    "price",
+    "quantity",
+    "order",
+    "feature",
+    "channel",
+    "device",
+    "campaign",
+    "action",
+    "propensity",
+    "exposure",
+)
+
+
+@dataclass
+class BlockSettings:
+    """What a block needs from the configuration."""
+
+    days: int
+    start: date
+    churn_horizon: int
+    purchase_horizon: int
+    initial_share: float
+    history_days: int
+    hazard_base: float
+    campaign_share: float
+    campaign_weekday: int
+    eligibility_days: int
+    truth_every: int
+    product_prices: np.ndarray
+
+    @property
+    def length(self) -> int:
+        return self.days + max(self.churn_horizon, self.purchase_horizon)
+
+
+@dataclass
+class BlockResult:
+    """Outputs of one block, as numpy arrays indexed by local customer number."""
+
+    traits: lat.Traits
+    events: dict[str, np.ndarray]
+    daily: dict[str, np.ndarray]
+    exposures: dict[str, np.ndarray]
+    sessions: int = 0
+    orders: int = 0
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _dormancy(hazard: np.ndarray, traits: lat.Traits, rows: np.ndarray) -> np.ndarray:
+    sub = lat.Traits(**{k: v[rows] for k, v in traits.__dict__.items()})
+    return lat.dormancy_day(hazard, sub)
+
+
+def _first(window: tuple[np.ndarray, np.ndarray], alive: np.ndarray) -> np.ndarray:
+    """P(no event) of the first start, from the alive or the dormant state."""
+    return np.where(alive, window[0][:, 0], window[1][:, 0])
+
+
+def _run_campaigns(
+    rng: np.random.Generator,
+    s: BlockSettings,
+    traits: lat.Traits,
+    paths: lat.Paths,
+    potential: np.ndarray,
+    residual: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Weekly waves: pick eligible customers at random, assign an action, apply its effect."""
+    n, length = paths.rate.shape
+    hc, hp = s.churn_horizon, s.purchase_horizon
+    cooldown = max(hc, hp)
+    hz_mult = np.ones((n, length))
+    cv_mult = np.ones((n, length))
+    last = lat.dormancy_day(paths.hazard, traits)
+    first = np.maximum(traits.signup_day, 0)
+    last_exposed = np.full(n, -(10**6))
+    weekday = np.array([(s.start.toordinal() + k - 1) % 7 for k in range(s.days)])
+    records: dict[str, list[np.ndarray]] = {
+        k: []
+        for k in ["customer", "day", "action", "propensity", "second", "alive", "tenure"]
+        + [f"p_{o}_{a}" for o in ("purchase", "churn") for a in lat.ACTIONS]
+    }
+    purchase_rate = paths.rate * paths.conversion
+    for t in (int(x) for x in np.flatnonzero(weekday == s.campaign_weekday)):
+        lo = max(0, t - s.eligibility_days)
+        k = np.arange(lo, t)[None, :]
+        signed = k >= first[:, None]
+        seen = np.where(k <= last[:, None], potential[:, lo:t], residual[:, lo:t]) * signed
+        recent = seen.sum(axis=1) > 0
+        eligible = recent & (traits.signup_day < t) & (last_exposed <= t - cooldown)
+        rows = np.flatnonzero(eligible & (rng.random(n) < s.campaign_share))
+        if rows.size == 0:
+            continue
+        tenure = paths.tenure[rows, t]
+        m_h, m_c = lat.effect_multipliers(
+            tenure,
+            purchase_rate[rows, t],
+            paths.hazard[rows, t],
+            paths.adoption[rows, t],
+            traits.price_sensitivity[rows],
+            traits.value_level[rows],
+        )
+        probs = lat.assignment_probabilities(tenure, traits.value_level[rows])
+        action = (rng.random(rows.size)[:, None] > np.cumsum(probs, axis=1)[:, :-1]).sum(axis=1)
+        alive = last[rows] >= t
+        for a, name in enumerate(lat.ACTIONS):
+            hz_c = paths.hazard[rows, t : t + hc] * m_h[:, a : a + 1]
+            w_churn = _first(lat.window_no_event(paths.rate[rows, t : t + hc], hz_c, hc, 1), alive)
+            hz_p = paths.hazard[rows, t : t + hp] * m_h[:, a : a + 1]
+            r_p = purchase_rate[rows, t : t + hp] * m_c[:, a : a + 1]
+            w_purchase = _first(lat.window_no_event(r_p, hz_p, hp, 1), alive)
+            records[f"p_churn_{name}"].append(w_churn)
+            records[f"p_purchase_{name}"].append(1.0 - w_purchase)
+        pick = np.arange(rows.size)
+        hz_mult[rows, t : t + hc] = m_h[pick, action][:, None]
+        cv_mult[rows, t : t + hp] = m_c[pick, action][:, None]
+        last[rows] = _dormancy(paths.hazard[rows] * hz_mult[rows], traits, rows)
+        last_exposed[rows] = t
+        records["customer"].append(rows)
+        records["day"].append(np.full(rows.size, t))
+        records["action"].append(action)
+        records["propensity"].append(probs[pick, action])
+        records["second"].append(rng.integers(0, 300, rows.size))
+        records["alive"].append(alive)
+        records["tenure"].append(tenure)
+    exposures = {
+        k: (np.concatenate(v) if v else np.zeros(0, dtype=float)) for k, v in records.items()
+    }
+    for key in ("customer", "day", "action", "second"):
+        exposures[key] = exposures[key].astype(np.int64)
+    exposures["alive"] = exposures["alive"].astype(bool)
+    return hz_mult, cv_mult, last, exposures
+
+
+def _patch_future_exposures(
+    window: tuple[np.ndarray, np.ndarray],
+    rate: np.ndarray,
+    realized_hazard: np.ndarray,
+    plain_hazard: np.ndarray,
+    plain_rate: np.ndarray,
+    exposures: dict[str, np.ndarray],
+    horizon: int,
+    every: int,
+) -> None:
+    """Recompute windows that contain a later exposure without that exposure's effect.
+
+    At midnight T the campaign sent during day s >= T is not known yet, so the
+    truth at T follows the plain path from day s on.
+    """
+    rows, day = exposures["customer"], exposures["day"]
+    if rows.size == 0:
+        return
+    length = rate.shape[1]
+    offsets = np.arange(-horizon + 1, horizon)
+    cols = day[:, None] + offsets[None, :]
+    inside = (cols >= 0) & (cols < length)
+    safe = np.clip(cols, 0, length - 1)
+    after = offsets[None, :] >= 0
+    r = np.where(after, plain_rate[rows[:, None], safe], rate[rows[:, None], safe])
+    h = np.where(after, plain_hazard[rows[:, None], safe], realized_hazard[rows[:, None], safe])
+    r = np.where(inside, r, 0.0)
+    h = np.where(inside, h, 0.0)
+    local = lat.window_no_event(r, h, horizon, horizon)
+    starts = day[:, None] + np.arange(-horizon + 1, 1)[None, :]
+    n_days = window[0].shape[1] * every
+    ok = (starts >= 0) & (starts < n_days) & (starts % every == 0)
+    i, j = np.nonzero(ok)
+    for target, values in zip(window, local, strict=True):
+        target[rows[i], starts[i, j] // every] = values[i, j]
+
+
+def _daily_truth(
+    s: BlockSettings,
+    traits: lat.Traits,
+    paths: lat.Paths,
+    hz_mult: np.ndarray,
+    cv_mult: np.ndarray,
+    last: np.ndarray,
+    exposures: dict[str, np.ndarray],
+) -> dict[str, np.ndarray]:
+    every = s.truth_every
+    hazard = paths.hazard * hz_mult
+    purchase_plain = paths.rate * paths.conversion
+    purchase_rate = purchase_plain * cv_mult
+    w_churn = lat.window_no_event(paths.rate, hazard, s.churn_horizon, s.days, every)
+    w_purchase = lat.window_no_event(purchase_rate, hazard, s.purchase_horizon, s.days, every)
+    _patch_future_exposures(
+        w_churn, paths.rate, hazard, paths.hazard, paths.rate, exposures, s.churn_horizon, every
+    )
+    _patch_future_exposures(
+        w_purchase,
+        purchase_rate,
+        hazard,
+        paths.hazard,
+        purchase_plain,
+        exposures,
+        s.purchase_horizon,
+        every,
+    )
+    days = np.arange(0, s.days, every)
+    alive = last[:, None] >= days[None, :]
+    valid = days[None, :] > traits.signup_day[:, None]
+    rows, cols = np.nonzero(valid)
+    day = days[cols]
+    return {
+        "customer": rows.astype(np.int32),
+        "day": day.astype(np.int32),
+        "p_churn": np.where(alive, w_churn[0], w_churn[1])[rows, cols].astype(np.float32),
+        "p_purchase": 1.0
+        - np.where(alive, w_purchase[0], w_purchase[1])[rows, cols].astype(np.float32),
+        "alive": alive[rows, cols],
+        "at_risk": (alive & (hazard[:, : s.days : every] > 0.01))[rows, cols],
+        "session_rate": paths.trend_rate[rows, day].astype(np.float32),
+        "adoption": paths.adoption[rows, day].astype(np.float32),
+        "hazard": hazard[rows, day].astype(np.float32),
+    }
+
+
+def _events(
+    rng: np.random.Generator,
+    s: BlockSettings,
+    traits: lat.Traits,
+    paths: lat.Paths,
+    cv_mult: np.ndarray,
+    sessions: np.ndarray,
+    alive_days: np.ndarray,
+    exposures: dict[str, np.ndarray],
+) -> tuple[dict[str, np.ndarray], int, int]:
+    """Expand daily counts into event rows (columns of codes; strings come later)."""
+    blocks: list[dict[str, np.ndarray]] = []
+
+    def add(customer: np.ndarray, ts: np.ndarray, kind: str, **cols: np.ndarray) -> None:
+        block = {"customer": customer, "ts": ts, "type": np.full(customer.size, _CODE[kind])}
+        block.update(cols)
+        blocks.append(block)
+
+    # Sessions and their funnel.
+    rows, days = np.nonzero(sessions)
+    counts = sessions[rows, days]
+    s_cust = np.repeat(rows, counts)
+    s_day = np.repeat(days, counts)
+    n_s = s_cust.size
+    hour = rng.choice(24, n_s, p=lat.HOUR_PROBS)
+    s_ts = (s_day * 86_400 + hour * 3_600 + rng.integers(0, 3_600, n_s)) * 1_000_000
+    converts = rng.random(n_s) < (paths.conversion * cv_mult)[s_cust, s_day]
+    items = np.where(converts, 1 + rng.poisson(traits.items_mean[s_cust]), 0)
+    app = traits.app_user[s_cust]
+    channel = app.astype(np.int64)
+    device = np.where(app, np.where(traits.device[s_cust] == 2, 2, 1), traits.device[s_cust])
+    s_id = np.arange(n_s)
+
+    def session_block(kind: str, count: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        idx = np.repeat(s_id, count)
+        ts = s_ts[idx] + rng.integers(lo, hi, idx.size) * 1_000_000
+        extra: dict[str, np.ndarray] = {
+            "session": idx,
+            "channel": channel[idx],
+            "device": device[idx],
+        }
+        if kind in ("product_view", "add_to_cart", "remove_from_cart", "purchase"):
+            fav = rng.random(idx.size) < 0.6
+            cat = np.where(fav, traits.favorite_category[s_cust[idx]], rng.integers(0, 8, idx.size))
+            extra["category"] = cat
+            extra["product"] = cat * PRODUCTS_PER_CATEGORY + rng.integers(
+                0, PRODUCTS_PER_CATEGORY, idx.size
+            )
+        add(s_cust[idx], ts, kind, **extra)
+        return idx
+
+    session_block("session_start", np.ones(n_s, dtype=np.int64), 0, 1)
+    session_block("page_view", rng.poisson(1.3, n_s), 5, 900)
+    session_block("product_view", rng.poisson(1.0 + 0.8 * converts), 10, 900)
+    session_block("search", (rng.random(n_s) < 0.35).astype(np.int64), 5, 600)
+    atc = np.where(converts, items, rng.random(n_s) < 0.15).astype(np.int64)
+    session_block("add_to_cart", atc, 900, 1_200)
+    session_block(
+        "remove_from_cart", ((atc > 0) & (rng.random(n_s) < 0.1)).astype(int), 1_200, 1_500
+    )
+    checkout = converts | ((atc > 0) & (rng.random(n_s) < 0.06))
+    session_block("checkout_start", checkout.astype(np.int64), 1_500, 1_700)
+    line = session_block("purchase", items, 1_800, 1_860)
+    purchase = blocks[-1]
+    order_rank = np.cumsum(converts) - 1
+    purchase["order"] = order_rank[line]
+    level = np.exp(traits.value_level - 0.4 * traits.price_sensitivity)[s_cust[line]]
+    noise = np.exp(rng.normal(0.0, 0.1, line.size))
+    purchase["price"] = np.round(s.product_prices[purchase["product"]] * level * noise, 2)
+    purchase["quantity"] = (1 + rng.poisson(0.25, line.size)).astype(np.float64)
+    # Feature use: sessions touch features among the ones adopted so far.
+    adopted = np.floor(paths.adoption[s_cust, s_day] + 0.5).astype(np.int64)
+    fu = session_block("feature_use", rng.poisson(0.45 * np.sqrt(adopted)), 30, 1_500)
+    keys = rng.random((traits.signup_day.size, len(lat.FEATURES))) ** (
+        1.0 / np.linspace(3.0, 0.5, len(lat.FEATURES))
+    )
+    order = np.argsort(-keys, axis=1)
+    pick = np.floor(rng.random(fu.size) * np.maximum(adopted[fu], 1)).astype(np.int64)
+    blocks[-1]["feature"] = order[s_cust[fu], pick]
+
+    # Support tickets and emails happen outside sessions.
+    n = traits.signup_day.size
+    tickets = rng.poisson((0.003 + 0.05 * traits.friction)[:, None], (n, s.days)) * alive_days
+    t_rows, t_days = np.nonzero(tickets)
+    t_count = tickets[t_rows, t_days]
+    t_cust, t_day = np.repeat(t_rows, t_count), np.repeat(t_days, t_count)
+    t_ts = (t_day * 86_400 + rng.integers(8 * 3_600, 20 * 3_600, t_cust.size)) * 1_000_000
+    add(
+        t_cust,
+        t_ts,
+        "support_ticket",
+        channel=np.full(t_cust.size, 3),
+        device=traits.device[t_cust],
+    )
+
+    k = np.arange(s.days)[None, :]
+    signed = k >= np.maximum(traits.signup_day, 0)[:, None]
+    engaged = np.log(paths.trend_rate[:, : s.days]) - np.log(0.22)
+    p_open = (1.0 / 7.0) / (1.0 + np.exp(-(traits.email_affinity[:, None] + 0.8 * engaged)))
+    p_open = p_open * np.where(alive_days, 1.0, 0.25) * signed
+    e_rows, e_days = np.nonzero(rng.random((n, s.days)) < p_open)
+    e_ts = (e_days * 86_400 + rng.integers(6 * 3_600, 22 * 3_600, e_rows.size)) * 1_000_000
+    monday = e_days - (e_days + s.start.weekday()) % 7
+    newsletter = s.length + 6 + monday
+    e_dev = np.where(traits.app_user[e_rows], 1, traits.device[e_rows])
+    add(
+        e_rows,
+        e_ts,
+        "email_open",
+        channel=np.full(e_rows.size, 2),
+        device=e_dev,
+        campaign=newsletter,
+    )
+    click = rng.random(e_rows.size) < 0.3
+    c_ts = e_ts[click] + rng.integers(10, 300, int(click.sum())) * 1_000_000
+    add(
+        e_rows[click],
+        c_ts,
+        "email_click",
+        channel=np.full(int(click.sum()), 2),
+        device=e_dev[click],
+        campaign=newsletter[click],
+    )
+
+    x_ts = (exposures["day"] * 86_400 + exposures["second"]) * 1_000_000
+    add(
+        exposures["customer"],
+        x_ts,
+        "campaign_exposure",
+        channel=np.full(x_ts.size, 2),
+        device=traits.device[exposures["customer"]],
+        campaign=exposures["day"],
+        action=exposures["action"],
+        propensity=exposures["propensity"],
+        exposure=np.arange(x_ts.size),
+    )
+    return _concat(blocks), n_s, int(converts.sum())
+
+
+def _concat(blocks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    floats = {"price", "quantity", "propensity"}
+    wide = {"ts"}
+    out: dict[str, np.ndarray] = {}
+    for col in _COLUMNS:
+        dtype = np.float64 if col in floats else np.int64 if col in wide else np.int32
+        parts = []
+        for b in blocks:
+            size = b["customer"].size
+            if col in b:
+                parts.append(np.asarray(b[col]).astype(dtype, copy=False))
+            else:
+                parts.append(np.full(size, np.nan if col in floats else -1, dtype=dtype))
+        out[col] = np.concatenate(parts)
+    # One int64 key (customer, time): a single argsort instead of a lexsort.
+    span = int(out["ts"].max(initial=0)) + 1
+    order = np.argsort(out["customer"].astype(np.int64) * span + out["ts"])
+    return {k: v[order] for k, v in out.items()}
+
+
+def simulate_block(rng: np.random.Generator, s: BlockSettings, n: int) -> BlockResult:
+    """Simulate ``n`` customers end to end."""
+    traits = lat.draw_traits(rng, n, s.days, s.initial_share, s.history_days)
+    paths = lat.build_paths(traits, s.start, s.length, s.hazard_base)
+    potential = rng.poisson(paths.rate[:, : s.days])
+    # Every new customer visits on the day they sign up.
+    new = np.flatnonzero((traits.signup_day >= 0) & (traits.signup_day < s.days))
+    potential[new, traits.signup_day[new]] = np.maximum(potential[new, traits.signup_day[new]], 1)
+    # Thinning Poisson(rate) keeps Poisson(residual * rate) sessions for dormant days.
+    residual = rng.binomial(potential, lat.RESIDUAL)
+    hz_mult, cv_mult, last, exposures = _run_campaigns(rng, s, traits, paths, potential, residual)
+    k = np.arange(s.days)[None, :]
+    signed = k >= np.maximum(traits.signup_day, 0)[:, None]
+    alive_days = signed & (k <= last[:, None])
+    sessions = np.where(alive_days, potential, residual * signed)
+    daily = _daily_truth(s, traits, paths, hz_mult, cv_mult, last, exposures)
+    events, n_sessions, n_orders = _events(
+        rng, s, traits, paths, cv_mult, sessions, alive_days, exposures
+    )
+    return BlockResult(traits, events, daily, exposures, n_sessions, n_orders)

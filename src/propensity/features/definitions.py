@@ -1,0 +1,414 @@
+"""The feature registry: every behavioral feature, defined once.
+
+Each :class:`Feature` names its feature view (theme), the SQL expression that
+computes it from window aggregates (see :mod:`propensity.features.sql`), its
+window, how missing values are filled, and a description. The SQL, the Feast
+schemas in ``feature_repo/`` and :func:`feature_reference_markdown` are all
+generated from :data:`FEATURES`, so they cannot drift apart.
+
+Dtype contract: every feature is a float64 (Feast ``Float64``). Counts of
+nothing are ``0.0``; quantities that do not exist yet (days since an event that
+never happened, a rate over zero occurrences, a slope over fewer than two
+orders) are ``NULL`` and reach pandas as ``NaN``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = [
+    "Feature",
+    "FEATURES",
+    "VIEWS",
+    "ON_DEMAND_FEATURES",
+    "SERVICES",
+    "ENTITY",
+    "features_of",
+    "service_views",
+    "feature_reference_markdown",
+    "request_features",
+]
+
+ENTITY = "customer_id"
+
+VIEWS: dict[str, str] = {
+    "session": "Visit frequency, recency and depth.",
+    "basket": "Orders, revenue, basket trends and cart abandonment.",
+    "adoption": "Product feature adoption.",
+    "engagement": "Email engagement and support friction.",
+    "lifecycle": "Tenure and lifetime value (RFM).",
+    "exposure": "Recent campaign exposures (contact-pressure rules of next-best-action).",
+}
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One feature of the registry.
+
+    Attributes
+    ----------
+    name : str
+        Column name, snake_case, unique across views.
+    view : str
+        Feature view (theme) the feature belongs to, a key of :data:`VIEWS`.
+    sql : str
+        SQL expression over the window aggregates of ``features.sql``.
+    description : str
+        What the value means, for the README's feature reference.
+    window : int or None
+        Look-back window in days (``None`` for lifetime or recency values).
+    missing : {"zero", "null"}
+        ``"zero"``: a count that is 0 when nothing happened; ``"null"``: the
+        value is undefined (NaN) when its events never happened.
+    """
+
+    name: str
+    view: str
+    sql: str
+    description: str
+    window: int | None = None
+    missing: Literal["zero", "null"] = "zero"
+    dtype: str = "float64"
+
+
+def _ratio(num: str, den: str) -> str:
+    # NULL (not 0, not inf) when the denominator has no occurrences.
+    return f"CASE WHEN ({den}) > 0 THEN CAST(({num}) AS DOUBLE) / ({den}) END"
+
+
+def _days_since(epoch_col: str) -> str:
+    return f"(snapshot_epoch - {epoch_col}) / 86400.0"
+
+
+_F = Feature
+FEATURES: tuple[Feature, ...] = (
+    # -- session frequency ------------------------------------------------------------------
+    _F("sessions_7d", "session", "sessions_7d", "Sessions started in the last 7 days.", 7),
+    _F("sessions_14d", "session", "sessions_14d", "Sessions started in the last 14 days.", 14),
+    _F("sessions_30d", "session", "sessions_30d", "Sessions started in the last 30 days.", 30),
+    _F("sessions_90d", "session", "sessions_90d", "Sessions started in the last 90 days.", 90),
+    _F(
+        "session_trend_7d_28d",
+        "session",
+        _ratio("sessions_7d / 7.0", "(sessions_35d - sessions_7d) / 28.0"),
+        "Daily session rate of the last 7 days divided by that of the 28 days before "
+        "(NaN when there was no session in those 28 days).",
+        35,
+        "null",
+    ),
+    _F(
+        "days_since_last_session",
+        "session",
+        _days_since("last_session_epoch"),
+        "Days (fractional) since the last session start; NaN if none.",
+        None,
+        "null",
+    ),
+    _F(
+        "events_per_session_30d",
+        "session",
+        _ratio("events_30d", "sessions_30d"),
+        "Events of any type per session in the last 30 days; NaN without sessions.",
+        30,
+        "null",
+    ),
+    _F(
+        "active_days_30d",
+        "session",
+        "active_days_30d",
+        "Days with any event in the last 30 days.",
+        30,
+    ),
+    # -- basket -----------------------------------------------------------------------------
+    _F("orders_30d", "basket", "orders_30d", "Orders in the last 30 days.", 30),
+    _F("orders_90d", "basket", "orders_90d", "Orders in the last 90 days.", 90),
+    _F(
+        "revenue_30d",
+        "basket",
+        "revenue_30d",
+        "Revenue (price × quantity) in the last 30 days.",
+        30,
+    ),
+    _F("revenue_90d", "basket", "revenue_90d", "Revenue in the last 90 days.", 90),
+    _F(
+        "avg_order_value_90d",
+        "basket",
+        _ratio("revenue_90d", "orders_90d"),
+        "Mean order value over the last 90 days; NaN without orders.",
+        90,
+        "null",
+    ),
+    _F(
+        "basket_value_recent_vs_older",
+        "basket",
+        "CASE WHEN orders_30d > 0 AND orders_90d - orders_30d > 0 AND revenue_90d > revenue_30d "
+        "THEN (revenue_30d / orders_30d) "
+        "/ ((revenue_90d - revenue_30d) / (orders_90d - orders_30d)) "
+        "END",
+        "Mean order value of the last 30 days divided by that of days 30–90 before; NaN unless "
+        "both periods have orders.",
+        90,
+        "null",
+    ),
+    _F(
+        "order_value_slope_last5",
+        "basket",
+        "order_value_slope_last5",
+        "Least-squares slope of order value against order rank over the last 5 orders "
+        "(REGR_SLOPE); NaN with fewer than 2 orders.",
+        None,
+        "null",
+    ),
+    _F(
+        "items_per_basket_slope_last5",
+        "basket",
+        "items_per_basket_slope_last5",
+        "Slope of units per order over the last 5 orders; NaN with fewer than 2 orders.",
+        None,
+        "null",
+    ),
+    _F(
+        "days_since_last_purchase",
+        "basket",
+        _days_since("last_purchase_epoch"),
+        "Days since the last purchase (RFM recency); NaN if none.",
+        None,
+        "null",
+    ),
+    _F(
+        "cart_sessions_30d",
+        "basket",
+        "cart_sessions_30d",
+        "Sessions with an add_to_cart or checkout_start in the last 30 days.",
+        30,
+    ),
+    _F(
+        "cart_abandonment_rate_30d",
+        "basket",
+        _ratio("abandoned_sessions_30d", "cart_sessions_30d"),
+        "Share of those cart sessions without a purchase in the same session; NaN without any.",
+        30,
+        "null",
+    ),
+    # -- adoption ---------------------------------------------------------------------------
+    _F(
+        "features_used_ever",
+        "adoption",
+        "features_used_ever",
+        "Distinct product features ever used.",
+    ),
+    _F(
+        "features_used_30d",
+        "adoption",
+        "features_used_30d",
+        "Distinct product features used in the last 30 days.",
+        30,
+    ),
+    _F(
+        "features_newly_adopted_30d",
+        "adoption",
+        "features_new_30d",
+        "Distinct features used for the first time in the last 30 days.",
+        30,
+    ),
+    _F("feature_uses_30d", "adoption", "feature_uses_30d", "feature_use events in 30 days.", 30),
+    _F(
+        "adoption_breadth",
+        "adoption",
+        _ratio("features_used_ever", "catalog_size"),
+        "Share of the feature catalog ever used; the catalog is every feature_name seen in the "
+        "lake before the snapshot (NaN while it is empty).",
+        None,
+        "null",
+    ),
+    _F(
+        "days_since_first_feature_use",
+        "adoption",
+        _days_since("first_feature_epoch"),
+        "Days since the first feature use; NaN if none.",
+        None,
+        "null",
+    ),
+    _F(
+        "days_since_last_feature_use",
+        "adoption",
+        _days_since("last_feature_epoch"),
+        "Days since the last feature use; NaN if none.",
+        None,
+        "null",
+    ),
+    # -- engagement / friction --------------------------------------------------------------
+    _F("email_opens_30d", "engagement", "email_opens_30d", "Emails opened in 30 days.", 30),
+    _F("email_clicks_30d", "engagement", "email_clicks_30d", "Email clicks in 30 days.", 30),
+    _F(
+        "email_open_rate_30d",
+        "engagement",
+        _ratio("email_opens_30d", "exposures_30d"),
+        "Email opens per campaign exposure in the last 30 days (can exceed 1); NaN without "
+        "exposures.",
+        30,
+        "null",
+    ),
+    _F(
+        "email_click_rate_30d",
+        "engagement",
+        _ratio("email_clicks_30d", "email_opens_30d"),
+        "Email clicks per email open in the last 30 days; NaN without opens.",
+        30,
+        "null",
+    ),
+    _F(
+        "support_tickets_30d",
+        "engagement",
+        "support_tickets_30d",
+        "Support tickets opened in 30 days.",
+        30,
+    ),
+    _F(
+        "support_tickets_90d",
+        "engagement",
+        "support_tickets_90d",
+        "Support tickets opened in 90 days.",
+        90,
+    ),
+    # -- lifecycle --------------------------------------------------------------------------
+    _F(
+        "tenure_days",
+        "lifecycle",
+        _days_since("first_event_epoch"),
+        "Days since the customer's first event.",
+    ),
+    _F("lifetime_orders", "lifecycle", "lifetime_orders", "Orders ever (RFM frequency)."),
+    _F("lifetime_revenue", "lifecycle", "lifetime_revenue", "Revenue ever (RFM monetary)."),
+    _F(
+        "days_since_last_event",
+        "lifecycle",
+        _days_since("last_event_epoch"),
+        "Days since the last event of any type.",
+    ),
+    _F(
+        "last_event_epoch",
+        "lifecycle",
+        "last_event_epoch",
+        "Time of the last event before the snapshot, in seconds since 1970-01-01 UTC (input of "
+        "the on-demand days_since_last_seen).",
+    ),
+    # -- campaign exposure ------------------------------------------------------------------
+    _F("exposures_7d", "exposure", "exposures_7d", "Campaign exposures in 7 days.", 7),
+    _F("exposures_30d", "exposure", "exposures_30d", "Campaign exposures in 30 days.", 30),
+    _F(
+        "discounts_30d",
+        "exposure",
+        "discounts_30d",
+        "Exposures with action 'discount' in 30 days.",
+        30,
+    ),
+    _F(
+        "days_since_last_exposure",
+        "exposure",
+        _days_since("last_exposure_epoch"),
+        "Days since the last campaign exposure (any action, control included); NaN if none.",
+        None,
+        "null",
+    ),
+)
+
+#: Computed at request time by the on-demand feature view ``request_features``.
+ON_DEMAND_FEATURES: dict[str, str] = {
+    "days_since_last_seen": "Days between the request time (``request_time``, epoch seconds) "
+    "and ``last_event_epoch``; offline the request time is the row's event_timestamp.",
+}
+
+#: Versioned feature services: a change of feature set is a new version, never an edit.
+SERVICES: dict[str, tuple[str, ...]] = {
+    "churn_v1": ("session", "basket", "adoption", "engagement", "lifecycle", "request_features"),
+    "purchase_v1": ("session", "basket", "engagement", "lifecycle", "request_features"),
+    "nba_v1": (
+        "session",
+        "basket",
+        "adoption",
+        "engagement",
+        "lifecycle",
+        "exposure",
+        "request_features",
+    ),
+}
+
+
+def features_of(view: str) -> list[Feature]:
+    """Return the features of one view, in registry order.
+
+    Examples
+    --------
+    >>> [f.name for f in features_of("exposure")][:2]
+    ['exposures_7d', 'exposures_30d']
+    """
+    if view not in VIEWS:
+        raise KeyError(f"unknown feature view {view!r}; known: {sorted(VIEWS)}")
+    return [f for f in FEATURES if f.view == view]
+
+
+def service_views(service: str) -> tuple[str, ...]:
+    """Return the views (and on-demand view) a feature service reads."""
+    if service not in SERVICES:
+        raise KeyError(f"unknown feature service {service!r}; known: {sorted(SERVICES)}")
+    return SERVICES[service]
+
+
+def feature_reference_markdown() -> str:
+    """Render the registry as Markdown tables, one per view (used for the README).
+
+    Examples
+    --------
+    >>> feature_reference_markdown().splitlines()[0]
+    '### session'
+    """
+    out: list[str] = []
+    for view, text in VIEWS.items():
+        out += [f"### {view}", "", text, "", "| feature | window | if missing | meaning |"]
+        out.append("| --- | --- | --- | --- |")
+        for f in features_of(view):
+            window = f"{f.window} d" if f.window else "lifetime"
+            missing = "0" if f.missing == "zero" else "NaN"
+            out.append(f"| `{f.name}` | {window} | {missing} | {f.description} |")
+        out.append("")
+    out += ["### request_features (on demand)", "", "| feature | meaning |", "| --- | --- |"]
+    out += [f"| `{name}` | {text} |" for name, text in ON_DEMAND_FEATURES.items()]
+    out.append("")
+    out += ["### feature services", "", "| service | views |", "| --- | --- |"]
+    out += [f"| `{s}` | {', '.join(v)} |" for s, v in SERVICES.items()]
+    return "\n".join(out)
+
+
+def _check_registry() -> None:
+    names = [f.name for f in FEATURES]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ValueError(f"feature names defined twice: {sorted(dupes)}")
+    for f in FEATURES:
+        if f.view not in VIEWS:
+            raise ValueError(f"feature {f.name!r}: unknown view {f.view!r}")
+
+
+_check_registry()
+
+
+def request_features(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Transformation of the on-demand view ``request_features`` (Feast python mode).
+
+    Batch form: every value is a list, one item per entity row. Kept here, in
+    plain Python, so it is importable wherever Feast deserializes the view.
+
+    Examples
+    --------
+    >>> request_features({"request_time": [86400.0 * 3], "last_event_epoch": [86400.0]})
+    {'days_since_last_seen': [2.0]}
+    """
+    now, last = inputs["request_time"], inputs["last_event_epoch"]
+    return {
+        "days_since_last_seen": [
+            None if r is None or s is None or r != r or s != s else (r - s) / 86400.0
+            for r, s in zip(now, last, strict=True)
+        ]
+    }

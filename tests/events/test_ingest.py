@@ -1,0 +1,278 @@
+"""Ingestion end to end: formats, mapping, dedupe, orders-only, consent, unreadable files."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from propensity.events.ingest import IngestError, IngestReport, ingest
+from propensity.events.lake import EventLake
+
+NOW = datetime(2024, 6, 1, tzinfo=UTC)
+ROWS = [
+    {
+        "customer_id": "C0000001",
+        "event_type": "session_start",
+        "event_timestamp": "2024-01-05T10:00:00Z",
+    },
+    {
+        "customer_id": "C0000001",
+        "event_type": "purchase",
+        "event_timestamp": "2024-01-05T10:05:00Z",
+        "price": 12.5,
+        "quantity": 2.0,
+    },
+    {"customer_id": "C0000002", "event_type": "search", "event_timestamp": "2024-02-01T08:00:00Z"},
+]
+
+
+def _frame() -> pd.DataFrame:
+    return pd.DataFrame(
+        ROWS, columns=["customer_id", "event_type", "event_timestamp", "price", "quantity"]
+    )
+
+
+def _write(path: Path, frame: pd.DataFrame) -> Path:
+    name = path.name
+    if name.endswith(".csv"):
+        frame.to_csv(path, index=False)
+    elif name.endswith(".csv.gz"):
+        frame.to_csv(path, index=False, compression="gzip")
+    elif name.endswith(".parquet"):
+        frame.to_parquet(path, index=False)
+    elif name.endswith(".jsonl.gz"):
+        with gzip.open(path, "wt") as handle:
+            handle.write(frame.to_json(orient="records", lines=True))
+    else:
+        path.write_text(frame.to_json(orient="records", lines=True))
+    return path
+
+
+def _adds_up(report: IngestReport) -> bool:
+    parts = report.accepted + report.duplicates + report.quarantined + report.consent_removed
+    per_file = all(
+        c.read == c.accepted + c.duplicates + c.quarantined + c.consent_removed
+        for c in report.files.values()
+    )
+    return report.read == parts and per_file
+
+
+@pytest.mark.parametrize("name", ["e.csv", "e.csv.gz", "e.parquet", "e.jsonl", "e.jsonl.gz"])
+def test_each_format_lands_the_same_events(tmp_path: Path, name: str) -> None:
+    source = _write(tmp_path / name, _frame())
+    lake = EventLake(tmp_path / "lake")
+
+    report = ingest([source], lake, tmp_path / "q", now=NOW)
+
+    assert (report.read, report.accepted, report.quarantined) == (3, 3, 0)
+    stored = lake.read().sort_values("event_timestamp").reset_index(drop=True)
+    assert stored["customer_id"].tolist() == ["C0000001", "C0000001", "C0000002"]
+    assert stored["event_timestamp"].iloc[1] == pd.Timestamp("2024-01-05 10:05", tz="UTC")
+    assert stored["price"].iloc[1] == 12.5
+    assert stored["event_id"].str.fullmatch("[0-9a-f]{32}").all()
+
+
+def test_same_content_in_three_formats_gets_one_id(tmp_path: Path) -> None:
+    files = [_write(tmp_path / n, _frame()) for n in ("a.csv", "b.parquet", "c.jsonl")]
+    report = ingest(files, tmp_path / "lake", tmp_path / "q", now=NOW)
+    assert (report.accepted, report.duplicates) == (3, 6)
+    assert [c.accepted for c in report.files.values()] == [3, 0, 0]
+    assert _adds_up(report)
+
+
+def test_reingest_adds_nothing(tmp_path: Path) -> None:
+    source = _write(tmp_path / "e.csv", _frame())
+    lake = EventLake(tmp_path / "lake")
+    ingest([source], lake, tmp_path / "q", now=NOW)
+    files = lake.files()
+
+    again = ingest([source], lake, tmp_path / "q", now=NOW)
+
+    assert (again.accepted, again.duplicates) == (0, 3)
+    assert lake.files() == files
+    assert lake.count() == 3
+
+
+def test_duplicates_within_a_file(tmp_path: Path) -> None:
+    extra = pd.DataFrame(
+        [{"customer_id": "C0000009", "event_type": "search", "event_timestamp": "2024-03-01"}]
+    )
+    frame = pd.concat([_frame(), _frame().iloc[[0]], extra], ignore_index=True)
+    frame["event_id"] = ["a", "b", "c", None, "a"]
+    source = _write(tmp_path / "e.csv", frame)
+    lake = EventLake(tmp_path / "lake")
+
+    report = ingest([source], lake, tmp_path / "q", now=NOW)
+
+    # Row 4 has no id: it gets a content hash (new); row 5 repeats id "a": dropped.
+    assert (report.read, report.accepted, report.duplicates) == (5, 4, 1)
+    stored = lake.read().set_index("event_id")
+    assert stored.loc["a", "customer_id"] == "C0000001"
+    identical = _write(tmp_path / "twice.csv", pd.concat([_frame(), _frame()]))
+    report = ingest([identical], tmp_path / "lake2", tmp_path / "q", now=NOW)
+    assert (report.accepted, report.duplicates) == (3, 3)
+
+
+def test_column_mapping(tmp_path: Path) -> None:
+    frame = _frame().rename(
+        columns={"customer_id": "user", "event_timestamp": "ts", "event_type": "kind"}
+    )
+    source = _write(tmp_path / "e.parquet", frame)
+    lake = EventLake(tmp_path / "lake")
+    mapping = {"user": "customer_id", "ts": "event_timestamp", "kind": "event_type"}
+
+    report = ingest([source], lake, tmp_path / "q", mapping=mapping, now=NOW)
+
+    assert report.accepted == 3
+    assert sorted(lake.read()["customer_id"].unique()) == ["C0000001", "C0000002"]
+    with pytest.raises(IngestError, match=r"e\.parquet.*customer_id.*mapping"):
+        ingest([source], lake, tmp_path / "q", now=NOW)
+
+
+def test_orders_only(tmp_path: Path) -> None:
+    orders = pd.DataFrame(
+        {
+            "client": ["C1", "C1", "C2", "C2", "C3"],
+            "order_date": ["2024-01-03", "2024-01-04", "2024-02-01", "2024-02-01", "2024-02-02"],
+            "amount": ["30", "10.5", "8", "8", "-4"],
+            "quantity": ["3", "", "2", "2", "1"],
+        }
+    )
+    source = _write(tmp_path / "orders.csv", orders)
+    lake = EventLake(tmp_path / "lake")
+
+    report = ingest(
+        [source], lake, tmp_path / "q", mapping={"client": "customer_id"}, orders_only=True, now=NOW
+    )
+
+    assert (report.accepted, report.duplicates, report.quarantined) == (3, 1, 1)
+    stored = lake.read().sort_values("event_timestamp").reset_index(drop=True)
+    assert (stored["event_type"] == "purchase").all()
+    assert stored[["price", "quantity"]].values.tolist() == [[10.0, 3.0], [10.5, 1.0], [4.0, 2.0]]
+    assert stored["order_id"].str.fullmatch("O[0-9a-f]{16}").all()
+    rejected = pq.read_table(report.quarantine_path).to_pylist()
+    assert [(r["row_number"], r["field"], r["rule"]) for r in rejected] == [
+        (5, "amount", "negative")
+    ]
+    again = ingest(
+        [source], lake, tmp_path / "q", mapping={"client": "customer_id"}, orders_only=True, now=NOW
+    )
+    assert again.accepted == 0
+
+
+def test_consent_file_drops_batch_rows_and_erases_stored_events(tmp_path: Path) -> None:
+    lake = EventLake(tmp_path / "lake")
+    ingest([_write(tmp_path / "old.csv", _frame())], lake, tmp_path / "q", now=NOW)
+    new = _frame().assign(
+        event_timestamp=lambda f: f["event_timestamp"].str.replace("2024", "2023")
+    )
+    consent = tmp_path / "consent.csv"
+    consent.write_text("customer_id,consent\nC0000001,false\nC0000002,true\n")
+
+    report = ingest(
+        [_write(tmp_path / "new.csv", new)], lake, tmp_path / "q", consent_file=consent, now=NOW
+    )
+
+    assert (report.read, report.accepted, report.consent_removed) == (3, 1, 2)
+    assert report.erased_from_lake == 2
+    assert set(lake.read()["customer_id"]) == {"C0000002"}
+    assert lake.count() == 2
+    assert _adds_up(report)
+
+
+def test_consent_file_without_consent_column_lists_withdrawals(tmp_path: Path) -> None:
+    consent = tmp_path / "withdrawn.parquet"
+    pq.write_table(pa.table({"customer_id": ["C0000002"]}), consent)
+    report = ingest(
+        [_write(tmp_path / "e.csv", _frame())],
+        tmp_path / "lake",
+        tmp_path / "q",
+        consent_file=consent,
+        now=NOW,
+    )
+    assert (report.accepted, report.consent_removed) == (2, 1)
+
+
+def test_consent_column_withdraws_customer_everywhere(tmp_path: Path) -> None:
+    lake = EventLake(tmp_path / "lake")
+    ingest([_write(tmp_path / "old.csv", _frame())], lake, tmp_path / "q", now=NOW)
+    frame = pd.DataFrame(
+        {
+            "customer_id": ["C0000002", "C0000002", "C0000003"],
+            "event_type": ["search", "not-a-type", "search"],
+            "event_timestamp": ["2024-03-01", "2024-03-02", "2024-03-03"],
+            "consent": ["yes", "no", "yes"],
+        }
+    )
+
+    report = ingest([_write(tmp_path / "new.csv", frame)], lake, tmp_path / "q", now=NOW)
+
+    # The invalid row of the withdrawn customer is dropped too, not kept in quarantine.
+    assert (report.accepted, report.quarantined, report.consent_removed) == (1, 0, 2)
+    assert report.erased_from_lake == 1
+    assert set(lake.read()["customer_id"]) == {"C0000001", "C0000003"}
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        ("bad.parquet", b"this is not parquet", "cannot be read as parquet"),
+        ("bad.jsonl", b'{"customer_id": "C1"}\n{"customer_id": \n', "line 2 is not valid JSON"),
+        ("bad.csv", b"a,b\n1,2,3\n", "cannot be read as csv"),
+        ("empty.csv", b"", "empty file"),
+        ("bad.xlsx", b"x", "unsupported file type"),
+    ],
+)
+def test_unreadable_file_raises_one_clear_error(
+    tmp_path: Path, name: str, content: bytes, reason: str
+) -> None:
+    good = _write(tmp_path / "good.csv", _frame())
+    bad = tmp_path / name
+    bad.write_bytes(content)
+    lake = EventLake(tmp_path / "lake")
+
+    with pytest.raises(IngestError) as info:
+        ingest([good, bad], lake, tmp_path / "q", now=NOW)
+
+    message = str(info.value)
+    assert name in message and reason in message
+    assert "\n" not in message
+    assert lake.count() == 0  # nothing stored from a failed run
+
+
+def test_jsonl_with_mixed_types_quarantines_the_odd_value(tmp_path: Path) -> None:
+    lines = [dict(ROWS[1]), dict(ROWS[1], price="twelve", event_timestamp="2024-01-06T00:00:00Z")]
+    source = tmp_path / "mixed.jsonl"
+    source.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    report = ingest([source], tmp_path / "lake", tmp_path / "q", now=NOW)
+    assert (report.accepted, report.quarantined) == (1, 1)
+    record = pq.read_table(report.quarantine_path).to_pylist()[0]
+    assert (record["row_number"], record["field"], record["rule"], record["value"]) == (
+        2,
+        "price",
+        "not_numeric",
+        "twelve",
+    )
+
+
+def test_progress_and_summary(tmp_path: Path) -> None:
+    calls: list[tuple[str, int]] = []
+    source = _write(tmp_path / "e.csv", _frame())
+    report = ingest(
+        source,
+        tmp_path / "lake",
+        tmp_path / "q",
+        now=NOW,
+        progress=lambda d, n: calls.append((d, n)),
+    )
+    assert ("read e.csv", 3) in calls and ("stored", 3) in calls
+    text = report.summary()
+    assert "total" in text and str(source) in text
+    assert report.to_rich().row_count == 2
