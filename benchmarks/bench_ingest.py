@@ -1,7 +1,8 @@
 """Benchmark: ingest synthetic canonical events (Parquet) into an empty lake, then re-ingest.
 
-Prints seconds, events/s and peak RSS for the first ingest (all rows new) and
-the re-ingest (all rows duplicates).
+Prints wall and CPU seconds, events/s, peak RSS (absolute and above the
+process's baseline) and the machine's load average for the first ingest (all
+rows new) and the re-ingest (all rows duplicates).
 
     python benchmarks/bench_ingest.py --rows 10000000
 """
@@ -9,6 +10,7 @@ the re-ingest (all rows duplicates).
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import tempfile
 import threading
@@ -101,11 +103,15 @@ def main() -> None:
                 seconds = time.perf_counter() - t0
                 # CPU seconds are reported too: wall time is unreliable on a busy machine.
                 cpu = sum(psutil.Process().cpu_times()[:2]) - cpu0
+            load = os.getloadavg()
             print(
                 f"{label}: {seconds:.1f} s wall, {cpu:.1f} s CPU, "
                 f"{report.read / seconds:,.0f} events/s, "
                 f"accepted={report.accepted:,} duplicates={report.duplicates:,}, "
-                f"peak RSS {rss.peak / 2**30:.2f} GB (baseline before {base_rss / 2**30:.2f} GB)",
+                f"peak RSS {rss.peak / 2**30:.2f} GB "
+                f"(+{(rss.peak - base_rss) / 2**30:.2f} GB above the baseline "
+                f"{base_rss / 2**30:.2f} GB), "
+                f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min)",
                 flush=True,
             )
         maxrss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -91,19 +91,202 @@ def ingest(
     settings = _settings(config)
     lake = EventLake(settings.path(settings.lake_dir))
     try:
-        report = ingest(
-            paths,
-            lake,
-            settings.path(settings.quarantine_dir),
-            mapping=_parse_mapping(map_),
-            orders_only=orders_only,
-            consent_file=consent,
-            timezone=settings.timezone,
-        )
+        with rich_progress(console) as progress:
+            report = ingest(
+                paths,
+                lake,
+                settings.path(settings.quarantine_dir),
+                mapping=_parse_mapping(map_),
+                orders_only=orders_only,
+                consent_file=consent,
+                timezone=settings.timezone,
+                progress=progress,
+            )
     except IngestError as exc:
         _fail(str(exc))
     else:
-        console.print(report.summary())
+        console.print(report.to_rich())
+
+
+features_app = typer.Typer(help="Build feature snapshots, apply the Feast repo, materialize.")
+app.add_typer(features_app, name="features")
+
+
+@features_app.command("build")
+def features_build(config: ConfigOption = None) -> None:
+    """Compute feature snapshots from the event lake into the feature tables."""
+    from propensity.features.snapshots import build_features
+
+    settings = _settings(config)
+    with console.status("building feature snapshots") as status:
+        report = build_features(settings, progress=lambda message: status.update(message))
+    console.print(
+        f"{report.rows:,} rows over {len(report.snapshots)} snapshots "
+        f"({report.snapshots[0]:%Y-%m-%d} … {report.snapshots[-1]:%Y-%m-%d})"
+    )
+
+
+@features_app.command("apply")
+def features_apply(config: ConfigOption = None) -> None:
+    """Register the Feast feature repo (entities, views, services)."""
+    from propensity.features.store import FeatureStoreAdapter
+
+    with console.status("feast apply"):
+        FeatureStoreAdapter(_settings(config)).apply()
+    console.print("feature repo applied")
+
+
+@features_app.command("materialize")
+def features_materialize(config: ConfigOption = None) -> None:
+    """Load the latest snapshot of every customer into the online store."""
+    from propensity.features.store import FeatureStoreAdapter
+
+    settings = _settings(config)
+    with rich_progress(console) as progress:
+        report = FeatureStoreAdapter(settings).materialize(progress=progress)
+    console.print(report)
+
+
+Model = Annotated[str, typer.Argument(help="churn, purchase, nba or all.")]
+AsOf = Annotated[str | None, typer.Option(help="Train or score as of this date (YYYY-MM-DD).")]
+Horizon = Annotated[int | None, typer.Option(help="Label horizon in days.", min=1)]
+TruthDir = Annotated[
+    Path | None, typer.Option(help="Simulator output folder: report the oracle beside the model.")
+]
+_SPECS = {"churn": "churn", "purchase": "purchase_propensity"}
+
+
+@app.command()
+def train(
+    model: Model,
+    horizon_days: Horizon = None,
+    as_of: AsOf = None,
+    truth: TruthDir = None,
+    config: ConfigOption = None,
+) -> None:
+    """Train, evaluate and register a model; promote it when its gates pass."""
+    from propensity.models.nba import train_nba
+    from propensity.models.training import train_model
+
+    settings = _settings(config)
+    names = ["churn", "purchase", "nba"] if model == "all" else [model]
+    for name in names:
+        if name not in (*_SPECS, "nba"):
+            _fail(f"unknown model {name!r}: choose churn, purchase, nba or all")
+    with rich_progress(console) as progress:
+        for name in names:
+            try:
+                if name == "nba":
+                    result: object = train_nba(settings, truth_dir=truth, progress=progress)
+                else:
+                    result = train_model(
+                        settings,
+                        _SPECS[name],
+                        as_of=as_of,
+                        horizon_days=horizon_days,
+                        truth_dir=truth,
+                        progress=progress,
+                    )
+            except ValueError as exc:
+                _fail(str(exc))
+            console.print(result)
+
+
+@app.command()
+def promote(
+    model: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[int, typer.Option(help="Version to make champion.")],
+    config: ConfigOption = None,
+) -> None:
+    """Move the `champion` alias of MODEL to VERSION."""
+    from propensity.models.training import promote as promote_version
+
+    promote_version(_settings(config), model, version)
+    console.print(f"{model} version {version} is now champion")
+
+
+@app.command()
+def score(
+    out: Annotated[Path, typer.Option(help="CSV or Parquet file to write.")],
+    model: Annotated[str | None, typer.Argument(help="churn or purchase; omit with --all.")] = None,
+    all_: Annotated[
+        bool, typer.Option("--all", help="All three champions on the latest snapshot, in bulk.")
+    ] = False,
+    as_of: AsOf = None,
+    config: ConfigOption = None,
+) -> None:
+    """Score every customer and write the scores to a file."""
+    settings = _settings(config)
+    if all_:
+        from propensity.serving.audience import score_all
+
+        with rich_progress(console) as progress:
+            summary = score_all(settings, out, progress=progress)
+        console.print(f"scored {summary['rows']:,} customers → {out}")
+        return
+    if model not in _SPECS:
+        _fail("name a model (churn or purchase) or pass --all")
+        return
+    from propensity.models.scoring import score_customers, write_scores
+
+    try:
+        scores = score_customers(settings, _SPECS[model], as_of=as_of)
+    except (ValueError, LookupError) as exc:
+        _fail(str(exc))
+        return
+    write_scores(scores, out)
+    console.print(f"scored {len(scores):,} customers → {out}")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 3000,
+    config: ConfigOption = None,
+) -> None:
+    """Start the scoring API (BentoML) on the champions; API key from PROPENSITY_API_KEY."""
+    from propensity.serving.service import serve as run_server
+
+    run_server(_settings(config), host=host, port=port)
+
+
+nba_app = typer.Typer(help="Next-best-action from a randomized campaign table.")
+app.add_typer(nba_app, name="nba")
+
+
+@nba_app.command("tabular")
+def nba_tabular(
+    table: Annotated[Path, typer.Argument(help="CSV or Parquet: features, treatment, outcome.")],
+    treatment: Annotated[str, typer.Option(help="Treatment arm column.")],
+    outcome: Annotated[str, typer.Option(help="Outcome column (0/1 or value).")],
+    out: Annotated[Path, typer.Option(help="Folder for the model, report and decisions.")],
+    propensity_col: Annotated[
+        str | None, typer.Option("--propensity", help="Logged assignment probability column.")
+    ] = None,
+    id_col: Annotated[str | None, typer.Option("--id", help="Customer id column.")] = None,
+    control: Annotated[str, typer.Option(help="Name of the control arm.")] = "control",
+    value: Annotated[float, typer.Option(help="Value of one unit of outcome.")] = 1.0,
+    cost: Annotated[float, typer.Option(help="Cost of one treatment.")] = 0.0,
+) -> None:
+    """Fit, evaluate and export uplift models and a policy from a campaign table."""
+    from propensity.models.nba import fit_tabular
+
+    try:
+        result = fit_tabular(
+            table,
+            treatment,
+            outcome,
+            out_dir=out,
+            propensity_col=propensity_col,
+            control=control,
+            id_col=id_col,
+            value=value,
+            cost=cost,
+        )
+    except ValueError as exc:
+        _fail(str(exc))
+        return
+    console.print(result)
 
 
 @app.command()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 __all__ = [
     "ConfigError",
@@ -72,6 +72,10 @@ class Settings(_Strict):
     horizons: Horizons = Horizons()
     online_store: OnlineStore = OnlineStore()
     seed: int = 42
+    # Scoring API. The key is a SecretStr so it never shows in reprs or logs.
+    api_key: SecretStr | None = None
+    reload_seconds: float = Field(default=30.0, gt=0)
+    batch_limit: int = Field(default=1000, gt=0)
 
     def path(self, value: Path) -> Path:
         """Resolve a configured path against the project root."""

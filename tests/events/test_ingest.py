@@ -263,16 +263,79 @@ def test_jsonl_with_mixed_types_quarantines_the_odd_value(tmp_path: Path) -> Non
 
 
 def test_progress_and_summary(tmp_path: Path) -> None:
-    calls: list[tuple[str, int]] = []
+    calls: list[tuple[str, float, float]] = []
     source = _write(tmp_path / "e.csv", _frame())
     report = ingest(
         source,
         tmp_path / "lake",
         tmp_path / "q",
         now=NOW,
-        progress=lambda d, n: calls.append((d, n)),
+        progress=lambda d, done, total: calls.append((d, done, total)),
     )
-    assert ("read e.csv", 3) in calls and ("stored", 3) in calls
+    size = source.stat().st_size
+    assert ("ingest e.csv", size, size) in calls
+    # Two months touched: January and February.
+    assert [c for c in calls if c[0] == "store"] == [
+        ("store", 0, 2),
+        ("store", 1, 2),
+        ("store", 2, 2),
+    ]
     text = report.summary()
     assert "total" in text and str(source) in text
     assert report.to_rich().row_count == 2
+
+
+@pytest.mark.parametrize("name", ["e.csv", "e.parquet", "e.jsonl"])
+def test_small_batches_keep_row_numbers_counts_and_dedupe_exact(tmp_path: Path, name: str) -> None:
+    frame = pd.concat([_frame(), _frame()], ignore_index=True)
+    frame["event_id"] = ["a", "b", "c", "d", "a", "f"]  # row 5 repeats row 1's id
+    frame.loc[1, "event_type"] = "teleport"  # row 2: bad
+    frame.loc[5, "price"] = -1.0  # row 6: bad
+    source = _write(tmp_path / name, frame)
+    lake = EventLake(tmp_path / "lake")
+
+    # Batches of two rows: the repeat and each bad row sit in different batches.
+    report = ingest([source], lake, tmp_path / "q", now=NOW, batch_rows=2)
+
+    assert (report.read, report.accepted, report.duplicates, report.quarantined) == (6, 3, 1, 2)
+    assert _adds_up(report)
+    rejected = pq.read_table(report.quarantine_path).to_pylist()
+    assert [(r["row_number"], r["rule"]) for r in rejected] == [
+        (2, "unknown_event_type"),
+        (6, "negative"),
+    ]
+    assert sorted(lake.read()["event_id"]) == ["a", "c", "d"]
+    again = ingest([source], lake, tmp_path / "q", now=NOW, batch_rows=4)
+    assert (again.accepted, again.duplicates, again.quarantined) == (0, 4, 2)
+
+
+def test_consent_value_in_a_later_file_applies_to_earlier_files(tmp_path: Path) -> None:
+    first = _write(tmp_path / "a.csv", _frame())
+    later = pd.DataFrame(
+        {
+            "customer_id": ["C0000001"],
+            "event_type": ["search"],
+            "event_timestamp": ["2024-03-01"],
+            "consent": ["no"],
+        }
+    )
+    second = _write(tmp_path / "b.jsonl", later)
+
+    report = ingest([first, second], tmp_path / "lake", tmp_path / "q", now=NOW)
+
+    assert (report.accepted, report.consent_removed) == (1, 3)
+    assert [c.consent_removed for c in report.files.values()] == [2, 1]
+
+
+def test_failed_run_leaves_no_staging_or_quarantine_files(tmp_path: Path) -> None:
+    bad_rows = _frame().assign(event_type="teleport")
+    files = [_write(tmp_path / "bad.csv", bad_rows), tmp_path / "broken.parquet"]
+    files[1].write_bytes(b"not parquet")
+    lake = EventLake(tmp_path / "lake")
+
+    with pytest.raises(IngestError, match="broken.parquet"):
+        ingest(files, lake, tmp_path / "q", now=NOW)
+
+    assert lake.count() == 0
+    assert not (tmp_path / "q").exists() or not any((tmp_path / "q").iterdir())
+    assert not list(lake.root.rglob("*.parquet"))

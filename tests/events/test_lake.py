@@ -160,7 +160,7 @@ def test_killed_ingest_leaves_lake_unchanged_and_next_ingest_completes(tmp_path:
     before = lake.read().sort_values("event_id").reset_index(drop=True)
     source = tmp_path / "new.parquet"
     pq.write_table(make_events(20_000, seed=3, start="2024-02-15", prefix="NEW"), source)
-    env = {**os.environ, "PROPENSITY_LAKE_TEST_PAUSE": "30"}
+    env = {**os.environ, "LAKE_TEST_PAUSE_SECONDS": "30"}
     argv = [sys.executable, "-c", _WRITER, str(source), str(lake.root), str(tmp_path / "q")]
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -187,3 +187,46 @@ def test_killed_ingest_leaves_lake_unchanged_and_next_ingest_completes(tmp_path:
     assert lake.count() == 20_500
     on_disk = set(lake.root.glob("event_month=*/*.parquet"))
     assert on_disk == set(lake.files())
+
+
+def test_append_reads_only_the_months_it_touches(tmp_path: Path) -> None:
+    lake = EventLake(tmp_path / "lake")
+    lake.append(make_events(300))
+    # Spoil the committed March file: an append of January rows must not read it.
+    march = next(p for p in lake.files() if p.parent.name == "event_month=2024-03")
+    march.write_bytes(b"spoiled")
+    events = make_events(300)
+    january = events.filter(pa.compute.less(pa.compute.month(events.column("event_timestamp")), 2))
+    fresh = january.slice(0, 5).set_column(1, "event_id", pa.array([f"NEW{i}" for i in range(5)]))
+
+    assert lake.append(january) == 0
+    assert lake.append(pa.concat_tables([january, fresh])) == 5
+
+
+def test_staged_append_in_batches_dedupes_across_batches(tmp_path: Path) -> None:
+    lake = EventLake(tmp_path / "lake")
+    events = make_events(100)
+    lake.append(events.slice(0, 30))
+    tagged = events.append_column("tag", pa.array(range(100), pa.int32()))
+
+    with lake.staged_append() as stage:
+        stage.write(tagged.slice(0, 50))
+        stage.write(tagged.slice(40, 60))  # rows 40-49 repeat the first batch
+        with pytest.raises(ValueError, match="extra columns"):
+            stage.write(events.slice(0, 1))
+        added = stage.commit(returning=["tag"])
+        with pytest.raises(RuntimeError, match="committed"):
+            stage.write(tagged)
+
+    assert sorted(added.column("tag").to_pylist()) == list(range(30, 100))
+    assert lake.count() == 100
+    assert "tag" not in pq.read_schema(lake.files()[-1]).names
+    assert not list(lake.root.glob("_staging/*"))
+
+
+def test_staged_append_left_without_commit_stores_nothing(tmp_path: Path) -> None:
+    lake = EventLake(tmp_path / "lake")
+    with lake.staged_append() as stage:
+        stage.write(make_events(50))
+    assert lake.count() == 0
+    assert not list(lake.root.rglob("*.parquet"))

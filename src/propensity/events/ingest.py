@@ -4,6 +4,11 @@ Counts always add up, overall and per file::
 
     read = accepted + duplicates + quarantined + consent_removed
 
+Memory is bounded whatever the size of the sources: files are read in batches,
+each batch is validated and its accepted rows staged as Parquet in the lake's
+staging area; the staged rows are then deduped (within the run, and against
+the lake month by month) and committed in one manifest replace.
+
 Consent is applied first: every row of a customer who withdrew consent (in the
 consent file, or a ``consent`` value that is false in any source row) is
 dropped and counted in ``consent_removed`` (not quarantined, so their data is
@@ -13,17 +18,27 @@ not kept anywhere), and their events already in the lake are erased
 
 from __future__ import annotations
 
+import gzip
+import re
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from propensity.events._readers import IngestError, expand_paths, read_source
+from propensity.events._readers import (
+    BATCH_ROWS,
+    IngestError,
+    expand_paths,
+    iter_source,
+    read_source,
+    source_columns,
+)
 from propensity.events.lake import EventLake
 from propensity.events.schema import ARROW_SCHEMA
 from propensity.events.validation import (
@@ -32,11 +47,12 @@ from propensity.events.validation import (
     validate_events,
     withdrawn_customers,
 )
+from propensity.progress import ProgressCallback, report
 
 __all__ = ["FileCounts", "IngestError", "IngestReport", "ingest", "read_consent"]
 
-Progress = Callable[[str, int], None]
 _FILE = "__file__"
+_ROW = "__row__"
 
 
 @dataclass
@@ -149,6 +165,90 @@ def _text_columns(mapping: Mapping[str, str]) -> set[str]:
     return wanted | {src for src, dst in mapping.items() if dst in wanted}
 
 
+def _source_names(canonical: str, mapping: Mapping[str, str]) -> set[str]:
+    """Source column names that become ``canonical`` under ``mapping``."""
+    names = {src for src, dst in mapping.items() if dst == canonical}
+    return names | ({canonical} if canonical not in mapping else set())
+
+
+def _mentions(path: Path, names: Iterable[str]) -> bool:
+    """Whether a JSON Lines file holds one of ``names`` as a key (a cheap byte scan)."""
+    pattern = re.compile(b"|".join(b'"' + re.escape(n.encode()) + rb'"\s*:' for n in names))
+    tail = b""
+    for batch in _raw_blocks(path):
+        if pattern.search(tail + batch):
+            return True
+        tail = batch[-256:]
+    return False
+
+
+def _raw_blocks(path: Path, size: int = 32 << 20) -> Iterable[bytes]:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        while block := handle.read(size):
+            yield block
+
+
+def _withdrawn_in(path: Path, mapping: Mapping[str, str], text_columns: set[str]) -> set[str]:
+    """Customers a source file withdraws through a false ``consent`` value.
+
+    Only files with a consent column are read, and only two of their columns.
+    """
+    consent = _source_names("consent", mapping)
+    customer = _source_names("customer_id", mapping)
+    columns = source_columns(path)
+    if columns is None:
+        if not _mentions(path, consent):
+            return set()
+        wanted = None
+    else:
+        if not consent & set(columns):
+            return set()
+        wanted = [c for c in columns if c in consent | customer]
+    found: set[str] = set()
+    for batch in iter_source(path, text_columns, columns=wanted):
+        found |= withdrawn_customers(batch.table, mapping)
+    return found
+
+
+class _QuarantineSink:
+    """Quarantine records streamed to one Parquet file, published only when complete."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.rows = 0
+        self.by_reason: dict[str, int] = {}
+        self._writer: pq.ParquetWriter | None = None
+        self._tmp: Path | None = None
+
+    def write(self, rejected: pa.Table) -> None:
+        if not rejected.num_rows:
+            return
+        if self._writer is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._tmp = self.folder / f".quarantine-{uuid.uuid4().hex}.parquet.tmp"
+            self._writer = pq.ParquetWriter(self._tmp, QUARANTINE_SCHEMA)
+        self._writer.write_table(rejected)
+        self.rows += rejected.num_rows
+        for item in pc.value_counts(rejected.column("rule")).to_pylist():
+            reason = str(item["values"])
+            self.by_reason[reason] = self.by_reason.get(reason, 0) + int(item["counts"])
+
+    def publish(self) -> Path | None:
+        if self._writer is None or self._tmp is None:
+            return None
+        self._writer.close()
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        path = self.folder / f"quarantine-{stamp}-{uuid.uuid4().hex[:8]}.parquet"
+        self._tmp.replace(path)
+        return path
+
+    def discard(self) -> None:
+        if self._writer is not None and self._tmp is not None:
+            self._writer.close()
+            self._tmp.unlink(missing_ok=True)
+
+
 def ingest(
     paths: Sequence[str | Path] | str | Path,
     lake: EventLake | str | Path,
@@ -159,7 +259,8 @@ def ingest(
     consent_file: str | Path | None = None,
     timezone: str = "UTC",
     now: datetime | None = None,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
+    batch_rows: int = BATCH_ROWS,
 ) -> IngestReport:
     """Validate source files and store their new, consented events in the lake.
 
@@ -185,8 +286,13 @@ def ingest(
     now : datetime, optional
         Reference time for rejecting future timestamps (default: the clock).
     progress : callable, optional
-        Called as ``progress(description, rows)`` after each step, ``rows``
-        being the rows that step handled.
+        ``progress(description, completed, total)`` (see
+        :mod:`propensity.progress`): per file ``"ingest <name>"`` with rows
+        (Parquet) or bytes (CSV, JSON Lines) done of total, then ``"store"``
+        with months done of months touched.
+    batch_rows : int
+        Most source rows read and validated at once; with the lake's DuckDB
+        memory limit it bounds the memory of a run whatever the file sizes.
 
     Returns
     -------
@@ -204,100 +310,77 @@ def ingest(
     >>> report.accepted + report.duplicates + report.quarantined  # doctest: +SKIP
     1000
     """
-    notify = progress or (lambda _description, _rows: None)
     store = lake if isinstance(lake, EventLake) else EventLake(Path(lake))
     mapping = dict(mapping or {})
     files = expand_paths([paths] if isinstance(paths, str | Path) else paths)
-    # Read everything first: a consent value in the last file can withdraw a
-    # customer whose events sit in the first one.
-    tables = []
-    for path in files:
-        table = read_source(path, _text_columns(mapping))
-        tables.append(table)
-        notify(f"read {path.name}", table.num_rows)
+    text_columns = _text_columns(mapping)
+    # Consent first, over all files: a consent value in the last file can
+    # withdraw a customer whose events sit in the first one.
     withdrawn = read_consent(consent_file, mapping) if consent_file is not None else set()
-    for table in tables:
-        withdrawn |= withdrawn_customers(table, mapping)
+    for path in files:
+        withdrawn |= _withdrawn_in(path, mapping, text_columns)
 
-    report = IngestReport()
-    valid_parts, rejected_parts = [], []
-    for index, (path, table) in enumerate(zip(files, tables, strict=True)):
-        try:
-            result = validate_events(
-                table,
-                source=str(path),
-                mapping=mapping,
-                orders_only=orders_only,
-                timezone=timezone,
-                now=now,
-                withdrawn=withdrawn,
-            )
-        except IngestError as exc:
-            raise IngestError(f"{path}: {exc}") from None
-        tables[index] = pa.table({})  # release the source rows early
-        del table
-        counts = FileCounts(
-            read=result.read,
-            quarantined=result.rejected.num_rows,
-            consent_removed=result.consent_removed,
-        )
-        report.files[str(path)] = counts
-        valid_parts.append(
-            result.valid.append_column(_FILE, pa.array([index] * result.valid.num_rows, pa.int32()))
-        )
-        rejected_parts.append(result.rejected)
-        notify(f"validated {path.name}", result.read)
+    result = IngestReport()
+    quarantine = _QuarantineSink(Path(quarantine_dir))
+    try:
+        with store.staged_append() as stage:
+            for index, path in enumerate(files):
+                counts = result.files[str(path)] = FileCounts()
+                for batch in iter_source(path, text_columns, batch_rows=batch_rows):
+                    try:
+                        checked = validate_events(
+                            batch.table,
+                            source=str(path),
+                            mapping=mapping,
+                            orders_only=orders_only,
+                            timezone=timezone,
+                            now=now,
+                            withdrawn=withdrawn,
+                            row_offset=batch.first_row,
+                        )
+                    except IngestError as exc:
+                        raise IngestError(f"{path}: {exc}") from None
+                    counts.read += checked.read
+                    counts.quarantined += checked.rejected.num_rows
+                    counts.consent_removed += checked.consent_removed
+                    quarantine.write(checked.rejected)
+                    valid = checked.valid.drop_columns([_ROW])
+                    if valid.num_rows:
+                        tag = pa.array(np.full(valid.num_rows, index, np.int32))
+                        stage.write(valid.append_column(_FILE, tag))
+                    report(progress, f"ingest {path.name}", batch.done, batch.total)
+            added = stage.commit(returning=[_FILE], progress=progress)
+        result.quarantine_path = quarantine.publish()
+    except BaseException:
+        quarantine.discard()
+        raise
 
-    batch = pa.concat_tables(valid_parts) if valid_parts else None
-    valid_parts.clear()
-    added = None
-    if batch is not None and batch.num_rows:
-        added = store.append_new(batch, returning=[_FILE])
     per_file_added = _per_file(added)
     for index, path in enumerate(files):
-        counts = report.files[str(path)]
+        counts = result.files[str(path)]
         counts.accepted = per_file_added.get(index, 0)
         counts.duplicates = (
             counts.read - counts.accepted - counts.quarantined - counts.consent_removed
         )
-    notify("stored", 0 if added is None else added.num_rows)
     if withdrawn:
-        report.erased_from_lake = store.erase_customers(withdrawn)
-        notify("erased withdrawn customers", report.erased_from_lake)
+        result.erased_from_lake = store.erase_customers(withdrawn)
+        report(progress, "erase withdrawn customers", 1, 1)
 
-    for counts in report.files.values():
-        report.read += counts.read
-        report.accepted += counts.accepted
-        report.duplicates += counts.duplicates
-        report.quarantined += counts.quarantined
-        report.consent_removed += counts.consent_removed
-    rejected = (
-        pa.concat_tables(rejected_parts) if rejected_parts else QUARANTINE_SCHEMA.empty_table()
-    )
-    if rejected.num_rows:
-        report.quarantined_by_reason = {
-            str(item["values"]): int(item["counts"])
-            for item in pc.value_counts(rejected.column("rule")).to_pylist()
-        }
-        report.quarantine_path = _write_quarantine(rejected, Path(quarantine_dir))
-    return report
+    for counts in result.files.values():
+        result.read += counts.read
+        result.accepted += counts.accepted
+        result.duplicates += counts.duplicates
+        result.quarantined += counts.quarantined
+        result.consent_removed += counts.consent_removed
+    result.quarantined_by_reason = dict(quarantine.by_reason)
+    return result
 
 
-def _per_file(added: pa.Table | None) -> dict[int, int]:
-    if added is None or not added.num_rows:
+def _per_file(added: pa.Table) -> dict[int, int]:
+    if not added.num_rows:
         return {}
     counts = pc.value_counts(added.column(_FILE)).to_pylist()
     return {int(item["values"]): int(item["counts"]) for item in counts}
-
-
-def _write_quarantine(rejected: pa.Table, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = folder / f"quarantine-{stamp}-{uuid.uuid4().hex[:8]}.parquet"
-    tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(rejected, tmp)
-    tmp.replace(path)
-    return path
 
 
 def _main(argv: Iterable[str]) -> None:

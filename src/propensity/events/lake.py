@@ -5,8 +5,12 @@ Layout under ``root``::
     _manifest.json                         committed files, row counts, time ranges
     _lock                                  advisory lock held by the one writer
     event_month=YYYY-MM/part-<uuid>.parquet
+    _staging/<uuid>/                       a writer's staged rows, never read by readers
 
-Writers put new part files in place first and then atomically replace the
+Writers stage incoming rows as Parquet, split by month, so memory stays
+bounded by one batch; the staged rows are deduped by ``event_id`` (within the
+run, and against the lake's files of the same month only) with DuckDB under a
+memory limit. Writers put new part files in place first and then atomically replace the
 manifest (write a temporary file, fsync, ``os.replace``). Readers only look at
 files listed in the manifest, so a writer killed half-way leaves the lake as it
 was; its orphan files are removed by the next writer.
@@ -19,14 +23,16 @@ import fcntl
 import json
 import os
 import shutil
+import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -34,18 +40,28 @@ import pyarrow.parquet as pq
 
 from propensity.events.schema import ARROW_SCHEMA
 
-__all__ = ["EventLake", "EmptyLakeError", "MANIFEST_NAME"]
+__all__ = ["EventLake", "EmptyLakeError", "StagedAppend", "MANIFEST_NAME"]
 
 MANIFEST_NAME = "_manifest.json"
 _LOCK_NAME = "_lock"
 _STAGING = "_staging"
 # Test hook: seconds to sleep after each part file is moved into place, so a
 # test can kill a writer between the data files and the manifest commit.
-_PAUSE_ENV = "PROPENSITY_LAKE_TEST_PAUSE"
+# Not a PROPENSITY_* name: those are parsed (and checked) as project settings.
+_PAUSE_ENV = "LAKE_TEST_PAUSE_SECONDS"
 # Every canonical column is nullable on disk: the required ones are enforced by
 # validation, and Parquet writers do not all keep Arrow's nullability flag.
 _DISK_SCHEMA = pa.schema([pa.field(f.name, f.type) for f in ARROW_SCHEMA])
 _BATCH_ROWS = 1_000_000
+_SEQ = "__lake_seq__"
+# Dictionary-encode the repetitive text columns only: building a dictionary for
+# near-unique ids (event, session, order) costs time and saves nothing.
+_DICTIONARY = [
+    f.name
+    for f in ARROW_SCHEMA
+    if pa.types.is_string(f.type) and f.name not in ("event_id", "session_id", "order_id")
+]
+_MEMORY_LIMIT = "1GB"
 _COLUMNS = ", ".join(f'"{f.name}"' for f in ARROW_SCHEMA)
 
 
@@ -67,14 +83,36 @@ def _scan(paths: Iterable[Path], *, filename: bool = False) -> str:
     return f"read_parquet([{listing}], union_by_name=true{extra})"
 
 
-def _connect() -> duckdb.DuckDBPyConnection:
+@contextlib.contextmanager
+def _connect() -> Iterator[duckdb.DuckDBPyConnection]:
+    spill = tempfile.mkdtemp(prefix="lake-duckdb-")
     con = duckdb.connect()
-    # Months and timestamps in the lake are UTC whatever the machine's zone.
-    con.execute("SET TimeZone = 'UTC'")
-    # Bounded memory: DuckDB spills to its temp folder instead of growing.
-    con.execute("SET memory_limit = '2GB'")
-    con.execute("SET preserve_insertion_order = false")
-    return con
+    try:
+        # Months and timestamps in the lake are UTC whatever the machine's zone.
+        con.execute("SET TimeZone = 'UTC'")
+        # Bounded memory: DuckDB spills to a private temp folder instead of
+        # growing (and never into the working directory).
+        con.execute(f"SET memory_limit = '{_MEMORY_LIMIT}'")
+        con.execute(f"SET temp_directory = {_quote(spill)}")
+        con.execute("SET threads = 2")
+        con.execute("SET preserve_insertion_order = false")
+        yield con
+    finally:
+        con.close()
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+def _month_keys(stamps: pa.ChunkedArray) -> pa.ChunkedArray:
+    """``YYYYMM`` as an integer per timestamp (UTC): much cheaper than formatting text."""
+    return pc.add(pc.multiply(pc.year(stamps), 100), pc.month(stamps))
+
+
+def _month_name(key: int) -> str:
+    return f"{key // 100:04d}-{key % 100:02d}"
+
+
+def _iso(value: Any) -> str:
+    return pd.Timestamp(value).tz_convert("UTC").isoformat()
 
 
 class EventLake:
@@ -200,47 +238,15 @@ class EventLake:
         for path in self.root.glob(f"{MANIFEST_NAME}.*.tmp"):
             path.unlink(missing_ok=True)
 
-    def _write_parts(self, con: duckdb.DuckDBPyConnection, relation: str) -> list[dict[str, Any]]:
-        """Write ``relation`` as new part files (one per month) and return manifest entries."""
-        staging = self.root / _STAGING / uuid.uuid4().hex
-        staging.mkdir(parents=True)
-        month = "__event_month__"
-        reader = con.sql(
-            f"SELECT {_COLUMNS}, strftime(event_timestamp, '%Y-%m') AS {month} FROM {relation}"
-        ).to_arrow_reader(_BATCH_ROWS)
-        # Arrow's Parquet writer, streamed batch by batch: several times faster
-        # than DuckDB's partitioned COPY here, with memory bounded by a batch.
-        writers: dict[str, tuple[Path, pq.ParquetWriter]] = {}
-        stats: dict[str, list[Any]] = {}
-        try:
-            for batch in reader:
-                keys = batch.column(month)
-                for key in pc.unique(keys).to_pylist():
-                    part = (
-                        batch.filter(pc.equal(keys, key)).drop_columns([month]).cast(_DISK_SCHEMA)
-                    )
-                    if key not in writers:
-                        path = staging / f"event_month={key}" / f"part-{uuid.uuid4()}.parquet"
-                        path.parent.mkdir()
-                        writers[key] = (
-                            path,
-                            pq.ParquetWriter(path, _DISK_SCHEMA, compression="zstd"),
-                        )
-                        stats[key] = [0, None, None]
-                    writers[key][1].write_batch(part)
-                    lo, hi = pc.min_max(part.column("event_timestamp")).values()
-                    entry = stats[key]
-                    entry[0] += part.num_rows
-                    entry[1] = lo.as_py() if entry[1] is None else min(entry[1], lo.as_py())
-                    entry[2] = hi.as_py() if entry[2] is None else max(entry[2], hi.as_py())
-        finally:
-            for _, writer in writers.values():
-                writer.close()
+    def _publish(self, parts: list[tuple[Path, int, Any, Any]]) -> list[dict[str, Any]]:
+        """Move staged part files into their month folders; return their manifest entries.
+
+        The manifest is not touched: until the caller commits, the moved files
+        are orphans that readers ignore and the next writer removes.
+        """
         pause = float(os.environ.get(_PAUSE_ENV, "0") or 0)
         entries = []
-        for key in sorted(writers):
-            path = writers[key][0]
-            rows, lo, hi = stats[key]
+        for path, rows, lo, hi in sorted(parts, key=lambda p: p[0].parent.name):
             final = self.root / path.parent.name / path.name
             final.parent.mkdir(exist_ok=True)
             os.replace(path, final)
@@ -248,14 +254,62 @@ class EventLake:
                 {
                     "path": final.relative_to(self.root).as_posix(),
                     "rows": int(rows),
-                    "min_timestamp": pd.Timestamp(lo).tz_convert("UTC").isoformat(),
-                    "max_timestamp": pd.Timestamp(hi).tz_convert("UTC").isoformat(),
+                    "min_timestamp": _iso(lo),
+                    "max_timestamp": _iso(hi),
                 }
             )
             if pause:
                 time.sleep(pause)
+        return entries
+
+    def _write_parts(self, con: duckdb.DuckDBPyConnection, relation: str) -> list[dict[str, Any]]:
+        """Write ``relation`` as new part files (one per month) and return manifest entries."""
+        staging = self.root / _STAGING / uuid.uuid4().hex
+        staging.mkdir(parents=True)
+        reader = con.sql(f"SELECT {_COLUMNS} FROM {relation}").to_arrow_reader(_BATCH_ROWS)
+        writers: dict[int, _PartWriter] = {}
+        try:
+            for batch in reader:
+                table = pa.Table.from_batches([batch]).cast(_DISK_SCHEMA)
+                keys = _month_keys(table.column("event_timestamp"))
+                for key in pc.unique(keys).to_pylist():
+                    if key not in writers:
+                        writers[key] = _PartWriter(staging, key)
+                    writers[key].write(table.filter(pc.equal(keys, key)))
+        finally:
+            for writer in writers.values():
+                writer.close()
+        entries = self._publish([w.summary() for w in writers.values()])
         shutil.rmtree(staging, ignore_errors=True)
         return entries
+
+    @contextlib.contextmanager
+    def staged_append(self) -> Iterator[StagedAppend]:
+        """Hold the lake's writer lock while rows are staged, then append them at once.
+
+        Rows go to temporary Parquet files in the lake's staging area as they
+        come (memory stays bounded by one batch); :meth:`StagedAppend.commit`
+        dedupes them and commits one manifest. Leaving the block without a
+        commit stores nothing.
+
+        Examples
+        --------
+        >>> with lake.staged_append() as stage:  # doctest: +SKIP
+        ...     for batch in batches:
+        ...         stage.write(batch)
+        ...     added = stage.commit()
+        """
+        with self._locked():
+            manifest = self._manifest()
+            self._clean_orphans(entry["path"] for entry in manifest["files"])
+            folder = self.root / _STAGING / uuid.uuid4().hex
+            folder.mkdir(parents=True)
+            stage = StagedAppend(self, folder, manifest)
+            try:
+                yield stage
+            finally:
+                stage._close()
+                shutil.rmtree(folder, ignore_errors=True)
 
     def append_new(self, table: pa.Table, returning: Sequence[str] | None = None) -> pa.Table:
         """Store the rows of ``table`` whose ``event_id`` is new; say which were stored.
@@ -283,40 +337,10 @@ class EventLake:
         >>> added.num_rows <= events.num_rows  # doctest: +SKIP
         True
         """
-        missing = [f.name for f in ARROW_SCHEMA if f.name not in table.column_names]
-        if missing:
-            raise ValueError(
-                f"cannot append: columns {missing} of the canonical schema are missing"
-            )
-        order = "__lake_order__"
-        canonical = set(ARROW_SCHEMA.names)
-        extra = [name for name in table.column_names if name not in canonical]
-        batch = table.append_column(order, pa.array(range(table.num_rows), pa.int64()))
-        with self._locked():
-            manifest = self._manifest()
-            self._clean_orphans(entry["path"] for entry in manifest["files"])
-            con = _connect()
-            con.register("batch", batch)
-            firsts = "SELECT * FROM batch"
-            distinct = con.execute("SELECT count(DISTINCT event_id) FROM batch").fetchall()
-            # The window is only paid for when the batch repeats an id.
-            if distinct[0][0] != batch.num_rows:
-                firsts += f" QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY {order}) = 1"
-            query = f"SELECT * FROM ({firsts}) b"
-            if manifest["files"]:
-                query += (
-                    f" ANTI JOIN (SELECT event_id FROM {self.duckdb_scan()}) l USING (event_id)"
-                )
-            # A DuckDB temp table (which can spill) rather than a second Arrow copy.
-            con.execute(f"CREATE TEMP TABLE new_rows AS {query}")
-            names = ["event_id", *extra] if returning is None else list(returning)
-            wanted = ", ".join(_quote_ident(c) for c in names)
-            added = con.sql(f"SELECT {wanted} FROM new_rows").to_arrow_table()
-            if added.num_rows:
-                entries = self._write_parts(con, "new_rows")
-                self._commit(manifest["files"] + entries)
-            con.close()
-        return added
+        _check_columns(table)
+        with self.staged_append() as stage:
+            stage.write(table)
+            return stage.commit(returning)
 
     def append(self, table: pa.Table) -> int:
         """Store events whose ``event_id`` is not stored yet; return the rows added.
@@ -352,26 +376,293 @@ class EventLake:
             self._clean_orphans(entry["path"] for entry in manifest["files"])
             if not manifest["files"]:
                 return 0
-            con = _connect()
-            con.register("wanted", wanted)
-            hits = con.execute(
-                f"SELECT filename, count(*) FROM {_scan(self.files(), filename=True)} "
-                "SEMI JOIN wanted USING (customer_id) GROUP BY filename"
-            ).fetchall()
-            if not hits:
-                con.close()
-                return 0
-            affected = {Path(name).relative_to(self.root).as_posix() for name, _ in hits}
-            removed = sum(int(n) for _, n in hits)
-            scan = _scan(self.root / p for p in sorted(affected))
-            con.execute(
-                f"CREATE TEMP TABLE kept AS SELECT {_COLUMNS} FROM {scan} "
-                "ANTI JOIN wanted USING (customer_id)"
-            )
-            entries = self._write_parts(con, "kept")
-            con.close()
+            with _connect() as con:
+                con.register("wanted", wanted)
+                hits = con.execute(
+                    f"SELECT filename, count(*) FROM {_scan(self.files(), filename=True)} "
+                    "SEMI JOIN wanted USING (customer_id) GROUP BY filename"
+                ).fetchall()
+                if not hits:
+                    return 0
+                affected = {Path(name).relative_to(self.root).as_posix() for name, _ in hits}
+                removed = sum(int(n) for _, n in hits)
+                scan = _scan(self.root / p for p in sorted(affected))
+                con.execute(
+                    f"CREATE TEMP TABLE kept AS SELECT {_COLUMNS} FROM {scan} "
+                    "ANTI JOIN wanted USING (customer_id)"
+                )
+                entries = self._write_parts(con, "kept")
             remaining = [e for e in manifest["files"] if e["path"] not in affected]
             self._commit(remaining + entries)
             for path in affected:
                 (self.root / path).unlink(missing_ok=True)
         return removed
+
+
+def _check_columns(table: pa.Table) -> None:
+    missing = [f.name for f in ARROW_SCHEMA if f.name not in table.column_names]
+    if missing:
+        raise ValueError(f"cannot append: columns {missing} of the canonical schema are missing")
+
+
+class _PartWriter:
+    """One Parquet file of one month, written batch by batch, with its row count and time range."""
+
+    def __init__(self, folder: Path, key: int) -> None:
+        self.path = folder / f"event_month={_month_name(key)}" / f"part-{uuid.uuid4()}.parquet"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = pq.ParquetWriter(
+            self.path, _DISK_SCHEMA, compression="zstd", use_dictionary=_DICTIONARY
+        )
+        self.rows = 0
+        self.lo: Any = None
+        self.hi: Any = None
+
+    def write(self, table: pa.Table) -> None:
+        if not table.num_rows:
+            return
+        self._writer.write_table(table)
+        lo, hi = (v.as_py() for v in pc.min_max(table.column("event_timestamp")).values())
+        self.rows += table.num_rows
+        self.lo = lo if self.lo is None else min(self.lo, lo)
+        self.hi = hi if self.hi is None else max(self.hi, hi)
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def summary(self) -> tuple[Path, int, Any, Any]:
+        return self.path, self.rows, self.lo, self.hi
+
+
+class _StagedMonth:
+    """The staged rows of one month, in two aligned files (same rows, same order).
+
+    The part file is in the lake's final format; the side file holds
+    ``event_id``, the staging order and the caller's extra columns. When no
+    row of the month is a duplicate, the part file is published as it is,
+    without a rewrite.
+    """
+
+    def __init__(self, folder: Path, key: int, side_schema: pa.Schema) -> None:
+        self.key = key
+        self.part = _PartWriter(folder, key)
+        self.side_path = self.part.path.with_name(self.part.path.stem + ".side.parquet")
+        # Read once and deleted: fast compression, no dictionaries.
+        self._side = pq.ParquetWriter(
+            self.side_path, side_schema, compression="snappy", use_dictionary=False
+        )
+
+    def write(self, canonical: pa.Table, side: pa.Table) -> None:
+        self.part.write(canonical)
+        self._side.write_table(side)
+
+    def close(self) -> None:
+        self.part.close()
+        self._side.close()
+
+
+class StagedAppend:
+    """Rows staged for one atomic append; made by :meth:`EventLake.staged_append`.
+
+    Staged rows are split by month as they arrive. :meth:`commit` then keeps
+    the first row of each ``event_id`` among the staged rows, drops rows whose
+    ``event_id`` the lake already holds, publishes one part file per month and
+    commits the manifest. The lake is compared month by month, reading only
+    the ``event_id`` column of the files of that month whose time range
+    overlaps the staged rows: an ``event_id`` is unique within its month, so
+    an event re-sent with a timestamp in another month is stored again.
+    """
+
+    def __init__(self, lake: EventLake, folder: Path, manifest: dict[str, Any]) -> None:
+        self._lake = lake
+        self._folder = folder
+        self._manifest = manifest
+        self._months: dict[int, _StagedMonth] = {}
+        self._side_schema: pa.Schema | None = None
+        self._committed = False
+        self.rows_staged = 0
+
+    def write(self, table: pa.Table) -> None:
+        """Stage canonical events (plus extra columns, the same in every call).
+
+        Examples
+        --------
+        >>> stage.write(events)  # doctest: +SKIP
+        """
+        if self._committed:
+            raise RuntimeError("this staged append is already committed")
+        _check_columns(table)
+        if not table.num_rows:
+            return
+        extra = [n for n in table.column_names if n not in _DISK_SCHEMA.names]
+        side_schema = pa.schema(
+            [
+                _DISK_SCHEMA.field("event_id"),
+                pa.field(_SEQ, pa.int64()),
+                *(table.schema.field(n) for n in extra),
+            ]
+        )
+        if self._side_schema is None:
+            self._side_schema = side_schema
+        elif side_schema != self._side_schema:
+            raise ValueError(
+                f"staged batches differ in extra columns: {extra} after "
+                f"{self._side_schema.names[2:]}"
+            )
+        canonical = table.select(_DISK_SCHEMA.names).cast(_DISK_SCHEMA)
+        # The staging order decides which row of a repeated event_id wins.
+        seq = pa.array(np.arange(self.rows_staged, self.rows_staged + table.num_rows))
+        side = pa.Table.from_arrays(
+            [canonical.column("event_id"), seq, *(table.column(n) for n in extra)],
+            schema=side_schema,
+        )
+        keys = _month_keys(canonical.column("event_timestamp"))
+        if keys.null_count:
+            raise ValueError("cannot append: event_timestamp is null in some row")
+        counts = pc.value_counts(keys)
+        if len(counts) > 1:
+            # One sort and one take, then slices: cheaper than a filter per month.
+            order = pc.sort_indices(keys)
+            canonical, side = canonical.take(order), side.take(order)
+            counts = pc.value_counts(keys.take(order))
+        start = 0
+        for item in counts.to_pylist():
+            key, n = int(item["values"]), int(item["counts"])
+            if key not in self._months:
+                self._months[key] = _StagedMonth(self._folder / "in", key, side_schema)
+            self._months[key].write(canonical.slice(start, n), side.slice(start, n))
+            start += n
+        self.rows_staged += table.num_rows
+
+    def _close(self) -> None:
+        for month in self._months.values():
+            month.close()
+
+    def commit(
+        self,
+        returning: Sequence[str] | None = None,
+        progress: Callable[[str, float, float], None] | None = None,
+    ) -> pa.Table:
+        """Dedupe the staged rows, store the new ones, commit; return the rows added.
+
+        Parameters
+        ----------
+        returning : sequence of str, optional
+            Columns to return for the added rows (default: ``event_id`` and the
+            extra columns).
+        progress : callable, optional
+            Called as ``progress("store", months_done, months)``.
+
+        Returns
+        -------
+        pa.Table
+            One row per event added, with the ``returning`` columns.
+        """
+        if self._committed:
+            raise RuntimeError("this staged append is already committed")
+        self._committed = True
+        self._close()
+        side_schema = self._side_schema or pa.schema(
+            [_DISK_SCHEMA.field("event_id"), pa.field(_SEQ, pa.int64())]
+        )
+        extra = side_schema.names[2:]
+        names = ["event_id", *extra] if returning is None else list(returning)
+        unknown = [n for n in names if n not in side_schema.names]
+        if unknown:
+            raise ValueError(f"cannot return columns {unknown}: only {['event_id', *extra]}")
+        months = [self._months[k] for k in sorted(self._months)]
+        added: list[pa.Table] = []
+        parts: list[tuple[Path, int, Any, Any]] = []
+        with _connect() as con:
+            repeated = self._find_repeated(con, [m.side_path for m in months])
+            for done, month in enumerate(months):
+                _report(progress, "store", done, len(months))
+                dropped = self._dropped_rows(con, month, repeated)
+                keep = np.ones(month.part.rows, dtype=bool)
+                keep[dropped] = False
+                side = pq.read_table(month.side_path, columns=names)
+                added.append(side.filter(keep) if len(dropped) else side)
+                if not len(dropped):
+                    parts.append(month.part.summary())
+                elif len(dropped) < month.part.rows:
+                    parts.append(_rewrite(month.part, keep, self._folder / "out", month.key))
+        _report(progress, "store", len(months), len(months))
+        if parts:
+            entries = self._lake._publish(parts)
+            self._lake._commit(self._manifest["files"] + entries)
+        if not added:
+            return pa.schema([side_schema.field(n) for n in names]).empty_table()
+        return pa.concat_tables(added)
+
+    def _find_repeated(self, con: duckdb.DuckDBPyConnection, paths: list[Path]) -> bool:
+        """Find staged rows repeating an earlier staged ``event_id``; True if any.
+
+        Grouping by a 64-bit hash keeps the full pass cheap in memory; only
+        rows whose hash repeats (real repeats and rare collisions) are then
+        compared by their text ``event_id``.
+        """
+        if not paths:
+            return False
+        scan = _scan(paths)
+        con.execute(
+            f"CREATE TEMP TABLE repeated_hashes AS SELECT hash(event_id) AS h FROM {scan} "
+            "GROUP BY h HAVING count(*) > 1"
+        )
+        if not con.execute("SELECT count(*) FROM repeated_hashes").fetchall()[0][0]:
+            return False
+        con.execute(
+            f"CREATE TEMP TABLE repeated AS SELECT {_SEQ} FROM ("
+            f"SELECT event_id, {_SEQ} FROM {scan} "
+            "WHERE hash(event_id) IN (SELECT h FROM repeated_hashes)) "
+            f"QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY {_SEQ}) > 1"
+        )
+        return bool(con.execute("SELECT count(*) FROM repeated").fetchall()[0][0])
+
+    def _dropped_rows(
+        self, con: duckdb.DuckDBPyConnection, month: _StagedMonth, repeated: bool
+    ) -> np.ndarray:
+        """Positions, in the month's staged files, of the rows not to store."""
+        conditions = []
+        if repeated:
+            conditions.append(f"{_SEQ} IN (SELECT {_SEQ} FROM repeated)")
+        folder = f"event_month={_month_name(month.key)}/"
+        lo, hi = pd.Timestamp(month.part.lo), pd.Timestamp(month.part.hi)
+        stored = [
+            self._lake.root / entry["path"]
+            for entry in self._manifest["files"]
+            if entry["path"].startswith(folder)
+            and pd.Timestamp(entry["min_timestamp"]) <= hi
+            and pd.Timestamp(entry["max_timestamp"]) >= lo
+        ]
+        if stored:
+            conditions.append(f"event_id IN (SELECT event_id FROM {_scan(stored)})")
+        if not conditions:
+            return np.empty(0, dtype=np.int64)
+        side = f"read_parquet({_quote(str(month.side_path))}, file_row_number=true)"
+        rows = con.execute(
+            f"SELECT file_row_number FROM {side} WHERE {' OR '.join(conditions)}"
+        ).fetchnumpy()["file_row_number"]
+        return np.asarray(rows, dtype=np.int64)
+
+
+def _rewrite(
+    part: _PartWriter, keep: np.ndarray, folder: Path, key: int
+) -> tuple[Path, int, Any, Any]:
+    """Write the kept rows of a staged part file to a new part file under ``folder``."""
+    out = _PartWriter(folder, key)
+    try:
+        start = 0
+        for batch in pq.ParquetFile(part.path).iter_batches(batch_size=_BATCH_ROWS):
+            mask = pa.array(keep[start : start + batch.num_rows])
+            start += batch.num_rows
+            out.write(pa.Table.from_batches([batch]).filter(mask))
+    finally:
+        out.close()
+    return out.summary()
+
+
+def _report(
+    progress: Callable[[str, float, float], None] | None, text: str, done: float, total: float
+) -> None:
+    if progress is not None:
+        progress(text, done, total)

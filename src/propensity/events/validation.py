@@ -351,6 +351,7 @@ def validate_events(
     timezone: str = "UTC",
     now: datetime | None = None,
     withdrawn: Collection[str] = (),
+    row_offset: int = 0,
 ) -> ValidationResult:
     """Split a source table into canonical events and quarantine records.
 
@@ -370,6 +371,9 @@ def validate_events(
         Reference time for the future-timestamp rule (default: the clock).
     withdrawn : collection of str
         Customers whose rows are dropped (counted, not quarantined).
+    row_offset : int
+        Source rows before ``table`` (when a file is validated batch by
+        batch), so reported row numbers are those of the whole file.
 
     Returns
     -------
@@ -425,11 +429,13 @@ def validate_events(
         valid_parts.append(
             out.select([f.name for f in ARROW_SCHEMA])
             .cast(_OUT_SCHEMA)
-            .append_column("__row__", pc.add(out.column(_POS), 1))
+            .append_column("__row__", pc.add(out.column(_POS), 1 + row_offset))
         )
     con.close()
     bad_rows = pa.concat_tables(bad_parts) if bad_parts else pa.table({_POS: [], "_problems": []})
-    rejected = _quarantine_records(bad_rows, table, original_names, back, plan.fields, source)
+    rejected = _quarantine_records(
+        bad_rows, table, original_names, back, plan.fields, source, row_offset
+    )
     return ValidationResult(
         valid=pa.concat_tables(valid_parts),
         rejected=rejected,
@@ -445,6 +451,7 @@ def _quarantine_records(
     back: dict[str, str],
     fields: dict[str, str],
     source: str,
+    row_offset: int,
 ) -> pa.Table:
     positions = bad.column(_POS).cast(pa.int64())
     raw_rows = table.take(positions).to_pylist() if bad.num_rows else []
@@ -456,7 +463,7 @@ def _quarantine_records(
         column = back.get(fields.get(field, field), field)
         value = raw.get(column) if column in original_names else None
         records["source_file"].append(source)
-        records["row_number"].append(pos + 1)
+        records["row_number"].append(pos + 1 + row_offset)
         records["field"].append(field)
         records["rule"].append(rule)
         records["value"].append(None if value is None else str(value))
