@@ -143,8 +143,12 @@ def features_materialize(config: ConfigOption = None) -> None:
 
     settings = _settings(config)
     with rich_progress(console) as progress:
-        report = FeatureStoreAdapter(settings).materialize(progress=progress)
-    console.print(report)
+        written = FeatureStoreAdapter(settings).materialize(progress=progress)
+    for view in written:
+        console.print(
+            f"{view.feature_view}: {view.entities_written:,} customers, "
+            f"{view.values_written:,} values in {view.seconds:.1f} s"
+        )
 
 
 Model = Annotated[str, typer.Argument(help="churn, purchase, nba or all.")]

@@ -124,10 +124,12 @@ def _features(settings: Settings, progress: ProgressCallback | None) -> str:
     report = build_features(settings)
     adapter = FeatureStoreAdapter(settings)
     adapter.apply()
-    written = adapter.materialize()
+    written = adapter.materialize(progress=progress)
+    customers = max((w.entities_written for w in written), default=0)
+    seconds = sum(w.seconds for w in written)
     return (
-        f"{report.rows:,} feature rows over {len(report.snapshots)} snapshots; "
-        f"feast repo applied; online store: {written}"
+        f"{report.rows:,} feature rows over {len(report.snapshots)} snapshots; feast repo applied; "
+        f"{customers:,} customers × {len(written)} views materialized in {seconds:.1f} s"
     )
 
 

@@ -60,8 +60,13 @@ def _snapshots(n_customers: int, seed: int = 0) -> pa.Table:
     for name in INTS:
         values = rng.integers(-(2**40), 2**40, n)
         columns[name] = pa.array(values, pa.int64(), mask=rng.random(n) < 0.1)
+    # Customers from C0000256 on carry long strings: their chunks take the row-by-row path.
     columns["segment"] = pa.array(
-        [None if i % 7 == 0 else f"seg-é{i % 3}" for i in range(n)], pa.string()
+        [
+            None if i % 7 == 0 else f"seg-é{i % 3}" + ("-long" * 10 if c >= "C0000256" else "")
+            for i, c in enumerate(ids)
+        ],
+        pa.string(),
     )
     columns["is_member"] = pa.array([None if i % 5 == 0 else i % 2 == 0 for i in range(n)])
     return pa.table(columns)

@@ -4,14 +4,23 @@ Feast's stock ``materialize`` builds one protobuf object per value and issues on
 SQLite statement per value; at 100k customers x 40 features that is minutes and
 gigabytes. This module writes the *same bytes in the same layout* as Feast's
 SQLite and Redis online stores (so ``FeatureStore.get_online_features`` and
-Feast's own tools read them unchanged), but encodes values in bulk with numpy,
-streams the source in chunks of whole customers, and writes each chunk in one
-SQLite transaction / one pipelined ``HSET`` per customer. A reader therefore
-never sees one customer's features half old and half new.
+Feast's own tools read them unchanged), but:
 
-The materialized interval is recorded in the Feast registry exactly as
-``materialize`` does, so ``materialize_incremental`` and ``feast`` tooling know
-what has been written.
+* encodes ``ValueProto`` bytes and entity keys in bulk with numpy (a double is
+  the tag byte ``0x29`` and 8 little-endian bytes; integers are varints);
+* streams the source in chunks of whole customers (DuckDB picks the latest row
+  per customer, in key order, with a capped memory budget);
+* on SQLite, stages one row per customer in a temp table and lets one
+  ``INSERT ... SELECT`` expand it into Feast's row-per-feature layout in C,
+  while a background thread encodes the next chunk;
+* on Redis, sends one ``HSET`` per customer carrying all its fields, pipelined.
+
+Each chunk is one SQLite transaction (one ``HSET`` per customer on Redis), so a
+reader never sees a customer's features half old and half new. The interval is
+recorded in the Feast registry as ``materialize`` does, so
+``materialize_incremental`` and ``feast`` tooling know what has been written.
+Unlike Feast's Redis writer, rows are not compared with the stored timestamp:
+the latest row of the source wins.
 """
 
 from __future__ import annotations
@@ -250,13 +259,6 @@ def _texts(array: pa.Array, value_type: ValueType) -> list[str | None]:
         return [None if v is None else str(v) for v in _python_values(array, value_type)]
     protos = python_values_to_proto_values(array.to_pylist(), value_type)
     return [extract_text_and_num(p, False)[0] for p in protos]
-
-
-def _nums(array: pa.Array, value_type: ValueType) -> list[float | None]:
-    if value_type in _BULK_TYPES - {ValueType.STRING}:
-        return [None if v is None else float(v) for v in _python_values(array, value_type)]
-    protos = python_values_to_proto_values(array.to_pylist(), value_type)
-    return [extract_text_and_num(p, True)[1] for p in protos]
 
 
 def encode_entity_keys(
@@ -571,6 +573,12 @@ class _SqliteWriter:
         from feast.infra.online_stores.sqlite import SqliteOnlineStore
 
         config = store.config
+        for option in ("vector_enabled", "enable_openai_compatible_store"):
+            if getattr(config.online_store, option, False):
+                # Those add columns (vector_value, value_num) this writer does not fill.
+                raise ValueError(
+                    f"online_store.{option} is set: use FeatureStore.materialize instead"
+                )
         self.path = SqliteOnlineStore._get_db_path(config)
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: transactions are ours, opened with BEGIN IMMEDIATE.
@@ -579,12 +587,8 @@ class _SqliteWriter:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.execute("PRAGMA cache_size=-262144")
-        self.vector = bool(getattr(config.online_store, "vector_enabled", False))
-        self.compute_num = bool(
-            getattr(config.online_store, "enable_openai_compatible_store", False)
-        )
         self.conn.execute("PRAGMA temp_store=MEMORY")
-        self.sql: dict[str, tuple[str, bool]] = {}
+        self.sql: dict[str, str] = {}
         self.expand: dict[str, str] = {}
         self.staged: dict[str, int] = {}
         # ->> needs SQLite 3.38; older libraries take the row-by-row path.
@@ -600,28 +604,17 @@ class _SqliteWriter:
             "PRIMARY KEY(entity_key, feature_name))"
         )
         self.conn.execute(f"CREATE INDEX IF NOT EXISTS {_quote(table + '_ek')} ON {q} (entity_key)")
-        existing = {row[1] for row in self.conn.execute(f"PRAGMA table_info({q})")}
-        with_num = self.compute_num and "value_num" in existing
-        columns = ["entity_key", "feature_name", "value", "value_text"]
-        if with_num:
-            columns.append("value_num")
-        if self.vector:
-            columns.append("vector_value")
-        columns += ["event_ts", "created_ts"]
-        update = ", ".join(
-            f"{c} = excluded.{c}" for c in columns if c not in ("entity_key", "feature_name")
-        )
-        sql = (
+        columns = ["entity_key", "feature_name", "value", "value_text", "event_ts", "created_ts"]
+        update = ", ".join(f"{c} = excluded.{c}" for c in columns[2:])
+        self.sql[plan.view.name] = (
             f"INSERT INTO {q} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
             f"ON CONFLICT(entity_key, feature_name) DO UPDATE SET {update};"
         )
-        self.sql[plan.view.name] = (sql, with_num)
         if self.bulk_sql:
             self.expand[plan.view.name] = self._staging(plan)
 
     def rows(self, plan: _ViewPlan, chunk: _Chunk) -> Iterator[tuple[Any, ...]]:
         """Rows in Feast's layout, entity-major, built with C-level iterators."""
-        with_num = self.sql[plan.view.name][1]
         names = [name for name, _ in plan.features]
         n_features = len(names)
         # Sorted entity keys walk the primary-key B-tree in order: fewer page misses.
@@ -643,14 +636,6 @@ class _SqliteWriter:
             flat(chunk.values(plan)),
             flat([_texts(a, t) for a, t in pairs]),
         ]
-        if with_num:
-            groups.append(flat([_nums(a, t) for a, t in pairs]))
-        if self.vector:
-            if any(t not in _BULK_TYPES for _, t in pairs):
-                raise NotImplementedError(
-                    f"feature view {plan.view.name!r}: vector features need Feast's own writer"
-                )
-            groups.append(flat([_python_values(a, t) for a, t in pairs]))
         event = each(_sqlite_epochs(chunk.event_ts))
         if chunk.created_ts is not None:
             created: Iterator[Any] = each(_sqlite_epochs(chunk.created_ts))
@@ -698,7 +683,7 @@ class _SqliteWriter:
         encoded = []
         for plan, chunk in parts:
             staged = None
-            if self.bulk_sql and not self.sql[plan.view.name][1] and not self.vector:
+            if self.bulk_sql:
                 staged = _stage_rows(plan, chunk)
             if staged is not None:
                 encoded.append((plan, staged, True))
@@ -713,7 +698,7 @@ class _SqliteWriter:
         try:
             for plan, rows, staged in encoded:
                 if not staged:
-                    self.conn.executemany(self.sql[plan.view.name][0], rows)
+                    self.conn.executemany(self.sql[plan.view.name], rows)
                     continue
                 k = self.staged[plan.view.name]
                 self.conn.execute(f"DELETE FROM temp._ow_stage_{k}")
@@ -868,13 +853,15 @@ def _resolve(store: FeatureStore, view: str | FeatureView) -> FeatureView:
     return store.get_feature_view(name, allow_registry_cache=False)
 
 
-def _default_source(view: FeatureView) -> Source:
+def _default_source(store: FeatureStore, view: FeatureView) -> Source:
     path = getattr(view.batch_source, "path", None)
     if not path:
         raise ValueError(
             f"feature view {view.name!r}: no source given and its batch source has no file path"
         )
-    return Path(path)
+    repo = store.config.repo_path
+    # Feast reads relative file sources against the repo folder; so do we.
+    return Path(path) if Path(path).is_absolute() or repo is None else Path(repo) / path
 
 
 def write_online(
@@ -989,7 +976,7 @@ def write_online_many(
         keys: dict[int, Source] = {}
         for name, source in sources.items():
             view = _resolve(store, name)
-            src = _default_source(view) if source is None else source
+            src = _default_source(store, view) if source is None else source
             ident = id(src) if not isinstance(src, str | Path) else hash(str(Path(src)))
             groups.setdefault(ident, []).append((view, src))
             keys[ident] = src
