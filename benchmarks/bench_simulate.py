@@ -1,22 +1,26 @@
 """Time and memory of the simulator.
 
 Usage: python benchmarks/bench_simulate.py [--customers 100000] [--days 365]
-       [--truth-every 1] [--out DIR]
+       [--truth-every 1] [--out DIR] [--in-memory]
 
-Prints events, seconds, events per second and peak RSS (sampled with psutil
-across all threads, and the kernel's high-water mark).
+By default times ``simulate_to`` (streaming blocks to ``--out``, a temporary
+folder if not given); ``--in-memory`` times ``simulate`` instead. Prints
+events, seconds, events per second, the load average and peak RSS (sampled
+with psutil across all threads, and the kernel's high-water mark).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
+import tempfile
 import threading
 import time
 
 import psutil
 
-from propensity.events.simulator import SimulationConfig, simulate, write_simulation
+from propensity.events.simulator import SimulationConfig, simulate, simulate_to
 
 
 def _sample_peak(stop: threading.Event, peak: list[int]) -> None:
@@ -32,7 +36,8 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=365)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--truth-every", type=int, default=1)
-    parser.add_argument("--out", default=None, help="also time write_simulation into this folder")
+    parser.add_argument("--out", default=None, help="output folder of simulate_to")
+    parser.add_argument("--in-memory", action="store_true", help="time simulate() instead")
     args = parser.parse_args()
     config = SimulationConfig(
         customers=args.customers,
@@ -43,21 +48,25 @@ def main() -> None:
     stop, peak = threading.Event(), [0]
     sampler = threading.Thread(target=_sample_peak, args=(stop, peak), daemon=True)
     sampler.start()
+    load_before = os.getloadavg()[0]
     began = time.perf_counter()
-    sim = simulate(config)
+    if args.in_memory:
+        sim = simulate(config)
+        rows, exposures = sim.events.num_rows, len(sim.truth.exposures)
+        mode = "simulate (in memory)"
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            meta = simulate_to(config, args.out or tmp)
+        rows, exposures = meta["events"], meta["exposures"]
+        mode = "simulate_to (streaming to disk)"
     seconds = time.perf_counter() - began
-    rows = sim.events.num_rows
-    print(f"customers={args.customers} days={args.days} truth_every={args.truth_every}")
-    print(f"events={rows:,} daily_truth_rows={len(sim.truth.customer_daily):,}")
-    print(f"exposures={len(sim.truth.exposures):,}")
-    print(f"simulate_seconds={seconds:.1f} events_per_second={rows / seconds:,.0f}")
-    if args.out:
-        began = time.perf_counter()
-        write_simulation(sim, args.out)
-        print(f"write_seconds={time.perf_counter() - began:.1f}")
     stop.set()
     sampler.join()
     high_water = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"mode={mode} customers={args.customers} days={args.days}")
+    print(f"events={rows:,} exposures={exposures:,}")
+    print(f"seconds={seconds:.1f} events_per_second={rows / seconds:,.0f}")
+    print(f"load_average_1min before={load_before:.1f} after={os.getloadavg()[0]:.1f}")
     print(f"peak_rss_mb={peak[0] / 2**20:,.0f} (sampled) {high_water:,.0f} (ru_maxrss)")
 
 

@@ -59,15 +59,16 @@ def simulate(
     start: Annotated[str, typer.Option(help="First simulated day (YYYY-MM-DD).")] = "2026-01-01",
 ) -> None:
     """Simulate behavioral events with ground truth into OUT."""
-    from propensity.events.simulator import SimulationConfig, simulate, write_simulation
+    from propensity.events.simulator import SimulationConfig, simulate_to
 
     config = SimulationConfig(
         customers=customers, days=days, seed=seed, start=date.fromisoformat(start)
     )
-    with console.status(f"simulating {customers:,} customers × {days} days"):
-        sim = simulate(config)
-        write_simulation(sim, out)
-    console.print(f"wrote {sim.events.num_rows:,} events and the ground truth to {out}")
+    with rich_progress(console) as progress:
+        meta = simulate_to(
+            config, out, progress=lambda done, total: progress("simulate", done, total)
+        )
+    console.print(f"wrote {meta['events']:,} events and the ground truth to {out}")
 
 
 @app.command()

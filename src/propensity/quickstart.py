@@ -93,15 +93,16 @@ def run_quickstart(
 def _simulate(
     sim_dir: Path, customers: int, days: int, seed: int, progress: ProgressCallback | None
 ) -> int:
-    from propensity.events.simulator import SimulationConfig, simulate, write_simulation
+    from propensity.events.simulator import SimulationConfig, simulate_to
 
-    config = SimulationConfig(customers=customers, days=days, seed=seed)
-    sim = simulate(
-        config,
-        progress=None if progress is None else lambda done, total: progress("simulate", done, total),
+    meta = simulate_to(
+        SimulationConfig(customers=customers, days=days, seed=seed),
+        sim_dir,
+        progress=None
+        if progress is None
+        else lambda done, total: progress("simulate", done, total),
     )
-    write_simulation(sim, sim_dir)
-    return int(sim.events.num_rows)
+    return int(meta["events"])
 
 
 def _ingest(settings: Settings, sim_dir: Path, progress: ProgressCallback | None) -> Any:
@@ -126,7 +127,7 @@ def _features(settings: Settings, progress: ProgressCallback | None) -> str:
     adapter.apply()
     written = adapter.materialize(progress=progress)
     customers = max((w.entities_written for w in written), default=0)
-    seconds = sum(w.seconds for w in written)
+    seconds = max((w.seconds for w in written), default=0.0)
     return (
         f"{report.rows:,} feature rows over {len(report.snapshots)} snapshots; feast repo applied; "
         f"{customers:,} customers × {len(written)} views materialized in {seconds:.1f} s"

@@ -92,9 +92,19 @@ def _dormancy(hazard: np.ndarray, traits: lat.Traits, rows: np.ndarray) -> np.nd
     return lat.dormancy_day(hazard, sub)
 
 
-def _first(window: tuple[np.ndarray, np.ndarray], alive: np.ndarray) -> np.ndarray:
-    """P(no event) of the first start, from the alive or the dormant state."""
-    return np.where(alive, window[0][:, 0], window[1][:, 0])
+def _fade_end(last: np.ndarray, traits: lat.Traits) -> np.ndarray:
+    """Last fading day: ``fade_days`` after the last alive day (-1 if never alive)."""
+    return np.where(last >= 0, last + traits.fade_days, -1)
+
+
+def _state(last: np.ndarray, fade_end: np.ndarray, day: np.ndarray | int) -> np.ndarray:
+    """0 alive, 1 fading, 2 dormant at the midnight that starts ``day``."""
+    return (day > last).astype(np.int8) + (day > fade_end)
+
+
+def _first(window: tuple[np.ndarray, ...], state: np.ndarray) -> np.ndarray:
+    """P(no event) of the first start, from each row's state."""
+    return np.choose(state, [w[:, 0] for w in window])
 
 
 def _run_campaigns(
@@ -103,21 +113,24 @@ def _run_campaigns(
     traits: lat.Traits,
     paths: lat.Paths,
     potential: np.ndarray,
+    fading: np.ndarray,
     residual: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Weekly waves: pick eligible customers at random, assign an action, apply its effect."""
     n, length = paths.rate.shape
     hc, hp = s.churn_horizon, s.purchase_horizon
     cooldown = max(hc, hp)
     hz_mult = np.ones((n, length))
     cv_mult = np.ones((n, length))
+    vi_mult = np.ones((n, length))
     last = lat.dormancy_day(paths.hazard, traits)
+    fade_end = _fade_end(last, traits)
     first = np.maximum(traits.signup_day, 0)
     last_exposed = np.full(n, -(10**6))
     weekday = np.array([(s.start.toordinal() + k - 1) % 7 for k in range(s.days)])
     records: dict[str, list[np.ndarray]] = {
         k: []
-        for k in ["customer", "day", "action", "propensity", "second", "alive", "tenure"]
+        for k in ["customer", "day", "action", "propensity", "second", "state", "tenure"]
         + [f"p_{o}_{a}" for o in ("purchase", "churn") for a in lat.ACTIONS]
     }
     purchase_rate = paths.rate * paths.conversion
@@ -125,14 +138,19 @@ def _run_campaigns(
         lo = max(0, t - s.eligibility_days)
         k = np.arange(lo, t)[None, :]
         signed = k >= first[:, None]
-        seen = np.where(k <= last[:, None], potential[:, lo:t], residual[:, lo:t]) * signed
+        seen = np.where(
+            k <= last[:, None],
+            potential[:, lo:t],
+            np.where(k <= fade_end[:, None], fading[:, lo:t], residual[:, lo:t]),
+        )
+        seen = seen * signed
         recent = seen.sum(axis=1) > 0
         eligible = recent & (traits.signup_day < t) & (last_exposed <= t - cooldown)
         rows = np.flatnonzero(eligible & (rng.random(n) < s.campaign_share))
         if rows.size == 0:
             continue
         tenure = paths.tenure[rows, t]
-        m_h, m_c = lat.effect_multipliers(
+        m_h, m_c, m_v = lat.effect_multipliers(
             tenure,
             purchase_rate[rows, t],
             paths.hazard[rows, t],
@@ -142,38 +160,45 @@ def _run_campaigns(
         )
         probs = lat.assignment_probabilities(tenure, traits.value_level[rows])
         action = (rng.random(rows.size)[:, None] > np.cumsum(probs, axis=1)[:, :-1]).sum(axis=1)
-        alive = last[rows] >= t
+        state = _state(last[rows], fade_end[rows], t)
         for a, name in enumerate(lat.ACTIONS):
             hz_c = paths.hazard[rows, t : t + hc] * m_h[:, a : a + 1]
-            w_churn = _first(lat.window_no_event(paths.rate[rows, t : t + hc], hz_c, hc, 1), alive)
+            r_c = paths.rate[rows, t : t + hc] * m_v[:, a : a + 1]
+            visits = np.broadcast_to(m_v[:, a : a + 1], r_c.shape)
+            w_churn = _first(lat.window_no_event(r_c, hz_c, hc, 1, share=visits), state)
             hz_p = paths.hazard[rows, t : t + hp] * m_h[:, a : a + 1]
-            r_p = purchase_rate[rows, t : t + hp] * m_c[:, a : a + 1]
-            w_purchase = _first(lat.window_no_event(r_p, hz_p, hp, 1), alive)
+            both = m_c[:, a : a + 1] * m_v[:, a : a + 1]
+            r_p = purchase_rate[rows, t : t + hp] * both
+            share = paths.conversion[rows, t : t + hp] * both
+            w_purchase = _first(lat.window_no_event(r_p, hz_p, hp, 1, share=share), state)
             records[f"p_churn_{name}"].append(w_churn)
             records[f"p_purchase_{name}"].append(1.0 - w_purchase)
         pick = np.arange(rows.size)
         hz_mult[rows, t : t + hc] = m_h[pick, action][:, None]
         cv_mult[rows, t : t + hp] = m_c[pick, action][:, None]
+        vi_mult[rows, t : t + hc] = m_v[pick, action][:, None]
         last[rows] = _dormancy(paths.hazard[rows] * hz_mult[rows], traits, rows)
+        fade_end[rows] = np.where(last[rows] >= 0, last[rows] + traits.fade_days[rows], -1)
         last_exposed[rows] = t
         records["customer"].append(rows)
         records["day"].append(np.full(rows.size, t))
         records["action"].append(action)
         records["propensity"].append(probs[pick, action])
         records["second"].append(rng.integers(0, 300, rows.size))
-        records["alive"].append(alive)
+        records["state"].append(state)
         records["tenure"].append(tenure)
     exposures = {
         k: (np.concatenate(v) if v else np.zeros(0, dtype=float)) for k, v in records.items()
     }
     for key in ("customer", "day", "action", "second"):
         exposures[key] = exposures[key].astype(np.int64)
-    exposures["alive"] = exposures["alive"].astype(bool)
-    return hz_mult, cv_mult, last, exposures
+    exposures["state"] = exposures["state"].astype(np.int8)
+    exposures["alive"] = exposures["state"] == 0
+    return hz_mult, cv_mult, vi_mult, last, exposures
 
 
 def _patch_future_exposures(
-    window: tuple[np.ndarray, np.ndarray],
+    window: tuple[np.ndarray, ...],
     rate: np.ndarray,
     realized_hazard: np.ndarray,
     plain_hazard: np.ndarray,
@@ -181,6 +206,8 @@ def _patch_future_exposures(
     exposures: dict[str, np.ndarray],
     horizon: int,
     every: int,
+    share: np.ndarray | None = None,
+    plain_share: np.ndarray | None = None,
 ) -> None:
     """Recompute windows that contain a later exposure without that exposure's effect.
 
@@ -200,7 +227,10 @@ def _patch_future_exposures(
     h = np.where(after, plain_hazard[rows[:, None], safe], realized_hazard[rows[:, None], safe])
     r = np.where(inside, r, 0.0)
     h = np.where(inside, h, 0.0)
-    local = lat.window_no_event(r, h, horizon, horizon)
+    sh = None
+    if share is not None and plain_share is not None:
+        sh = np.where(after, plain_share[rows[:, None], safe], share[rows[:, None], safe])
+    local = lat.window_no_event(r, h, horizon, horizon, share=sh)
     starts = day[:, None] + np.arange(-horizon + 1, 1)[None, :]
     n_days = window[0].shape[1] * every
     ok = (starts >= 0) & (starts < n_days) & (starts % every == 0)
@@ -213,19 +243,32 @@ def _daily_truth(
     s: BlockSettings,
     traits: lat.Traits,
     paths: lat.Paths,
-    hz_mult: np.ndarray,
-    cv_mult: np.ndarray,
+    mults: tuple[np.ndarray, np.ndarray, np.ndarray],
     last: np.ndarray,
     exposures: dict[str, np.ndarray],
 ) -> dict[str, np.ndarray]:
     every = s.truth_every
+    hz_mult, cv_mult, vi_mult = mults
     hazard = paths.hazard * hz_mult
     purchase_plain = paths.rate * paths.conversion
-    purchase_rate = purchase_plain * cv_mult
-    w_churn = lat.window_no_event(paths.rate, hazard, s.churn_horizon, s.days, every)
-    w_purchase = lat.window_no_event(purchase_rate, hazard, s.purchase_horizon, s.days, every)
+    purchase_rate = purchase_plain * cv_mult * vi_mult
+    visit_rate = paths.rate * vi_mult
+    w_churn = lat.window_no_event(visit_rate, hazard, s.churn_horizon, s.days, every, vi_mult)
+    share = paths.conversion * cv_mult * vi_mult
+    w_purchase = lat.window_no_event(
+        purchase_rate, hazard, s.purchase_horizon, s.days, every, share=share
+    )
     _patch_future_exposures(
-        w_churn, paths.rate, hazard, paths.hazard, paths.rate, exposures, s.churn_horizon, every
+        w_churn,
+        visit_rate,
+        hazard,
+        paths.hazard,
+        paths.rate,
+        exposures,
+        s.churn_horizon,
+        every,
+        vi_mult,
+        np.ones_like(vi_mult),
     )
     _patch_future_exposures(
         w_purchase,
@@ -236,20 +279,24 @@ def _daily_truth(
         exposures,
         s.purchase_horizon,
         every,
+        share,
+        paths.conversion,
     )
     days = np.arange(0, s.days, every)
-    alive = last[:, None] >= days[None, :]
     valid = days[None, :] > traits.signup_day[:, None]
     rows, cols = np.nonzero(valid)
     day = days[cols]
+    state = _state(last[rows], _fade_end(last, traits)[rows], day)
+    alive = state == 0
     return {
         "customer": rows.astype(np.int32),
         "day": day.astype(np.int32),
-        "p_churn": np.where(alive, w_churn[0], w_churn[1])[rows, cols].astype(np.float32),
+        "p_churn": np.choose(state, [w[rows, cols] for w in w_churn]).astype(np.float32),
         "p_purchase": 1.0
-        - np.where(alive, w_purchase[0], w_purchase[1])[rows, cols].astype(np.float32),
-        "alive": alive[rows, cols],
-        "at_risk": (alive & (hazard[:, : s.days : every] > 0.01))[rows, cols],
+        - np.choose(state, [w[rows, cols] for w in w_purchase]).astype(np.float32),
+        "alive": alive,
+        "fading": state == 1,
+        "at_risk": alive & (hazard[rows, day] > 0.01),
         "session_rate": paths.trend_rate[rows, day].astype(np.float32),
         "adoption": paths.adoption[rows, day].astype(np.float32),
         "hazard": hazard[rows, day].astype(np.float32),
@@ -263,7 +310,8 @@ def _events(
     paths: lat.Paths,
     cv_mult: np.ndarray,
     sessions: np.ndarray,
-    alive_days: np.ndarray,
+    phase: np.ndarray,
+    signed: np.ndarray,
     exposures: dict[str, np.ndarray],
 ) -> tuple[dict[str, np.ndarray], int, int]:
     """Expand daily counts into event rows (columns of codes; strings come later)."""
@@ -282,7 +330,8 @@ def _events(
     n_s = s_cust.size
     hour = rng.choice(24, n_s, p=lat.HOUR_PROBS)
     s_ts = (s_day * 86_400 + hour * 3_600 + rng.integers(0, 3_600, n_s)) * 1_000_000
-    converts = rng.random(n_s) < (paths.conversion * cv_mult)[s_cust, s_day]
+    p_buy = (paths.conversion * cv_mult)[s_cust, s_day]
+    converts = rng.random(n_s) < p_buy
     items = np.where(converts, 1 + rng.poisson(traits.items_mean[s_cust]), 0)
     app = traits.app_user[s_cust]
     channel = app.astype(np.int64)
@@ -308,10 +357,13 @@ def _events(
         return idx
 
     session_block("session_start", np.ones(n_s, dtype=np.int64), 0, 1)
-    session_block("page_view", rng.poisson(1.3, n_s), 5, 900)
-    session_block("product_view", rng.poisson(1.0 + 0.8 * converts), 10, 900)
-    session_block("search", (rng.random(n_s) < 0.35).astype(np.int64), 5, 600)
-    atc = np.where(converts, items, rng.random(n_s) < 0.15).astype(np.int64)
+    # Few events per session: many short sessions make an absence show sooner.
+    session_block("page_view", rng.poisson(0.6, n_s), 5, 900)
+    # Browsing and abandoned carts grow with the propensity to buy: it shows before orders do.
+    session_block("product_view", rng.poisson(0.2 + 4.0 * p_buy + 0.8 * converts), 10, 900)
+    session_block("search", (rng.random(n_s) < 0.2).astype(np.int64), 5, 600)
+    atc = np.where(converts, items, rng.random(n_s) < np.minimum(2.5 * p_buy, 0.9))
+    atc = atc.astype(np.int64)
     session_block("add_to_cart", atc, 900, 1_200)
     session_block(
         "remove_from_cart", ((atc > 0) & (rng.random(n_s) < 0.1)).astype(int), 1_200, 1_500
@@ -328,7 +380,7 @@ def _events(
     purchase["quantity"] = (1 + rng.poisson(0.25, line.size)).astype(np.float64)
     # Feature use: sessions touch features among the ones adopted so far.
     adopted = np.floor(paths.adoption[s_cust, s_day] + 0.5).astype(np.int64)
-    fu = session_block("feature_use", rng.poisson(0.45 * np.sqrt(adopted)), 30, 1_500)
+    fu = session_block("feature_use", rng.poisson(0.25 * np.sqrt(adopted)), 30, 1_500)
     keys = rng.random((traits.signup_day.size, len(lat.FEATURES))) ** (
         1.0 / np.linspace(3.0, 0.5, len(lat.FEATURES))
     )
@@ -338,7 +390,10 @@ def _events(
 
     # Support tickets and emails happen outside sessions.
     n = traits.signup_day.size
-    tickets = rng.poisson((0.003 + 0.05 * traits.friction)[:, None], (n, s.days)) * alive_days
+    # Fading customers still file tickets (at half the rate): friction shows before the exit.
+    tickets = rng.poisson((0.003 + 0.05 * traits.friction)[:, None], (n, s.days))
+    halved = rng.binomial(tickets, 0.5)
+    tickets = np.choose(phase, [tickets, halved, 0]) * signed
     t_rows, t_days = np.nonzero(tickets)
     t_count = tickets[t_rows, t_days]
     t_cust, t_day = np.repeat(t_rows, t_count), np.repeat(t_days, t_count)
@@ -351,11 +406,9 @@ def _events(
         device=traits.device[t_cust],
     )
 
-    k = np.arange(s.days)[None, :]
-    signed = k >= np.maximum(traits.signup_day, 0)[:, None]
-    engaged = np.log(paths.trend_rate[:, : s.days]) - np.log(0.22)
+    engaged = np.log(paths.trend_rate[:, : s.days]) - np.log(lat.REF_RATE)
     p_open = (1.0 / 7.0) / (1.0 + np.exp(-(traits.email_affinity[:, None] + 0.8 * engaged)))
-    p_open = p_open * np.where(alive_days, 1.0, 0.25) * signed
+    p_open = p_open * np.array([1.0, 0.5, 0.25])[phase] * signed
     e_rows, e_days = np.nonzero(rng.random((n, s.days)) < p_open)
     e_ts = (e_days * 86_400 + rng.integers(6 * 3_600, 22 * 3_600, e_rows.size)) * 1_000_000
     monday = e_days - (e_days + s.start.weekday()) % 7
@@ -423,15 +476,34 @@ def simulate_block(rng: np.random.Generator, s: BlockSettings, n: int) -> BlockR
     # Every new customer visits on the day they sign up.
     new = np.flatnonzero((traits.signup_day >= 0) & (traits.signup_day < s.days))
     potential[new, traits.signup_day[new]] = np.maximum(potential[new, traits.signup_day[new]], 1)
-    # Thinning Poisson(rate) keeps Poisson(residual * rate) sessions for dormant days.
-    residual = rng.binomial(potential, lat.RESIDUAL)
-    hz_mult, cv_mult, last, exposures = _run_campaigns(rng, s, traits, paths, potential, residual)
+    # Thinning Poisson(rate) keeps Poisson(FADE * rate) sessions for fading days.
+    fading = rng.binomial(potential, lat.FADE)
+    residual = rng.poisson(lat.RETURN_RATE, potential.shape)
+    hz_mult, cv_mult, vi_mult, last, exposures = _run_campaigns(
+        rng, s, traits, paths, potential, fading, residual
+    )
     k = np.arange(s.days)[None, :]
     signed = k >= np.maximum(traits.signup_day, 0)[:, None]
-    alive_days = signed & (k <= last[:, None])
-    sessions = np.where(alive_days, potential, residual * signed)
-    daily = _daily_truth(s, traits, paths, hz_mult, cv_mult, last, exposures)
+    phase = _state(last[:, None], _fade_end(last, traits)[:, None], k)
+    sessions = np.choose(phase, [potential, fading, residual])
+    # Campaign visit effects: thin sessions where they fall, add Poisson ones where they rise.
+    visits = vi_mult[:, : s.days]
+    touched = np.flatnonzero((visits != 1.0).any(axis=1))
+    if touched.size:
+        m = visits[touched]
+        sub = rng.binomial(sessions[touched], np.minimum(m, 1.0))
+        base = np.choose(
+            phase[touched],
+            [
+                paths.rate[touched, : s.days],
+                lat.FADE * paths.rate[touched, : s.days],
+                lat.RETURN_RATE,
+            ],
+        )
+        sessions[touched] = sub + rng.poisson(np.maximum(m - 1.0, 0.0) * base)
+    sessions = sessions * signed
+    daily = _daily_truth(s, traits, paths, (hz_mult, cv_mult, vi_mult), last, exposures)
     events, n_sessions, n_orders = _events(
-        rng, s, traits, paths, cv_mult, sessions, alive_days, exposures
+        rng, s, traits, paths, cv_mult, sessions, phase, signed, exposures
     )
     return BlockResult(traits, events, daily, exposures, n_sessions, n_orders)

@@ -3,10 +3,14 @@
 Each customer has static traits and deterministic daily paths (session rate,
 conversion per session, dormancy hazard, feature adoption) that follow from
 the traits, the tenure and the calendar. The randomness is in the outcomes:
-Poisson sessions, Bernoulli conversions and an absorbing alive -> dormant
-transition at the end of a day with the day's hazard. Because the paths are
-known at any midnight, the probability of "no session in the next H days" or
-"no purchase in the next H days" is an exact finite sum (``window_no_event``).
+Poisson sessions, Bernoulli conversions and an absorbing alive -> fading ->
+dormant chain: an alive customer starts to fade at the end of a day with the
+day's hazard, a fading one keeps a share of the session rate and turns
+dormant at the end of each day with a fixed probability. Disengagement is thus
+a gradual, observable decline rather than a hidden switch. Because the paths
+are known at any midnight, the probability of "no session in the next H days"
+or "no purchase in the next H days" is an exact forward recursion over the
+three states (``window_no_event``).
 """
 
 from __future__ import annotations
@@ -48,8 +52,15 @@ CATEGORIES: tuple[str, ...] = (
     "books",
 )
 NEW_CUSTOMER_DAYS = 60
-# Dormant customers keep this share of their session rate: rare returns.
-RESIDUAL = 0.04
+# Dormant customers return for a session at this daily rate, whatever their former
+# engagement: a long gone customer's visit says little about the past rate.
+RETURN_RATE = 0.025
+# Fading customers keep this share of their session rate ...
+FADE = 0.3
+# ... and turn dormant at the end of each day with this probability (mean 8 days).
+FADE_EXIT = 0.125
+# Typical sessions per day: the reference point of hazards and email opens.
+REF_RATE = 0.4
 # Sessions per day by weekday (Monday first) and share of sessions by hour.
 _WEEKDAY = np.array([0.95, 0.95, 0.97, 1.0, 1.05, 1.08, 1.0])
 _HOURS = np.array(
@@ -80,6 +91,7 @@ class Traits:
     app_user: np.ndarray
     device: np.ndarray  # 0 desktop, 1 mobile, 2 tablet
     dormancy_draw: np.ndarray  # Exp(1) threshold on the cumulative hazard
+    fade_days: np.ndarray  # days spent fading before dormancy, Geometric(FADE_EXIT)
 
 
 def draw_traits(
@@ -92,15 +104,15 @@ def draw_traits(
     )
     # A quarter of customers is in decline: their session rate falls steadily.
     declining = rng.random(n) < 0.3
-    drift = np.where(declining, rng.normal(-0.012, 0.005, n), rng.normal(0.0005, 0.0015, n))
+    drift = np.where(declining, rng.normal(-0.008, 0.003, n), rng.normal(0.0005, 0.0015, n))
     friction = np.where(rng.random(n) < 0.25, rng.gamma(2.0, 0.5, n), rng.gamma(1.0, 0.08, n))
     return Traits(
         signup_day=signup.astype(np.int64),
         initially_alive=np.where(initial, rng.random(n) < 0.85, True),
-        engagement=rng.normal(np.log(0.22), 0.55, n),
+        engagement=rng.normal(np.log(REF_RATE), 0.35, n),
         drift=drift,
-        conversion=rng.normal(-2.1, 0.55, n),
-        conversion_drift=rng.normal(0.0, 0.002, n),
+        conversion=rng.normal(-2.75, 0.15, n),
+        conversion_drift=rng.normal(0.0, 0.0005, n),
         price_sensitivity=rng.beta(2.0, 2.0, n),
         value_level=rng.normal(0.0, 0.45, n),
         friction=friction,
@@ -112,6 +124,7 @@ def draw_traits(
         app_user=rng.random(n) < 0.45,
         device=rng.choice(3, n, p=[0.45, 0.45, 0.10]),
         dormancy_draw=rng.exponential(1.0, n),
+        fade_days=rng.geometric(FADE_EXIT, n).astype(np.int64),
     )
 
 
@@ -159,7 +172,7 @@ def build_paths(traits: Traits, start: date, length: int, hazard_base: float) ->
     newcomer = np.log1p(1.5 * np.exp(-np.maximum(tenure, 0) / 21.0))
     log_hazard = (
         np.log(hazard_base)
-        - 0.9 * (log_rate - np.log(0.22))
+        - 0.9 * (log_rate - np.log(REF_RATE))
         - 0.14 * adoption
         + 0.9 * traits.friction[:, None]
         - 40.0 * np.minimum(traits.drift[:, None], 0.0)
@@ -191,36 +204,58 @@ def window_no_event(
     horizon: int,
     starts: int,
     every: int = 1,
-    residual: float = RESIDUAL,
-) -> tuple[np.ndarray, np.ndarray]:
+    share: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """P(no event in [T, T + horizon)) for T = 0, every, ... < starts.
 
     An alive customer has events at Poisson ``rate`` during a day and then
-    turns dormant with probability ``hazard``; a dormant customer keeps a
-    ``residual`` share of the rate (occasional returns) and stays dormant.
-    Forward recursion over the horizon of the probabilities of being
-    alive/dormant with no event yet. Returns the probability from an alive
-    start and from a dormant start, each of shape (rows, len(range(0, starts, every))).
-    ``rate`` and ``hazard`` need ``starts + horizon - 1`` columns.
+    starts to fade with probability ``hazard``; a fading one has events at
+    ``FADE * rate`` and then turns dormant with probability ``FADE_EXIT``; a
+    dormant one has events at ``RETURN_RATE * share`` (``share`` is the
+    events per session, 1 for sessions themselves). Forward
+    recursion over the horizon of the probabilities of each state with no
+    event yet. Returns the probability from an alive, a fading and a dormant
+    start, each of shape (rows, len(range(0, starts, every))). ``rate`` and
+    ``hazard`` need ``starts + horizon - 1`` columns.
+
+    Examples
+    --------
+    >>> rate, hazard = np.full((1, 3), 0.5), np.zeros((1, 3))
+    >>> [round(float(w[0, 0]), 4) for w in window_no_event(rate, hazard, 2, 2)]
+    [0.3679, 0.7531, 0.9512]
     """
     rate32 = rate.astype(np.float32)
     no_event = np.exp(-rate32)
     stay = no_event * (1.0 - hazard.astype(np.float32))
     leave = no_event - stay
-    quiet = np.exp(-np.float32(residual) * rate32)
+    fade = np.exp(np.float32(-FADE) * rate32)
+    fade_stay = fade * np.float32(1.0 - FADE_EXIT)
+    fade_leave = fade - fade_stay
+    back = np.float32(RETURN_RATE) * (1.0 if share is None else share.astype(np.float32))
+    quiet = np.broadcast_to(np.exp(-back), rate.shape)
     shape = (rate.shape[0], len(range(0, starts, every)))
-    alive = np.ones(shape, dtype=np.float32)
-    dormant = np.zeros(shape, dtype=np.float32)
-    from_dormant = np.ones(shape, dtype=np.float32)
-    scratch = np.empty(shape, dtype=np.float32)
+    # Two chains: one from an alive start (a, f, d), one from a fading start (f2, d2).
+    a = np.ones(shape, dtype=np.float32)
+    f = np.zeros(shape, dtype=np.float32)
+    d = np.zeros(shape, dtype=np.float32)
+    f2 = np.ones(shape, dtype=np.float32)
+    d2 = np.zeros(shape, dtype=np.float32)
+    d3 = np.ones(shape, dtype=np.float32)
+    tmp = np.empty(shape, dtype=np.float32)
     for j in range(horizon):
         cols = slice(j, j + starts, every)
-        dormant *= quiet[:, cols]
-        np.multiply(alive, leave[:, cols], out=scratch)
-        dormant += scratch
-        alive *= stay[:, cols]
-        from_dormant *= quiet[:, cols]
-    return alive + dormant, from_dormant
+        q = quiet[:, cols]
+        fs, fl = fade_stay[:, cols], fade_leave[:, cols]
+        d *= q
+        d += np.multiply(f, fl, out=tmp)
+        f *= fs
+        f += np.multiply(a, leave[:, cols], out=tmp)
+        a *= stay[:, cols]
+        d2 *= q
+        d2 += np.multiply(f2, fl, out=tmp)
+        f2 *= fs
+        d3 *= q
+    return a + f + d, f2 + d2, d3
 
 
 def effect_multipliers(
@@ -230,8 +265,12 @@ def effect_multipliers(
     adoption: np.ndarray,
     price_sensitivity: np.ndarray,
     value_level: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Multipliers of the hazard and of the conversion for every action, shape (n, actions).
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Multipliers of the hazard, the conversion and the visits for every action.
+
+    Each has shape (n, actions). The visit multiplier scales the session rate
+    in every state, so a campaign can bring a fading or dormant customer back
+    for a visit within the churn horizon.
 
     The best action depends on the segment: discount moves price-sensitive
     lapsing buyers, loyalty points keep high-value customers at risk,
@@ -246,6 +285,11 @@ def effect_multipliers(
     n = tenure.shape[0]
     m_hazard = np.ones((n, len(ACTIONS)))
     m_conv = np.ones((n, len(ACTIONS)))
+    m_visit = np.ones((n, len(ACTIONS)))
+    m_visit[:, 0] = 1.0 + 0.8 * price_sensitivity * lapsing
+    m_visit[:, 1] = 1.0 + 1.2 * high_value * at_risk
+    m_visit[:, 2] = np.where(new, 1.8, 0.9)
+    m_visit[:, 3] = 1.0 + 0.7 * low_adoption
     m_conv[:, 0] = 1.0 + 1.8 * price_sensitivity * lapsing
     m_hazard[:, 0] = 1.0 - 0.3 * price_sensitivity * lapsing
     m_hazard[:, 1] = 1.0 - 0.65 * high_value * at_risk
@@ -254,7 +298,7 @@ def effect_multipliers(
     m_conv[:, 2] = np.where(new, 1.4, 0.97)
     m_hazard[:, 3] = 1.0 - 0.6 * low_adoption
     m_conv[:, 3] = 1.0 + 0.1 * low_adoption
-    return m_hazard, m_conv
+    return m_hazard, m_conv, m_visit
 
 
 def assignment_probabilities(tenure: np.ndarray, value_level: np.ndarray) -> np.ndarray:

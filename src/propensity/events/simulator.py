@@ -1,10 +1,12 @@
 """Behavioral event simulator with exact ground truth.
 
 Customers follow a latent process (engagement with a trend, conversion,
-feature adoption, friction, an absorbing turn to dormancy) and emit the
-canonical events. Weekly campaign waves assign a random share of recently
-active customers one of :data:`ACTIONS` with logged, covariate-dependent
-probabilities; the true effects differ by segment.
+feature adoption, friction, and an absorbing alive -> fading -> dormant chain:
+disengagement shows as a decline over about a week before dormancy, and
+dormant customers come back for a rare visit) and emit the canonical events.
+Weekly campaign waves assign a random share of recently active customers
+one of :data:`ACTIONS` with logged, covariate-dependent probabilities; the
+true effects (on the hazard, the conversion and the visits) differ by segment.
 
 The truth is computed from the latent process, not from outcomes:
 
@@ -15,16 +17,20 @@ The truth is computed from the latent process, not from outcomes:
   campaign exposure;
 * ``exposures``: for every exposure and every action, the same two
   probabilities from the exposure's midnight had that action been assigned.
+
+:func:`simulate` returns everything in memory (tests, small runs);
+:func:`simulate_to` streams block after block to disk for large runs.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -44,6 +50,7 @@ __all__ = [
     "Simulation",
     "Truth",
     "simulate",
+    "simulate_to",
     "write_simulation",
     "load_truth",
 ]
@@ -89,7 +96,7 @@ class SimulationConfig(BaseModel):
     initial_share: float = Field(default=0.6, ge=0.0, le=1.0)
     #: Oldest signup of the initial base, in days before ``start``.
     history_days: int = Field(default=720, gt=0)
-    #: Scale of the daily alive -> dormant hazard.
+    #: Scale of the daily alive -> fading hazard.
     hazard_base: float = Field(default=0.004, gt=0.0, lt=0.25)
     #: Share of eligible customers touched by each weekly campaign wave.
     campaign_share: float = Field(default=0.08, ge=0.0, le=1.0)
@@ -191,10 +198,61 @@ def _event_table(
     return pa.Table.from_arrays(arrays, schema=ARROW_SCHEMA), exposure_ids
 
 
+@dataclass
+class _BlockOutput:
+    """One block, ready to write: Arrow events and daily truth, small frames."""
+
+    events: pa.Table
+    customers: pd.DataFrame
+    daily: pa.Table
+    exposures: dict[str, np.ndarray]
+
+
+def _blocks(
+    config: SimulationConfig, progress: Callable[[int, int], None] | None
+) -> Iterator[_BlockOutput]:
+    """Simulate block after block; at most ``_WORKERS`` blocks are in flight."""
+    s = _settings(config)
+    names = _campaign_names(config.start, s.length)
+    start_dt = datetime(config.start.year, config.start.month, config.start.day, tzinfo=UTC)
+    start_us = int(start_dt.timestamp()) * 1_000_000
+    counters = _Counters()
+    firsts = list(range(0, config.customers, _BLOCK))
+
+    def run(b: int) -> blk.BlockResult:
+        n = min(_BLOCK, config.customers - firsts[b])
+        return blk.simulate_block(np.random.default_rng([config.seed, b]), s, n)
+
+    # numpy and arrow release the GIL: the next block simulates while this one
+    # is converted to Arrow; results are consumed in block order.
+    with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+        pending = {b: pool.submit(run, b) for b in range(min(_WORKERS, len(firsts)))}
+        for b, first in enumerate(firsts):
+            res = pending.pop(b).result()
+            if b + _WORKERS < len(firsts):
+                pending[b + _WORKERS] = pool.submit(run, b + _WORKERS)
+            n = res.traits.signup_day.size
+            table, exposure_ids = _event_table(res, first + 1, start_us, names, counters)
+            res.exposures["customer"] = res.exposures["customer"] + first
+            res.exposures["event"] = exposure_ids
+            out = _BlockOutput(
+                events=table,
+                customers=_customer_frame(res.traits, first, config.start),
+                daily=_daily_table(res.daily, first, n, config.start),
+                exposures=res.exposures,
+            )
+            del res
+            yield out
+            if progress is not None:
+                progress(first + n, config.customers)
+
+
 def simulate(
     config: SimulationConfig | None = None, progress: Callable[[int, int], None] | None = None
 ) -> Simulation:
-    """Simulate events and ground truth.
+    """Simulate events and ground truth in memory.
+
+    For large runs prefer :func:`simulate_to`, which streams blocks to disk.
 
     Parameters
     ----------
@@ -216,87 +274,127 @@ def simulate(
     True
     """
     config = config or SimulationConfig()
-    s = _settings(config)
-    names = _campaign_names(config.start, s.length)
-    start_dt = datetime(config.start.year, config.start.month, config.start.day, tzinfo=UTC)
-    start_us = int(start_dt.timestamp()) * 1_000_000
-    counters = _Counters()
     tables: list[pa.Table] = []
     customers: list[pd.DataFrame] = []
-    daily: list[dict[str, np.ndarray]] = []
+    daily: list[pa.Table] = []
     exposures: list[dict[str, np.ndarray]] = []
-    firsts = list(range(0, config.customers, _BLOCK))
-
-    def run(b: int) -> blk.BlockResult:
-        n = min(_BLOCK, config.customers - firsts[b])
-        return blk.simulate_block(np.random.default_rng([config.seed, b]), s, n)
-
-    # numpy and arrow release the GIL: two blocks simulate while the previous
-    # one is converted to Arrow; results are consumed in block order.
-    with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
-        pending = {b: pool.submit(run, b) for b in range(min(_WORKERS, len(firsts)))}
-        for b, first in enumerate(firsts):
-            res = pending.pop(b).result()
-            if b + _WORKERS < len(firsts):
-                pending[b + _WORKERS] = pool.submit(run, b + _WORKERS)
-            n = res.traits.signup_day.size
-            table, exposure_ids = _event_table(res, first + 1, start_us, names, counters)
-            tables.append(table)
-            customers.append(_customer_frame(res.traits, first, config.start))
-            res.daily["customer"] = res.daily["customer"] + first
-            daily.append(res.daily)
-            res.exposures["customer"] = res.exposures["customer"] + first
-            res.exposures["event"] = exposure_ids
-            exposures.append(res.exposures)
-            del res
-            if progress is not None:
-                progress(first + n, config.customers)
-    ids = pd.Index([f"C{i:07d}" for i in range(1, config.customers + 1)])
+    for out in _blocks(config, progress):
+        tables.append(out.events)
+        customers.append(out.customers)
+        daily.append(out.daily)
+        exposures.append(out.exposures)
     truth = Truth(
         customers=pd.concat(customers, ignore_index=True),
-        customer_daily=_daily_frame(daily, ids, config.start),
-        exposures=_exposure_frame(exposures, ids, start_us),
+        customer_daily=_daily_frame(pa.concat_tables(daily)),
+        exposures=_exposure_frame(exposures, config.start),
     )
     return Simulation(pa.concat_tables(tables), truth, config)
+
+
+def simulate_to(
+    config: SimulationConfig | None,
+    out_dir: str | Path,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Simulate and write block by block, never holding all events in memory.
+
+    Writes the same layout as :func:`write_simulation` (and, for the same
+    configuration, the same tables as ``write_simulation(simulate(config))``).
+
+    Parameters
+    ----------
+    config : SimulationConfig, optional
+        Defaults to ``SimulationConfig()``.
+    out_dir : path
+        Output folder; existing event parts in it are replaced.
+    progress : callable, optional
+        Called as ``progress(customers_done, customers_total)`` after each block.
+
+    Returns
+    -------
+    dict
+        The metadata written to ``simulation.json`` (config, horizons,
+        actions, features, counts of events and exposures).
+
+    Examples
+    --------
+    >>> meta = simulate_to(SimulationConfig(customers=50_000, days=365), "out")  # doctest: +SKIP
+    >>> meta["events"]  # doctest: +SKIP
+    9876543
+    """
+    config = config or SimulationConfig()
+    out = _prepare(out_dir)
+    customers: list[pd.DataFrame] = []
+    exposures: list[dict[str, np.ndarray]] = []
+    with (
+        _PartWriter(out / "events") as events,
+        _DailyWriter(out / "truth" / "customer_daily.parquet") as daily,
+    ):
+        for block in _blocks(config, progress):
+            events.write(block.events)
+            daily.write(block.daily)
+            customers.append(block.customers)
+            exposures.append(block.exposures)
+            del block
+    frame = _exposure_frame(exposures, config.start)
+    _write_frame(pd.concat(customers, ignore_index=True), out / "truth" / "customers.parquet")
+    _write_frame(frame, out / "truth" / "exposures.parquet")
+    return _write_meta(out, config, events.rows, len(frame))
 
 
 def _customer_frame(traits: lat.Traits, first: int, start: date) -> pd.DataFrame:
     n = traits.signup_day.size
     frame = pd.DataFrame(
         {
-            "customer_id": [f"C{i:07d}" for i in range(first + 1, first + n + 1)],
+            "customer_id": fixed_width_ids("C", np.arange(first + 1, first + n + 1), 7)
+            .to_numpy(zero_copy_only=False)
+            .astype(object),
             "signup_date": np.datetime64(start, "D") + traits.signup_day.astype("timedelta64[D]"),
             "initially_alive": traits.initially_alive,
         }
     )
     for name in _TRAITS:
         frame[name] = getattr(traits, name).astype(np.float32)
+    frame["fade_days"] = traits.fade_days.astype(np.int16)
     frame["signup_date"] = frame["signup_date"].dt.date
     return frame
 
 
-def _daily_frame(parts: list[dict[str, np.ndarray]], ids: pd.Index, start: date) -> pd.DataFrame:
-    cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    customer = pd.Categorical.from_codes(cols.pop("customer").astype(np.int32), categories=ids)
-    day = cols.pop("day")
-    when = (np.datetime64(start, "D") + day.astype("timedelta64[D]")).astype("datetime64[s]")
-    return pd.DataFrame({"customer_id": customer, "date": when, **cols})
+def _daily_table(cols: dict[str, np.ndarray], first: int, n: int, start: date) -> pa.Table:
+    """Daily truth of one block: dictionary-encoded ids, date32, float32 values."""
+    ids = fixed_width_ids("C", np.arange(first + 1, first + n + 1), 7)
+    epoch_day = (start - date(1970, 1, 1)).days
+    arrays: dict[str, pa.Array] = {
+        "customer_id": pa.DictionaryArray.from_arrays(pa.array(cols["customer"]), ids),
+        "date": pa.array((cols["day"] + epoch_day).astype(np.int32)).cast(pa.date32()),
+    }
+    for key, values in cols.items():
+        if key not in ("customer", "day"):
+            arrays[key] = pa.array(values)
+    return pa.table(arrays)
 
 
-def _exposure_frame(
-    parts: list[dict[str, np.ndarray]], ids: pd.Index, start_us: int
-) -> pd.DataFrame:
+def _daily_frame(table: pa.Table) -> pd.DataFrame:
+    frame = table.to_pandas(date_as_object=False)
+    frame["date"] = frame["date"].astype("datetime64[s]")
+    return frame
+
+
+def _exposure_frame(parts: list[dict[str, np.ndarray]], start: date) -> pd.DataFrame:
     cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    start_dt = datetime(start.year, start.month, start.day, tzinfo=UTC)
+    start_us = int(start_dt.timestamp()) * 1_000_000
     ts = start_us + (cols["day"] * 86_400 + cols["second"]) * 1_000_000
     frame = pd.DataFrame(
         {
-            "customer_id": ids[cols["customer"]].to_numpy(),
-            "event_id": [f"E{i:010d}" for i in cols["event"]],
+            "customer_id": _strings("C", cols["customer"] + 1, 7),
+            "event_id": _strings("E", cols["event"], 10),
             "exposure_timestamp": pd.to_datetime(ts, unit="us", utc=True),
             "action": np.array(ACTIONS, dtype=object)[cols["action"]],
             "propensity": cols["propensity"],
             "tenure_days": cols["tenure"],
             "alive": cols["alive"],
+            "fading": cols["state"] == 1,
         }
     )
     for outcome in ("purchase", "churn"):
@@ -305,67 +403,116 @@ def _exposure_frame(
     return frame.sort_values(["exposure_timestamp", "customer_id"], ignore_index=True)
 
 
+def _strings(prefix: str, numbers: np.ndarray, digits: int) -> np.ndarray:
+    return fixed_width_ids(prefix, numbers, digits).to_numpy(zero_copy_only=False).astype(object)
+
+
+class _PartWriter:
+    """Event parts of at most ``_PART_ROWS`` rows, written as blocks arrive."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.rows = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._in_part = 0
+        self._parts = 0
+
+    def __enter__(self) -> _PartWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+    def write(self, table: pa.Table) -> None:
+        at = 0
+        while at < table.num_rows:
+            if self._writer is None or self._in_part >= _PART_ROWS:
+                if self._writer is not None:
+                    self._writer.close()
+                path = self.folder / f"part-{self._parts:05d}.parquet"
+                self._writer = pq.ParquetWriter(path, ARROW_SCHEMA)
+                self._parts += 1
+                self._in_part = 0
+            take = min(_PART_ROWS - self._in_part, table.num_rows - at)
+            self._writer.write_table(table.slice(at, take))
+            self._in_part += take
+            at += take
+        self.rows += table.num_rows
+
+
+class _DailyWriter:
+    """The daily truth file, one row group per block."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._writer: pq.ParquetWriter | None = None
+
+    def __enter__(self) -> _DailyWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+    def write(self, table: pa.Table) -> None:
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.path, table.schema)
+        self._writer.write_table(table)
+
+
+def _prepare(out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    (out / "events").mkdir(parents=True, exist_ok=True)
+    (out / "truth").mkdir(parents=True, exist_ok=True)
+    for old in (out / "events").glob("part-*.parquet"):
+        old.unlink()
+    return out
+
+
+def _write_frame(frame: pd.DataFrame, path: Path) -> None:
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path)
+
+
+def _write_meta(out: Path, config: SimulationConfig, events: int, exposures: int) -> dict[str, Any]:
+    meta = {
+        "config": config.model_dump(mode="json"),
+        "horizons": {
+            "churn_days": config.churn_horizon_days,
+            "purchase_days": config.purchase_horizon_days,
+        },
+        "actions": list(ACTIONS),
+        "features": list(FEATURES),
+        "events": events,
+        "exposures": exposures,
+    }
+    (out / "simulation.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
 def write_simulation(sim: Simulation, out_dir: str | Path) -> None:
     """Write events and truth under ``out_dir``.
 
     Layout: ``events/part-*.parquet``, ``truth/customers.parquet``,
     ``truth/customer_daily.parquet`` (``date`` as date32, ids dictionary
-    encoded), ``truth/exposures.parquet`` and ``simulation.json``.
+    encoded, probabilities float32), ``truth/exposures.parquet`` and
+    ``simulation.json``.
 
     Examples
     --------
     >>> sim = simulate(SimulationConfig(customers=100, days=20))  # doctest: +SKIP
     >>> write_simulation(sim, "out")  # doctest: +SKIP
     """
-    out = Path(out_dir)
-    (out / "events").mkdir(parents=True, exist_ok=True)
-    (out / "truth").mkdir(parents=True, exist_ok=True)
-    for old in (out / "events").glob("part-*.parquet"):
-        old.unlink()
-    events = sim.events
-    parts = max(1, -(-events.num_rows // _PART_ROWS))
-    size = -(-events.num_rows // parts)
-    for i in range(parts):
-        pq.write_table(events.slice(i * size, size), out / "events" / f"part-{i:05d}.parquet")
-    pq.write_table(
-        pa.Table.from_pandas(sim.truth.customers, preserve_index=False),
-        out / "truth" / "customers.parquet",
-    )
-    _write_daily(sim.truth.customer_daily, out / "truth" / "customer_daily.parquet")
-    pq.write_table(
-        pa.Table.from_pandas(sim.truth.exposures, preserve_index=False),
-        out / "truth" / "exposures.parquet",
-    )
-    meta = {
-        "config": sim.config.model_dump(mode="json"),
-        "horizons": {
-            "churn_days": sim.config.churn_horizon_days,
-            "purchase_days": sim.config.purchase_horizon_days,
-        },
-        "actions": list(ACTIONS),
-        "features": list(FEATURES),
-        "events": events.num_rows,
-        "exposures": len(sim.truth.exposures),
-    }
-    (out / "simulation.json").write_text(json.dumps(meta, indent=2))
-
-
-def _write_daily(frame: pd.DataFrame, path: Path, chunk: int = 4_000_000) -> None:
-    schema = None
-    writer = None
-    try:
-        for lo in range(0, max(len(frame), 1), chunk):
-            table = pa.Table.from_pandas(frame.iloc[lo : lo + chunk], preserve_index=False)
-            table = table.set_column(
-                table.schema.get_field_index("date"), "date", table["date"].cast(pa.date32())
-            )
-            if writer is None:
-                schema = table.schema
-                writer = pq.ParquetWriter(path, schema)
-            writer.write_table(table.cast(schema))
-    finally:
-        if writer is not None:
-            writer.close()
+    out = _prepare(out_dir)
+    with _PartWriter(out / "events") as events:
+        for batch in sim.events.to_batches(max_chunksize=_BLOCK * 256):
+            events.write(pa.Table.from_batches([batch]))
+    _write_frame(sim.truth.customers, out / "truth" / "customers.parquet")
+    daily = pa.Table.from_pandas(sim.truth.customer_daily, preserve_index=False)
+    daily = daily.set_column(1, "date", daily["date"].cast(pa.date32()))
+    pq.write_table(daily, out / "truth" / "customer_daily.parquet")
+    _write_frame(sim.truth.exposures, out / "truth" / "exposures.parquet")
+    _write_meta(out, sim.config, sim.events.num_rows, len(sim.truth.exposures))
 
 
 def load_truth(out_dir: str | Path) -> Truth:
