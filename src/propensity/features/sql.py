@@ -1,28 +1,35 @@
 """SQL generation for the behavioral features.
 
-The query is shaped so that no event is ever joined to a snapshot:
+The query never joins an event to a snapshot, and never runs a sliding window
+frame over events (DuckDB evaluates each framed aggregate separately, which
+costs about a second per aggregate per million rows). Instead:
 
-1. events are pre-aggregated to **customer-days** (plus order-days, cart
-   sessions and feature-use coverage changes, each on a single UTC day);
-2. every snapshot ``T`` of a customer becomes a *marker* row in the same
-   per-customer stream, ordered by ``ord = 2 * day + 1`` for data rows and
-   ``ord = 2 * T_day`` for markers, so a marker sorts before the events of its
-   own day (those are ``>= T``);
-3. a ``W``-day window is a standard ``RANGE BETWEEN 2W-1 PRECEDING AND CURRENT
-   ROW`` frame over ``ord`` (exactly the days ``[T-W, T-1]``) and a lifetime
-   value is ``ROWS UNBOUNDED PRECEDING``; only marker rows are kept.
+1. events are pre-aggregated once to **customer-days** (counts per event type,
+   revenue, orders, cart sessions, features first used that day, first/last
+   times), each on a single UTC day, so no order or session straddles a
+   snapshot;
+2. **windowed values** (``W`` <= 90 days) come from ONE range join of the
+   snapshots with the customer-days of ``[T - 90, T)``, grouped by customer and
+   snapshot, with one conditional ``SUM(CASE WHEN day >= T - W ...)`` per
+   aggregate: the join is small because there are few snapshots per day;
+3. **lifetime values** (tenure, lifetime orders and revenue, last and first
+   times, distinct features ever, the last-5-orders slopes) are aggregated per
+   customer and *snapshot bucket* (the days between two consecutive
+   snapshots), then accumulated over the customer's snapshot rows with one
+   ``ROWS UNBOUNDED PRECEDING`` frame: that window runs over customers x
+   snapshots rows, not over events.
 
-Point-in-time correctness follows from the frames: a marker at ``T`` only
-reaches rows of days before ``T``. Orders and sessions are grouped per UTC day,
-so no part of one lies after ``T`` while another part is counted.
+Point-in-time correctness follows from the filters: the range join only
+reaches days ``< T`` and a bucket ending at ``T`` only holds days ``< T``.
 
 Distinct features used in the last ``W`` days are not additive; each use on
 day ``d`` makes the feature count for snapshots ``T`` in ``[d+1, d+W]``, so the
 count is a running sum of +1 where such a coverage run starts and -1 where it
 ends, which needs only the previous and next use day of the same feature.
 
-The SQL is standard (CTEs, window frames, ``REGR_SLOPE``); the three dialect
-specific expressions live in :data:`DIALECTS` ("duckdb" and "spark").
+The SQL is standard (CTEs, inequality joins, window frames, ``REGR_SLOPE``);
+the three dialect specific expressions live in :data:`DIALECTS` ("duckdb" and
+"spark").
 """
 
 from __future__ import annotations
@@ -83,8 +90,9 @@ AGGREGATES: dict[str, tuple[str, str, int | None]] = {
     "last_exposure_epoch": ("MAX", "exposure_epoch", None),
 }
 
-# Stream columns holding counts (0 on rows that carry nothing) vs. extremes (NULL).
-_COUNT_COLS = [
+# Columns of the customer-day table read by windowed aggregates (all DOUBLE, 0 when
+# nothing happened that day).
+_DAY_COUNTS = [
     "n_events",
     "active",
     "n_sessions",
@@ -93,7 +101,6 @@ _COUNT_COLS = [
     "cart_sessions",
     "abandoned_sessions",
     "new_features",
-    "coverage_delta",
     "feature_uses",
     "email_opens",
     "email_clicks",
@@ -101,28 +108,51 @@ _COUNT_COLS = [
     "exposures",
     "discounts",
 ]
-_VALUE_COLS = [
+# Lifetime stream columns and the source rows that carry them (others are 0 / NULL).
+_LIFE_FROM_DAYS = [
+    "n_orders",
+    "revenue",
+    "new_features",
     "session_epoch",
     "purchase_epoch",
-    "value_slope",
-    "items_slope",
     "first_feature_epoch",
     "last_feature_epoch",
     "first_epoch",
     "last_epoch",
     "exposure_epoch",
 ]
-_STREAM_COLS = _COUNT_COLS + _VALUE_COLS
+_LIFE_FROM_ORDERS = ["value_slope", "items_slope"]
+_LIFE_FROM_COVERAGE = ["coverage_delta"]
 # Window of features_used_30d (distinct features), see the module docstring.
 _COVERAGE_DAYS = 30
 
 
-def _stream_select(values: dict[str, str], head: str) -> str:
-    cols = [head]
-    for c in _STREAM_COLS:
-        default = "0" if c in _COUNT_COLS else "CAST(NULL AS DOUBLE)"
-        cols.append(f"CAST({values.get(c, default)} AS DOUBLE) AS {c}")
-    return ",\n    ".join(cols)
+def _lifetime_columns() -> dict[str, str]:
+    """Stream column -> aggregate of the lifetime (``window=None``) aggregates."""
+    cols: dict[str, str] = {}
+    for fn, col, win in AGGREGATES.values():
+        if win is None and fn != "MIN":
+            cols.setdefault(col, fn)
+    return cols
+
+
+def _first_times() -> dict[str, str]:
+    """Aggregate name -> day-table epoch column of the lifetime ``MIN`` aggregates.
+
+    The earliest time before ``T`` is the customer's earliest time overall when
+    that is before ``T`` (else there is none), so it needs no running window.
+    """
+    return {name: col for name, (fn, col, win) in AGGREGATES.items() if win is None and fn == "MIN"}
+
+
+def _life_rows(source: str, carried: list[str], life: dict[str, str]) -> str:
+    cols = ["customer_id", "bucket_day"]
+    for col, fn in life.items():
+        if col in carried:
+            cols.append(f"CAST({col} AS DOUBLE) AS {col}")
+        else:
+            cols.append(f"{'0' if fn == 'SUM' else 'CAST(NULL AS DOUBLE)'} AS {col}")
+    return f"SELECT {', '.join(cols)} FROM {source}"
 
 
 def feature_sql(events: str, snapshots: str = "snapshots", dialect: str = "duckdb") -> str:
@@ -157,53 +187,42 @@ def feature_sql(events: str, snapshots: str = "snapshots", dialect: str = "duckd
     d = DIALECTS[dialect]
     epoch = d["epoch"].format(x="event_timestamp")
     w = _COVERAGE_DAYS
-    frames = sorted({win for _, _, win in AGGREGATES.values() if win is not None})
-    window_defs = [
-        f"w{win} AS (PARTITION BY customer_id ORDER BY ord "
-        f"RANGE BETWEEN {2 * win - 1} PRECEDING AND CURRENT ROW)"
-        for win in frames
+    windowed = {name: spec for name, spec in AGGREGATES.items() if spec[2] is not None}
+    if any(fn != "SUM" for fn, _, _ in windowed.values()):
+        raise ValueError("windowed aggregates must be SUMs (they come from the range join)")
+    longest = max(win for _, _, win in windowed.values() if win is not None)
+    window_aggs = ",\n    ".join(
+        f"SUM(CASE WHEN d.day >= s.snapshot_day - {win} THEN d.{col} ELSE 0 END) AS {name}"
+        for name, (_, col, win) in windowed.items()
+    )
+    life = _lifetime_columns()
+    life_stream = "\n  UNION ALL\n  ".join(
+        [
+            _life_rows("day_buckets", _LIFE_FROM_DAYS, life),
+            _life_rows("order_buckets", _LIFE_FROM_ORDERS, life),
+            _life_rows("coverage_buckets", _LIFE_FROM_COVERAGE, life),
+        ]
+    )
+    # At most one slope row per (customer, bucket), so MAX picks it.
+    bucket_aggs = ",\n    ".join(
+        f"{'MAX' if fn == 'LAST' else fn}({col}) AS {col}" for col, fn in life.items()
+    )
+    firsts = _first_times()
+    first_cols = "".join(f", MIN({col}) AS {col}" for col in sorted(set(firsts.values())))
+    running = [
+        f"CASE WHEN m.{col} < m.snapshot_day * 86400.0 THEN m.{col} END AS {name}"
+        for name, col in firsts.items()
     ]
-    window_defs.append("wall AS (PARTITION BY customer_id ORDER BY ord ROWS UNBOUNDED PRECEDING)")
-    windows = ",\n  ".join(window_defs)
-    aggs = []
     for name, (fn, col, win) in AGGREGATES.items():
-        frame = f"w{win}" if win is not None else "wall"
-        call = d["last"].format(x=col) if fn == "LAST" else f"{fn}({col})"
-        aggs.append(f"{call} OVER {frame} AS {name}")
-    agg_list = ",\n  ".join(aggs)
+        if win is None and fn != "MIN":
+            call = d["last"].format(x=f"l.{col}") if fn == "LAST" else f"{fn}(l.{col})"
+            running.append(f"{call} OVER wall AS {name}")
+    running_list = ",\n    ".join(running)
+    snap_cols = ",\n    ".join(
+        f"COALESCE(w.{name}, 0) AS {name}" if spec[2] is not None else f"c.{name}"
+        for name, spec in AGGREGATES.items()
+    )
     features = ",\n  ".join(f"CAST({_feature_expr(f)} AS DOUBLE) AS {f.name}" for f in FEATURES)
-    day_rows = _stream_select(
-        {
-            "n_events": "c.n_events",
-            "active": "1",
-            "n_sessions": "c.n_sessions",
-            "n_orders": "COALESCE(o.n_orders, 0)",
-            "revenue": "c.revenue",
-            "cart_sessions": "COALESCE(s.cart_sessions, 0)",
-            "abandoned_sessions": "COALESCE(s.abandoned_sessions, 0)",
-            "new_features": "c.new_features",
-            "feature_uses": "c.feature_uses",
-            "email_opens": "c.email_opens",
-            "email_clicks": "c.email_clicks",
-            "support_tickets": "c.support_tickets",
-            "exposures": "c.exposures",
-            "discounts": "c.discounts",
-            "session_epoch": "c.session_epoch",
-            "purchase_epoch": "c.purchase_epoch",
-            "value_slope": "o.value_slope",
-            "items_slope": "o.items_slope",
-            "first_feature_epoch": "c.first_feature_epoch",
-            "last_feature_epoch": "c.last_feature_epoch",
-            "first_epoch": "c.first_epoch",
-            "last_epoch": "c.last_epoch",
-            "exposure_epoch": "c.exposure_epoch",
-        },
-        "c.customer_id, 2 * c.day + 1 AS ord, 0 AS is_marker",
-    )
-    cov_rows = _stream_select(
-        {"coverage_delta": "delta"}, "customer_id, 2 * day + 1 AS ord, 0 AS is_marker"
-    )
-    marker_rows = _stream_select({}, "m.customer_id, 2 * m.snapshot_day AS ord, 1 AS is_marker")
     ts = d["timestamp"].format(x="snapshot_day * 86400")
     return f"""
 WITH ev AS (
@@ -237,6 +256,17 @@ day_totals AS (
   FROM ev
   GROUP BY customer_id, day
 ),
+bucket_of AS (
+  -- Each day's bucket is the first snapshot after it: a few hundred rows.
+  SELECT x.day, MIN(s.snapshot_day) AS bucket_day
+  FROM (
+    SELECT DISTINCT day FROM day_totals
+    UNION
+    SELECT DISTINCT day + {w} AS day FROM day_totals
+  ) x
+  JOIN {snapshots} s ON s.snapshot_day > x.day
+  GROUP BY x.day
+),
 orders AS (
   -- An order is the purchase lines sharing an order_id on one UTC day (a line without
   -- order_id is its own order), so no order straddles a snapshot.
@@ -251,7 +281,7 @@ order_seq AS (
   SELECT customer_id, day,
     REGR_SLOPE(order_value, seq) OVER last5 AS value_slope,
     REGR_SLOPE(order_items, seq) OVER last5 AS items_slope,
-    ROW_NUMBER() OVER (PARTITION BY customer_id, day ORDER BY seq DESC) AS rank_in_day
+    seq
   FROM (
     SELECT o.*, ROW_NUMBER() OVER (PARTITION BY customer_id ORDER BY order_epoch, order_key)
       AS seq
@@ -259,12 +289,18 @@ order_seq AS (
   ) numbered
   WINDOW last5 AS (PARTITION BY customer_id ORDER BY seq ROWS BETWEEN 4 PRECEDING AND CURRENT ROW)
 ),
+order_buckets AS (
+  -- The slopes as of a snapshot are those at the last order of the latest bucket.
+  SELECT customer_id, bucket_day, value_slope, items_slope
+  FROM (
+    SELECT o.customer_id, b.bucket_day, o.value_slope, o.items_slope,
+      ROW_NUMBER() OVER (PARTITION BY o.customer_id, b.bucket_day ORDER BY o.seq DESC) AS rn
+    FROM order_seq o JOIN bucket_of b ON b.day = o.day
+  ) ranked
+  WHERE rn = 1
+),
 order_days AS (
-  SELECT o.customer_id, o.day, n.n_orders, o.value_slope, o.items_slope
-  FROM order_seq o
-  JOIN (SELECT customer_id, day, COUNT(*) AS n_orders FROM orders GROUP BY customer_id, day) n
-    ON n.customer_id = o.customer_id AND n.day = o.day
-  WHERE o.rank_in_day = 1
+  SELECT customer_id, day, COUNT(*) AS n_orders FROM orders GROUP BY customer_id, day
 ),
 cart_days AS (
   -- Events without a session_id on one day count as one session.
@@ -277,6 +313,7 @@ cart_days AS (
         AS has_cart,
       MAX(CASE WHEN event_type = 'purchase' THEN 1 ELSE 0 END) AS has_purchase
     FROM ev
+    WHERE event_type IN ('add_to_cart', 'checkout_start', 'purchase')
     GROUP BY customer_id, day, COALESCE(session_id, '')
   ) per_session
   GROUP BY customer_id, day
@@ -294,12 +331,51 @@ new_feature_days AS (
   SELECT customer_id, day, COUNT(*) AS new_features
   FROM feature_days WHERE prev_day IS NULL GROUP BY customer_id, day
 ),
-coverage AS (
-  SELECT customer_id, day, 1 AS delta FROM feature_days
-  WHERE prev_day IS NULL OR day > prev_day + {w}
-  UNION ALL
-  SELECT customer_id, day + {w} AS day, -1 AS delta FROM feature_days
-  WHERE next_day IS NULL OR next_day > day + {w}
+coverage_buckets AS (
+  SELECT c.customer_id, b.bucket_day, SUM(c.delta) AS coverage_delta
+  FROM (
+    SELECT customer_id, day, 1 AS delta FROM feature_days
+    WHERE prev_day IS NULL OR day > prev_day + {w}
+    UNION ALL
+    SELECT customer_id, day + {w} AS day, -1 AS delta FROM feature_days
+    WHERE next_day IS NULL OR next_day > day + {w}
+  ) c
+  JOIN bucket_of b ON b.day = c.day
+  GROUP BY c.customer_id, b.bucket_day
+),
+days AS (
+  SELECT t.customer_id, t.day,
+    CAST(t.n_events AS DOUBLE) AS n_events,
+    CAST(1 AS DOUBLE) AS active,
+    CAST(t.n_sessions AS DOUBLE) AS n_sessions,
+    CAST(COALESCE(o.n_orders, 0) AS DOUBLE) AS n_orders,
+    CAST(t.revenue AS DOUBLE) AS revenue,
+    CAST(COALESCE(s.cart_sessions, 0) AS DOUBLE) AS cart_sessions,
+    CAST(COALESCE(s.abandoned_sessions, 0) AS DOUBLE) AS abandoned_sessions,
+    CAST(COALESCE(nf.new_features, 0) AS DOUBLE) AS new_features,
+    CAST(t.feature_uses AS DOUBLE) AS feature_uses,
+    CAST(t.email_opens AS DOUBLE) AS email_opens,
+    CAST(t.email_clicks AS DOUBLE) AS email_clicks,
+    CAST(t.support_tickets AS DOUBLE) AS support_tickets,
+    CAST(t.exposures AS DOUBLE) AS exposures,
+    CAST(t.discounts AS DOUBLE) AS discounts,
+    t.session_epoch, t.purchase_epoch, t.first_feature_epoch, t.last_feature_epoch,
+    t.first_epoch, t.last_epoch, t.exposure_epoch
+  FROM day_totals t
+  LEFT JOIN order_days o ON o.customer_id = t.customer_id AND o.day = t.day
+  LEFT JOIN cart_days s ON s.customer_id = t.customer_id AND s.day = t.day
+  LEFT JOIN new_feature_days nf ON nf.customer_id = t.customer_id AND nf.day = t.day
+),
+day_buckets AS (
+  SELECT d.*, b.bucket_day FROM days d JOIN bucket_of b ON b.day = d.day
+),
+life AS (
+  SELECT customer_id, bucket_day,
+    {bucket_aggs}
+  FROM (
+  {life_stream}
+  ) stream
+  GROUP BY customer_id, bucket_day
 ),
 catalog AS (
   SELECT s.snapshot_day, COUNT(f.feature_name) AS catalog_size
@@ -310,39 +386,41 @@ catalog AS (
   ) f ON f.first_day < s.snapshot_day
   GROUP BY s.snapshot_day
 ),
+customers AS (
+  -- An integer key makes the big GROUP BY of the range join hash numbers, not strings.
+  SELECT f.*, ROW_NUMBER() OVER (ORDER BY customer_id) AS ck
+  FROM (
+    SELECT customer_id, MIN(day) AS first_day{first_cols} FROM day_totals GROUP BY customer_id
+  ) f
+),
 markers AS (
-  SELECT c.customer_id, s.snapshot_day
-  FROM (SELECT customer_id, MIN(day) AS first_day FROM day_totals GROUP BY customer_id) c
+  SELECT c.*, s.snapshot_day
+  FROM customers c
   JOIN {snapshots} s ON c.first_day < s.snapshot_day
 ),
-stream AS (
-  SELECT {day_rows}
-  FROM (
-    SELECT t.*, COALESCE(nf.new_features, 0) AS new_features
-    FROM day_totals t
-    LEFT JOIN new_feature_days nf ON nf.customer_id = t.customer_id AND nf.day = t.day
-  ) c
-  LEFT JOIN order_days o ON o.customer_id = c.customer_id AND o.day = c.day
-  LEFT JOIN cart_days s ON s.customer_id = c.customer_id AND s.day = c.day
-  UNION ALL
-  SELECT {cov_rows}
-  FROM coverage
-  UNION ALL
-  SELECT {marker_rows}
+cumulative AS (
+  SELECT m.customer_id, m.ck, m.snapshot_day,
+    {running_list}
   FROM markers m
+  LEFT JOIN life l ON l.customer_id = m.customer_id AND l.bucket_day = m.snapshot_day
+  WINDOW wall AS (PARTITION BY m.customer_id ORDER BY m.snapshot_day ROWS UNBOUNDED PRECEDING)
 ),
-windowed AS (
-  SELECT customer_id, ord, is_marker,
-  {agg_list}
-  FROM stream
-  WINDOW {windows}
+windows AS (
+  SELECT d.ck, s.snapshot_day,
+    {window_aggs}
+  FROM {snapshots} s
+  JOIN (
+    SELECT c.ck, x.* FROM days x JOIN customers c ON c.customer_id = x.customer_id
+  ) d ON d.day < s.snapshot_day AND d.day >= s.snapshot_day - {longest}
+  GROUP BY d.ck, s.snapshot_day
 ),
 snap AS (
-  SELECT w.*, CAST(w.ord / 2 AS BIGINT) AS snapshot_day, k.catalog_size,
-    CAST(w.ord / 2 AS BIGINT) * 86400.0 AS snapshot_epoch
-  FROM windowed w
-  JOIN catalog k ON k.snapshot_day = CAST(w.ord / 2 AS BIGINT)
-  WHERE w.is_marker = 1
+  SELECT c.customer_id, c.snapshot_day, k.catalog_size,
+    c.snapshot_day * 86400.0 AS snapshot_epoch,
+    {snap_cols}
+  FROM cumulative c
+  LEFT JOIN windows w ON w.ck = c.ck AND w.snapshot_day = c.snapshot_day
+  JOIN catalog k ON k.snapshot_day = c.snapshot_day
 )
 SELECT customer_id,
   {ts} AS event_timestamp,
