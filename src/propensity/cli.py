@@ -255,6 +255,55 @@ def serve(
     run_server(_settings(config), host=host, port=port)
 
 
+@app.command()
+def retrain(
+    force: Annotated[bool, typer.Option(help="Retrain even when nothing changed.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Ingest landing files, refresh features, train challengers, promote those that pass."""
+    from propensity.jobs.lock import LockBusyError
+    from propensity.jobs.retrain import RetrainError
+    from propensity.jobs.retrain import retrain as run_retrain
+
+    settings = _settings(config)
+    try:
+        with rich_progress(console) as progress:
+            result = run_retrain(settings, progress=progress, force=force)
+    except LockBusyError as exc:
+        _fail(str(exc), 75)
+        return
+    except RetrainError as exc:
+        _fail(str(exc), 1)
+        return
+    console.print(result.summary())
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def drift(
+    threshold: Annotated[float, typer.Option(help="PSI above which a score has drifted.")] = 0.25,
+    config: ConfigOption = None,
+) -> None:
+    """PSI per feature and per champion score, training window vs latest snapshot."""
+    from propensity.jobs.drift import drift_report
+
+    try:
+        console.print(drift_report(_settings(config), threshold=threshold).summary())
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def forget(
+    customer_ids: Annotated[list[str], typer.Argument(help="Customers to erase.")],
+    config: ConfigOption = None,
+) -> None:
+    """Erase customers from the lake, feature tables, online store and raw copies (audited)."""
+    from propensity.jobs.erasure import forget as run_forget
+
+    console.print(run_forget(_settings(config), customer_ids).summary())
+
+
 nba_app = typer.Typer(help="Next-best-action from a randomized campaign table.")
 app.add_typer(nba_app, name="nba")
 

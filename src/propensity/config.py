@@ -67,6 +67,7 @@ class Settings(_Strict):
     feature_repo: Path = Path("feature_repo")
     models_dir: Path = Path("models")
     landing_dir: Path = Path("data/landing")
+    jobs_dir: Path = Path("data/jobs")
     mlflow_tracking_uri: str = "sqlite:///data/mlflow.db"
     timezone: str = "UTC"
     horizons: Horizons = Horizons()

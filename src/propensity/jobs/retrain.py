@@ -1,0 +1,675 @@
+"""Scheduled retraining: landing files → lake → features → online store → challengers → gates.
+
+One :func:`retrain` call, safe to run from cron or a Kubernetes CronJob:
+
+1. take the jobs lock (a second run at the same time exits at once, doing nothing);
+2. ingest new landing files (``settings.landing_dir``; ``processed/`` and
+   hidden files are skipped). A file that cannot be read at all is moved to
+   ``<quarantine>/files/`` with a ``.reason.txt`` and the run goes on without
+   it; rows that fail validation are quarantined by the ingest as usual. Each
+   ingested file's SHA-256 is recorded in the state file, then the file moves
+   to ``<landing>/processed/``. Customers erased by ``forget`` are erased again
+   right after the ingest (suppression by id hash);
+3. nothing new (the lake, the model specs and the landing folder as at the
+   last successful run) → return ``up_to_date`` without touching anything;
+4. rebuild the feature tables, write the new snapshot to the online store
+   (incremental: only rows after the last materialized time);
+5. measure drift of the current champions (:func:`~propensity.jobs.drift.drift_report`);
+6. train a challenger for every model, each evaluated together with the
+   champion on the challenger's (most recent labeled) test window;
+7. move ``champion`` for each challenger that passes its spec's gates *and*
+   the run's gates (data validation, drift), then record every decision —
+   promoted or not, with the reasons — as a run of the MLflow experiment
+   ``retrain`` and in the returned report.
+
+A run killed at any point leaves the champions and the lake intact: the lake
+commits atomically, aliases move only in step 7, and the state file is
+written last, so the next run redoes what is missing. Any error is recorded in
+MLflow (status ``failed``) and raised as :class:`RetrainError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from propensity import registry
+from propensity.config import Settings, load_settings
+from propensity.events._readers import SUFFIXES, IngestError
+from propensity.events.ingest import IngestReport, ingest
+from propensity.events.lake import MANIFEST_NAME, EventLake
+from propensity.jobs.drift import DriftReport, drift_report
+from propensity.jobs.erasure import erased_hashes, id_hash
+from propensity.jobs.lock import LockBusyError, job_dir, jobs_lock
+from propensity.progress import ProgressCallback, report
+
+__all__ = [
+    "ModelDecision",
+    "RetrainError",
+    "RetrainPolicy",
+    "RetrainReport",
+    "retrain",
+    "RETRAIN_EXPERIMENT",
+    "STATE_FILE",
+]
+
+RETRAIN_EXPERIMENT = "retrain"
+STATE_FILE = "retrain_state.json"
+NBA = "next_best_action"
+PROCESSED = "processed"
+# Test hook: the name of a stage at which the job writes ``paused-<stage>`` in the
+# jobs folder and sleeps, so a test can kill it there. Not a PROPENSITY_ variable:
+# load_settings rejects unknown ones.
+_PAUSE_ENV = "RETRAIN_TEST_PAUSE"
+_STEPS = 7
+
+
+class RetrainError(RuntimeError):
+    """A retrain run failed; the champions were left as they were."""
+
+
+class RetrainPolicy(BaseModel):
+    """Run-level gates and options (the per-model gates live in each model spec).
+
+    Examples
+    --------
+    >>> RetrainPolicy(models=("churn",)).max_quarantine_share
+    0.01
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Models to retrain, in order.
+    models: tuple[str, ...] = ("churn", "purchase_propensity", NBA)
+    #: Data validation gate: no promotion when more than this share of the rows read
+    #: in this run was quarantined, or when a whole landing file was unreadable.
+    max_quarantine_share: float = Field(default=0.01, ge=0, le=1)
+    #: PSI above which a feature or a champion's score is reported as drifted.
+    drift_threshold: float = Field(default=0.25, gt=0)
+    #: Fewer new lake rows than this since the last training: refresh features and the
+    #: online store but keep the models, unless drift exceeds ``force_retrain_psi``.
+    min_new_rows: int = Field(default=1, ge=0)
+    #: Drift (largest PSI of a champion's scores) that forces training even without
+    #: enough new rows (once per lake state). None disables.
+    force_retrain_psi: float | None = Field(default=0.25, gt=0)
+    #: Drift (largest score PSI) so large that no challenger is promoted automatically
+    #: (usually a broken feed; a human should look). None disables.
+    block_promotion_psi: float | None = Field(default=None, gt=0)
+
+
+@dataclass
+class ModelDecision:
+    """What happened to one model in a retrain run."""
+
+    model: str
+    promoted: bool
+    reasons: list[str]
+    challenger_version: int | None = None
+    champion_before: int | None = None
+    champion_after: int | None = None
+    run_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def line(self) -> str:
+        """One line: the verdict and the first failing reason."""
+        was = "none" if self.champion_before is None else f"v{self.champion_before}"
+        if self.promoted:
+            verdict = f"promoted v{self.challenger_version} (champion was {was})"
+        elif self.challenger_version is not None:
+            verdict = f"kept {was}; challenger v{self.challenger_version} rejected"
+        else:
+            verdict = f"kept {was}; no challenger"
+        failed = [r for r in self.reasons if r.startswith(("FAIL", "blocked", "error"))]
+        return f"{self.model}: {verdict}" + (f" — {failed[0]}" if failed else "")
+
+
+@dataclass
+class RetrainReport:
+    """What one :func:`retrain` run did.
+
+    ``status`` is ``up_to_date`` (nothing new: nothing done), ``refreshed``
+    (features and online store updated, models kept) or ``trained``.
+    """
+
+    status: str
+    reason: str
+    ingested_files: list[str] = field(default_factory=list)
+    rejected_files: dict[str, str] = field(default_factory=dict)
+    ingest: IngestReport | None = None
+    suppressed_events: int = 0
+    new_rows: int = 0
+    validation_passed: bool = True
+    validation_reasons: list[str] = field(default_factory=list)
+    drift: DriftReport | None = None
+    decisions: dict[str, ModelDecision] = field(default_factory=dict)
+    fingerprint: str = ""
+    run_id: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def promoted(self) -> list[str]:
+        """Models whose champion moved in this run."""
+        return [m for m, d in self.decisions.items() if d.promoted]
+
+    @property
+    def exit_code(self) -> int:
+        """0 when all went well; 2 when a landing file was rejected (needs a look)."""
+        return 2 if self.rejected_files else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (what ``decision.json`` in MLflow holds)."""
+        out = asdict(self)
+        out["ingest"] = None if self.ingest is None else self.ingest.summary()
+        out["drift"] = None if self.drift is None else self.drift.to_dict()
+        return out
+
+    def summary(self) -> str:
+        """What the CLI prints: status, data, drift and one line per model decision."""
+        lines = [f"retrain: {self.status} — {self.reason}"]
+        if self.ingested_files:
+            lines.append(f"  ingested {len(self.ingested_files)} file(s)")
+        if self.ingest is not None:
+            lines += ["  " + row for row in self.ingest.summary().splitlines()]
+        for name, why in self.rejected_files.items():
+            lines.append(f"  REJECTED file {name}: {why}")
+        if self.suppressed_events:
+            lines.append(f"  erased again (forgotten customers): {self.suppressed_events} events")
+        lines += [f"  validation: {r}" for r in self.validation_reasons]
+        if self.drift is not None:
+            lines += ["  " + row for row in self.drift.summary().splitlines()]
+        lines += ["  " + d.line() for d in self.decisions.values()]
+        for d in self.decisions.values():
+            lines += [f"    {d.model} gate: {r}" for r in d.reasons]
+        if self.run_id:
+            lines.append(
+                f"  recorded in MLflow experiment {RETRAIN_EXPERIMENT!r}, run {self.run_id}"
+            )
+        return "\n".join(lines)
+
+
+# -- state ----------------------------------------------------------------------------------------
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {"ingested": {}}
+    state: dict[str, Any] = json.loads(path.read_text())
+    state.setdefault("ingested", {})
+    return state
+
+
+def _write_state(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as handle:
+        json.dump(state, handle, indent=1, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _specs_hash(settings: Settings, models: Sequence[str]) -> str:
+    """The model specs and the list of models retrained: a change means retraining."""
+    digest = hashlib.sha256(",".join(models).encode())
+    models_dir = settings.path(settings.models_dir)
+    for spec in sorted(models_dir.glob("*.yaml")) if models_dir.exists() else []:
+        digest.update(spec.name.encode() + spec.read_bytes())
+    return digest.hexdigest()[:20]
+
+
+def _fingerprint(settings: Settings, models: Sequence[str]) -> str:
+    """The lake's committed files and the model specs: what a training run depends on."""
+    manifest = settings.path(settings.lake_dir) / MANIFEST_NAME
+    files = json.loads(manifest.read_text())["files"] if manifest.exists() else []
+    digest = hashlib.sha256(json.dumps([(f["path"], f["rows"]) for f in files]).encode())
+    digest.update(_specs_hash(settings, models).encode())
+    return digest.hexdigest()[:20]
+
+
+def _checkpoint(folder: Path, stage: str) -> None:
+    if os.environ.get(_PAUSE_ENV) == stage:
+        (folder / f"paused-{stage}").write_text(str(os.getpid()))
+        time.sleep(3600)
+
+
+# -- steps ----------------------------------------------------------------------------------------
+
+
+def _pending(landing: Path) -> list[Path]:
+    if not landing.exists():
+        return []
+    skip = {PROCESSED}
+    return sorted(
+        p
+        for p in landing.rglob("*")
+        if p.is_file()
+        and p.name.lower().endswith(SUFFIXES)
+        and not p.name.startswith((".", "_"))
+        and not skip & set(p.relative_to(landing).parts[:-1])
+    )
+
+
+def _reject(settings: Settings, path: Path, reason: str) -> None:
+    """Move an unreadable landing file to ``<quarantine>/files/`` with the reason beside it."""
+    folder = settings.path(settings.quarantine_dir) / "files"
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    target = folder / f"{stamp}-{path.name}"
+    shutil.move(str(path), target)
+    target.with_name(target.name + ".reason.txt").write_text(reason + "\n")
+
+
+def _ingest(
+    settings: Settings, files: list[Path], rejected: dict[str, str]
+) -> tuple[IngestReport | None, list[Path]]:
+    """Ingest ``files``; an unreadable file is rejected and the rest retried."""
+    remaining = list(files)
+    while remaining:
+        try:
+            result = ingest(
+                remaining,
+                EventLake(settings.path(settings.lake_dir)),
+                settings.path(settings.quarantine_dir),
+                timezone=settings.timezone,
+            )
+            return result, remaining
+        except IngestError as exc:
+            # The ingest stored nothing; its message starts with the file it failed on.
+            culprit = next((p for p in remaining if str(exc).startswith(str(p))), None)
+            if culprit is None:
+                raise
+            _reject(settings, culprit, str(exc))
+            rejected[culprit.name] = str(exc)
+            remaining.remove(culprit)
+    return None, []
+
+
+def _suppress(settings: Settings) -> int:
+    """Erase again every customer listed as forgotten who reappeared in the lake."""
+    hashes = erased_hashes(settings)
+    if not hashes:
+        return 0
+    import duckdb
+
+    lake = EventLake(settings.path(settings.lake_dir))
+    con = duckdb.connect()
+    try:
+        rows = con.execute(f"SELECT DISTINCT customer_id FROM {lake.duckdb_scan()}").fetchall()
+    finally:
+        con.close()
+    ids = [row[0] for row in rows]
+    back = [c for c in ids if id_hash(c) in hashes]
+    return lake.erase_customers(back) if back else 0
+
+
+def _materialize(settings: Settings) -> None:
+    from propensity.features.definitions import VIEWS
+    from propensity.features.online_writer import write_online_many
+    from propensity.features.store import FeatureStoreAdapter
+
+    adapter = FeatureStoreAdapter(settings)
+    if not (settings.path(settings.features_dir) / "feast_registry.db").exists():
+        adapter.apply()
+    end = adapter.latest_snapshot() + timedelta(seconds=1)
+    # incremental: only rows after each view's last materialized end (the new snapshot).
+    write_online_many(adapter.store, list(VIEWS), end=end.to_pydatetime(), incremental=True)
+
+
+def _train_propensity(settings: Settings, name: str, progress: ProgressCallback | None) -> Any:
+    from propensity.models.training import train_model
+
+    return train_model(settings, name, progress=progress, auto_promote=False)
+
+
+def _challenge(
+    settings: Settings, name: str, progress: ProgressCallback | None, run_gates: list[str]
+) -> ModelDecision:
+    """Train and evaluate one challenger; ``champion_after`` is set when it may be promoted."""
+    before = registry.champion_version(settings.tracking_uri, name)
+    if name == NBA:
+        from propensity.models.nba import train_nba
+
+        # A train_nba without ``auto_promote`` promotes by itself when its gates pass:
+        # only let it register when the run's gates pass too.
+        if "auto_promote" in inspect.signature(train_nba).parameters:
+            options: dict[str, Any] = {"auto_promote": False}
+        else:
+            options = {"register": not run_gates}
+        nba = train_nba(settings, progress=progress, **options)
+        reasons = [*nba.report.get("gates", [])] or ["not registered: the run's gates failed"]
+        decision = ModelDecision(
+            name, False, reasons + run_gates, nba.version, before, before, nba.run_id
+        )
+        if nba.promoted:  # promoted by train_nba itself (only when the run's gates passed)
+            decision.promoted, decision.champion_after = True, nba.version
+        elif nba.version is not None and not nba.gate_failures and not run_gates:
+            decision.champion_after = nba.version
+        return decision
+    result = _train_propensity(settings, name, progress)
+    decision = ModelDecision(
+        name,
+        False,
+        list(result.gates.reasons) + run_gates,
+        result.version,
+        before,
+        before,
+        result.run_id,
+        {k: float(v) for k, v in result.metrics.get("model", {}).items()},
+    )
+    if result.gates.champion_auc is not None:
+        decision.metrics["champion_roc_auc"] = float(result.gates.champion_auc)
+    if result.gates.passed and result.version is not None and not run_gates:
+        decision.champion_after = result.version
+    return decision
+
+
+def _record(settings: Settings, result: RetrainReport, error: str | None = None) -> str | None:
+    tags = {
+        "status": result.status if error is None else "failed",
+        "reason": result.reason[:4000],
+        "fingerprint": result.fingerprint,
+        "validation_passed": str(result.validation_passed),
+        "promoted": ",".join(result.promoted) or "none",
+        "rejected_files": ",".join(result.rejected_files) or "none",
+    }
+    for name, d in result.decisions.items():
+        tags[f"decision.{name}"] = d.line()[:4000]
+        tags[f"challenger.{name}"] = str(d.challenger_version)
+    if result.drift is not None and result.drift.run_id:
+        tags["drift_run_id"] = result.drift.run_id
+    if error is not None:
+        tags["error"] = error[:4000]
+    metrics = {"new_rows": float(result.new_rows), "seconds": result.seconds}
+    if result.ingest is not None:
+        metrics.update(read=result.ingest.read, quarantined=result.ingest.quarantined)
+    if result.drift is not None:
+        metrics["max_psi"] = result.drift.max_psi
+        metrics["max_score_psi"] = result.drift.max_score_psi
+    for name, d in result.decisions.items():
+        metrics[f"promoted.{name}"] = float(d.promoted)
+    with tempfile.TemporaryDirectory() as tmp:
+        body = result.to_dict()
+        if error is not None:
+            body["error"] = error
+        (Path(tmp) / "decision.json").write_text(json.dumps(body, indent=2, default=str))
+        return registry.log_record(
+            settings.tracking_uri,
+            RETRAIN_EXPERIMENT,
+            metrics=metrics,
+            tags=tags,
+            artifacts_dir=tmp,
+            run_name=f"retrain-{datetime.now(UTC):%Y%m%dT%H%M%SZ}",
+        )
+
+
+def retrain(
+    settings: Settings,
+    *,
+    progress: ProgressCallback | None = None,
+    policy: RetrainPolicy | None = None,
+    force: bool = False,
+) -> RetrainReport:
+    """Ingest new landing files, refresh features, train challengers and gate promotion.
+
+    Parameters
+    ----------
+    settings : Settings
+        Reads ``landing_dir``, writes the lake, feature tables, online store and
+        MLflow; job state, lock and audit files live in ``data/jobs`` (see
+        :func:`~propensity.jobs.lock.job_dir`).
+    progress : callable, optional
+        ``progress(description, completed, total)`` after each step.
+    policy : RetrainPolicy, optional
+        Run-level gates and options.
+    force : bool
+        Train even when nothing is new.
+
+    Returns
+    -------
+    RetrainReport
+
+    Raises
+    ------
+    LockBusyError
+        Another retrain or forget is running; this run did nothing.
+    RetrainError
+        Any step failed; the failure is recorded in MLflow and the champions
+        were not moved by this run (models promoted before the failing step
+        passed all their gates).
+
+    Examples
+    --------
+    >>> result = retrain(load_settings())  # doctest: +SKIP
+    >>> print(result.summary())  # doctest: +SKIP
+    """
+    policy = policy or RetrainPolicy()
+    started = time.perf_counter()
+    folder = job_dir(settings)
+    state_path = folder / STATE_FILE
+    with jobs_lock(settings, "retrain"):
+        result = RetrainReport(status="running", reason="")
+        stage = "locked"
+        try:
+            _checkpoint(folder, stage)
+            state = _read_state(state_path)
+            report(progress, "retrain: ingest", 0, _STEPS)
+            stage = "ingest"
+            landing = settings.path(settings.landing_dir)
+            pending = _pending(landing)
+            hashes = {p: _sha256(p) for p in pending}
+            new = [p for p in pending if hashes[p] not in state["ingested"]]
+            if new:
+                result.ingest, ingested = _ingest(settings, new, result.rejected_files)
+                now = datetime.now(UTC).isoformat(timespec="seconds")
+                for path in ingested:
+                    counts = result.ingest.files.get(str(path)) if result.ingest else None
+                    state["ingested"][hashes[path]] = {
+                        "name": path.name,
+                        "at": now,
+                        "accepted": counts.accepted if counts else 0,
+                    }
+                result.ingested_files = [p.name for p in ingested]
+                result.suppressed_events = _suppress(settings)
+                _write_state(state_path, state)
+            # Files whose hash is recorded were ingested (now or by an earlier, killed run).
+            for path in pending:
+                if path.exists() and hashes[path] in state["ingested"]:
+                    target = landing / PROCESSED / path.relative_to(landing)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(path, target)
+            _checkpoint(folder, "ingested")
+
+            if result.rejected_files:
+                result.validation_reasons.append(
+                    f"FAIL: {len(result.rejected_files)} landing file(s) unreadable and quarantined"
+                )
+            if result.ingest is not None and result.ingest.read:
+                share = result.ingest.quarantined / result.ingest.read
+                ok = share <= policy.max_quarantine_share
+                result.validation_reasons.append(
+                    f"{'pass' if ok else 'FAIL'}: quarantined {result.ingest.quarantined} of "
+                    f"{result.ingest.read} rows ({share:.2%}) <= {policy.max_quarantine_share:.2%}"
+                )
+            result.validation_passed = not any(
+                r.startswith("FAIL") for r in result.validation_reasons
+            )
+
+            lake = EventLake(settings.path(settings.lake_dir))
+            result.fingerprint = _fingerprint(settings, policy.models)
+            result.new_rows = lake.count() - int(state.get("trained_rows", 0))
+            if not force and result.fingerprint == state.get("trained_fingerprint"):
+                result.status = "up_to_date"
+                result.reason = "no new data and no spec change since the last successful run"
+                result.seconds = time.perf_counter() - started
+                if result.rejected_files:
+                    result.run_id = _record(settings, result)
+                return result
+            if not lake.count():
+                raise RetrainError(
+                    f"the event lake at {lake.root} is empty and no landing file in "
+                    f"{landing} could be ingested"
+                )
+
+            stage = "features"
+            from propensity.features.snapshots import build_features
+
+            report(progress, "retrain: features", 1, _STEPS)
+            build_features(settings)
+            _checkpoint(folder, "features")
+            stage = "materialize"
+            report(progress, "retrain: online store", 2, _STEPS)
+            _materialize(settings)
+
+            stage = "drift"
+            report(progress, "retrain: drift", 3, _STEPS)
+            result.drift = _drift(settings, policy, result)
+            missing = [
+                m
+                for m in policy.models
+                if registry.champion_version(settings.tracking_uri, m) is None
+            ]
+            psi = result.drift.max_score_psi if result.drift is not None else 0.0
+            forced_by_drift = (
+                policy.force_retrain_psi is not None
+                and psi > policy.force_retrain_psi
+                and state.get("drift_forced") != result.fingerprint
+            )
+            specs = _specs_hash(settings, policy.models)
+            if force:
+                result.reason = "forced"
+            elif missing:
+                result.reason = f"no champion yet for {', '.join(missing)}"
+            elif policy.models and specs != state.get("trained_specs"):
+                result.reason = "the model specs (or the models retrained) changed"
+            elif result.new_rows >= max(policy.min_new_rows, 1):
+                result.reason = f"{result.new_rows} new events since the last training"
+            elif forced_by_drift:
+                result.reason = f"drift: score PSI {psi:.3f} > {policy.force_retrain_psi}"
+                state["drift_forced"] = result.fingerprint
+            else:
+                result.status = "refreshed"
+                result.reason = (
+                    f"{result.new_rows} new events (< {policy.min_new_rows}) and no drift "
+                    "above the threshold: features refreshed, models kept"
+                )
+
+            if result.status != "refreshed":
+                stage = "train"
+                run_gates = [] if result.validation_passed else ["blocked: data validation failed"]
+                if policy.block_promotion_psi is not None and psi > policy.block_promotion_psi:
+                    run_gates.append(
+                        f"blocked: drift score PSI {psi:.3f} > {policy.block_promotion_psi}"
+                    )
+                failures = []
+                for k, name in enumerate(policy.models):
+                    report(progress, f"retrain: train {name}", 4 + k / len(policy.models), _STEPS)
+                    try:
+                        result.decisions[name] = _challenge(settings, name, progress, run_gates)
+                    except Exception as exc:  # one model failing must not stop the others
+                        failures.append(f"{name}: {type(exc).__name__}: {exc}")
+                        before = registry.champion_version(settings.tracking_uri, name)
+                        result.decisions[name] = ModelDecision(
+                            name,
+                            False,
+                            [f"error: {type(exc).__name__}: {exc}"],
+                            None,
+                            before,
+                            before,
+                        )
+                result.status = "trained"
+                if failures:
+                    raise RetrainError("training failed for " + "; ".join(failures))
+                _checkpoint(folder, "trained")
+                # Aliases move only now, after every challenger was trained and gated.
+                stage = "promote"
+                report(progress, "retrain: promote", 5, _STEPS)
+                for decision in result.decisions.values():
+                    version = decision.champion_after
+                    if (
+                        not decision.promoted
+                        and version is not None
+                        and version != decision.champion_before
+                    ):
+                        registry.set_champion(settings.tracking_uri, decision.model, version)
+                        decision.promoted = True
+
+            report(progress, "retrain: record", 6, _STEPS)
+            state["trained_fingerprint"] = result.fingerprint
+            if result.status == "trained":
+                # A refresh keeps counting new rows from the last training, so trickles add up.
+                state["trained_specs"] = _specs_hash(settings, policy.models)
+                state["trained_rows"] = lake.count()
+            state["last_success"] = datetime.now(UTC).isoformat(timespec="seconds")
+            result.seconds = time.perf_counter() - started
+            result.run_id = _record(settings, result)
+            # Written last: a run killed before this point is redone by the next one.
+            _write_state(state_path, state)
+            report(progress, "retrain: record", _STEPS, _STEPS)
+            return result
+        except Exception as exc:
+            result.seconds = time.perf_counter() - started
+            message = f"retrain failed during {stage}: {type(exc).__name__}: {exc}"
+            try:
+                result.run_id = _record(settings, result, message + "\n" + traceback.format_exc())
+            except Exception as log_exc:  # the failure itself must still surface
+                message += f" (and recording it in MLflow failed: {log_exc})"
+            raise RetrainError(message + "; the champions keep serving") from exc
+
+
+def _drift(settings: Settings, policy: RetrainPolicy, result: RetrainReport) -> DriftReport | None:
+    from propensity.jobs.drift import DEFAULT_MODELS
+
+    models = [m for m in policy.models if m in DEFAULT_MODELS]
+    if not any(registry.champion_version(settings.tracking_uri, m) is not None for m in models):
+        return None
+    try:
+        return drift_report(settings, models=models, threshold=policy.drift_threshold)
+    except ValueError as exc:
+        # e.g. the champion's training snapshots were dropped: measured next time instead
+        result.validation_reasons.append(f"note: drift not measured: {exc}")
+        return None
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    """``python -m propensity.jobs.retrain [--config FILE] [--force]``; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m propensity.jobs.retrain")
+    parser.add_argument("--config", default=None, help="propensity.yaml or its folder")
+    parser.add_argument("--force", action="store_true", help="train even if nothing is new")
+    args = parser.parse_args(argv)
+    try:
+        result = retrain(load_settings(args.config), force=args.force)
+    except LockBusyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 75  # EX_TEMPFAIL: try again later
+    except RetrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(result.summary(), flush=True)
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

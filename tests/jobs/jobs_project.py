@@ -1,0 +1,78 @@
+"""Small simulated projects for the job tests: two periods of events and fast model specs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import yaml
+
+from propensity.config import Settings
+from propensity.events.simulator import SimulationConfig, simulate
+
+REPO = Path(__file__).resolve().parents[2]
+#: First period: 2026-01-01 .. 2026-04-30 (120 days); second: the next 30 days.
+SPLIT = pd.Timestamp("2026-05-01", tz="UTC")
+
+
+@dataclass(frozen=True)
+class Periods:
+    first: pa.Table
+    second: pa.Table
+
+
+def simulate_periods(customers: int = 2000, days: int = 150, seed: int = 11) -> Periods:
+    events = simulate(SimulationConfig(customers=customers, days=days, seed=seed)).events
+    split = pa.scalar(SPLIT.to_pydatetime(), pa.timestamp("us", tz="UTC"))
+    early = pc.less(events["event_timestamp"], split)
+    return Periods(events.filter(early), events.filter(pc.invert(early)))
+
+
+def fast_specs(models_dir: Path, **gates: float) -> None:
+    """The project's specs, shrunk for tests: fewer trees and cutoffs, one thread, no SHAP."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("churn", "purchase_propensity"):
+        spec = yaml.safe_load((REPO / "models" / f"{name}.yaml").read_text())
+        spec["lightgbm"].update(n_estimators=80, learning_rate=0.1, num_threads=1)
+        spec["early_stopping_rounds"] = 15
+        spec["split"]["n_cutoffs"] = 9
+        spec["shap_sample"] = 0
+        spec["gates"].update({"min_rows": 200, "max_ece": 0.08, "max_auc_drop": 0.05, **gates})
+        (models_dir / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+    actions = yaml.safe_load((REPO / "models" / "actions.yaml").read_text())
+    actions["training"].update(n_boot=10, min_test_rows=50)
+    actions["training"]["params"] = {"n_estimators": 40, "num_threads": 1}
+    (models_dir / "actions.yaml").write_text(yaml.safe_dump(actions))
+
+
+def make_project(root: Path) -> Settings:
+    """A project folder with its own data, MLflow database and fast specs."""
+    root.mkdir(parents=True, exist_ok=True)
+    fast_specs(root / "models")
+    (root / "propensity.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "feature_repo": str(REPO / "feature_repo"),
+                "models_dir": "models",
+                "mlflow_tracking_uri": "sqlite:///data/mlflow.db",
+            }
+        )
+    )
+    return Settings(
+        root=root,
+        feature_repo=REPO / "feature_repo",
+        models_dir=Path("models"),
+    )
+
+
+def drop(settings: Settings, table: pa.Table, name: str) -> Path:
+    """Write events into the landing folder as a new Parquet file."""
+    landing = settings.path(settings.landing_dir)
+    landing.mkdir(parents=True, exist_ok=True)
+    path = landing / name
+    pq.write_table(table, path)
+    return path
