@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from datetime import date
 from pathlib import Path
 from typing import Annotated
@@ -20,6 +22,15 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
+
+
+@app.callback()
+def _quiet_dependencies() -> None:
+    """Keep third-party chatter out of command output (errors still show)."""
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message="On demand feature view is an experimental")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
 
 ConfigOption = Annotated[
     Path | None,
@@ -192,7 +203,7 @@ def train(
                         truth_dir=truth,
                         progress=progress,
                     )
-            except ValueError as exc:
+            except (ValueError, LookupError) as exc:
                 _fail(str(exc))
             console.print(result)
 
@@ -355,7 +366,14 @@ def quickstart(
 
     settings = _settings(config)
     with rich_progress(console) as progress:
-        run_quickstart(settings, customers=customers, days=days, seed=seed, progress=progress)
+        run_quickstart(
+            settings,
+            customers=customers,
+            days=days,
+            seed=seed,
+            progress=progress,
+            console=console,
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,285 @@
+"""Cutoffs, horizons, label windows and entity frames.
+
+Conventions (shared with the features): a cutoff ``T`` is a midnight UTC; features
+at ``T`` see only events with ``event_timestamp < T``; a label with horizon ``H``
+looks at ``T <= event_timestamp < T + H days``. Every label window must close at or
+before the data end (the lake's latest event), otherwise the label would count a
+customer as "did nothing" merely because the data stops.
+
+* churn: active (a ``session_start`` or ``purchase``) in ``[T - L, T)`` and neither
+  in ``[T, T + H)``; population = customers active in ``[T - L, T)``.
+* purchase: at least one ``purchase`` in ``[T, T + H)``; population = every customer
+  whose first event is before ``T``. Only purchase events are needed, so an
+  orders-only transaction log is enough.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import duckdb
+import pandas as pd
+
+from propensity.events.lake import EventLake
+from propensity.models.spec import LabelSpec, SplitSpec
+
+__all__ = [
+    "LabelWindowError",
+    "DataWindow",
+    "data_window",
+    "to_cutoff",
+    "check_label_window",
+    "choose_cutoffs",
+    "entity_frame",
+    "population_frame",
+    "ACTIVITY_EVENTS",
+]
+
+#: Event types that make a customer "active" for the churn label.
+ACTIVITY_EVENTS: tuple[str, ...] = ("session_start", "purchase")
+_EPOCH_MONDAY = pd.Timestamp("1970-01-05", tz="UTC")
+
+
+class LabelWindowError(ValueError):
+    """A label window would extend past the end of the data."""
+
+
+@dataclass(frozen=True)
+class DataWindow:
+    """First and last event timestamps in the lake (UTC)."""
+
+    start: pd.Timestamp
+    end: pd.Timestamp
+
+
+def _connect() -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    # Day boundaries of the label windows are UTC midnights whatever the machine's zone.
+    con.execute("SET TimeZone = 'UTC'")
+    return con
+
+
+def to_cutoff(value: str | pd.Timestamp | object) -> pd.Timestamp:
+    """Parse a date into a cutoff: midnight UTC of that date.
+
+    Naive values are read as UTC; a value that is not a midnight is an error, since
+    features exist only at midnight snapshots.
+
+    Examples
+    --------
+    >>> to_cutoff("2024-03-04")
+    Timestamp('2024-03-04 00:00:00+0000', tz='UTC')
+    """
+    ts = pd.Timestamp(value)
+    ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+    if ts != ts.normalize():
+        raise ValueError(f"cutoff {value!r} is not a midnight UTC; pass a date such as 2024-03-04")
+    return ts
+
+
+def data_window(lake: EventLake) -> DataWindow:
+    """The first and last event timestamps committed to ``lake``.
+
+    Examples
+    --------
+    >>> data_window(EventLake("data/lake")).end  # doctest: +SKIP
+    Timestamp('2024-06-28 23:58:11+0000', tz='UTC')
+    """
+    con = _connect()
+    start, end = con.execute(
+        f"SELECT min(event_timestamp), max(event_timestamp) FROM {lake.duckdb_scan()}"
+    ).fetchone() or (None, None)
+    if start is None or end is None:
+        raise LabelWindowError(f"the event lake at {lake.root} holds no timestamped events")
+    return DataWindow(pd.Timestamp(start).tz_convert("UTC"), pd.Timestamp(end).tz_convert("UTC"))
+
+
+def check_label_window(cutoff: pd.Timestamp, horizon_days: int, data_end: pd.Timestamp) -> None:
+    """Raise :class:`LabelWindowError` unless ``[cutoff, cutoff + horizon)`` closes by ``data_end``.
+
+    Examples
+    --------
+    >>> end = pd.Timestamp("2024-06-30", tz="UTC")
+    >>> check_label_window(pd.Timestamp("2024-05-31", tz="UTC"), 30, end)
+    """
+    closes = cutoff + pd.Timedelta(days=horizon_days)
+    if closes > data_end:
+        latest = (data_end - pd.Timedelta(days=horizon_days)).floor("D")
+        raise LabelWindowError(
+            f"as-of {cutoff.date()} with horizon {horizon_days} days needs events until "
+            f"{closes.date()}, but the data ends at {data_end.isoformat()}; use --as-of "
+            f"{latest.date()} or earlier, or a shorter --horizon-days"
+        )
+
+
+def choose_cutoffs(
+    window: DataWindow,
+    horizon_days: int,
+    split: SplitSpec,
+    *,
+    as_of: str | pd.Timestamp | None = None,
+    weekday: int = 0,
+) -> list[pd.Timestamp]:
+    """Weekly cutoffs whose label windows all close before the data ends, oldest first.
+
+    Parameters
+    ----------
+    window : DataWindow
+        The lake's first and last event times.
+    horizon_days : int
+        Label horizon.
+    split : SplitSpec
+        ``n_cutoffs``, ``cutoff_step_days`` and ``min_history_days``.
+    as_of : date, optional
+        The latest cutoff. Defaults to the latest date of the weekly grid (the
+        ``weekday`` of every week, Monday = 0, the feature snapshots' grid) whose label
+        window closes by the data end. A given ``as_of`` whose window cannot close
+        is an error naming the as-of, the horizon and the data end.
+    weekday : int
+        Weekday of the default grid.
+
+    Returns
+    -------
+    list of pandas.Timestamp
+        Midnights UTC, ascending, at most ``split.n_cutoffs``, none earlier than
+        ``min_history_days`` after the first event.
+
+    Examples
+    --------
+    >>> w = DataWindow(pd.Timestamp("2024-01-01", tz="UTC"), pd.Timestamp("2024-06-29", tz="UTC"))
+    >>> cuts = choose_cutoffs(w, 30, SplitSpec(n_cutoffs=4))
+    >>> [str(c.date()) for c in cuts]
+    ['2024-05-06', '2024-05-13', '2024-05-20', '2024-05-27']
+    """
+    if as_of is not None:
+        last = to_cutoff(as_of)
+        check_label_window(last, horizon_days, window.end)
+    else:
+        last = (window.end - pd.Timedelta(days=horizon_days)).floor("D")
+        offset = (last - _EPOCH_MONDAY).days - weekday
+        last = last - pd.Timedelta(days=offset % 7)
+    first_allowed = window.start.floor("D") + pd.Timedelta(days=split.min_history_days)
+    cutoffs = [last - pd.Timedelta(days=k * split.cutoff_step_days) for k in range(split.n_cutoffs)]
+    cutoffs = sorted(c for c in cutoffs if c >= first_allowed)
+    if not cutoffs:
+        raise LabelWindowError(
+            f"no cutoff fits: the latest possible cutoff {last.date()} is earlier than "
+            f"{split.min_history_days} days after the first event ({window.start.date()})"
+        )
+    return cutoffs
+
+
+def _cutoff_table(cutoffs: Sequence[pd.Timestamp]) -> pd.DataFrame:
+    dates = [to_cutoff(c).date() for c in cutoffs]
+    return pd.DataFrame({"cutoff": pd.to_datetime(dates).date})
+
+
+def entity_frame(
+    lake: EventLake, cutoffs: Sequence[pd.Timestamp], label: LabelSpec, population: str
+) -> pd.DataFrame:
+    """Labelled entity rows: one per eligible customer and cutoff, computed in DuckDB.
+
+    Parameters
+    ----------
+    lake : EventLake
+    cutoffs : sequence of Timestamp
+        Midnights UTC; every label window must close by the lake's data end.
+    label : LabelSpec
+        Kind, horizon and activity lookback.
+    population : {"active", "known"}
+        ``active``: a session_start or purchase in the lookback before the cutoff;
+        ``known``: any event before the cutoff.
+
+    Returns
+    -------
+    DataFrame
+        ``customer_id`` (str), ``event_timestamp`` (the cutoff, UTC), ``label``
+        (int8) and ``days_since_last`` (days from the last activity — for purchase
+        labels the last purchase — to the cutoff; NaN when there was none), sorted by
+        cutoff then customer.
+
+    Examples
+    --------
+    >>> spec = LabelSpec(kind="churn", horizon_days=30)  # doctest: +SKIP
+    >>> entity_frame(lake, [pd.Timestamp("2024-05-06", tz="UTC")], spec, "active")  # doctest: +SKIP
+    """
+    if not cutoffs:
+        raise ValueError("entity_frame needs at least one cutoff")
+    end = data_window(lake).end
+    for cutoff in cutoffs:
+        check_label_window(to_cutoff(cutoff), label.horizon_days, end)
+    if population not in ("active", "known"):
+        raise ValueError(f"population {population!r} is not one of 'active', 'known'")
+    con = _connect()
+    con.register("cuts", _cutoff_table(cutoffs))
+    activity = ", ".join(f"'{e}'" for e in ACTIVITY_EVENTS)
+    positive = "n_purchase" if label.kind == "purchase" else "n_active"
+    recency_of = "n_purchase" if label.kind == "purchase" else "n_active"
+    eligible = (
+        "SELECT customer_id, cutoff FROM days JOIN cuts "
+        f"ON day >= cutoff - {label.activity_lookback_days} AND day < cutoff "
+        "WHERE n_active > 0 GROUP BY ALL"
+        if population == "active"
+        else "SELECT customer_id, cutoff FROM firsts JOIN cuts ON first_day < cutoff"
+    )
+    sql = f"""
+    WITH days AS (
+        -- customer-days first: every window below is a range over this small table
+        SELECT customer_id, CAST(event_timestamp AS DATE) AS day,
+               count(*) FILTER (WHERE event_type IN ({activity})) AS n_active,
+               count(*) FILTER (WHERE event_type = 'purchase') AS n_purchase
+        FROM {lake.duckdb_scan()}
+        GROUP BY ALL
+    ),
+    firsts AS (SELECT customer_id, min(day) AS first_day FROM days GROUP BY ALL),
+    eligible AS ({eligible}),
+    outcome AS (
+        SELECT customer_id, cutoff, sum({positive}) AS n
+        FROM days JOIN cuts ON day >= cutoff AND day < cutoff + {label.horizon_days}
+        WHERE {positive} > 0
+        GROUP BY ALL
+    ),
+    recent AS (SELECT customer_id, day FROM days WHERE {recency_of} > 0)
+    SELECT e.customer_id, CAST(e.cutoff AS TIMESTAMP) AS cutoff,
+           coalesce(o.n, 0) AS n_outcome,
+           CAST(e.cutoff - r.day AS DOUBLE) AS days_since_last
+    FROM eligible e
+    LEFT JOIN outcome o USING (customer_id, cutoff)
+    ASOF LEFT JOIN recent r ON e.customer_id = r.customer_id AND e.cutoff > r.day
+    ORDER BY cutoff, customer_id
+    """
+    frame = con.execute(sql).df()
+    has_outcome = frame["n_outcome"] > 0
+    # churn is the absence of activity; purchase is its presence
+    positive_label = ~has_outcome if label.kind == "churn" else has_outcome
+    return pd.DataFrame(
+        {
+            "customer_id": frame["customer_id"].astype(str),
+            "event_timestamp": pd.to_datetime(frame["cutoff"]).dt.tz_localize("UTC"),
+            "label": positive_label.astype("int8"),
+            "days_since_last": frame["days_since_last"].astype("float64"),
+        }
+    )
+
+
+def population_frame(lake: EventLake, as_of: pd.Timestamp) -> pd.DataFrame:
+    """Every customer whose first event is before ``as_of``: the rows to score at that date.
+
+    Returns
+    -------
+    DataFrame
+        ``customer_id`` and ``event_timestamp`` (= ``as_of``), sorted by customer.
+
+    Examples
+    --------
+    >>> population_frame(lake, pd.Timestamp("2024-06-01", tz="UTC"))  # doctest: +SKIP
+    """
+    cutoff = to_cutoff(as_of)
+    con = _connect()
+    ids = con.execute(
+        f"SELECT DISTINCT customer_id FROM {lake.duckdb_scan()} "
+        "WHERE event_timestamp < ? ORDER BY customer_id",
+        [cutoff.to_pydatetime()],
+    ).df()["customer_id"]
+    return pd.DataFrame({"customer_id": ids.astype(str), "event_timestamp": cutoff})

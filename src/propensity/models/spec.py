@@ -1,0 +1,199 @@
+"""Model specifications: what to predict, for whom, from which features, and when to promote.
+
+A spec is declarative YAML under the project's ``models/`` folder (``churn.yaml``,
+``purchase_propensity.yaml``) validated into :class:`ModelSpec`. Unknown keys are
+errors that name the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "CalibrationMethod",
+    "Gates",
+    "LabelSpec",
+    "LightGBMParams",
+    "ModelSpec",
+    "SpecError",
+    "SplitSpec",
+    "load_spec",
+    "MODEL_NAMES",
+]
+
+#: Registered model names and the spec file each one reads.
+MODEL_NAMES: dict[str, str] = {
+    "churn": "churn.yaml",
+    "purchase_propensity": "purchase_propensity.yaml",
+}
+_ALIASES = {"purchase": "purchase_propensity"}
+
+CalibrationMethod = Literal["auto", "isotonic", "sigmoid", "none"]
+
+
+class SpecError(ValueError):
+    """A model spec is missing or invalid."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LabelSpec(_Strict):
+    """The outcome and its horizon.
+
+    ``churn``: active (session_start or purchase) in ``[T - activity_lookback_days, T)``
+    and neither in ``[T, T + horizon_days)``. ``purchase``: at least one purchase in
+    ``[T, T + horizon_days)``.
+    """
+
+    kind: Literal["churn", "purchase"]
+    horizon_days: int = Field(gt=0)
+    activity_lookback_days: int = Field(default=30, gt=0)
+
+
+class LightGBMParams(_Strict):
+    """LightGBM hyper-parameters (the subset this project tunes)."""
+
+    num_leaves: int = Field(default=31, ge=2)
+    learning_rate: float = Field(default=0.05, gt=0, le=1)
+    n_estimators: int = Field(default=1000, ge=1)
+    min_child_samples: int = Field(default=50, ge=1)
+    subsample: float = Field(default=0.8, gt=0, le=1)
+    subsample_freq: int = Field(default=1, ge=0)
+    colsample_bytree: float = Field(default=0.8, gt=0, le=1)
+    reg_lambda: float = Field(default=1.0, ge=0)
+    max_bin: int = Field(default=255, ge=2)
+    #: ``balanced`` weighs positives by negatives/positives; calibration then restores
+    #: probabilities, so keep ``calibration`` on when this is set.
+    class_weight: Literal["balanced", "none"] = "balanced"
+    num_threads: int = Field(default=0, ge=0)
+
+
+class SplitSpec(_Strict):
+    """Weekly cutoffs and the time-based split into train / validation / test."""
+
+    cutoff_step_days: int = Field(default=7, gt=0)
+    n_cutoffs: int = Field(default=12, ge=3)
+    validation_cutoffs: int = Field(default=1, ge=1)
+    test_cutoffs: int = Field(default=1, ge=1)
+    #: Days of history a customer base needs before the first cutoff is useful.
+    min_history_days: int = Field(default=28, ge=0)
+    #: Keep only train and validation cutoffs whose label window closes by the first
+    #: test cutoff, as it would in production on the test date.
+    purge: bool = True
+
+    @model_validator(mode="after")
+    def _enough_train(self) -> SplitSpec:
+        if self.validation_cutoffs + self.test_cutoffs >= self.n_cutoffs:
+            raise ValueError(
+                f"n_cutoffs={self.n_cutoffs} leaves no train cutoff after "
+                f"validation_cutoffs={self.validation_cutoffs} and test_cutoffs={self.test_cutoffs}"
+            )
+        return self
+
+
+class Gates(_Strict):
+    """Promotion gates checked on the test window."""
+
+    min_auc: float = Field(default=0.6, ge=0, le=1)
+    max_ece: float = Field(default=0.05, ge=0, le=1)
+    #: A challenger may trail the champion (scored on the same test rows) by at most this.
+    max_auc_drop: float = Field(default=0.005, ge=0, le=1)
+    min_rows: int = Field(default=1000, ge=0)
+
+
+class ModelSpec(_Strict):
+    """Everything needed to train, evaluate and promote one model.
+
+    Examples
+    --------
+    >>> spec = ModelSpec(name="churn", label=LabelSpec(kind="churn", horizon_days=30),
+    ...                  population="active", feature_service="churn_v1")
+    >>> spec.label.horizon_days
+    30
+    """
+
+    name: str = Field(min_length=1)
+    description: str = ""
+    label: LabelSpec
+    #: ``active``: active in the lookback before the cutoff; ``known``: any event before it.
+    population: Literal["active", "known"]
+    feature_service: str = Field(min_length=1)
+    #: Service features the model must not use, e.g. absolute timestamps kept only as
+    #: inputs of on-demand features (a tree cannot extrapolate a clock to later dates).
+    exclude_features: list[str] = Field(default_factory=list)
+    lightgbm: LightGBMParams = LightGBMParams()
+    early_stopping_rounds: int = Field(default=50, ge=1)
+    calibration: CalibrationMethod = "auto"
+    split: SplitSpec = SplitSpec()
+    gates: Gates = Gates()
+    #: Rows sampled from the test window for the SHAP summary plot.
+    shap_sample: int = Field(default=2000, ge=0)
+    seed: int = 42
+
+    def with_horizon(self, horizon_days: int | None) -> ModelSpec:
+        """Return a copy with another label horizon (``None`` keeps this one)."""
+        if horizon_days is None:
+            return self
+        label = self.label.model_copy(update={"horizon_days": horizon_days})
+        return self.model_copy(update={"label": LabelSpec.model_validate(label.model_dump())})
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(root)"
+        if item["type"] == "extra_forbidden":
+            parts.append(f"unknown key {where!r} in {source}")
+        else:
+            parts.append(f"{where!r} in {source}: {item['msg']}")
+    return "; ".join(parts)
+
+
+def load_spec(name_or_path: str | Path, models_dir: str | Path | None = None) -> ModelSpec:
+    """Load a model spec by registered name (``churn``, ``purchase``) or by YAML path.
+
+    Parameters
+    ----------
+    name_or_path : str or Path
+        A registered model name (``churn``, ``purchase_propensity`` or its short form
+        ``purchase``) or the path of a YAML spec.
+    models_dir : str or Path, optional
+        Folder holding the specs (``settings.path(settings.models_dir)``); defaults to
+        ``./models``.
+
+    Returns
+    -------
+    ModelSpec
+
+    Examples
+    --------
+    >>> spec = load_spec("churn", "models")  # doctest: +SKIP
+    >>> spec.feature_service  # doctest: +SKIP
+    'churn_v1'
+    """
+    key = _ALIASES.get(str(name_or_path), str(name_or_path))
+    if key in MODEL_NAMES:
+        path = Path(models_dir or "models") / MODEL_NAMES[key]
+    else:
+        path = Path(name_or_path)
+        if not path.suffix:
+            known = ", ".join([*MODEL_NAMES, *_ALIASES])
+            raise SpecError(f"unknown model {str(name_or_path)!r}; expected one of {known}")
+    if not path.exists():
+        raise SpecError(f"model spec {path} does not exist")
+    try:
+        data: Any = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path} must hold a mapping")
+    try:
+        return ModelSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_describe(exc, str(path))) from None

@@ -1,0 +1,95 @@
+"""The shared LightGBM pipeline and the baselines on synthetic frames with a known signal."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from propensity import evaluation as ev
+from propensity.models.baselines import LogisticBaseline, RecencyRule
+from propensity.models.pipeline import CalibratedBooster, as_matrix
+from propensity.models.spec import LightGBMParams
+
+
+def _data(n: int, seed: int) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    X = pd.DataFrame(rng.normal(size=(n, 5)), columns=list("abcde"))
+    X.loc[rng.uniform(size=n) < 0.05, "b"] = np.nan
+    # a non-linear truth with a rare positive class (~10%)
+    logit = -3.0 + 1.5 * X["a"] + 1.2 * (X["c"] ** 2 > 1) - 0.8 * X["b"].fillna(0)
+    p = 1 / (1 + np.exp(-logit.to_numpy()))
+    return X, (rng.uniform(size=n) < p).astype(int), p
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return _data(8000, 1), _data(3000, 2), _data(5000, 3)
+
+
+@pytest.mark.parametrize("class_weight", ["balanced", "none"])
+def test_calibrated_probabilities_are_honest(splits, class_weight):
+    (X, y, _), (Xv, yv, _), (Xt, yt, pt) = splits
+    params = LightGBMParams(num_leaves=7, min_child_samples=50, class_weight=class_weight)
+    model = CalibratedBooster(params, early_stopping_rounds=20, seed=0).fit(X, y, Xv, yv)
+    proba = model.predict_proba(Xt)
+    assert proba.shape == (len(Xt), 2)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    p = proba[:, 1]
+    assert ((p >= 0) & (p <= 1)).all()
+    m = ev.binary_metrics(yt, p)
+    # close to the truth's own ranking and calibrated despite the re-weighting
+    assert m["roc_auc"] > roc_auc_score(yt, pt) - 0.03
+    assert m["ece"] < 0.03
+    assert abs(m["mean_prediction"] - yt.mean()) < 0.02
+    assert model.calibration_ in ("none", "sigmoid", "isotonic")
+    assert set(model.calibration_losses_) == {"none", "sigmoid", "isotonic"}
+    assert model.best_iteration_ < 1000  # early stopping stopped it
+
+
+def test_balanced_weights_need_calibration(splits):
+    (X, y, _), (Xv, yv, _), (Xt, yt, _) = splits
+    params = LightGBMParams(num_leaves=7, class_weight="balanced")
+    raw = CalibratedBooster(params, 20, calibration="none", seed=0).fit(X, y, Xv, yv)
+    cal = CalibratedBooster(params, 20, calibration="auto", seed=0).fit(X, y, Xv, yv)
+    # re-weighting inflates raw probabilities; the calibrator brings them back
+    assert raw.predict(Xt).mean() > yt.mean() + 0.1
+    assert cal.calibration_ != "none"
+    assert abs(cal.predict(Xt).mean() - yt.mean()) < 0.02
+
+
+def test_deterministic_row_and_column_order_invariant(splits):
+    (X, y, _), (Xv, yv, _), (Xt, _, _) = splits
+    params = LightGBMParams(num_leaves=7, n_estimators=50)
+    a = CalibratedBooster(params, 10, seed=5).fit(X, y, Xv, yv)
+    b = CalibratedBooster(params, 10, seed=5).fit(X, y, Xv, yv)
+    np.testing.assert_array_equal(a.predict(Xt), b.predict(Xt))
+    perm = np.random.default_rng(0).permutation(len(Xt))
+    shuffled = Xt.iloc[perm][list("edcba")]
+    np.testing.assert_array_equal(a.predict(shuffled), a.predict(Xt)[perm])
+    np.testing.assert_allclose(a.predict(Xt.to_numpy(), num_threads=1), a.predict(Xt))
+    contrib = a.contributions(Xt.head(3))
+    assert contrib.shape == (3, 6)
+    assert list(a.feature_importance().index[:1]) == ["a"]
+
+
+def test_errors_name_the_problem(splits):
+    (X, y, _), (Xv, yv, _), _ = splits
+    with pytest.raises(ValueError, match=r"lacks feature column\(s\) \['e'\]"):
+        as_matrix(X.drop(columns="e"), list("abcde"))
+    with pytest.raises(ValueError, match="validation labels hold a single class"):
+        CalibratedBooster().fit(X, y, Xv, np.zeros(len(yv)))
+
+
+def test_baselines(splits):
+    (X, y, _), _, (Xt, yt, _) = splits
+    logistic = LogisticBaseline().fit(X, y)
+    p = logistic.predict(Xt)
+    assert ((p > 0) & (p < 1)).all() and roc_auc_score(yt, p) > 0.7
+    frame = pd.DataFrame({"days_since_last": [1.0, 5.0, np.nan, 30.0]})
+    churn = RecencyRule(higher_is_positive=True).fit(frame)
+    assert churn.fill_value_ == 31.0
+    assert churn.predict(frame).tolist() == [1.0, 5.0, 31.0, 30.0]
+    buy = RecencyRule(higher_is_positive=False).fit(frame)
+    assert np.argmax(buy.predict(frame)) == 0  # the most recent buyer ranks first

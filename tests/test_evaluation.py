@@ -1,0 +1,91 @@
+"""Metrics against scikit-learn and hand-computed values; plots render."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn import metrics as skm
+
+from propensity import evaluation as ev
+
+
+@pytest.fixture()
+def scored() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    p = rng.uniform(size=2000)
+    y = (rng.uniform(size=2000) < p).astype(int)
+    return y, p
+
+
+def test_binary_metrics_match_sklearn(scored):
+    y, p = scored
+    m = ev.binary_metrics(y, p)
+    assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(y, p))
+    assert m["pr_auc"] == pytest.approx(skm.average_precision_score(y, p))
+    assert m["log_loss"] == pytest.approx(skm.log_loss(y, p))
+    assert m["brier"] == pytest.approx(skm.brier_score_loss(y, p))
+    assert m["base_rate"] == pytest.approx(y.mean())
+    assert m["rows"] == 2000
+
+
+def test_ece_by_hand():
+    # bin [0.1, 0.2): p=0.1,0.1 with y=1,0 -> |0.5-0.1|
+    # bin [0.9, 1.0]: p=0.9,1.0 with y=1,1 -> |1-0.95|
+    y = np.array([1, 0, 1, 1])
+    p = np.array([0.1, 0.1, 0.9, 1.0])
+    assert ev.expected_calibration_error(y, p) == pytest.approx(0.5 * 0.4 + 0.5 * 0.05)
+    # calibrated-by-construction scores have a small ECE, a shifted copy a large one
+    rng = np.random.default_rng(0)
+    q = rng.uniform(size=50_000)
+    yy = (rng.uniform(size=q.size) < q).astype(int)
+    assert ev.expected_calibration_error(yy, q) < 0.01
+    assert ev.expected_calibration_error(yy, np.clip(q + 0.2, 0, 1)) > 0.15
+
+
+def test_lift_and_capture_by_hand():
+    y = np.array([1, 1, 0, 0, 0, 0, 0, 0, 0, 1])
+    s = np.arange(10, 0, -1) / 10  # row 0 has the highest score
+    # top 10% = row 0 (positive): capture 1/3, lift 1 / 0.3
+    assert ev.capture_at(y, s, 0.1) == pytest.approx(1 / 3)
+    assert ev.lift_at(y, s, 0.1) == pytest.approx(1 / 0.3)
+    # top 20% = rows 0, 1: capture 2/3, lift 1 / 0.3
+    assert ev.capture_at(y, s, 0.2) == pytest.approx(2 / 3)
+    assert ev.lift_at(y, s, 0.2) == pytest.approx(1 / 0.3)
+    m = ev.ranking_metrics(y, s)
+    assert m["capture_at_20"] == pytest.approx(2 / 3)
+
+
+def test_metrics_are_row_order_invariant(scored):
+    y, p = scored
+    order = np.random.default_rng(1).permutation(y.size)
+    a, b = ev.binary_metrics(y, p), ev.binary_metrics(y[order], p[order])
+    assert a == pytest.approx(b)
+
+
+def test_errors_name_the_row():
+    with pytest.raises(ValueError, match="row 1 is 2.0"):
+        ev.binary_metrics([0, 2], [0.1, 0.2])
+    with pytest.raises(ValueError, match="row 0 is 1.5"):
+        ev.binary_metrics([0, 1], [1.5, 0.2])
+    with pytest.raises(ValueError, match="3 rows but scores have 2"):
+        ev.ranking_metrics([0, 1, 1], [0.1, 0.2])
+
+
+def test_plots_render_png(tmp_path, scored):
+    y, p = scored
+    scores = {"model": p, "noise": np.random.default_rng(2).uniform(size=p.size)}
+    figures = {
+        "roc": ev.roc_figure(y, scores),
+        "pr": ev.pr_figure(y, scores),
+        "cal": ev.calibration_figure(y, scores),
+        "gain": ev.gain_figure(y, scores),
+        "imp": ev.importance_figure(pd.Series({"a": 3.0, "b": 1.0})),
+        "shap": ev.shap_figure(
+            np.random.default_rng(3).normal(size=(50, 2)),
+            pd.DataFrame(np.random.default_rng(4).normal(size=(50, 2)), columns=["a", "b"]),
+        ),
+    }
+    for name, fig in figures.items():
+        path = ev.save_figure(fig, tmp_path / f"{name}.png")
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
