@@ -1,0 +1,296 @@
+"""What a running scoring service holds: champions, the online reader, hot reload.
+
+:class:`Runtime` loads the ``champion`` version of each registered model,
+opens one Feast store, and polls the registry every ``reload_seconds``. When
+an alias moves it builds a complete new :class:`~propensity.serving.scorer.Scorer`
+off to the side and swaps one reference: a request holds the scorer it
+started with, so none fails or mixes versions during a reload.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from propensity.config import Settings
+from propensity.serving.scorer import (
+    CHURN,
+    NBA,
+    PURCHASE,
+    BoosterBundle,
+    FeastOnlineReader,
+    FeatureReader,
+    NBAPolicy,
+    Scorer,
+    SqliteOnlineReader,
+)
+
+__all__ = [
+    "ServingConfig",
+    "ModelSource",
+    "RegistrySource",
+    "Runtime",
+    "online_reader",
+    "SERVING_ENV",
+]
+
+_log = logging.getLogger(__name__)
+
+#: Environment variables read by :meth:`ServingConfig.from_env` (not project settings).
+SERVING_ENV = {
+    "api_key": "PROPENSITY_API_KEY",
+    "reload_seconds": "PROPENSITY_RELOAD_SECONDS",
+    "batch_limit": "PROPENSITY_BATCH_LIMIT",
+}
+
+
+class ServingConfig(BaseModel):
+    """Options of the scoring service.
+
+    Attributes
+    ----------
+    api_key : SecretStr, optional
+        Required in the ``X-API-Key`` header when set (``PROPENSITY_API_KEY``).
+    reload_seconds : float
+        Registry poll interval for hot reload (``PROPENSITY_RELOAD_SECONDS``).
+    batch_limit : int
+        Most ids per ``/score_batch`` call (``PROPENSITY_BATCH_LIMIT``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_key: SecretStr | None = None
+    reload_seconds: float = Field(30.0, gt=0)
+    batch_limit: int = Field(1000, ge=1)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingConfig:
+        """Read the ``PROPENSITY_API_KEY`` / ``_RELOAD_SECONDS`` / ``_BATCH_LIMIT`` variables.
+
+        Examples
+        --------
+        >>> ServingConfig.from_env({"PROPENSITY_RELOAD_SECONDS": "5"}).reload_seconds
+        5.0
+        """
+        env = os.environ if environ is None else environ
+        values = {field: env[var] for field, var in SERVING_ENV.items() if env.get(var)}
+        return cls.model_validate(values)
+
+
+class ModelSource(Protocol):
+    """Where champions come from: their versions, and the fitted objects."""
+
+    def champion_versions(self) -> dict[str, int | None]: ...
+
+    def load(self, model: str, version: int) -> Any: ...
+
+
+class RegistrySource:
+    """The MLflow registry of a project (through :mod:`propensity.registry`)."""
+
+    def __init__(self, tracking_uri: str, models: tuple[str, ...] = (CHURN, PURCHASE, NBA)):
+        self.tracking_uri = tracking_uri
+        self.models = models
+
+    def champion_versions(self) -> dict[str, int | None]:
+        from propensity.registry import champion_version
+
+        return {m: champion_version(self.tracking_uri, m) for m in self.models}
+
+    def load(self, model: str, version: int) -> Any:
+        from propensity.registry import load_estimator
+
+        return load_estimator(self.tracking_uri, model, version)
+
+
+def _as_policy(obj: Any, version: int) -> NBAPolicy:
+    """Adapt the registered next-best-action object to the scorer's interface."""
+    if hasattr(obj, "decide") and hasattr(obj, "feature_names"):
+        return obj
+    from propensity.serving.policy import ArbitrationPolicy
+
+    return ArbitrationPolicy(obj, str(version))
+
+
+def _days_since_last_seen(columns: dict[str, np.ndarray], now: float) -> np.ndarray:
+    from propensity.features.definitions import request_features
+
+    last = columns["last_event_epoch"]
+    values = request_features({"request_time": [now] * len(last), "last_event_epoch": list(last)})
+    return np.array(values["days_since_last_seen"], dtype=np.float64)
+
+
+_DERIVED: dict[str, tuple[str, Callable[[dict[str, np.ndarray], float], np.ndarray]]] = {
+    "days_since_last_seen": ("last_event_epoch", _days_since_last_seen),
+}
+
+
+def online_reader(store: Any, feature_names: list[str], sqlite_path: Any = None) -> FeatureReader:
+    """A reader of ``feature_names`` from the project's Feast online store.
+
+    Regular features are read from their view; on-demand ones are computed
+    here with the feature repo's own transformation (cheaper than Feast's
+    on-demand path, same values). With ``sqlite_path`` the SQLite store is
+    read directly (one query per call), else through Feast (e.g. Redis).
+    """
+    from propensity.features.definitions import FEATURES, ON_DEMAND_FEATURES
+
+    view_of = {f.name: f.view for f in FEATURES}
+    base: list[str] = []
+    derived = {}
+    for name in feature_names:
+        if name in _DERIVED:
+            source, fn = _DERIVED[name]
+            derived[name] = fn
+            base.append(source)
+        elif name in ON_DEMAND_FEATURES:
+            raise ValueError(f"on-demand feature {name!r} has no serving-side transformation")
+        elif name in view_of:
+            base.append(name)
+        else:
+            raise ValueError(f"feature {name!r} is not defined in the feature registry")
+    base = list(dict.fromkeys(base))
+    views = sorted({view_of[n] for n in base})
+    ttls = {}
+    for view in views:
+        ttl = store.get_feature_view(view).ttl
+        ttls[view] = ttl.total_seconds() if ttl else math.inf
+    refs = [f"{view_of[n]}:{n}" for n in base]
+    if sqlite_path is not None:
+        return SqliteOnlineReader(
+            sqlite_path, refs, project=store.project, ttls=ttls, derived=derived
+        )
+    return FeastOnlineReader(store, refs, ttls=ttls, derived=derived)
+
+
+class Runtime:
+    """Champions, one open feature store and the reload loop of a service.
+
+    Parameters
+    ----------
+    settings : Settings
+    config : ServingConfig, optional
+    source : ModelSource, optional
+        Defaults to the project's MLflow registry.
+    reader_factory : callable, optional
+        ``fn(feature_names) -> FeatureReader``; defaults to the project's Feast
+        online store.
+
+    Examples
+    --------
+    >>> runtime = Runtime(load_settings()).start()  # doctest: +SKIP
+    >>> runtime.scorer.score(["C0000001"])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        config: ServingConfig | None = None,
+        *,
+        source: ModelSource | None = None,
+        reader_factory: Callable[[list[str]], FeatureReader] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.config = config or ServingConfig.from_env({})
+        self.source = source or RegistrySource(settings.tracking_uri)
+        self._reader_factory = reader_factory
+        self._store: Any = None
+        self.scorer: Scorer | None = None
+        self.versions: dict[str, int | None] = {}
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._audience_cache: dict[tuple[Any, ...], Any] = {}
+
+    @property
+    def ready(self) -> bool:
+        """Models and the feature store are loaded."""
+        return self.scorer is not None
+
+    def _reader(self, feature_names: list[str]) -> FeatureReader:
+        if self._reader_factory is not None:
+            return self._reader_factory(feature_names)
+        if self._store is None:
+            from propensity.features.store import FeatureStoreAdapter
+
+            self._store = FeatureStoreAdapter(self.settings).store
+        online = self.settings.online_store
+        path = self.settings.path(online.sqlite_path) if online.kind == "sqlite" else None
+        return online_reader(self._store, feature_names, path)
+
+    def reload(self) -> bool:
+        """Load the champions if any alias moved; True when a new scorer was swapped in."""
+        with self._lock:
+            versions = self.source.champion_versions()
+            if versions == self.versions and self.scorer is not None:
+                return False
+            for name in (CHURN, PURCHASE):
+                if versions.get(name) is None:
+                    raise LookupError(f"model {name!r} has no champion version in the registry")
+            churn = BoosterBundle(
+                CHURN, str(versions[CHURN]), self.source.load(CHURN, int(versions[CHURN] or 0))
+            )
+            purchase = BoosterBundle(
+                PURCHASE,
+                str(versions[PURCHASE]),
+                self.source.load(PURCHASE, int(versions[PURCHASE] or 0)),
+            )
+            policy = None
+            nba_version = versions.get(NBA)
+            if nba_version is not None:
+                policy = _as_policy(self.source.load(NBA, nba_version), nba_version)
+            names = list(
+                dict.fromkeys(
+                    churn.feature_names
+                    + purchase.feature_names
+                    + (policy.feature_names if policy else [])
+                )
+            )
+            scorer = Scorer(self._reader(names), churn, purchase, policy)
+            self.scorer = scorer  # the swap: one reference assignment
+            self.versions = versions
+            self.last_error = None
+            _log.info("serving model versions %s", scorer.versions)
+            return True
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.config.reload_seconds):
+            self._try_reload()
+
+    def _try_reload(self) -> None:
+        try:
+            self.reload()
+        except Exception as exc:  # keep serving the previous models
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            _log.warning("model reload failed (still serving %s): %s", self.versions, exc)
+
+    def start(self) -> Runtime:
+        """Load the champions (errors are kept in ``last_error``) and start polling."""
+        self._try_reload()
+        self._thread = threading.Thread(target=self._poll, name="champion-reload", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the reload loop."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def audience(self, request: Any) -> dict[str, Any]:
+        """Answer an ``AudienceRequest`` from the latest offline snapshot."""
+        from propensity.serving.audience import select_audience, snapshot_scores
+
+        scorer = self.scorer
+        if scorer is None:
+            raise LookupError("models are not loaded")
+        table = snapshot_scores(self.settings, scorer, cache=self._audience_cache)
+        return select_audience(table, request)

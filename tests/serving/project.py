@@ -1,0 +1,146 @@
+"""A small but real project for the serving tests and benchmark.
+
+Random feature tables for every feature view (two weekly snapshots), the
+real Feast repo applied to them with the latest snapshot written online, and
+real calibrated LightGBM models registered in MLflow on SQLite with the
+``champion`` alias set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from propensity.config import Settings, load_settings
+from propensity.features.definitions import FEATURES, VIEWS
+from propensity.features.snapshots import feature_table_path
+from propensity.models.pipeline import CalibratedBooster
+from propensity.models.spec import LightGBMParams
+from propensity.registry import log_run, set_champion
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SNAPSHOT = pd.Timestamp("2026-06-01", tz="UTC")
+#: Customers present offline but never written online (unknown to /score).
+OFFLINE_ONLY = 5
+
+
+@dataclass
+class Project:
+    settings: Settings
+    customers: list[str]
+    churn_features: list[str]
+    purchase_features: list[str]
+    versions: dict[str, list[int]]
+
+
+def customer_ids(n: int) -> list[str]:
+    return [f"C{i:07d}" for i in range(1, n + 1)]
+
+
+def _feature_frame(ids: list[str], when: pd.Timestamp, rng: np.random.Generator) -> pd.DataFrame:
+    n = len(ids)
+    frame = pd.DataFrame({"customer_id": ids, "event_timestamp": when})
+    for f in FEATURES:
+        values = rng.gamma(2.0, 3.0, size=n)
+        if f.name == "last_event_epoch":
+            values = when.timestamp() - rng.uniform(0, 30 * 86400, size=n)
+        if f.missing == "null":
+            values[rng.random(n) < 0.1] = np.nan
+        frame[f.name] = values
+    return frame
+
+
+def write_feature_tables(settings: Settings, n: int, seed: int = 0) -> list[str]:
+    """Two snapshots a week apart for ``n`` customers; returns the ids."""
+    rng = np.random.default_rng(seed)
+    ids = customer_ids(n)
+    frames = [
+        _feature_frame(ids, SNAPSHOT - timedelta(days=7), rng),
+        _feature_frame(ids, SNAPSHOT, rng),
+    ]
+    full = pd.concat(frames, ignore_index=True)
+    features_dir = settings.path(settings.features_dir)
+    features_dir.mkdir(parents=True, exist_ok=True)
+    for view in VIEWS:
+        names = [f.name for f in FEATURES if f.view == view]
+        full[["customer_id", "event_timestamp", *names]].to_parquet(
+            feature_table_path(features_dir, view), index=False
+        )
+    return ids
+
+
+def publish_online(settings: Settings, n_online: int) -> None:
+    """Apply the Feast repo and write the latest snapshot of the first ``n_online`` ids."""
+    import pyarrow.parquet as pq
+
+    from propensity.features.online_writer import write_online_many
+    from propensity.features.store import FeatureStoreAdapter
+
+    adapter = FeatureStoreAdapter(settings)
+    adapter.apply()
+    keep = set(customer_ids(n_online))
+    sources = {}
+    for view in VIEWS:
+        table = pq.read_table(feature_table_path(settings.path(settings.features_dir), view))
+        frame = table.to_pandas()
+        frame = frame[(frame["event_timestamp"] == SNAPSHOT) & frame["customer_id"].isin(keep)]
+        import pyarrow as pa
+
+        sources[view] = pa.Table.from_pandas(frame, preserve_index=False)
+    write_online_many(adapter.store, sources, end=SNAPSHOT.to_pydatetime() + timedelta(seconds=1))
+
+
+def fit_model(
+    features: list[str], seed: int, n_rows: int = 3000, n_estimators: int = 40
+) -> CalibratedBooster:
+    rng = np.random.default_rng(seed)
+    X = pd.DataFrame(rng.gamma(2.0, 3.0, size=(n_rows, len(features))), columns=features)
+    X.iloc[rng.random(n_rows) < 0.05, 0] = np.nan
+    logit = (X.iloc[:, 1] - 6) / 3 - (X.iloc[:, 2] - 6) / 4 + rng.normal(size=n_rows)
+    y = (logit > 0).astype(int).to_numpy()
+    split = int(n_rows * 0.75)
+    model = CalibratedBooster(
+        LightGBMParams(n_estimators=n_estimators, num_leaves=15, min_child_samples=20),
+        early_stopping_rounds=10,
+        calibration="sigmoid",
+        seed=seed,
+    )
+    return model.fit(X[:split], y[:split], X[split:], y[split:])
+
+
+def register(settings: Settings, name: str, model: CalibratedBooster, champion: bool = True) -> int:
+    example = pd.DataFrame(np.ones((2, len(model.feature_names_))), columns=model.feature_names_)
+    run = log_run(
+        settings.tracking_uri, name, estimator=model, input_example=example, register_as=name
+    )
+    assert run.version is not None
+    if champion:
+        set_champion(settings.tracking_uri, name, run.version)
+    return run.version
+
+
+def build_project(root: Path, n_customers: int = 300) -> Project:
+    """Everything the service needs, under ``root``."""
+    from propensity.features.store import FeatureStoreAdapter
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "propensity.yaml").write_text(
+        f"feature_repo: {REPO_ROOT / 'feature_repo'}\nmlflow_tracking_uri: sqlite:///data/mlflow.db\n"
+    )
+    settings = load_settings(root, environ={})
+    ids = write_feature_tables(settings, n_customers)
+    publish_online(settings, n_customers - OFFLINE_ONLY)
+    adapter = FeatureStoreAdapter(settings)
+    churn_features = adapter.service_features("churn_v1")
+    purchase_features = adapter.service_features("purchase_v1")
+    versions = {
+        "churn": [register(settings, "churn", fit_model(churn_features, seed=1))],
+        "purchase_propensity": [
+            register(settings, "purchase_propensity", fit_model(purchase_features, seed=2))
+        ],
+    }
+    return Project(settings, ids, churn_features, purchase_features, versions)

@@ -1,0 +1,128 @@
+"""The scoring core in-process: readers, reasons, next-best-action, audiences."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from project import Project
+
+from propensity.features.store import FeatureStoreAdapter
+from propensity.models.arbitration import load_catalog
+from propensity.models.nba import NBAModel
+from propensity.serving.audience import select_audience
+from propensity.serving.policy import ArbitrationPolicy
+from propensity.serving.runtime import Runtime, ServingConfig, online_reader
+from propensity.serving.schemas import AudienceRequest
+from propensity.serving.scorer import Scorer, entity_key_bytes
+
+pytestmark = pytest.mark.slow
+
+
+def test_entity_key_bytes_match_feast_encoding() -> None:
+    from feast.infra.key_encoding_utils import serialize_entity_key
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    ids = ["C0000001", "Ünïcode-42", ""]
+    expected = [
+        serialize_entity_key(
+            EntityKey(join_keys=["customer_id"], entity_values=[Value(string_val=c)]),
+            entity_key_serialization_version=3,
+        )
+        for c in ids
+    ]
+    assert [entity_key_bytes("customer_id", c) for c in ids] == expected
+
+
+def test_sqlite_reader_equals_feast_reader(project: Project) -> None:
+    runtime = Runtime(project.settings, ServingConfig.from_env({}))
+    runtime.reload()
+    assert runtime.scorer is not None
+    fast = runtime.scorer.reader
+    names = fast.feature_names
+    slow = online_reader(FeatureStoreAdapter(project.settings).store, names)
+    fast.clock = slow.clock = lambda: 1_790_000_000.0  # type: ignore[attr-defined]
+    ids = [project.customers[0], "unknown", project.customers[7], project.customers[0]]
+    a, b = fast.read(ids), slow.read(ids)
+    assert type(fast).__name__ == "SqliteOnlineReader"
+    np.testing.assert_array_equal(a.matrix, b.matrix)
+    np.testing.assert_array_equal(a.found, [True, False, True, True])
+    np.testing.assert_array_equal(a.found, b.found)
+    np.testing.assert_array_equal(a.stale, b.stale)
+    np.testing.assert_array_equal(a.timestamps, b.timestamps)
+    assert np.isnan(a.matrix[1]).all()
+
+
+def test_scorer_with_next_best_action(project: Project) -> None:
+    runtime = Runtime(project.settings, ServingConfig.from_env({}))
+    runtime.reload()
+    assert runtime.scorer is not None
+    from project import REPO_ROOT
+
+    catalog = load_catalog(REPO_ROOT / "models" / "actions.yaml")
+    rng = np.random.default_rng(3)
+    features = project.churn_features[:6]
+    n = 800
+    X = pd.DataFrame(rng.gamma(2.0, 3.0, size=(n, len(features))), columns=features)
+    arms = rng.choice([*catalog.names, catalog.control], size=n)
+    outcomes = {"purchase": rng.integers(0, 2, n), "retention": rng.integers(0, 2, n)}
+    model = NBAModel(catalog, learner="t", params={"n_estimators": 10}).fit(X, arms, outcomes)
+    policy = ArbitrationPolicy(model, "5")
+    base = runtime.scorer
+    scorer = Scorer(runtime._reader(list(dict.fromkeys(
+        base.churn.feature_names + base.purchase.feature_names + policy.feature_names
+    ))), base.churn, base.purchase, policy)  # fmt: skip
+    ids = project.customers[:20]
+    results = scorer.score(ids)
+    expected = policy.decide_frame(
+        ids, scorer.reader.read(ids).matrix[:, scorer._columns["next_best_action"]]
+    )
+    for result, (_, row) in zip(results, expected.iterrows(), strict=True):
+        assert result is not None
+        nba = result["next_best_action"]
+        assert nba["action"] == row["action"]
+        assert nba["expected_value"] == pytest.approx(row["expected_value"])
+        assert [a["action"] for a in nba["alternatives"]] == [
+            a["action"] for a in row["alternatives"]
+        ]
+    assert results[0]["model_versions"]["next_best_action"] == "5"
+
+
+def test_select_audience_filters_sorts_and_counts() -> None:
+    table = pd.DataFrame(
+        {
+            "customer_id": ["a", "b", "c", "d", "e"],
+            "churn": [0.9, 0.7, 0.65, 0.2, 0.8],
+            "purchase_propensity": [0.1, 0.5, 0.4, 0.9, 0.3],
+            "action": ["discount", "discount", "no_action", "discount", "discount"],
+            "expected_value": [1.0, 2.0, 0.0, 3.0, np.nan],
+        }
+    )
+    scores = {"table": table, "snapshot": "s", "model_versions": {}}
+    request = AudienceRequest.model_validate(
+        {
+            "score": "purchase_propensity",
+            "k": 2,
+            "filters": [
+                {"field": "churn", "op": ">=", "value": 0.6},
+                {"field": "action", "op": "==", "value": "discount"},
+            ],
+        }
+    )
+    out = select_audience(scores, request)
+    assert out["matched"] == 3
+    assert [m["customer_id"] for m in out["customers"]] == ["b", "e"]
+    by_value = AudienceRequest(score="expected_value", k=5)
+    ranked = [m["customer_id"] for m in select_audience(scores, by_value)["customers"]]
+    assert ranked == ["d", "b", "a", "c", "e"]  # NaN last
+
+
+def test_serving_config_from_env_validates() -> None:
+    config = ServingConfig.from_env(
+        {"PROPENSITY_API_KEY": "s3cr3t-v", "PROPENSITY_BATCH_LIMIT": "7"}
+    )
+    assert config.batch_limit == 7 and config.reload_seconds == 30
+    assert "s3cr3t-v" not in repr(config)  # the key is a SecretStr
+    with pytest.raises(ValueError, match="reload_seconds"):
+        ServingConfig.from_env({"PROPENSITY_RELOAD_SECONDS": "0"})

@@ -1,0 +1,219 @@
+"""The real scoring service over HTTP (BentoML in a subprocess, Feast SQLite, MLflow SQLite)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import API_KEY, Server
+from project import OFFLINE_ONLY, Project, fit_model, register
+
+from propensity.features.store import FeatureStoreAdapter
+from propensity.registry import load_estimator
+from propensity.serving.schemas import AudienceResponse, BatchResponse, ScoreResponse
+
+pytestmark = pytest.mark.slow
+
+
+def test_score_fields_and_probabilities_match_the_models(server: Server, project: Project) -> None:
+    customer = project.customers[3]
+    with server.client() as client:
+        response = client.post("/score", json={"customer_id": customer})
+    assert response.status_code == 200
+    body = ScoreResponse.model_validate(response.json())
+    assert body.customer_id == customer
+    assert 0 <= body.churn_probability <= 1 and 0 <= body.purchase_propensity <= 1
+    # In-process: Feast's own online read of the same customer and the champion estimators.
+    adapter = FeatureStoreAdapter(project.settings)
+    uri = project.settings.tracking_uri
+    for name, service, got in (
+        ("churn", "churn_v1", body.churn_probability),
+        ("purchase_propensity", "purchase_v1", body.purchase_propensity),
+    ):
+        model = load_estimator(uri, name, body.model_versions[name])
+        frame = adapter.online([customer], service)
+        expected = float(model.predict(frame[model.feature_names_], num_threads=1)[0])
+        assert got == pytest.approx(expected, abs=1e-9)
+        reasons = body.reasons[name]
+        assert len(reasons) == 3
+        sizes = [abs(r.contribution) for r in reasons]
+        assert sizes == sorted(sizes, reverse=True)
+        for reason in reasons:
+            assert reason.feature in model.feature_names_
+            assert reason.direction == ("increases" if reason.contribution >= 0 else "decreases")
+            online = frame[reason.feature].iloc[0]
+            assert (
+                reason.value is None if np.isnan(online) else reason.value == pytest.approx(online)
+            )
+    assert body.features_timestamp is not None and body.features_timestamp.startswith("2026-06-01")
+    # The snapshot is months older than the views' 8-day TTL.
+    assert body.stale is True
+
+
+def test_score_batch_keeps_order_and_lists_unknown_ids(server: Server, project: Project) -> None:
+    ids = [project.customers[5], "C9999999", project.customers[0], project.customers[5]]
+    with server.client() as client:
+        batch = client.post("/score_batch", json={"customer_ids": ids})
+        single = client.post("/score", json={"customer_id": project.customers[0]}).json()
+    assert batch.status_code == 200
+    body = BatchResponse.model_validate(batch.json())
+    assert [r.customer_id for r in body.results] == [ids[0], ids[2], ids[3]]
+    assert body.unknown == ["C9999999"]
+    assert body.results[1].churn_probability == single["churn_probability"]
+
+
+def test_unknown_customer_is_404_with_json_error(server: Server, project: Project) -> None:
+    offline_only = project.customers[-OFFLINE_ONLY]  # in the offline tables, never online
+    with server.client() as client:
+        for customer in (offline_only, "nobody"):
+            response = client.post("/score", json={"customer_id": customer})
+            assert response.status_code == 404
+            assert response.json()["field"] == "customer_id"
+            assert customer in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "status", "field"),
+    [
+        ("/score", b'{"customer_id": "C0', 400, None),
+        ("/score", b"{}", 422, "customer_id"),
+        ("/score", b'{"customer_id": 17}', 422, "customer_id"),
+        ("/score", b'{"customer_id": "C1", "extra": 1}', 422, "extra"),
+        ("/score_batch", b'{"customer_ids": "C0000001"}', 422, "customer_ids"),
+        ("/score_batch", b'{"customer_ids": []}', 422, "customer_ids"),
+        ("/audience", b'{"score": "revenue"}', 422, "score"),
+        ("/audience", b'{"k": 0}', 422, "k"),
+    ],
+)
+def test_malformed_requests_are_4xx_naming_the_field(
+    server: Server, path: str, payload: bytes, status: int, field: str | None
+) -> None:
+    with server.client() as client:
+        response = client.post(path, content=payload)
+    assert response.status_code == status
+    body = response.json()
+    assert body["field"] == field
+    if field:
+        assert field in body["error"]
+
+
+def test_oversize_batch_is_413(server: Server) -> None:
+    ids = [f"C{i:07d}" for i in range(51)]  # the test server's limit is 50
+    with server.client() as client:
+        response = client.post("/score_batch", json={"customer_ids": ids})
+        at_limit = client.post("/score_batch", json={"customer_ids": ids[:50]})
+    assert response.status_code == 413
+    assert "50" in response.json()["error"]
+    assert at_limit.status_code == 200
+
+
+def test_api_key_is_required_and_never_logged(server: Server, project: Project) -> None:
+    payload = {"customer_id": project.customers[0]}
+    wrong = "wrong-key-0ddba11"
+    with server.client(key=None) as anonymous:
+        assert anonymous.post("/score", json=payload).status_code == 401
+        assert anonymous.post("/audience", json={}).status_code == 401
+        # Probes and metrics stay open for orchestrators and scrapers.
+        assert anonymous.get("/healthz").status_code == 200
+    with server.client(key=wrong) as bad:
+        response = bad.post("/score", json=payload)
+        assert response.status_code == 401
+        assert wrong not in response.text
+    with server.client() as good:
+        assert good.post("/score", json=payload).status_code == 200
+    time.sleep(0.5)  # let the server flush its log
+    text = server.log.read_text(errors="replace")
+    assert "Service propensity_scoring initialized" in text  # the log is really captured
+    assert API_KEY not in text
+    assert wrong not in text
+
+
+def test_health_readiness_and_metrics(server: Server) -> None:
+    with server.client(key=None) as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/livez").status_code == 200
+        assert client.get("/readyz").status_code == 200
+        with server.client() as authed:
+            authed.post("/score", json={"customer_id": "C0000001"})
+        metrics = client.get("/metrics")
+    assert metrics.status_code == 200
+    assert "bentoml_service_request_total" in metrics.text
+    assert 'endpoint="/score"' in metrics.text
+
+
+def test_audience_filters_and_ordering(server: Server, project: Project) -> None:
+    request = {
+        "score": "purchase_propensity",
+        "k": 10,
+        "filters": [{"field": "churn", "op": ">=", "value": 0.5}],
+    }
+    with server.client() as client:
+        response = client.post("/audience", json=request)
+        everyone = client.post("/audience", json={"score": "churn", "k": 1_000_000})
+    assert response.status_code == 200
+    body = AudienceResponse.model_validate(response.json())
+    assert body.snapshot.startswith("2026-06-01")
+    scores = [m.purchase_propensity for m in body.customers]
+    assert scores == sorted(scores, reverse=True)
+    assert all(m.churn >= 0.5 for m in body.customers)
+    # Bulk over the whole offline snapshot, not only the online customers.
+    table = pd.DataFrame(everyone.json()["customers"])
+    assert len(table) == len(project.customers)
+    assert body.matched == int((table["churn"] >= 0.5).sum())
+    top = table[table["churn"] >= 0.5].sort_values("purchase_propensity", ascending=False)
+    assert [m.customer_id for m in body.customers] == top["customer_id"].head(10).tolist()
+    # Bulk and online agree for a customer present in both.
+    customer = body.customers[0].customer_id
+    with server.client() as client:
+        online = client.post("/score", json={"customer_id": customer}).json()
+    assert online["churn_probability"] == pytest.approx(body.customers[0].churn, abs=1e-9)
+
+
+def test_audience_rejects_a_filter_that_cannot_apply(server: Server) -> None:
+    bad = {"filters": [{"field": "action", "op": ">=", "value": "discount"}]}
+    with server.client() as client:
+        response = client.post("/audience", json=bad)
+    assert response.status_code == 422
+    assert "action" in response.json()["error"]
+
+
+def test_hot_reload_under_traffic(server: Server, project: Project) -> None:
+    """A client scores continuously while the churn champion moves: no request fails."""
+    customer = project.customers[1]
+    seen: list[str] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with server.client() as client:
+            while not stop.is_set():
+                try:
+                    r = client.post("/score", json={"customer_id": customer})
+                    if r.status_code != 200:
+                        failures.append(f"{r.status_code} {r.text[:200]}")
+                    else:
+                        seen.append(r.json()["model_versions"]["churn"])
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    try:
+        new = register(project.settings, "churn", fit_model(project.churn_features, seed=7))
+        deadline = time.monotonic() + 30
+        while str(new) not in seen and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        thread.join()
+    assert not failures
+    old = str(project.versions["churn"][0])
+    assert seen[0] == old and seen[-1] == str(new)
+    # Versions never go back once the swap happened.
+    first_new = seen.index(str(new))
+    assert set(seen[first_new:]) == {str(new)}
