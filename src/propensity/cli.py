@@ -359,6 +359,7 @@ def quickstart(
     customers: Annotated[int, typer.Option(min=100)] = 20_000,
     days: Annotated[int, typer.Option(min=60)] = 180,
     seed: Annotated[int, typer.Option()] = 42,
+    port: Annotated[int, typer.Option(help="Port of the scoring API started at the end.")] = 3000,
     config: ConfigOption = None,
 ) -> None:
     """Run every stage on simulated data: simulate → ingest → features → models → scores."""
@@ -371,6 +372,7 @@ def quickstart(
             customers=customers,
             days=days,
             seed=seed,
+            port=port,
             progress=progress,
             console=console,
         )
