@@ -415,13 +415,13 @@ class Project:
         >>> frame.groupby("event_timestamp")["label"].mean()  # doctest: +SKIP
         """
         from propensity.labels import entity_frame, to_cutoff
-        from propensity.models.training import _ensure_snapshots, _training_frame
+        from propensity.models.training import ensure_snapshots, training_frame
 
         spec = self._spec(model)
         cuts = self.cutoffs(spec) if cutoffs is None else sorted({to_cutoff(c) for c in cutoffs})
         entity = entity_frame(self._lake(), cuts, spec.label, spec.population)
-        _ensure_snapshots(self.settings, cuts)
-        frame, features = _training_frame(self.settings, spec, entity)
+        ensure_snapshots(self.settings, cuts)
+        frame, features = training_frame(self.settings, spec, entity)
         frame.attrs["features"] = features
         return frame
 

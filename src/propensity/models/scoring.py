@@ -49,7 +49,7 @@ def score_customers(
     >>> scores = score_customers(load_settings(), "churn")  # doctest: +SKIP
     >>> scores.sort_values("score").tail(3)  # doctest: +SKIP
     """
-    from propensity.models.training import _ensure_snapshots, _feature_adapter
+    from propensity.models.training import ensure_snapshots, feature_adapter
 
     name = "purchase_propensity" if model == "purchase" else model
     lake = EventLake(settings.path(settings.lake_dir))
@@ -65,8 +65,8 @@ def score_customers(
     )
     estimator = registry.load_estimator(settings.tracking_uri, name, info["version"])
     population = population_frame(lake, when)
-    _ensure_snapshots(settings, [when])
-    frame = _feature_adapter(settings).historical(population, service)
+    ensure_snapshots(settings, [when])
+    frame = feature_adapter(settings).historical(population, service)
     scores = pd.DataFrame(
         {
             "customer_id": frame["customer_id"].astype(str),

@@ -41,6 +41,9 @@ __all__ = [
     "train_all",
     "promote",
     "KEYS",
+    "ensure_snapshots",
+    "feature_adapter",
+    "training_frame",
 ]
 
 #: Identify a training row: the customer and the cutoff.
@@ -193,7 +196,7 @@ def _resolve_spec(settings: Settings, spec: ModelSpec | str) -> ModelSpec:
     )
 
 
-def _ensure_snapshots(settings: Settings, cutoffs: Sequence[pd.Timestamp]) -> list[pd.Timestamp]:
+def ensure_snapshots(settings: Settings, cutoffs: Sequence[pd.Timestamp]) -> list[pd.Timestamp]:
     """Build feature snapshots that are missing at the cutoffs; return those built.
 
     Feast joins each row to the latest snapshot at or before its timestamp, so a cutoff
@@ -212,7 +215,8 @@ def _ensure_snapshots(settings: Settings, cutoffs: Sequence[pd.Timestamp]) -> li
     return missing
 
 
-def _feature_adapter(settings: Settings) -> Any:
+def feature_adapter(settings: Settings) -> Any:
+    """The project's Feast adapter with its repo applied (idempotent)."""
     from propensity.features.store import FeatureStoreAdapter
 
     adapter = FeatureStoreAdapter(settings)
@@ -221,10 +225,15 @@ def _feature_adapter(settings: Settings) -> Any:
     return adapter
 
 
-def _training_frame(
+def training_frame(
     settings: Settings, spec: ModelSpec, entity: pd.DataFrame
 ) -> tuple[pd.DataFrame, list[str]]:
-    adapter = _feature_adapter(settings)
+    """Point-in-time features of ``spec``'s service joined to ``entity`` rows, via Feast.
+
+    Returns the frame and the model's feature names (the service's features less
+    ``spec.exclude_features``).
+    """
+    adapter = feature_adapter(settings)
     try:
         names = list(adapter.service_features(spec.feature_service))
         frame = adapter.historical(entity, spec.feature_service)
@@ -388,8 +397,8 @@ def train_model(
     entity = entity_frame(lake, used, spec.label, spec.population)
 
     report(progress, f"{spec.name}: features", next(step), _STAGES)
-    built = _ensure_snapshots(settings, used)
-    frame, features = _training_frame(settings, spec, entity)
+    built = ensure_snapshots(settings, used)
+    frame, features = training_frame(settings, spec, entity)
     parts = {
         name: frame[frame["event_timestamp"].isin(list(cuts))].reset_index(drop=True)
         for name, cuts in (
