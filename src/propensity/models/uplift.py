@@ -1,0 +1,473 @@
+"""Per-action uplift with LightGBM meta-learners (T-, X- and DR-learner).
+
+All learners share one contract, close to scikit-learn's::
+
+    learner.fit(X, treatment, y, propensity=None)   # returns self
+    learner.predict_uplift(X)                       # (n_rows, n_actions) array
+
+``treatment`` holds one action id per row, ``control`` marks the untreated
+arm; the columns of :meth:`predict_uplift` follow ``learner.actions_`` (every
+non-control action seen in ``fit``) and hold the estimated change in the
+outcome (a probability for binary outcomes) had the row received that action
+rather than control.
+
+``propensity`` is the logged probability that the row got the action it got.
+The X- and DR-learners also need the probability of the *other* arms, which a
+log never records, so a multinomial logistic regression is always fitted;
+logged values replace its estimate for the observed arm (they are exact for a
+randomized campaign). Per-action Qini curves and AUUC with bootstrap
+intervals live here too, since they score exactly these predictions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import KFold
+from sklearn.preprocessing import StandardScaler
+
+__all__ = [
+    "TLearner",
+    "XLearner",
+    "DRLearner",
+    "PropensityModel",
+    "QiniResult",
+    "qini_curve",
+    "qini_score",
+    "LEARNERS",
+]
+
+_DEFAULT_PARAMS: dict[str, Any] = {
+    # Uplift is a small difference of noisy outcomes: shallow, heavily regularized trees.
+    "n_estimators": 100,
+    "learning_rate": 0.05,
+    "num_leaves": 7,
+    "min_child_samples": 200,
+    "subsample": 0.8,
+    "subsample_freq": 1,
+    "colsample_bytree": 0.8,
+    "reg_lambda": 10.0,
+    "verbose": -1,
+}
+_PROPENSITY_CLIP = 0.01
+
+
+def _as_frame(X: Any) -> pd.DataFrame:
+    frame = X if isinstance(X, pd.DataFrame) else pd.DataFrame(np.asarray(X))
+    frame = frame.copy()
+    frame.columns = [str(c) for c in frame.columns]
+    for column in frame.columns:
+        if frame[column].dtype == object or pd.api.types.is_string_dtype(frame[column]):
+            frame[column] = frame[column].astype("category")
+        elif pd.api.types.is_bool_dtype(frame[column]):
+            frame[column] = frame[column].astype(float)
+    return frame
+
+
+def _is_binary(y: np.ndarray) -> bool:
+    return bool(np.isin(np.unique(y), [0, 1]).all())
+
+
+def _check_inputs(
+    X: pd.DataFrame, treatment: Any, y: Any, control: str
+) -> tuple[np.ndarray, np.ndarray]:
+    t = np.asarray(treatment).astype(str)
+    target = np.asarray(y, dtype=float)
+    if len(t) != len(X) or len(target) != len(X):
+        raise ValueError(
+            f"X has {len(X)} rows but treatment has {len(t)} and y has {len(target)}: "
+            "all three must describe the same rows"
+        )
+    bad = np.flatnonzero(~np.isfinite(target))
+    if bad.size:
+        raise ValueError(
+            f"row {int(bad[0])}: outcome y is {target[bad[0]]!r}; outcomes must be finite"
+        )
+    if not (t == control).any():
+        raise ValueError(f"treatment has no row with the control arm {control!r}; uplift needs one")
+    return t, target
+
+
+class PropensityModel:
+    """Multinomial logistic regression of the assigned arm on the features.
+
+    Numeric columns only (missing values imputed by the training median,
+    then standardized); a campaign randomized without regard to features
+    simply yields near-constant probabilities.
+
+    Examples
+    --------
+    >>> model = PropensityModel().fit(X, treatment)  # doctest: +SKIP
+    >>> model.predict_proba(X).shape  # doctest: +SKIP
+    (1000, 5)
+    """
+
+    def __init__(self, C: float = 1.0, max_iter: int = 500) -> None:
+        self.C = C
+        self.max_iter = max_iter
+
+    def _matrix(self, X: pd.DataFrame) -> np.ndarray:
+        numeric = X.reindex(columns=self.columns_).astype(float)
+        return self.scaler_.transform(numeric.fillna(self.medians_).fillna(0.0).to_numpy())
+
+    def fit(self, X: Any, treatment: Any) -> PropensityModel:
+        frame = _as_frame(X)
+        self.columns_ = [c for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c])]
+        numeric = frame[self.columns_].astype(float)
+        self.medians_ = numeric.median()
+        values = numeric.fillna(self.medians_).fillna(0.0).to_numpy()
+        self.scaler_ = StandardScaler().fit(values)
+        t = np.asarray(treatment).astype(str)
+        self.classes_ = np.unique(t)
+        if len(self.classes_) == 1 or not self.columns_:
+            self.model_ = None
+            self.prior_ = np.array([(t == c).mean() for c in self.classes_])
+        else:
+            self.model_ = LogisticRegression(C=self.C, max_iter=self.max_iter)
+            self.model_.fit(self.scaler_.transform(values), t)
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Probability of each arm in ``classes_`` order, shape (n_rows, n_arms)."""
+        frame = _as_frame(X)
+        if self.model_ is None:
+            return np.tile(self.prior_, (len(frame), 1))
+        proba: np.ndarray = self.model_.predict_proba(self._matrix(frame))
+        return proba
+
+
+class _MetaLearner:
+    """Shared fitting plumbing: arms, propensities, LightGBM factories."""
+
+    outcome_models_: dict[str, Any]
+
+    def fit(self, X: Any, treatment: Any, y: Any, propensity: Any = None) -> _MetaLearner:
+        raise NotImplementedError
+
+    def predict_uplift(self, X: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def __init__(
+        self,
+        control: str = "control",
+        params: dict[str, Any] | None = None,
+        random_state: int = 0,
+        n_jobs: int = 1,
+    ) -> None:
+        self.control = control
+        self.params = params
+        self.random_state = random_state
+        self.n_jobs = n_jobs
+
+    def _params(self) -> dict[str, Any]:
+        merged = {**_DEFAULT_PARAMS, **(self.params or {})}
+        merged.update(random_state=self.random_state, n_jobs=self.n_jobs)
+        return merged
+
+    def _outcome_model(self, X: pd.DataFrame, y: np.ndarray) -> Any:
+        if self.binary_ and len(np.unique(y)) == 2:
+            return lgb.LGBMClassifier(**self._params()).fit(X, y)
+        return lgb.LGBMRegressor(**self._params()).fit(X, y)
+
+    @staticmethod
+    def _predict_outcome(model: Any, X: pd.DataFrame) -> np.ndarray:
+        if isinstance(model, lgb.LGBMClassifier):
+            proba = np.asarray(model.predict_proba(X))
+            return proba[:, 1]
+        return np.asarray(model.predict(X), dtype=float)
+
+    def _setup(
+        self, X: Any, treatment: Any, y: Any, propensity: Any
+    ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray]:
+        frame = _as_frame(X)
+        t, target = _check_inputs(frame, treatment, y, self.control)
+        self.feature_names_ = list(frame.columns)
+        self.binary_ = _is_binary(target)
+        self.actions_ = [a for a in np.unique(t).tolist() if a != self.control]
+        if not self.actions_:
+            raise ValueError(
+                "treatment only holds the control arm; no action to estimate uplift for"
+            )
+        self.arms_ = [self.control, *self.actions_]
+        self.propensity_model_ = PropensityModel().fit(frame, t)
+        proba = self.propensity_matrix(frame)
+        if propensity is not None:
+            logged = np.asarray(propensity, dtype=float)
+            bad = np.flatnonzero(~((logged > 0) & (logged <= 1)))
+            if bad.size:
+                raise ValueError(
+                    f"row {int(bad[0])}: propensity {logged[bad[0]]!r} must lie in (0, 1]"
+                )
+            rows = np.arange(len(t))
+            proba[rows, [self.arms_.index(a) for a in t]] = logged
+        return frame, t, target, np.clip(proba, _PROPENSITY_CLIP, 1.0)
+
+    def propensity_matrix(self, X: Any) -> np.ndarray:
+        """Estimated probability of each arm in ``arms_`` order (control first)."""
+        proba = self.propensity_model_.predict_proba(X)
+        classes = list(self.propensity_model_.classes_)
+        return np.column_stack([proba[:, classes.index(a)] for a in self.arms_])
+
+    def _frame_for_predict(self, X: Any) -> pd.DataFrame:
+        frame = _as_frame(X)
+        missing = [c for c in self.feature_names_ if c not in frame.columns]
+        if missing:
+            raise ValueError(f"X lacks the feature columns {missing} seen in fit")
+        return frame[self.feature_names_]
+
+    def predict_outcomes(self, X: Any) -> np.ndarray:
+        """Expected outcome under each arm in ``arms_`` order, shape (n_rows, n_arms)."""
+        frame = self._frame_for_predict(X)
+        return np.column_stack(
+            [self._predict_outcome(self.outcome_models_[a], frame) for a in self.arms_]
+        )
+
+
+class TLearner(_MetaLearner):
+    """One outcome model per arm; uplift = mu_a(x) - mu_control(x).
+
+    Examples
+    --------
+    >>> learner = TLearner().fit(X, treatment, y)  # doctest: +SKIP
+    >>> learner.predict_uplift(X).shape  # doctest: +SKIP
+    (1000, 4)
+    """
+
+    def fit(self, X: Any, treatment: Any, y: Any, propensity: Any = None) -> TLearner:
+        frame, t, target, _ = self._setup(X, treatment, y, propensity)
+        self.outcome_models_ = {
+            a: self._outcome_model(frame[t == a], target[t == a]) for a in self.arms_
+        }
+        return self
+
+    def predict_uplift(self, X: Any) -> np.ndarray:
+        mu = self.predict_outcomes(X)
+        return mu[:, 1:] - mu[:, [0]]
+
+
+class XLearner(_MetaLearner):
+    """Künzel et al.'s X-learner, one action against control at a time.
+
+    Stage one fits outcome models per arm; stage two regresses the imputed
+    effects (``y - mu_0(x)`` on treated rows, ``mu_a(x) - y`` on controls) and
+    blends the two by the propensity of the action among {action, control}.
+
+    Examples
+    --------
+    >>> XLearner().fit(X, treatment, y).predict_uplift(X)  # doctest: +SKIP
+    """
+
+    def fit(self, X: Any, treatment: Any, y: Any, propensity: Any = None) -> XLearner:
+        frame, t, target, _ = self._setup(X, treatment, y, propensity)
+        self.outcome_models_ = {
+            a: self._outcome_model(frame[t == a], target[t == a]) for a in self.arms_
+        }
+        params = self._params()
+        is_control = t == self.control
+        self.effect_models_: dict[str, tuple[Any, Any]] = {}
+        for action in self.actions_:
+            treated = t == action
+            mu0_treated = self._predict_outcome(self.outcome_models_[self.control], frame[treated])
+            mua_control = self._predict_outcome(self.outcome_models_[action], frame[is_control])
+            tau1 = lgb.LGBMRegressor(**params).fit(frame[treated], target[treated] - mu0_treated)
+            tau0 = lgb.LGBMRegressor(**params).fit(
+                frame[is_control], mua_control - target[is_control]
+            )
+            self.effect_models_[action] = (tau0, tau1)
+        return self
+
+    def predict_uplift(self, X: Any) -> np.ndarray:
+        frame = self._frame_for_predict(X)
+        proba = self.propensity_matrix(frame)
+        columns = []
+        for j, action in enumerate(self.actions_, start=1):
+            tau0, tau1 = self.effect_models_[action]
+            # Weight toward the effect model trained on the larger (better estimated) arm.
+            g = proba[:, j] / np.clip(proba[:, j] + proba[:, 0], 1e-9, None)
+            columns.append(g * tau0.predict(frame) + (1 - g) * tau1.predict(frame))
+        return np.column_stack(columns)
+
+
+class DRLearner(_MetaLearner):
+    """Doubly robust learner (Kennedy): regress cross-fitted AIPW scores on X.
+
+    Outcome models are cross-fitted over ``n_folds`` folds so a row's
+    pseudo-outcome never uses a model that saw that row.
+
+    Examples
+    --------
+    >>> DRLearner(n_folds=2).fit(X, treatment, y, propensity=p).predict_uplift(X)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        control: str = "control",
+        params: dict[str, Any] | None = None,
+        random_state: int = 0,
+        n_jobs: int = 1,
+        n_folds: int = 2,
+    ) -> None:
+        super().__init__(control=control, params=params, random_state=random_state, n_jobs=n_jobs)
+        self.n_folds = n_folds
+
+    def fit(self, X: Any, treatment: Any, y: Any, propensity: Any = None) -> DRLearner:
+        frame, t, target, proba = self._setup(X, treatment, y, propensity)
+        mu = np.zeros((len(frame), len(self.arms_)))
+        folds = KFold(self.n_folds, shuffle=True, random_state=self.random_state)
+        for train, test in folds.split(frame):
+            for j, arm in enumerate(self.arms_):
+                rows = train[t[train] == arm]
+                model = self._outcome_model(frame.iloc[rows], target[rows])
+                mu[test, j] = self._predict_outcome(model, frame.iloc[test])
+        # Full-data outcome models serve predict_outcomes (used for DR policy values).
+        self.outcome_models_ = {
+            a: self._outcome_model(frame[t == a], target[t == a]) for a in self.arms_
+        }
+        control_score = mu[:, 0] + (t == self.control) / proba[:, 0] * (target - mu[:, 0])
+        self.effect_models_: dict[str, Any] = {}
+        params = self._params()
+        for j, action in enumerate(self.actions_, start=1):
+            score = mu[:, j] + (t == action) / proba[:, j] * (target - mu[:, j]) - control_score
+            self.effect_models_[action] = lgb.LGBMRegressor(**params).fit(frame, score)
+        return self
+
+    def predict_uplift(self, X: Any) -> np.ndarray:
+        frame = self._frame_for_predict(X)
+        return np.column_stack([self.effect_models_[a].predict(frame) for a in self.actions_])
+
+
+LEARNERS: dict[str, type[_MetaLearner]] = {"t": TLearner, "x": XLearner, "dr": DRLearner}
+
+
+@dataclass(frozen=True)
+class QiniResult:
+    """A Qini curve and its summaries, with bootstrap intervals.
+
+    ``fraction`` is the share of rows targeted (best-ranked first) and
+    ``gain`` the incremental outcomes per row of the whole population
+    gained by treating that share. ``qini`` is the mean gap between the curve
+    and the random-targeting diagonal; ``auuc`` the mean height of the curve.
+    """
+
+    fraction: np.ndarray
+    gain: np.ndarray
+    qini: float
+    qini_low: float
+    qini_high: float
+    auuc: float
+    auuc_low: float
+    auuc_high: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "qini": self.qini,
+            "qini_low": self.qini_low,
+            "qini_high": self.qini_high,
+            "auuc": self.auuc,
+            "auuc_low": self.auuc_low,
+            "auuc_high": self.auuc_high,
+        }
+
+
+def qini_curve(
+    score: Any, treated: Any, y: Any, *, weight: Any = None, points: int = 101
+) -> tuple[np.ndarray, np.ndarray]:
+    """The Qini curve of an uplift ranking on treated-vs-control rows.
+
+    Parameters
+    ----------
+    score : array-like
+        Predicted uplift; rows with a higher score are targeted first.
+    treated : array-like of bool
+        True for rows that got the action, False for control rows.
+    y : array-like
+        The observed outcome.
+    weight : array-like, optional
+        Inverse-propensity weights when arms were not assigned uniformly.
+    points : int
+        Number of evenly spaced fractions at which the curve is returned.
+
+    Returns
+    -------
+    fraction, gain : ndarray
+        ``gain[k]`` = (treated outcomes − control outcomes × treated/control
+        counts) among the top ``fraction[k]`` rows, divided by all rows.
+
+    Examples
+    --------
+    >>> f, g = qini_curve([0.3, 0.1, 0.2, 0.0], [1, 0, 1, 0], [1, 0, 0, 0])
+    >>> round(float(g[-1]), 3)
+    0.25
+    """
+    s = np.asarray(score, dtype=float)
+    tr = np.asarray(treated, dtype=bool)
+    target = np.asarray(y, dtype=float)
+    w = np.ones_like(target) if weight is None else np.asarray(weight, dtype=float)
+    order = np.argsort(-s, kind="stable")
+    tr, target, w = tr[order], target[order], w[order]
+    n_t = np.cumsum(w * tr)
+    n_c = np.cumsum(w * ~tr)
+    y_t = np.cumsum(w * target * tr)
+    y_c = np.cumsum(w * target * ~tr)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gain = np.where(n_c > 0, y_t - y_c * n_t / n_c, y_t)
+    n = len(s)
+    fraction = np.linspace(0, 1, points)
+    index = np.clip(np.round(fraction * n).astype(int) - 1, 0, n - 1)
+    curve = np.where(fraction == 0, 0.0, gain[index]) / max(w.sum(), 1e-12)
+    return fraction, curve
+
+
+def _qini_summary(fraction: np.ndarray, gain: np.ndarray) -> tuple[float, float]:
+    auuc = float(np.mean(gain))
+    return float(np.mean(gain - fraction * gain[-1])), auuc
+
+
+def qini_score(
+    score: Any,
+    treated: Any,
+    y: Any,
+    *,
+    weight: Any = None,
+    n_boot: int = 200,
+    level: float = 0.9,
+    random_state: int = 0,
+) -> QiniResult:
+    """Qini coefficient and AUUC of an uplift ranking, with bootstrap intervals.
+
+    Examples
+    --------
+    >>> r = qini_score(uplift, treated, y, n_boot=100)  # doctest: +SKIP
+    >>> r.qini > 0  # doctest: +SKIP
+    True
+    """
+    s = np.asarray(score, dtype=float)
+    tr = np.asarray(treated, dtype=bool)
+    target = np.asarray(y, dtype=float)
+    w = np.ones_like(target) if weight is None else np.asarray(weight, dtype=float)
+    fraction, gain = qini_curve(s, tr, target, weight=w)
+    qini, auuc = _qini_summary(fraction, gain)
+    rng = np.random.default_rng(random_state)
+    draws = np.empty((n_boot, 2))
+    for b in range(n_boot):
+        rows = rng.integers(0, len(s), len(s))
+        f, g = qini_curve(s[rows], tr[rows], target[rows], weight=w[rows])
+        draws[b] = _qini_summary(f, g)
+    tail = (1 - level) / 2
+    low = np.quantile(draws, tail, axis=0) if n_boot else np.array([np.nan, np.nan])
+    high = np.quantile(draws, 1 - tail, axis=0) if n_boot else np.array([np.nan, np.nan])
+    return QiniResult(
+        fraction=fraction,
+        gain=gain,
+        qini=qini,
+        qini_low=float(low[0]),
+        qini_high=float(high[0]),
+        auuc=auuc,
+        auuc_low=float(low[1]),
+        auuc_high=float(high[1]),
+    )
