@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import logging
+import os
 import warnings
 from datetime import date
 from pathlib import Path
@@ -27,8 +27,8 @@ console = Console()
 @app.callback()
 def _quiet_dependencies() -> None:
     """Keep third-party chatter out of command output (errors still show)."""
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message="On demand feature view is an experimental")
+    # MLflow sets its loggers' level from this variable when it is first imported.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from functools import cached_property
@@ -33,6 +34,11 @@ from .snapshots import TIMESTAMP, feature_table_path
 
 if TYPE_CHECKING:
     from propensity.config import Settings
+
+# Feast installs "once" filters for these categories when imported; the on-demand view
+# here runs in python mode on small request data, and ibis's deprecation is Feast's to fix.
+warnings.filterwarnings("ignore", "On demand feature view is an experimental", RuntimeWarning)
+warnings.filterwarnings("ignore", category=DeprecationWarning, module="ibis")
 
 __all__ = ["FeatureStoreAdapter", "REQUEST_TIME", "redis_connection_string"]
 
