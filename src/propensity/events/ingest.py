@@ -122,14 +122,21 @@ class IngestReport:
 
         table = Table(title="ingest")
         for name in ("file", "read", "accepted", "duplicates", "quarantined", "consent removed"):
-            table.add_column(name, justify="left" if name == "file" else "right")
+            if name == "file":
+                table.add_column(name, overflow="fold")
+            else:
+                table.add_column(name, justify="right")
         for name, c in self.files.items():
-            table.add_row(
-                name,
-                *map(str, (c.read, c.accepted, c.duplicates, c.quarantined, c.consent_removed)),
-            )
+            counts = (c.read, c.accepted, c.duplicates, c.quarantined, c.consent_removed)
+            table.add_row(name, *(f"{n:,}" for n in counts))
         totals = (self.read, self.accepted, self.duplicates, self.quarantined, self.consent_removed)
-        table.add_row("total", *map(str, totals), style="bold")
+        table.add_row("total", *(f"{n:,}" for n in totals), style="bold")
+        notes = [f"quarantined {r}: {n:,}" for r, n in sorted(self.quarantined_by_reason.items())]
+        if self.erased_from_lake:
+            notes.append(f"erased from the lake (consent withdrawn): {self.erased_from_lake:,}")
+        if self.quarantine_path is not None:
+            notes.append(f"quarantine: {self.quarantine_path}")
+        table.caption = "\n".join(notes) or None
         return table
 
 
