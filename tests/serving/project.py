@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -112,7 +113,7 @@ def fit_model(
     return model.fit(X[:split], y[:split], X[split:], y[split:])
 
 
-def register(settings: Settings, name: str, model: CalibratedBooster, champion: bool = True) -> int:
+def register(settings: Settings, name: str, model: Any, champion: bool = True) -> int:
     example = pd.DataFrame(np.ones((2, len(model.feature_names_))), columns=model.feature_names_)
     run = log_run(
         settings.tracking_uri, name, estimator=model, input_example=example, register_as=name
@@ -123,8 +124,28 @@ def register(settings: Settings, name: str, model: CalibratedBooster, champion: 
     return run.version
 
 
-def build_project(root: Path, n_customers: int = 300) -> Project:
-    """Everything the service needs, under ``root``."""
+def fit_nba(features: list[str], seed: int, n_rows: int = 4000, learner: str = "x") -> Any:
+    """A real next-best-action model (uplift per catalog action) on random logged campaigns."""
+    from propensity.models.arbitration import load_catalog
+    from propensity.models.nba import NBAModel
+
+    catalog = load_catalog(REPO_ROOT / "models" / "actions.yaml")
+    rng = np.random.default_rng(seed)
+    X = pd.DataFrame(rng.gamma(2.0, 3.0, size=(n_rows, len(features))), columns=features)
+    arms = rng.choice([*catalog.names, catalog.control], size=n_rows)
+    lift = np.isin(arms, ["discount", "loyalty_points"]) * (X.iloc[:, 1].to_numpy() > 6) * 0.2
+    outcomes = {
+        "purchase": (rng.random(n_rows) < 0.2 + lift).astype(int),
+        "retention": (rng.random(n_rows) < 0.6).astype(int),
+    }
+    params = {"n_estimators": 40, "min_child_samples": 50}
+    return NBAModel(catalog, learner=learner, params=params, random_state=seed).fit(
+        X, arms, outcomes
+    )
+
+
+def build_project(root: Path, n_customers: int = 300, nba: bool = False) -> Project:
+    """Everything the service needs, under ``root`` (``nba``: a next-best-action champion too)."""
     from propensity.features.store import FeatureStoreAdapter
 
     root.mkdir(parents=True, exist_ok=True)
@@ -143,4 +164,7 @@ def build_project(root: Path, n_customers: int = 300) -> Project:
             register(settings, "purchase_propensity", fit_model(purchase_features, seed=2))
         ],
     }
+    if nba:
+        model = fit_nba(adapter.service_features("nba_v1"), seed=3)
+        versions["next_best_action"] = [register(settings, "next_best_action", model)]
     return Project(settings, ids, churn_features, purchase_features, versions)

@@ -64,6 +64,23 @@ def test_score_batch_keeps_order_and_lists_unknown_ids(server: Server, project: 
     assert [r.customer_id for r in body.results] == [ids[0], ids[2], ids[3]]
     assert body.unknown == ["C9999999"]
     assert body.results[1].churn_probability == single["churn_probability"]
+    assert body.results[1].reasons == ScoreResponse.model_validate(single).reasons
+
+
+def test_score_batch_can_skip_reasons(server: Server, project: Project) -> None:
+    ids = project.customers[:30]
+    with server.client() as client:
+        full = client.post("/score_batch", json={"customer_ids": ids}).json()
+        lean = client.post("/score_batch", json={"customer_ids": ids, "reasons": False})
+        bad = client.post("/score_batch", json={"customer_ids": ids, "reasons": "no"})
+    assert lean.status_code == 200
+    body = BatchResponse.model_validate(lean.json())
+    assert all(r.reasons == {} for r in body.results)
+    assert [r.churn_probability for r in body.results] == [
+        r["churn_probability"] for r in full["results"]
+    ]
+    assert all(len(r["reasons"]["churn"]) == 3 for r in full["results"])
+    assert bad.status_code == 422 and bad.json()["field"] == "reasons"
 
 
 def test_unknown_customer_is_404_with_json_error(server: Server, project: Project) -> None:

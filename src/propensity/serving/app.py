@@ -131,7 +131,7 @@ def build_app(
                     "customer_ids",
                 )
             scorer = current.scorer  # one scorer for the whole batch, even across a reload
-            results = await run_in_threadpool(scorer.score, body.customer_ids)
+            results = await run_in_threadpool(scorer.score, body.customer_ids, body.reasons)
             known = [r for r in results if r is not None]
             unknown = [c for c, r in zip(body.customer_ids, results, strict=True) if r is None]
             return _json({"results": known, "unknown": unknown})

@@ -36,7 +36,7 @@ _OPS: dict[str, Callable[[Any, Any], Any]] = {
     "==": operator.eq,
     "!=": operator.ne,
 }
-_NBA_CHUNK = 50_000
+_NBA_CHUNK = 200_000
 
 
 def latest_snapshot(
@@ -138,9 +138,15 @@ def score_frame(
     actions = np.full(len(frame), None, dtype=object)
     values = np.full(len(frame), np.nan)
     if policy is not None:
-        X = frame[policy.feature_names].to_numpy(np.float64)
+        X = np.ascontiguousarray(frame[policy.feature_names].to_numpy(np.float64))
+        # Bulk needs only the action and its value: skip reasons and alternatives when the
+        # policy can (ArbitrationPolicy.best_actions), chunked to bound memory.
+        best = getattr(policy, "best_actions", None)
         for lo in range(0, len(frame), _NBA_CHUNK):
             hi = min(lo + _NBA_CHUNK, len(frame))
+            if best is not None:
+                actions[lo:hi], values[lo:hi] = best(ids[lo:hi].tolist(), X[lo:hi])
+                continue
             decisions = policy.decide(ids[lo:hi].tolist(), X[lo:hi])
             actions[lo:hi] = [d["action"] for d in decisions]
             values[lo:hi] = [d["expected_value"] for d in decisions]

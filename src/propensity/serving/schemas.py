@@ -49,6 +49,11 @@ class BatchRequest(_Request):
     """``POST /score_batch``: many customers (at most the configured batch limit)."""
 
     customer_ids: list[str] = Field(min_length=1, description="Customer identifiers.")
+    reasons: bool = Field(
+        True,
+        description="Include each model's top contributions; false skips TreeSHAP, "
+        "the largest share of a batch's cost, and returns empty reasons.",
+    )
 
 
 class AudienceFilter(_Request):

@@ -1,0 +1,298 @@
+"""The serving fast paths give the same answers as the reference code they replace.
+
+Compiled uplift vs ``NBAModel.action_uplift``, vectorized arbitration vs
+``arbitration.decide``, LightGBM's single-row C path vs ``Booster.predict``,
+chunked multi-core prediction vs one call, numpy value decoding vs the
+per-value decoder, and a batch vs the same customers scored one by one.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+import pytest
+from project import REPO_ROOT, Project, fit_nba
+
+from propensity.models.arbitration import load_catalog
+from propensity.models.nba import NBAModel
+from propensity.serving.policy import ArbitrationPolicy
+from propensity.serving.runtime import Runtime, ServingConfig, online_reader
+from propensity.serving.scorer import (
+    Scorer,
+    SqliteOnlineReader,
+    _decode_value,
+    _decode_values,
+    predict_rows,
+)
+from propensity.serving.single_row import SingleRowPredictor
+from propensity.serving.uplift import compile_uplift
+
+pytestmark = pytest.mark.slow
+
+CATALOG = load_catalog(REPO_ROOT / "models" / "actions.yaml")
+CONTACT = ["exposures_7d", "exposures_30d", "days_since_last_exposure"]
+RULES = ["discounts_30d", "tenure_days", "adoption_breadth"]
+MODEL_FEATURES = ["sessions_7d", "orders_30d", "revenue_30d", "tenure_days", "adoption_breadth"]
+
+
+def _nba(learner: str, seed: int = 0) -> NBAModel:
+    rng = np.random.default_rng(seed)
+    n = 900
+    X = pd.DataFrame(rng.gamma(2.0, 3.0, size=(n, len(MODEL_FEATURES))), columns=MODEL_FEATURES)
+    X.iloc[rng.random(n) < 0.1, 0] = np.nan
+    arms = rng.choice([*CATALOG.names, CATALOG.control], size=n)
+    lift = np.isin(arms, ["discount", "onboarding_email"]) * (X.iloc[:, 1].to_numpy() > 5) * 0.3
+    outcomes = {
+        "purchase": (rng.random(n) < 0.2 + lift).astype(int),
+        "retention": (rng.random(n) < 0.5 + lift).astype(int),
+    }
+    params = {"n_estimators": 12, "min_child_samples": 30}
+    return NBAModel(CATALOG, learner=learner, params=params, random_state=seed).fit(
+        X, arms, outcomes
+    )
+
+
+def _features(names: list[str], n: int, seed: int) -> np.ndarray:
+    """Random features that hit every arbitration branch: caps, cooldowns, rules, NaN."""
+    rng = np.random.default_rng(seed)
+    X = rng.gamma(2.0, 3.0, size=(n, len(names)))
+    X[rng.random(X.shape) < 0.08] = np.nan
+    col = {name: j for j, name in enumerate(names)}
+    X[:, col["exposures_7d"]] = rng.choice([0, 0, 0, 1, 2, np.nan], n)
+    X[:, col["exposures_30d"]] = rng.choice([0, 1, 3, 6, 7, np.nan], n)
+    X[:, col["days_since_last_exposure"]] = rng.choice([0.5, 1.25, 3.0, 40.0, np.nan], n)
+    X[:, col["discounts_30d"]] = rng.choice([0, 0, 1, np.nan], n)
+    X[:, col["tenure_days"]] = rng.choice([10.0, 59.0, 60.0, 400.0, np.nan], n)
+    X[:, col["adoption_breadth"]] = rng.choice([0.1, 0.5, 0.9, np.nan], n)
+    return X
+
+
+@pytest.mark.parametrize("learner", ["t", "x", "dr"])
+def test_compiled_uplift_equals_the_model(learner: str) -> None:
+    model = _nba(learner)
+    compiled = compile_uplift(model)
+    assert compiled is not None
+    X = _features(MODEL_FEATURES + CONTACT + ["discounts_30d"], 300, seed=1)[:, :5]
+    expected = model.action_uplift(pd.DataFrame(X, columns=MODEL_FEATURES)).to_numpy()
+    np.testing.assert_allclose(compiled.action_uplift(X, num_threads=1), expected, atol=1e-12)
+    chunked = predict_rows(compiled.action_uplift, X, num_threads=0)
+    np.testing.assert_allclose(chunked, expected, atol=1e-12)
+    one_by_one = np.vstack([compiled.action_uplift(X[k : k + 1]) for k in range(20)])
+    np.testing.assert_allclose(one_by_one, expected[:20], atol=1e-12)
+
+
+def test_unknown_models_are_not_compiled() -> None:
+    class Opaque:
+        catalog = CATALOG
+        feature_names_ = MODEL_FEATURES
+        learners_ = {"purchase": object(), "retention": object()}
+
+    assert compile_uplift(Opaque()) is None
+    assert compile_uplift(object()) is None
+
+
+@pytest.mark.parametrize("holdout_share", [0.05, 0.3])
+def test_vectorized_arbitration_equals_reference_decide(holdout_share: float) -> None:
+    catalog = CATALOG.model_copy(update={"holdout_share": holdout_share})
+    policy = ArbitrationPolicy(_nba("x", seed=2), "1", catalog=catalog)
+    assert policy.compiled is not None
+    n = 400
+    X = _features(policy.feature_names, n, seed=3)
+    ids = [f"C{i:07d}" for i in range(n)]
+    expected = policy.decide_frame(ids, X)
+    got = policy.decide(ids, X)
+    assert len(got) == n
+    for k, (decision, (_, row)) in enumerate(zip(got, expected.iterrows(), strict=True)):
+        assert decision["action"] == row["action"], k
+        assert decision["reason"] == row["reason"], k
+        assert decision["holdout"] == bool(row["holdout"]), k
+        assert decision["expected_value"] == pytest.approx(row["expected_value"], abs=1e-9)
+        assert decision["alternatives"] == row["alternatives"], k
+    # Every branch was exercised: actions, no_action for all three reasons, blocked rows.
+    reasons = {r.split(":")[0] for r in expected["reason"]}
+    assert {"hold-out", "no eligible action", "no eligible action pays"} <= reasons
+    assert (expected["action"] != "no_action").any()
+    actions, values = policy.best_actions(ids, X)
+    assert actions.tolist() == expected["action"].tolist()
+    np.testing.assert_allclose(values, expected["expected_value"].to_numpy(), atol=1e-9)
+
+
+def test_policy_falls_back_to_the_model_when_it_cannot_compile() -> None:
+    model = _nba("t", seed=4)
+
+    class Wrapped:  # same answers, but not a model the compiler knows
+        feature_names_ = model.feature_names_
+        catalog_ = CATALOG
+
+        def action_uplift(self, X: pd.DataFrame) -> pd.DataFrame:
+            return model.action_uplift(X)
+
+    policy = ArbitrationPolicy(Wrapped(), "1")
+    assert policy.compiled is None
+    X = _features(policy.feature_names, 120, seed=5)
+    ids = [f"C{i}" for i in range(120)]
+    expected = policy.decide_frame(ids, X)
+    assert [d["action"] for d in policy.decide(ids, X)] == expected["action"].tolist()
+
+
+def test_single_row_predictor_matches_booster_predict() -> None:
+    rng = np.random.default_rng(6)
+    X = rng.normal(size=(400, 6))
+    X[rng.random(X.shape) < 0.1] = np.nan
+    y = (np.nan_to_num(X[:, 0]) + rng.normal(size=400) > 0).astype(int)
+    clf = lgb.LGBMClassifier(n_estimators=15, num_leaves=7, verbose=-1).fit(X, y)
+    booster = clf.booster_
+    rows = X[:50]
+    fast = SingleRowPredictor(booster)
+    contrib = SingleRowPredictor(booster, contrib=True)
+    np.testing.assert_array_equal(
+        np.concatenate([fast(r) for r in rows]), booster.predict(rows, num_threads=1)
+    )
+    np.testing.assert_array_equal(
+        np.vstack([contrib(r) for r in rows]),
+        booster.predict(rows, pred_contrib=True, num_threads=1),
+    )
+    with pytest.raises(ValueError, match="expects 6"):
+        fast(rows[0, :5])
+    # Each thread has its own prepared config: concurrent calls stay correct.
+    results: dict[int, np.ndarray] = {}
+
+    def work(k: int) -> None:
+        results[k] = np.concatenate([fast(r) for r in rows for _ in range(5)])
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    expected = np.repeat(booster.predict(rows, num_threads=1), 5)
+    for k in range(4):
+        np.testing.assert_array_equal(results[k], expected)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def test_decode_values_matches_the_per_value_decoder() -> None:
+    import struct
+
+    blobs = [
+        b"\x29" + struct.pack("<d", 1.5),
+        b"",
+        b"\x35" + struct.pack("<f", 2.25),
+        b"\x20\x96\x01",  # int64 150
+        b"\x29" + struct.pack("<d", -7.0),
+        b"\x20" + _varint(2**49),  # int64, nine bytes long like a double
+        b"\x20" + _varint(2**64 - 1),  # int64 -1
+    ]
+    names = [f"f{k}" for k in range(len(blobs))]
+    expected = [_decode_value(b, n) for b, n in zip(blobs, names, strict=True)]
+    np.testing.assert_array_equal(_decode_values(blobs, names), expected)
+    assert len(blobs[5]) == 9 and expected[5:] == [2.0**49, -1.0]
+    with pytest.raises(ValueError, match="'bad'"):
+        _decode_values([b"\x12\x01a"], ["bad"])
+
+
+def test_reader_of_a_feature_subset_equals_feast(project: Project) -> None:
+    from propensity.features.store import FeatureStoreAdapter
+
+    store = FeatureStoreAdapter(project.settings).store
+    names = ["sessions_7d", "orders_30d", "days_since_last_seen", "tenure_days"]
+    path = project.settings.path(project.settings.online_store.sqlite_path)
+    fast = online_reader(store, names, path)
+    slow = online_reader(store, names)
+    assert isinstance(fast, SqliteOnlineReader)
+    fast.clock = slow.clock = lambda: 1_790_000_000.0  # type: ignore[attr-defined]
+    ids = [*project.customers[:40], "nobody", project.customers[3]]
+    a, b = fast.read(ids), slow.read(ids)
+    assert a.matrix.shape == (len(ids), len(fast.feature_names))
+    np.testing.assert_array_equal(a.matrix, b.matrix)
+    np.testing.assert_array_equal(a.found, b.found)
+    np.testing.assert_array_equal(a.stale, b.stale)
+    np.testing.assert_array_equal(a.timestamps, b.timestamps)
+
+
+def test_batch_equals_one_by_one_with_next_best_action(project: Project) -> None:
+    runtime = Runtime(project.settings, ServingConfig.from_env({}))
+    runtime.reload()
+    base = runtime.scorer
+    assert base is not None
+    from propensity.features.store import FeatureStoreAdapter
+
+    nba_features = FeatureStoreAdapter(project.settings).service_features("nba_v1")
+    policy = ArbitrationPolicy(fit_nba(nba_features, seed=7, n_rows=1500), "9")
+    names = base.churn.feature_names + base.purchase.feature_names + policy.feature_names
+    scorer = Scorer(runtime._reader(list(dict.fromkeys(names))), base.churn, base.purchase, policy)
+    ids = [*project.customers[:100], "nobody"]  # 100 rows: the multi-core batch path
+    batch = scorer.score(ids)
+    single = [scorer.score([c])[0] for c in ids]
+    assert batch[-1] is None and single[-1] is None
+    for a, b in zip(batch[:-1], single[:-1], strict=True):
+        assert a is not None and b is not None
+        assert a["churn_probability"] == pytest.approx(b["churn_probability"], abs=1e-12)
+        assert a["purchase_propensity"] == pytest.approx(b["purchase_propensity"], abs=1e-12)
+        assert a["next_best_action"]["action"] == b["next_best_action"]["action"]
+        assert [r["feature"] for r in a["reasons"]["churn"]] == [
+            r["feature"] for r in b["reasons"]["churn"]
+        ]
+        assert a["missing_features"] == b["missing_features"]
+        assert a["features_timestamp"] == b["features_timestamp"]
+    lean = scorer.score(ids[:10], reasons=False)
+    assert all(r is not None and r["reasons"] == {} for r in lean)
+    assert [r["churn_probability"] for r in lean if r] == [
+        r["churn_probability"] for r in batch[:10] if r
+    ]
+
+
+def test_grouped_batch_read_equals_per_value_read(project: Project, tmp_path: Path) -> None:
+    import shutil
+    import sqlite3
+    import struct
+
+    from propensity.features.store import FeatureStoreAdapter
+    from propensity.serving import scorer as scorer_module
+    from propensity.serving.scorer import entity_key_bytes
+
+    source = project.settings.path(project.settings.online_store.sqlite_path)
+    copy = tmp_path / "online.db"
+    shutil.copy(source, copy)
+    # One value stored as a float32 and one as a null: the grouped query cannot
+    # hex-decode the first, so that customer is re-read value by value.
+    with sqlite3.connect(copy) as conn:
+        conn.execute(
+            "UPDATE propensity_session SET value = ? WHERE entity_key = ? AND feature_name = ?",
+            (b"\x35" + struct.pack("<f", 2.5), entity_key_bytes("customer_id", "C0000002"),
+             "sessions_7d"),
+        )  # fmt: skip
+        conn.execute(
+            "UPDATE propensity_basket SET value = x'' WHERE entity_key = ? AND feature_name = ?",
+            (entity_key_bytes("customer_id", "C0000003"), "orders_30d"),
+        )
+    store = FeatureStoreAdapter(project.settings).store
+    names = ["sessions_7d", "orders_30d", "revenue_30d", "days_since_last_seen", "tenure_days"]
+    reader = online_reader(store, names, copy)
+    assert isinstance(reader, SqliteOnlineReader)
+    reader.clock = lambda: 1_790_000_000.0
+    ids = [*project.customers[:60], "nobody", project.customers[1]]
+    grouped = reader.read(ids)
+    assert len(ids) >= scorer_module._GROUPED_ROWS
+    per_value = [reader.read([c]) for c in ids]  # single ids take the per-value path
+    np.testing.assert_array_equal(grouped.matrix, np.vstack([b.matrix for b in per_value]))
+    for field in ("found", "stale", "timestamps"):
+        np.testing.assert_array_equal(
+            getattr(grouped, field), np.concatenate([getattr(b, field) for b in per_value])
+        )
+    col = {n: j for j, n in enumerate(reader.feature_names)}
+    assert grouped.matrix[1, col["sessions_7d"]] == 2.5
+    assert np.isnan(grouped.matrix[2, col["orders_30d"]])
+    assert grouped.found.tolist().count(False) == 1
