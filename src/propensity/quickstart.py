@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +137,7 @@ def _score_over_http(settings: Settings, port: int, out: Console) -> list[dict[s
     import pyarrow.parquet as pq
 
     from propensity.features.snapshots import feature_table_path
+    from propensity.serving.process import stop, wait_ready
     from propensity.serving.service import serve
 
     table = pq.read_table(
@@ -149,7 +149,7 @@ def _score_over_http(settings: Settings, port: int, out: Console) -> list[dict[s
     answers = []
     try:
         base = f"http://127.0.0.1:{port}"
-        _wait_ready(base, server)
+        wait_ready(base, server)
         with httpx.Client(base_url=base, timeout=10) as client:
             for customer in customers:
                 response = client.post("/score", json={"customer_id": customer})
@@ -158,20 +158,5 @@ def _score_over_http(settings: Settings, port: int, out: Console) -> list[dict[s
                 out.print(f"POST /score {{customer_id: {customer}}} →")
                 out.print_json(json.dumps(response.json()))
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop(server)
     return answers
-
-
-def _wait_ready(base: str, server: Any, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the scoring API exited with code {server.returncode}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"the scoring API was not ready within {timeout:.0f} s")

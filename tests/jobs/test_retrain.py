@@ -37,6 +37,7 @@ from propensity.jobs.retrain import (
     RetrainPolicy,
     retrain,
 )
+from propensity.serving.process import stop
 
 MODELS = ("churn", "purchase_propensity", "next_best_action")
 pytestmark = pytest.mark.slow
@@ -190,12 +191,7 @@ def test_killed_run_recovers_concurrent_run_refused_and_server_picks_up(project,
             time.sleep(0.5)
         assert served and all(served.get(m) == v for m, v in expected.items()), served
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server)
     assert (job_dir(settings) / STATE_FILE).exists()
     assert retrain(settings).status == "up_to_date"
 

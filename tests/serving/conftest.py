@@ -4,13 +4,14 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+
+from propensity.serving.process import stop, wait_ready
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -62,24 +63,11 @@ def server(project: Project, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     with log.open("wb") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
     try:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready in 90 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
+        try:
+            wait_ready(url, process, timeout=90)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}:\n{log.read_text()[-3000:]}") from None
         yield Server(url, log, process)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
