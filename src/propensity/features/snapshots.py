@@ -123,7 +123,7 @@ def compute_features(
     events: str | pa.Table | pd.DataFrame,
     times: Iterable[Any],
     *,
-    memory_limit: str = "3GB",
+    memory_limit: str = "2.5GB",
     threads: int = 2,
 ) -> pd.DataFrame:
     """Compute every registry feature at every snapshot time.
@@ -148,7 +148,10 @@ def compute_features(
     --------
     >>> frame = compute_features(events, ["2024-03-01"])  # doctest: +SKIP
     """
-    return _compute_arrow(events, times, memory_limit, threads).to_pandas()
+    # self_destruct frees each Arrow column once converted and split_blocks skips the
+    # consolidation copy: the result is not held twice.
+    table = _compute_arrow(events, times, memory_limit, threads)
+    return table.to_pandas(self_destruct=True, split_blocks=True)
 
 
 def _check_times(times: Iterable[Any]) -> list[pd.Timestamp]:
@@ -178,7 +181,9 @@ def _compute_arrow(
             con.register("events_input", events)
             source = "events_input"
         sql = feature_sql(source, "snapshots") + f"ORDER BY {TIMESTAMP}, {ENTITY}"
-        return con.sql(sql).to_arrow_table()
+        # Stream the sorted result (DuckDB keeps it spillable under memory_limit) instead of
+        # materializing it in DuckDB and then copying it to Arrow.
+        return con.sql(sql).to_arrow_reader(1 << 17).read_all()
     finally:
         con.close()
 
@@ -195,7 +200,7 @@ def build_features(
     snapshot_times: Sequence[Any] | None = None,
     progress: Callable[[str], None] | None = None,
     *,
-    memory_limit: str = "3GB",
+    memory_limit: str = "2.5GB",
     threads: int = 2,
 ) -> BuildReport:
     """(Re)compute feature snapshots from the event lake and replace the tables.

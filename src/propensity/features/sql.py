@@ -4,23 +4,32 @@ The query never joins an event to a snapshot, and never runs a sliding window
 frame over events (DuckDB evaluates each framed aggregate separately, which
 costs about a second per aggregate per million rows). Instead:
 
+0. customers get an integer key ``ck`` (their rank by ``customer_id``) before
+   anything else, so every grouping, window and join hashes or sorts numbers;
+   the string id comes back only in the final join;
 1. events are pre-aggregated once to **customer-days** (counts per event type,
    revenue, orders, cart sessions, features first used that day, first/last
    times), each on a single UTC day, so no order or session straddles a
    snapshot;
-2. **windowed values** (``W`` <= 90 days) come from ONE range join of the
-   snapshots with the customer-days of ``[T - 90, T)``, grouped by customer and
-   snapshot, with one conditional ``SUM(CASE WHEN day >= T - W ...)`` per
-   aggregate: the join is small because there are few snapshots per day;
+2. **short windowed values** (``W`` <= 35 days) come from ONE range join of the
+   snapshots with the narrow customer-days (only the columns those windows
+   read) of ``[T - 35, T)``, grouped by customer and snapshot, with one
+   conditional ``SUM(CASE WHEN day >= T - W ...)`` per aggregate: the join is
+   small because there are few snapshots per day;
 3. **lifetime values** (tenure, lifetime orders and revenue, last and first
    times, distinct features ever, the last-5-orders slopes) are aggregated per
-   customer and *snapshot bucket* (the days between two consecutive
-   snapshots), then accumulated over the customer's snapshot rows with one
-   ``ROWS UNBOUNDED PRECEDING`` frame: that window runs over customers x
-   snapshots rows, not over events.
+   customer and *bucket* (the days between two consecutive points), then
+   accumulated over the customer's point rows with one ``ROWS UNBOUNDED
+   PRECEDING`` frame: that window runs over customers x points rows, not over
+   events. The points are the snapshots and, for each **long window**
+   (``W`` > 35 days, the 90-day sums), every snapshot minus ``W``;
+4. a long window's sum is the running sum at ``T`` minus the running sum at
+   ``T - W`` (a self join of the accumulated rows), which keeps the range join
+   of step 2 at 35 days instead of 90. Counts are exact; a revenue difference
+   may differ from the direct sum in the last bits (about 1e-12).
 
 Point-in-time correctness follows from the filters: the range join only
-reaches days ``< T`` and a bucket ending at ``T`` only holds days ``< T``.
+reaches days ``< T`` and a bucket ending at a point ``P`` only holds days ``< P``.
 
 Distinct features used in the last ``W`` days are not additive; each use on
 day ``d`` makes the feature count for snapshots ``T`` in ``[d+1, d+W]``, so the
@@ -122,17 +131,31 @@ _LIFE_FROM_DAYS = [
     "exposure_epoch",
 ]
 _LIFE_FROM_ORDERS = ["value_slope", "items_slope"]
+# Windows longer than this are differences of running sums (see the module docstring), so
+# the range join of snapshots x customer-days only spans this many days.
+_JOIN_DAYS = 35
 _LIFE_FROM_COVERAGE = ["coverage_delta"]
 # Window of features_used_30d (distinct features), see the module docstring.
 _COVERAGE_DAYS = 30
 
 
+def _long_windows() -> dict[str, tuple[str, int]]:
+    """Aggregate name -> (day-table column, window) of the windows beyond the join."""
+    return {
+        name: (col, win)
+        for name, (_, col, win) in AGGREGATES.items()
+        if win is not None and win > _JOIN_DAYS
+    }
+
+
 def _lifetime_columns() -> dict[str, str]:
-    """Stream column -> aggregate of the lifetime (``window=None``) aggregates."""
+    """Stream column -> aggregate of the running (lifetime and long window) aggregates."""
     cols: dict[str, str] = {}
     for fn, col, win in AGGREGATES.values():
         if win is None and fn != "MIN":
             cols.setdefault(col, fn)
+    for col, _ in _long_windows().values():
+        cols.setdefault(col, "SUM")
     return cols
 
 
@@ -146,7 +169,7 @@ def _first_times() -> dict[str, str]:
 
 
 def _life_rows(source: str, carried: list[str], life: dict[str, str]) -> str:
-    cols = ["customer_id", "bucket_day"]
+    cols = ["ck", "bucket_day"]
     for col, fn in life.items():
         if col in carried:
             cols.append(f"CAST({col} AS DOUBLE) AS {col}")
@@ -185,20 +208,25 @@ def feature_sql(events: str, snapshots: str = "snapshots", dialect: str = "duckd
     if dialect not in DIALECTS:
         raise ValueError(f"dialect {dialect!r} is not one of {sorted(DIALECTS)}")
     d = DIALECTS[dialect]
-    epoch = d["epoch"].format(x="event_timestamp")
+    epoch = d["epoch"].format(x="e.event_timestamp")
     w = _COVERAGE_DAYS
     windowed = {name: spec for name, spec in AGGREGATES.items() if spec[2] is not None}
     if any(fn != "SUM" for fn, _, _ in windowed.values()):
         raise ValueError("windowed aggregates must be SUMs (they come from the range join)")
-    longest = max(win for _, _, win in windowed.values() if win is not None)
+    long_windows = _long_windows()
+    joined = {name: spec for name, spec in windowed.items() if name not in long_windows}
+    join_days = max(win for _, _, win in joined.values() if win is not None)
+    join_cols = sorted({col for _, col, _ in joined.values()})
     window_aggs = ",\n    ".join(
         f"SUM(CASE WHEN d.day >= s.snapshot_day - {win} THEN d.{col} ELSE 0 END) AS {name}"
-        for name, (_, col, win) in windowed.items()
+        for name, (_, col, win) in joined.items()
     )
     life = _lifetime_columns()
     life_stream = "\n  UNION ALL\n  ".join(
         [
-            _life_rows("day_buckets", _LIFE_FROM_DAYS, life),
+            _life_rows(
+                "day_buckets", _LIFE_FROM_DAYS + [c for c, _ in long_windows.values()], life
+            ),
             _life_rows("order_buckets", _LIFE_FROM_ORDERS, life),
             _life_rows("coverage_buckets", _LIFE_FROM_COVERAGE, life),
         ]
@@ -217,24 +245,52 @@ def feature_sql(events: str, snapshots: str = "snapshots", dialect: str = "duckd
         if win is None and fn != "MIN":
             call = d["last"].format(x=f"l.{col}") if fn == "LAST" else f"{fn}(l.{col})"
             running.append(f"{call} OVER wall AS {name}")
+    for col in sorted({col for col, _ in long_windows.values()}):
+        running.append(f"SUM(l.{col}) OVER wall AS run_{col}")
     running_list = ",\n    ".join(running)
-    snap_cols = ",\n    ".join(
-        f"COALESCE(w.{name}, 0) AS {name}" if spec[2] is not None else f"c.{name}"
-        for name, spec in AGGREGATES.items()
+    # A long window's sum is the running sum at T minus the one at T - W: the snapshots
+    # gain a "point" at every T - W, so the buckets split there.
+    spans = sorted({win for _, win in long_windows.values()})
+    shadow_points = "".join(
+        f"\n  UNION\n  SELECT snapshot_day - {win} AS snapshot_day FROM {snapshots}"
+        for win in spans
     )
+    back_joins = "".join(
+        f"\n  LEFT JOIN cumulative b{win} ON b{win}.ck = c.ck"
+        f" AND b{win}.snapshot_day = c.snapshot_day - {win}"
+        for win in spans
+    )
+    snap_parts = []
+    for name, (_, col, win) in AGGREGATES.items():
+        if name in long_windows:
+            # No row at T - W: the customer had no day before it, so the running sum is 0.
+            snap_parts.append(f"COALESCE(c.run_{col}, 0) - COALESCE(b{win}.run_{col}, 0) AS {name}")
+        elif win is not None:
+            snap_parts.append(f"COALESCE(w.{name}, 0) AS {name}")
+        else:
+            snap_parts.append(f"c.{name}")
+    snap_cols = ",\n    ".join(snap_parts)
     features = ",\n  ".join(f"CAST({_feature_expr(f)} AS DOUBLE) AS {f.name}" for f in FEATURES)
     ts = d["timestamp"].format(x="snapshot_day * 86400")
     return f"""
-WITH ev AS (
-  SELECT customer_id, event_type, session_id, order_id, event_id, feature_name, action,
-    CAST(price AS DOUBLE) AS price, CAST(quantity AS DOUBLE) AS quantity,
+WITH ids AS (
+  -- An integer key from the start: every GROUP BY, window and join below hashes or
+  -- sorts numbers, not strings; the ids keep the customer_id order.
+  SELECT customer_id, ROW_NUMBER() OVER (ORDER BY customer_id) AS ck
+  FROM (SELECT DISTINCT customer_id FROM {events}) u
+),
+ev AS (
+  SELECT i.ck, e.event_type, e.session_id, e.order_id, e.event_id, e.feature_name, e.action,
+    CAST(e.price AS DOUBLE) AS price, CAST(e.quantity AS DOUBLE) AS quantity,
     {epoch} AS epoch,
     CAST(FLOOR({epoch} / 86400) AS BIGINT) AS day
-  FROM {events}
-  WHERE {epoch} < (SELECT MAX(snapshot_day) * 86400 FROM {snapshots})
+  FROM {events} e
+  JOIN ids i ON i.customer_id = e.customer_id
+  WHERE {epoch}
+    < (SELECT MAX(snapshot_day) * 86400 FROM {snapshots})
 ),
 day_totals AS (
-  SELECT customer_id, day,
+  SELECT ck, day,
     COUNT(*) AS n_events,
     SUM(CASE WHEN event_type = 'session_start' THEN 1 ELSE 0 END) AS n_sessions,
     MAX(CASE WHEN event_type = 'session_start' THEN epoch END) AS session_epoch,
@@ -254,97 +310,100 @@ day_totals AS (
     MIN(epoch) AS first_epoch,
     MAX(epoch) AS last_epoch
   FROM ev
-  GROUP BY customer_id, day
+  GROUP BY ck, day
+),
+points AS (
+  -- The snapshots and, for the long windows, each snapshot minus the window.
+  SELECT snapshot_day FROM {snapshots}{shadow_points}
 ),
 bucket_of AS (
-  -- Each day's bucket is the first snapshot after it: a few hundred rows.
-  SELECT x.day, MIN(s.snapshot_day) AS bucket_day
+  -- Each day's bucket is the first point after it: a few hundred rows.
+  SELECT x.day, MIN(p.snapshot_day) AS bucket_day
   FROM (
     SELECT DISTINCT day FROM day_totals
     UNION
     SELECT DISTINCT day + {w} AS day FROM day_totals
   ) x
-  JOIN {snapshots} s ON s.snapshot_day > x.day
+  JOIN points p ON p.snapshot_day > x.day
   GROUP BY x.day
 ),
 orders AS (
   -- An order is the purchase lines sharing an order_id on one UTC day (a line without
   -- order_id is its own order), so no order straddles a snapshot.
-  SELECT customer_id, day, COALESCE(order_id, event_id) AS order_key,
+  SELECT ck, day, COALESCE(order_id, event_id) AS order_key,
     SUM(COALESCE(price * quantity, 0)) AS order_value,
     SUM(COALESCE(quantity, 0)) AS order_items,
     MAX(epoch) AS order_epoch
   FROM ev WHERE event_type = 'purchase'
-  GROUP BY customer_id, day, COALESCE(order_id, event_id)
+  GROUP BY ck, day, COALESCE(order_id, event_id)
 ),
 order_seq AS (
-  SELECT customer_id, day,
+  SELECT ck, day,
     REGR_SLOPE(order_value, seq) OVER last5 AS value_slope,
     REGR_SLOPE(order_items, seq) OVER last5 AS items_slope,
     seq
   FROM (
-    SELECT o.*, ROW_NUMBER() OVER (PARTITION BY customer_id ORDER BY order_epoch, order_key)
-      AS seq
+    SELECT o.*, ROW_NUMBER() OVER (PARTITION BY ck ORDER BY order_epoch, order_key) AS seq
     FROM orders o
   ) numbered
-  WINDOW last5 AS (PARTITION BY customer_id ORDER BY seq ROWS BETWEEN 4 PRECEDING AND CURRENT ROW)
+  WINDOW last5 AS (PARTITION BY ck ORDER BY seq ROWS BETWEEN 4 PRECEDING AND CURRENT ROW)
 ),
 order_buckets AS (
   -- The slopes as of a snapshot are those at the last order of the latest bucket.
-  SELECT customer_id, bucket_day, value_slope, items_slope
+  SELECT ck, bucket_day, value_slope, items_slope
   FROM (
-    SELECT o.customer_id, b.bucket_day, o.value_slope, o.items_slope,
-      ROW_NUMBER() OVER (PARTITION BY o.customer_id, b.bucket_day ORDER BY o.seq DESC) AS rn
+    SELECT o.ck, b.bucket_day, o.value_slope, o.items_slope,
+      ROW_NUMBER() OVER (PARTITION BY o.ck, b.bucket_day ORDER BY o.seq DESC) AS rn
     FROM order_seq o JOIN bucket_of b ON b.day = o.day
   ) ranked
   WHERE rn = 1
 ),
 order_days AS (
-  SELECT customer_id, day, COUNT(*) AS n_orders FROM orders GROUP BY customer_id, day
+  SELECT ck, day, COUNT(*) AS n_orders FROM orders GROUP BY ck, day
 ),
 cart_days AS (
   -- Events without a session_id on one day count as one session.
-  SELECT customer_id, day,
+  SELECT ck, day,
     SUM(has_cart) AS cart_sessions,
     SUM(CASE WHEN has_cart = 1 AND has_purchase = 0 THEN 1 ELSE 0 END) AS abandoned_sessions
   FROM (
-    SELECT customer_id, day,
+    SELECT ck, day,
       MAX(CASE WHEN event_type IN ('add_to_cart', 'checkout_start') THEN 1 ELSE 0 END)
         AS has_cart,
       MAX(CASE WHEN event_type = 'purchase' THEN 1 ELSE 0 END) AS has_purchase
     FROM ev
     WHERE event_type IN ('add_to_cart', 'checkout_start', 'purchase')
-    GROUP BY customer_id, day, COALESCE(session_id, '')
+    GROUP BY ck, day, COALESCE(session_id, '')
   ) per_session
-  GROUP BY customer_id, day
+  GROUP BY ck, day
 ),
 feature_days AS (
-  SELECT customer_id, feature_name, day,
-    LAG(day) OVER (PARTITION BY customer_id, feature_name ORDER BY day) AS prev_day,
-    LEAD(day) OVER (PARTITION BY customer_id, feature_name ORDER BY day) AS next_day
+  SELECT ck, feature_name, day,
+    LAG(day) OVER (PARTITION BY ck, feature_name ORDER BY day) AS prev_day,
+    LEAD(day) OVER (PARTITION BY ck, feature_name ORDER BY day) AS next_day
   FROM (
-    SELECT DISTINCT customer_id, feature_name, day FROM ev
+    SELECT DISTINCT ck, feature_name, day FROM ev
     WHERE event_type = 'feature_use' AND feature_name IS NOT NULL
   ) used
 ),
 new_feature_days AS (
-  SELECT customer_id, day, COUNT(*) AS new_features
-  FROM feature_days WHERE prev_day IS NULL GROUP BY customer_id, day
+  SELECT ck, day, COUNT(*) AS new_features
+  FROM feature_days WHERE prev_day IS NULL GROUP BY ck, day
 ),
 coverage_buckets AS (
-  SELECT c.customer_id, b.bucket_day, SUM(c.delta) AS coverage_delta
+  SELECT c.ck, b.bucket_day, SUM(c.delta) AS coverage_delta
   FROM (
-    SELECT customer_id, day, 1 AS delta FROM feature_days
+    SELECT ck, day, 1 AS delta FROM feature_days
     WHERE prev_day IS NULL OR day > prev_day + {w}
     UNION ALL
-    SELECT customer_id, day + {w} AS day, -1 AS delta FROM feature_days
+    SELECT ck, day + {w} AS day, -1 AS delta FROM feature_days
     WHERE next_day IS NULL OR next_day > day + {w}
   ) c
   JOIN bucket_of b ON b.day = c.day
-  GROUP BY c.customer_id, b.bucket_day
+  GROUP BY c.ck, b.bucket_day
 ),
 days AS (
-  SELECT t.customer_id, t.day,
+  SELECT t.ck, t.day,
     CAST(t.n_events AS DOUBLE) AS n_events,
     CAST(1 AS DOUBLE) AS active,
     CAST(t.n_sessions AS DOUBLE) AS n_sessions,
@@ -362,20 +421,20 @@ days AS (
     t.session_epoch, t.purchase_epoch, t.first_feature_epoch, t.last_feature_epoch,
     t.first_epoch, t.last_epoch, t.exposure_epoch
   FROM day_totals t
-  LEFT JOIN order_days o ON o.customer_id = t.customer_id AND o.day = t.day
-  LEFT JOIN cart_days s ON s.customer_id = t.customer_id AND s.day = t.day
-  LEFT JOIN new_feature_days nf ON nf.customer_id = t.customer_id AND nf.day = t.day
+  LEFT JOIN order_days o ON o.ck = t.ck AND o.day = t.day
+  LEFT JOIN cart_days s ON s.ck = t.ck AND s.day = t.day
+  LEFT JOIN new_feature_days nf ON nf.ck = t.ck AND nf.day = t.day
 ),
 day_buckets AS (
   SELECT d.*, b.bucket_day FROM days d JOIN bucket_of b ON b.day = d.day
 ),
 life AS (
-  SELECT customer_id, bucket_day,
+  SELECT ck, bucket_day,
     {bucket_aggs}
   FROM (
   {life_stream}
   ) stream
-  GROUP BY customer_id, bucket_day
+  GROUP BY ck, bucket_day
 ),
 catalog AS (
   SELECT s.snapshot_day, COUNT(f.feature_name) AS catalog_size
@@ -387,40 +446,37 @@ catalog AS (
   GROUP BY s.snapshot_day
 ),
 customers AS (
-  -- An integer key makes the big GROUP BY of the range join hash numbers, not strings.
-  SELECT f.*, ROW_NUMBER() OVER (ORDER BY customer_id) AS ck
-  FROM (
-    SELECT customer_id, MIN(day) AS first_day{first_cols} FROM day_totals GROUP BY customer_id
-  ) f
+  SELECT ck, MIN(day) AS first_day{first_cols} FROM day_totals GROUP BY ck
 ),
 markers AS (
-  SELECT c.*, s.snapshot_day
+  SELECT c.*, p.snapshot_day
   FROM customers c
-  JOIN {snapshots} s ON c.first_day < s.snapshot_day
+  JOIN points p ON c.first_day < p.snapshot_day
 ),
 cumulative AS (
-  SELECT m.customer_id, m.ck, m.snapshot_day,
+  SELECT m.ck, m.snapshot_day,
     {running_list}
   FROM markers m
-  LEFT JOIN life l ON l.customer_id = m.customer_id AND l.bucket_day = m.snapshot_day
-  WINDOW wall AS (PARTITION BY m.customer_id ORDER BY m.snapshot_day ROWS UNBOUNDED PRECEDING)
+  LEFT JOIN life l ON l.ck = m.ck AND l.bucket_day = m.snapshot_day
+  WINDOW wall AS (PARTITION BY m.ck ORDER BY m.snapshot_day ROWS UNBOUNDED PRECEDING)
 ),
 windows AS (
+  -- Only the short windows' columns go through the join of snapshots x customer-days.
   SELECT d.ck, s.snapshot_day,
     {window_aggs}
   FROM {snapshots} s
-  JOIN (
-    SELECT c.ck, x.* FROM days x JOIN customers c ON c.customer_id = x.customer_id
-  ) d ON d.day < s.snapshot_day AND d.day >= s.snapshot_day - {longest}
+  JOIN (SELECT ck, day, {", ".join(join_cols)} FROM days) d
+    ON d.day < s.snapshot_day AND d.day >= s.snapshot_day - {join_days}
   GROUP BY d.ck, s.snapshot_day
 ),
 snap AS (
-  SELECT c.customer_id, c.snapshot_day, k.catalog_size,
+  SELECT i.customer_id, c.snapshot_day, k.catalog_size,
     c.snapshot_day * 86400.0 AS snapshot_epoch,
     {snap_cols}
   FROM cumulative c
-  LEFT JOIN windows w ON w.ck = c.ck AND w.snapshot_day = c.snapshot_day
   JOIN catalog k ON k.snapshot_day = c.snapshot_day
+  JOIN ids i ON i.ck = c.ck
+  LEFT JOIN windows w ON w.ck = c.ck AND w.snapshot_day = c.snapshot_day{back_joins}
 )
 SELECT customer_id,
   {ts} AS event_timestamp,
