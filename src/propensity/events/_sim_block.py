@@ -12,22 +12,10 @@ from datetime import date
 import numpy as np
 
 from propensity.events import _sim_latent as lat
+from propensity.events.schema import EVENT_TYPES
 
-EVENT_CODES: tuple[str, ...] = (
-    "session_start",
-    "page_view",
-    "product_view",
-    "search",
-    "add_to_cart",
-    "remove_from_cart",
-    "checkout_start",
-    "purchase",
-    "feature_use",
-    "email_open",
-    "email_click",
-    "support_ticket",
-    "campaign_exposure",
-)
+# Event type codes index the canonical vocabulary, in its documented order.
+EVENT_CODES: tuple[str, ...] = tuple(EVENT_TYPES)
 CHANNELS: tuple[str, ...] = ("web", "app", "email", "support")
 DEVICES: tuple[str, ...] = ("desktop", "mobile", "tablet")
 PRODUCTS_PER_CATEGORY = 60

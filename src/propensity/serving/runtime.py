@@ -71,6 +71,15 @@ class ServingConfig(BaseModel):
     batch_limit: int = Field(1000, ge=1)
 
     @classmethod
+    def from_settings(cls, settings: Settings) -> ServingConfig:
+        """The serving options of a project (file values and ``PROPENSITY_*`` overrides)."""
+        return cls(
+            api_key=settings.api_key,
+            reload_seconds=settings.reload_seconds,
+            batch_limit=settings.batch_limit,
+        )
+
+    @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingConfig:
         """Read the ``PROPENSITY_API_KEY`` / ``_RELOAD_SECONDS`` / ``_BATCH_LIMIT`` variables.
 

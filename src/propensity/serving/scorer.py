@@ -244,6 +244,20 @@ def _proto_value(value: Any) -> float:
         return math.nan
 
 
+def _feature_names(
+    feature_refs: Sequence[str], derived: Mapping[str, Any]
+) -> tuple[list[str], list[str]]:
+    """Served feature names (``view:name`` refs stripped) and the matrix columns.
+
+    Derived (request-time) features not served by a view come last.
+    """
+    base = [ref.split(":", 1)[1] for ref in feature_refs]
+    dupes = sorted({n for n in base if base.count(n) > 1})
+    if dupes:
+        raise ValueError(f"feature names {dupes} appear in more than one view")
+    return base, base + [n for n in derived if n not in base]
+
+
 class FeastOnlineReader:
     """Read features from a Feast store's online store in one call.
 
@@ -292,11 +306,7 @@ class FeastOnlineReader:
         self.entity_key = entity_key
         self.derived = dict(derived or {})
         self.clock = clock
-        base = [ref.split(":", 1)[1] for ref in self.feature_refs]
-        dupes = sorted({n for n in base if base.count(n) > 1})
-        if dupes:
-            raise ValueError(f"feature names {dupes} appear in more than one view")
-        self.feature_names: list[str] = base + [n for n in self.derived if n not in base]
+        base, self.feature_names = _feature_names(self.feature_refs, self.derived)
         self._column = {name: j for j, name in enumerate(self.feature_names)}
         views = [ref.split(":", 1)[0] for ref in self.feature_refs]
         # Per feature: the TTL of its view (inf when none), so staleness is one vector op.
@@ -450,11 +460,7 @@ class SqliteOnlineReader:
         self.entity_key = entity_key
         self.derived = dict(derived or {})
         self.clock = clock
-        base = [ref.split(":", 1)[1] for ref in self.feature_refs]
-        dupes = sorted({n for n in base if base.count(n) > 1})
-        if dupes:
-            raise ValueError(f"feature names {dupes} appear in more than one view")
-        self.feature_names: list[str] = base + [n for n in self.derived if n not in base]
+        _, self.feature_names = _feature_names(self.feature_refs, self.derived)
         self._column = {name: j for j, name in enumerate(self.feature_names)}
         views = list(dict.fromkeys(ref.split(":", 1)[0] for ref in self.feature_refs))
         self._views = views

@@ -11,9 +11,10 @@ Run it with ``bentoml serve propensity.serving.service:Scoring --port 3000``
   all served by BentoML and open without the API key so probes and scrapers
   need no secret.
 
-The project is located by ``PROPENSITY_CONFIG`` (a ``propensity.yaml``);
+The project is located by ``PROPENSITY_CONFIG`` (a ``propensity.yaml``); its
+``api_key``, ``reload_seconds`` and ``batch_limit`` settings (or the
 ``PROPENSITY_API_KEY``, ``PROPENSITY_RELOAD_SECONDS`` and
-``PROPENSITY_BATCH_LIMIT`` configure the service itself.
+``PROPENSITY_BATCH_LIMIT`` variables) configure the service itself.
 """
 
 from __future__ import annotations
@@ -46,15 +47,11 @@ class _Current:
         return self.runtime
 
 
-def _settings_from_env() -> Settings:
-    # The service's own variables are not project settings: keep them out of load_settings,
-    # which rejects unknown PROPENSITY_* names.
-    skip = set(SERVING_ENV.values())
-    return load_settings(environ={k: v for k, v in os.environ.items() if k not in skip})
-
-
 _CURRENT = _Current()
-_CONFIG = ServingConfig.from_env()
+# The project comes from PROPENSITY_CONFIG; the key, reload interval and batch limit are
+# settings too, so a project file and PROPENSITY_* variables configure the service alike.
+_SETTINGS = load_settings()
+_CONFIG = ServingConfig.from_settings(_SETTINGS)
 _APP = build_app(
     _CURRENT,
     api_key=_CONFIG.api_key.get_secret_value() if _CONFIG.api_key else None,
@@ -75,7 +72,7 @@ class Scoring:
     """Churn, purchase propensity and next-best-action from online features."""
 
     def __init__(self) -> None:
-        self.runtime = Runtime(_settings_from_env(), _CONFIG).start()
+        self.runtime = Runtime(_SETTINGS, _CONFIG).start()
         _CURRENT.runtime = self.runtime
 
     def __is_ready__(self) -> bool:
