@@ -258,7 +258,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "project"
-        project = build_project(root, n_customers=args.customers, nba=True)
+        project = build_project(root, n_customers=args.customers, nba=True, full_size=True)
         ids = project.customers[: args.customers - 5]
         print(f"[{_load()}] project built; measuring /score ...", flush=True)
         fast = bench_http(root, ids, args.requests)

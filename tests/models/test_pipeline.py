@@ -74,6 +74,16 @@ def test_deterministic_row_and_column_order_invariant(splits):
     assert list(a.feature_importance().index[:1]) == ["a"]
 
 
+def test_early_stopping_can_be_turned_off(splits):
+    (X, y, _), (Xv, yv, _), _ = splits
+    params = LightGBMParams(num_leaves=31, learning_rate=0.5, n_estimators=60)
+    stopped = CalibratedBooster(params, 3, seed=5).fit(X, y, Xv, yv)
+    full = CalibratedBooster(params, None, seed=5).fit(X, y, Xv, yv)
+    # A fast learning rate overfits early: early stopping keeps a prefix, None keeps all.
+    assert stopped.best_iteration_ < 60
+    assert full.best_iteration_ == full.booster_.current_iteration() == 60
+
+
 def test_errors_name_the_problem(splits):
     (X, y, _), (Xv, yv, _), _ = splits
     with pytest.raises(ValueError, match=r"lacks feature column\(s\) \['e'\]"):

@@ -96,7 +96,11 @@ def publish_online(settings: Settings, n_online: int) -> None:
 
 
 def fit_model(
-    features: list[str], seed: int, n_rows: int = 3000, n_estimators: int = 40
+    features: list[str],
+    seed: int,
+    n_rows: int = 3000,
+    n_estimators: int = 40,
+    early_stopping_rounds: int | None = 10,
 ) -> CalibratedBooster:
     rng = np.random.default_rng(seed)
     X = pd.DataFrame(rng.gamma(2.0, 3.0, size=(n_rows, len(features))), columns=features)
@@ -104,9 +108,12 @@ def fit_model(
     logit = (X.iloc[:, 1] - 6) / 3 - (X.iloc[:, 2] - 6) / 4 + rng.normal(size=n_rows)
     y = (logit > 0).astype(int).to_numpy()
     split = int(n_rows * 0.75)
+    params = LightGBMParams(n_estimators=n_estimators, num_leaves=15, min_child_samples=20)
+    if not early_stopping_rounds:  # every tree kept: the quickstart's slow rate keeps them useful
+        params = params.model_copy(update={"learning_rate": 0.03})
     model = CalibratedBooster(
-        LightGBMParams(n_estimators=n_estimators, num_leaves=15, min_child_samples=20),
-        early_stopping_rounds=10,
+        params,
+        early_stopping_rounds=early_stopping_rounds,
         calibration="sigmoid",
         seed=seed,
     )
@@ -124,7 +131,9 @@ def register(settings: Settings, name: str, model: Any, champion: bool = True) -
     return run.version
 
 
-def fit_nba(features: list[str], seed: int, n_rows: int = 4000, learner: str = "x") -> Any:
+def fit_nba(
+    features: list[str], seed: int, n_rows: int = 4000, learner: str = "x", n_estimators: int = 40
+) -> Any:
     """A real next-best-action model (uplift per catalog action) on random logged campaigns."""
     from propensity.models.arbitration import load_catalog
     from propensity.models.nba import NBAModel
@@ -138,14 +147,24 @@ def fit_nba(features: list[str], seed: int, n_rows: int = 4000, learner: str = "
         "purchase": (rng.random(n_rows) < 0.2 + lift).astype(int),
         "retention": (rng.random(n_rows) < 0.6).astype(int),
     }
-    params = {"n_estimators": 40, "min_child_samples": 50}
+    params = {"n_estimators": n_estimators, "min_child_samples": 50}
     return NBAModel(catalog, learner=learner, params=params, random_state=seed).fit(
         X, arms, outcomes
     )
 
 
-def build_project(root: Path, n_customers: int = 300, nba: bool = False) -> Project:
-    """Everything the service needs, under ``root`` (``nba``: a next-best-action champion too)."""
+#: Trees of the quickstart's champions (churn 581, purchase 251, uplift learners 100 each).
+FULL_SIZE_TREES = {"churn": 600, "purchase_propensity": 250, "next_best_action": 100}
+
+
+def build_project(
+    root: Path, n_customers: int = 300, nba: bool = False, full_size: bool = False
+) -> Project:
+    """Everything the service needs, under ``root``.
+
+    ``nba`` adds a next-best-action champion; ``full_size`` fits models as
+    large as the quickstart's (for benchmarks) instead of small ones.
+    """
     from propensity.features.store import FeatureStoreAdapter
 
     root.mkdir(parents=True, exist_ok=True)
@@ -158,13 +177,18 @@ def build_project(root: Path, n_customers: int = 300, nba: bool = False) -> Proj
     adapter = FeatureStoreAdapter(settings)
     churn_features = adapter.service_features("churn_v1")
     purchase_features = adapter.service_features("purchase_v1")
-    versions = {
-        "churn": [register(settings, "churn", fit_model(churn_features, seed=1))],
-        "purchase_propensity": [
-            register(settings, "purchase_propensity", fit_model(purchase_features, seed=2))
-        ],
-    }
+    size: dict[str, Any] = {}
+    if full_size:
+        size = {"n_rows": 6000, "early_stopping_rounds": None}
+    versions = {}
+    for seed, (name, features) in enumerate(
+        (("churn", churn_features), ("purchase_propensity", purchase_features)), start=1
+    ):
+        trees = FULL_SIZE_TREES[name] if full_size else 40
+        model = fit_model(features, seed=seed, n_estimators=trees, **size)
+        versions[name] = [register(settings, name, model)]
     if nba:
-        model = fit_nba(adapter.service_features("nba_v1"), seed=3)
+        trees = FULL_SIZE_TREES["next_best_action"] if full_size else 40
+        model = fit_nba(adapter.service_features("nba_v1"), seed=3, n_estimators=trees)
         versions["next_best_action"] = [register(settings, "next_best_action", model)]
     return Project(settings, ids, churn_features, purchase_features, versions)

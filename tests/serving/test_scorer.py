@@ -126,3 +126,7 @@ def test_serving_config_from_env_validates() -> None:
     assert "s3cr3t-v" not in repr(config)  # the key is a SecretStr
     with pytest.raises(ValueError, match="reload_seconds"):
         ServingConfig.from_env({"PROPENSITY_RELOAD_SECONDS": "0"})
+    assert config.reasons_method == "path"
+    assert ServingConfig.from_env({"PROPENSITY_REASONS_METHOD": "shap"}).reasons_method == "shap"
+    with pytest.raises(ValueError, match="reasons_method"):
+        ServingConfig.from_env({"PROPENSITY_REASONS_METHOD": "lime"})

@@ -108,8 +108,9 @@ class CalibratedBooster:
     params : LightGBMParams, optional
         Hyper-parameters; ``class_weight="balanced"`` sets ``scale_pos_weight`` to
         negatives/positives of the training rows.
-    early_stopping_rounds : int
-        Stop when validation log loss has not improved for this many rounds.
+    early_stopping_rounds : int or None
+        Stop when validation log loss has not improved for this many rounds;
+        ``None`` fits all ``n_estimators`` trees.
     calibration : {"auto", "isotonic", "sigmoid", "none"}
         Fitted on the validation rows; ``auto`` picks the method with the lowest
         cross-fitted validation log loss.
@@ -141,7 +142,7 @@ class CalibratedBooster:
     def __init__(
         self,
         params: LightGBMParams | None = None,
-        early_stopping_rounds: int = 50,
+        early_stopping_rounds: int | None = 50,
         calibration: CalibrationMethod = "auto",
         seed: int = 42,
     ) -> None:
@@ -209,7 +210,11 @@ class CalibratedBooster:
             num_boost_round=n_rounds,
             valid_sets=[val_set],
             valid_names=["validation"],
-            callbacks=[lgb.early_stopping(self.early_stopping_rounds, verbose=False)],
+            callbacks=(
+                [lgb.early_stopping(self.early_stopping_rounds, verbose=False)]
+                if self.early_stopping_rounds
+                else []
+            ),
         )
         self.best_iteration_ = int(self.booster_.best_iteration or n_rounds)
         raw_val = self._raw(as_matrix(X_val, self.feature_names_))

@@ -220,24 +220,38 @@ class ArbitrationPolicy:
         held = in_holdout(ids, self.catalog.holdout_share, self.catalog.holdout_salt)
         # choose() ranks eligible actions by value, then the ineligible in catalog order.
         ranks = np.argsort(np.where(ok, -values, np.inf), axis=1, kind="stable")
-        names, specs = self._names, self._specs
+        names = self._names
         share = self.catalog.holdout_share
         held_reason = f"hold-out: customer in the {share:.0%} untreated measurement group"
+        # The fixed parts of each action's "eligible" reason, formatted once per batch.
+        texts = [
+            ("eligible; uplift ", f" x value {spec.value:g} - cost {spec.cost:g} = ")
+            for spec in self._specs
+        ]
+        # Python lists: indexing them per (row, action) is several times cheaper than numpy.
+        rows = zip(
+            ok.tolist(),
+            up.tolist(),
+            values.tolist(),
+            why.tolist(),
+            ranks.tolist(),
+            best.tolist(),
+            best_value.tolist(),
+            held.tolist(),
+            strict=True,
+        )
         out = []
-        for i in range(n):
-            alts = []
-            ok_i, up_i, val_i, why_i = ok[i], up[i], values[i], why[i]
-            for j in ranks[i].tolist():
+        for ok_i, up_i, val_i, why_i, rank_i, best_i, best_value_i, held_i in rows:
+            alts: list[dict[str, Any]] = []
+            for j in rank_i:
                 if ok_i[j]:
-                    spec = specs[j]
-                    value = float(val_i[j])
+                    head, middle = texts[j]
                     alts.append(
                         {
                             "action": names[j],
-                            "expected_value": value,
+                            "expected_value": val_i[j],
                             "eligible": True,
-                            "reason": f"eligible; uplift {up_i[j]:.3f} x value {spec.value:g} "
-                            f"- cost {spec.cost:g} = {val_i[j]:.2f}",
+                            "reason": f"{head}{up_i[j]:.3f}{middle}{val_i[j]:.2f}",
                         }
                     )
                 else:
@@ -249,10 +263,10 @@ class ArbitrationPolicy:
                             "reason": why_i[j],
                         }
                     )
-            if held[i]:
+            if held_i:
                 action, expected, reason = NO_ACTION, 0.0, held_reason
-            elif best_value[i] > 0:
-                action, expected, reason = names[best[i]], float(best_value[i]), alts[0]["reason"]
+            elif best_value_i > 0:
+                action, expected, reason = names[best_i], best_value_i, alts[0]["reason"]
             elif alts[0]["eligible"]:
                 action, expected = NO_ACTION, 0.0
                 reason = "no eligible action pays: best " + alts[0]["reason"].removeprefix(
@@ -266,7 +280,7 @@ class ArbitrationPolicy:
                     "action": action,
                     "expected_value": expected,
                     "reason": reason,
-                    "holdout": bool(held[i]),
+                    "holdout": held_i,
                     "alternatives": alts,
                 }
             )

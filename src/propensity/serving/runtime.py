@@ -28,6 +28,7 @@ from propensity.serving.scorer import (
     FeastOnlineReader,
     FeatureReader,
     NBAPolicy,
+    ReasonsMethod,
     Scorer,
     SqliteOnlineReader,
 )
@@ -48,6 +49,7 @@ SERVING_ENV = {
     "api_key": "PROPENSITY_API_KEY",
     "reload_seconds": "PROPENSITY_RELOAD_SECONDS",
     "batch_limit": "PROPENSITY_BATCH_LIMIT",
+    "reasons_method": "PROPENSITY_REASONS_METHOD",
 }
 
 
@@ -62,6 +64,10 @@ class ServingConfig(BaseModel):
         Registry poll interval for hot reload (``PROPENSITY_RELOAD_SECONDS``).
     batch_limit : int
         Most ids per ``/score_batch`` call (``PROPENSITY_BATCH_LIMIT``).
+    reasons_method : {"path", "shap"}
+        How the top reasons' contributions are computed
+        (``PROPENSITY_REASONS_METHOD``): path attribution, about the cost of a
+        prediction, or exact TreeSHAP (see :mod:`propensity.models.attribution`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -69,6 +75,7 @@ class ServingConfig(BaseModel):
     api_key: SecretStr | None = None
     reload_seconds: float = Field(30.0, gt=0)
     batch_limit: int = Field(1000, ge=1)
+    reasons_method: ReasonsMethod = "path"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ServingConfig:
@@ -77,6 +84,7 @@ class ServingConfig(BaseModel):
             api_key=settings.api_key,
             reload_seconds=settings.reload_seconds,
             batch_limit=settings.batch_limit,
+            reasons_method=settings.reasons_method,
         )
 
     @classmethod
@@ -244,13 +252,14 @@ class Runtime:
             for name in (CHURN, PURCHASE):
                 if versions.get(name) is None:
                     raise LookupError(f"model {name!r} has no champion version in the registry")
-            churn = BoosterBundle(
-                CHURN, str(versions[CHURN]), self.source.load(CHURN, int(versions[CHURN] or 0))
-            )
-            purchase = BoosterBundle(
-                PURCHASE,
-                str(versions[PURCHASE]),
-                self.source.load(PURCHASE, int(versions[PURCHASE] or 0)),
+            churn, purchase = (
+                BoosterBundle(
+                    name,
+                    str(versions[name]),
+                    self.source.load(name, int(versions[name] or 0)),
+                    reasons=self.config.reasons_method,
+                )
+                for name in (CHURN, PURCHASE)
             )
             policy = None
             nba_version = versions.get(NBA)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from typing import Any
+from typing import Any, Literal
 
 import lightgbm as lgb
 import numpy as np
@@ -24,8 +24,8 @@ from lightgbm.basic import _LIB, _safe_call
 
 __all__ = ["SingleRowPredictor"]
 
-_PREDICT_NORMAL = 0
-_PREDICT_CONTRIB = 3
+# C API predict types.
+_PREDICT_TYPES = {"value": 0, "leaf": 2, "contrib": 3}
 _DTYPE_FLOAT64 = 1
 
 
@@ -38,9 +38,9 @@ class SingleRowPredictor:
     num_iteration : int, optional
         Trees to use, as ``Booster.predict`` (``None``: the best iteration
         if any, else all).
-    contrib : bool
-        Return TreeSHAP contributions (``pred_contrib=True``) instead of the
-        prediction.
+    output : {"value", "contrib", "leaf"}
+        The prediction, its TreeSHAP contributions (``pred_contrib=True``) or
+        the leaf index in every tree (``pred_leaf=True``).
 
     Examples
     --------
@@ -50,17 +50,25 @@ class SingleRowPredictor:
     """
 
     def __init__(
-        self, booster: lgb.Booster, num_iteration: int | None = None, contrib: bool = False
+        self,
+        booster: lgb.Booster,
+        num_iteration: int | None = None,
+        output: Literal["value", "contrib", "leaf"] = "value",
     ):
         self.booster = booster  # keeps the handle alive as long as the configs
         self.ncol = int(booster.num_feature())
         if num_iteration is None:
             num_iteration = int(getattr(booster, "best_iteration", 0) or 0)
         self.num_iteration = max(int(num_iteration), 0) or -1
-        self.predict_type = _PREDICT_CONTRIB if contrib else _PREDICT_NORMAL
-        # Output length: one per class (binary/regression: 1), or ncol + 1 contributions.
+        self.predict_type = _PREDICT_TYPES[output]
+        # Output length per class (binary/regression: one class): one value,
+        # ncol + 1 contributions, or one leaf per tree used.
         n_classes = int(booster._Booster__num_class)  # type: ignore[attr-defined]
-        self.out_len = (self.ncol + 1) * n_classes if contrib else n_classes
+        trees = booster.current_iteration()
+        if self.num_iteration > 0:
+            trees = min(trees, self.num_iteration)
+        width = {"value": 1, "contrib": self.ncol + 1, "leaf": trees}[output]
+        self.out_len = width * n_classes
         self._local = threading.local()
         self._configs: list[ctypes.c_void_p] = []
         self._lock = threading.Lock()
