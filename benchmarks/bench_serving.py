@@ -37,7 +37,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serving"))
 
-from project import build_project  # noqa: E402
+from project import FULL_SIZE_TREES, build_project  # noqa: E402
 
 _NAIVE_ENV = "BENCH_NAIVE_PROJECT"
 
@@ -49,7 +49,8 @@ _NAIVE_ENV = "BENCH_NAIVE_PROJECT"
     tracing={"sample_rate": 0.0},
 )
 class Naive:
-    """The baseline handler: Feast online read, sklearn-wrapper predictions, pandas NBA."""
+    """The baseline handler: Feast online read, sklearn-wrapper predictions and TreeSHAP
+    reasons from models of the champions' size, pandas NBA."""
 
     def __init__(self) -> None:
         import lightgbm as lgb
@@ -62,11 +63,13 @@ class Naive:
         self.adapter = FeatureStoreAdapter(settings)
         self.models = {}
         rng = np.random.default_rng(1)
-        for name, service in (("churn", "churn_v1"), ("purchase", "purchase_v1")):
+        for name, service in (("churn", "churn_v1"), ("purchase_propensity", "purchase_v1")):
             features = self.adapter.service_features(service)
             X = pd.DataFrame(rng.gamma(2.0, 3.0, size=(3000, len(features))), columns=features)
-            y = (X.iloc[:, 1] > 6).astype(int)
-            clf = lgb.LGBMClassifier(n_estimators=40, num_leaves=15, verbose=-1).fit(X, y)
+            y = (X.iloc[:, 1] + rng.normal(0, 3, 3000) > 6).astype(int)
+            clf = lgb.LGBMClassifier(
+                n_estimators=FULL_SIZE_TREES[name], learning_rate=0.03, num_leaves=15, verbose=-1
+            ).fit(X, y)
             self.models[name] = (service, features, clf)
         self.nba = load_estimator(settings.tracking_uri, "next_best_action")
 
@@ -78,6 +81,9 @@ class Naive:
         for name, (service, features, clf) in self.models.items():
             frame = self.adapter.online([customer_id], service)
             out[name] = float(clf.predict_proba(frame[features])[0, 1])
+            contributions = clf.predict(frame[features], pred_contrib=True)[0, :-1]
+            top = np.argsort(-np.abs(contributions))[:3]
+            out[f"{name}_reasons"] = [(features[j], float(contributions[j])) for j in top]
         frame = self.adapter.online([customer_id], "nba_v1")
         out["action"] = str(decide(frame, self.nba, self.nba.catalog)["action"].iloc[0])
         return out

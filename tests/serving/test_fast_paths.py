@@ -272,8 +272,9 @@ def test_grouped_batch_read_equals_per_value_read(project: Project, tmp_path: Pa
     source = project.settings.path(project.settings.online_store.sqlite_path)
     copy = tmp_path / "online.db"
     shutil.copy(source, copy)
-    # One value stored as a float32 and one as a null: the grouped query cannot
-    # hex-decode the first, so that customer is re-read value by value.
+    # One value stored as a float32, one as an int64 as long as a double, and one
+    # as a null: the grouped read cannot decode the first two, so those customers
+    # are re-read value by value.
     with sqlite3.connect(copy) as conn:
         conn.execute(
             "UPDATE propensity_session SET value = ? WHERE entity_key = ? AND feature_name = ?",
@@ -284,6 +285,11 @@ def test_grouped_batch_read_equals_per_value_read(project: Project, tmp_path: Pa
             "UPDATE propensity_basket SET value = x'' WHERE entity_key = ? AND feature_name = ?",
             (entity_key_bytes("customer_id", "C0000003"), "orders_30d"),
         )
+        conn.execute(
+            "UPDATE propensity_basket SET value = ? WHERE entity_key = ? AND feature_name = ?",
+            (b"\x20" + _varint(2**49), entity_key_bytes("customer_id", "C0000004"),
+             "revenue_30d"),
+        )  # fmt: skip
     store = FeatureStoreAdapter(project.settings).store
     names = ["sessions_7d", "orders_30d", "revenue_30d", "days_since_last_seen", "tenure_days"]
     reader = online_reader(store, names, copy)
@@ -301,6 +307,7 @@ def test_grouped_batch_read_equals_per_value_read(project: Project, tmp_path: Pa
     col = {n: j for j, n in enumerate(reader.feature_names)}
     assert grouped.matrix[1, col["sessions_7d"]] == 2.5
     assert np.isnan(grouped.matrix[2, col["orders_30d"]])
+    assert grouped.matrix[3, col["revenue_30d"]] == 2.0**49
     assert grouped.found.tolist().count(False) == 1
 
 

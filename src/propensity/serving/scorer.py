@@ -33,7 +33,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -65,6 +65,8 @@ PURCHASE = "purchase_propensity"
 NBA = "next_best_action"
 _TOP_REASONS = 3
 _MULTI_THREAD_ROWS = 64
+#: Batches from this size run next-best-action in a thread beside the models.
+_OVERLAP_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,19 @@ def _pool() -> ThreadPoolExecutor:
         if _POOL is None:
             _POOL = ThreadPoolExecutor(_CORES, thread_name_prefix="lightgbm")
         return _POOL
+
+
+_POLICY_THREADS: ThreadPoolExecutor | None = None
+
+
+def _policy_thread() -> ThreadPoolExecutor:
+    """Threads that run next-best-action beside the models (never LightGBM pool workers,
+    since the policy itself submits to that pool)."""
+    global _POLICY_THREADS
+    with _POOL_LOCK:
+        if _POLICY_THREADS is None:
+            _POLICY_THREADS = ThreadPoolExecutor(_CORES, thread_name_prefix="policy")
+        return _POLICY_THREADS
 
 
 def predict_rows(
@@ -428,6 +443,7 @@ def _decode_value(blob: bytes, feature: str) -> float:
 
 
 _DOUBLE_RECORD = np.dtype([("tag", "u1"), ("value", "<f8")])
+_DOUBLE_TAG = 0x29
 _NAN_HEX = "29" + struct.pack("<d", math.nan).hex().upper()
 #: Batches from this size read one row per (view, customer) instead of one per value.
 _GROUPED_ROWS = 16
@@ -443,7 +459,7 @@ def _decode_values(blobs: Sequence[bytes], features: Sequence[str]) -> np.ndarra
         packed = b"".join(itertools.compress(blobs, doubles.tolist()))
         records = np.frombuffer(packed, dtype=_DOUBLE_RECORD)
         values[doubles] = records["value"]
-        doubles[np.flatnonzero(doubles)[records["tag"] != 0x29]] = False
+        doubles[np.flatnonzero(doubles)[records["tag"] != _DOUBLE_TAG]] = False
     # Everything else (nulls, floats, ints, a 9-byte varint) takes the general decoder.
     for k in np.flatnonzero(~doubles).tolist():
         values[k] = _decode_value(blobs[k], features[k])
@@ -459,7 +475,7 @@ class SqliteOnlineReader:
     every timestamp in Python, which costs more than the whole HTTP request;
     this reader answers the same values with one ``UNION ALL`` query. From
     16 customers on, the query returns one row per (view, customer) with the
-    values hex-concatenated, decoded by numpy in one pass (Python object
+    value blobs concatenated, decoded by numpy in one pass (Python object
     creation per value was most of a 1,000-customer read).
 
     Parameters
@@ -578,16 +594,14 @@ class SqliteOnlineReader:
 
     def _grouped_sql(self, n_keys: int, views: Sequence[int]) -> str:
         marks = ",".join("?" * n_keys)
-        # One row per (view, customer): feature names and hex-encoded double values
-        # concatenated in the same row order. A null becomes a NaN double; any other
-        # value type is left out, which the length check in _read_grouped catches.
-        value = (
-            "CASE WHEN length(value) = 9 AND substr(value, 1, 1) = x'29' THEN hex(value) "
-            f"WHEN value IS NULL OR length(value) = 0 THEN '{_NAN_HEX}' END"
-        )
+        # One row per (view, customer): feature names, and the value blobs concatenated
+        # in the same row order (a null as a NaN double). group_concat keeps a blob's
+        # bytes, embedded zeros included; CAST returns them as bytes, not text. Values
+        # other than doubles show up as a wrong length or tag, checked in _read_grouped.
+        value = f"coalesce(nullif(value, x''), x'{_NAN_HEX}')"
         return " UNION ALL ".join(
             f"SELECT {k}, entity_key, group_concat(feature_name, ','), "
-            f"group_concat({value}, ''), count(*), "
+            f"CAST(group_concat({value}, '') AS BLOB), count(*), "
             f"min(CASE WHEN feature_name IN ({self._names_sql[k]}) THEN event_ts END) "
             f'FROM "{self._tables[k]}" WHERE entity_key IN ({marks}) GROUP BY entity_key'
             for k in views
@@ -613,8 +627,10 @@ class SqliteOnlineReader:
         """Read many customers with one row per (view, customer); returns keys to re-read.
 
         Python touches each customer's view once instead of each feature value:
-        the values of a group decode as one hex string, and the column positions
-        of a feature-name list are computed once and cached.
+        the values of all groups decode in one numpy pass, and the column
+        positions of a feature-name list are computed once and cached. A group
+        holding any value that is not a double (or null) is re-read value by
+        value, which is idempotent for the parts already written.
         """
         # SQLite releases the GIL while it steps: the views are split across cores,
         # each pool thread on its own read-only connection.
@@ -622,7 +638,8 @@ class SqliteOnlineReader:
         shares = [views[k::_CORES] for k in range(min(_CORES, len(views)))]
         fetched = _pool().map(lambda share: self._fetch_grouped(keys, share), shares)
         groups = itertools.chain.from_iterable(fetched)
-        hexes: list[str] = []
+        blobs: list[bytes] = []
+        group_keys: list[bytes] = []
         columns: list[np.ndarray] = []
         owners: list[int] = []
         counts: list[int] = []
@@ -631,14 +648,15 @@ class SqliteOnlineReader:
         stamp_views: list[int] = []
         stamp_values: list[float] = []
         for view, key, names, values, count, first in groups:
-            if values is None or len(values) != 18 * count:
+            if values is None or len(values) != _DOUBLE_RECORD.itemsize * count:
                 retry.add(key)
                 continue
             cols = self._group_columns.get((view, names))
             if cols is None:
                 cols = self._columns_of(view, names)
             i = row_of[key]
-            hexes.append(values)
+            blobs.append(values)
+            group_keys.append(key)
             columns.append(cols)
             owners.append(i)
             counts.append(count)
@@ -646,11 +664,16 @@ class SqliteOnlineReader:
                 stamp_rows.append(i)
                 stamp_views.append(view)
                 stamp_values.append(float(first))
-        if hexes:
-            records = np.frombuffer(bytes.fromhex("".join(hexes)), dtype=_DOUBLE_RECORD)
+        if blobs:
+            records = np.frombuffer(b"".join(blobs), dtype=_DOUBLE_RECORD)
             rows = np.repeat(np.asarray(owners, dtype=np.intp), counts)
             cols = np.concatenate(columns)
             served = cols >= 0
+            not_double = records["tag"] != _DOUBLE_TAG
+            if not_double.any():
+                groups_of = np.repeat(np.arange(len(blobs)), counts)
+                retry.update(group_keys[g] for g in np.unique(groups_of[not_double]).tolist())
+                served &= ~np.isin(groups_of, groups_of[not_double])
             matrix[rows[served], cols[served]] = records["value"][served]
             found[rows[served]] = True
         if stamp_rows:
@@ -848,6 +871,18 @@ class Scorer:
         if rows.size == 0:
             return out
         matrix = batch.matrix if rows.size == len(ids) else batch.matrix[rows]
+        decisions: list[dict[str, Any] | None] = [None] * len(rows)
+        pending: Future[list[dict[str, Any]]] | None = None
+        if self.policy is not None:
+            known = [ids[i] for i in rows.tolist()]
+            X_policy = self._model_input(NBA, matrix)
+            if len(rows) >= _OVERLAP_ROWS:
+                # The policy's arbitration is Python (it holds the GIL) while the models
+                # below run in LightGBM (which releases it): overlapping them keeps both
+                # cores busy. One row is faster without the hand-off.
+                pending = _policy_thread().submit(self.policy.decide, known, X_policy)
+            else:
+                decisions = list(self.policy.decide(known, X_policy))
         scores: dict[str, list[float]] = {}
         top: dict[str, list[list[dict[str, Any]]]] = {}
         for bundle in (self.churn, self.purchase):
@@ -858,10 +893,8 @@ class Scorer:
             else:
                 proba = bundle.predict_proba(X)
             scores[bundle.name] = np.clip(proba, 0.0, 1.0).tolist()
-        decisions: list[dict[str, Any] | None] = [None] * len(rows)
-        if self.policy is not None:
-            known = [ids[i] for i in rows.tolist()]
-            decisions = list(self.policy.decide(known, self._model_input(NBA, matrix)))
+        if pending is not None:
+            decisions = list(pending.result())
         versions = self.versions
         missing = _missing_names(matrix, self.reader.feature_names)
         stamps: dict[float, str | None] = {}  # rows of one snapshot share a timestamp
