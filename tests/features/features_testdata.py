@@ -74,3 +74,12 @@ def random_events(customers: int, events: int, days: int, seed: int) -> pa.Table
         ts = pd.Timestamp("2024-01-01") + pd.Timedelta(seconds=int(offset[i]))
         rows.append((f"C{cust[i]:07d}", ts, k, extra))
     return events_table(rows, id_prefix=f"r{seed}-")
+
+
+def late_customers(events: pa.Table, start: pd.Timestamp) -> pa.Table:
+    """The same events moved to new customers whose history starts at ``start``."""
+    frame = events.to_pandas()
+    frame["customer_id"] = "L" + frame["customer_id"].str[1:]
+    frame["event_id"] = "late-" + frame["event_id"]
+    frame["event_timestamp"] = start + (frame["event_timestamp"] - frame["event_timestamp"].min())
+    return pa.Table.from_pandas(frame, schema=events.schema, preserve_index=False)

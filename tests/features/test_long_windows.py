@@ -5,24 +5,15 @@ from __future__ import annotations
 import pandas as pd
 import pyarrow as pa
 import pytest
-from features_testdata import random_events
+from features_testdata import late_customers, random_events
 
 from propensity.features.snapshots import compute_features, snapshot_times
-
-
-def _late_customers(events: pa.Table, start: pd.Timestamp) -> pa.Table:
-    """The same events moved to new customers whose history starts at ``start``."""
-    frame = events.to_pandas()
-    frame["customer_id"] = "L" + frame["customer_id"].str[1:]
-    frame["event_id"] = "late-" + frame["event_id"]
-    frame["event_timestamp"] = start + (frame["event_timestamp"] - frame["event_timestamp"].min())
-    return pa.Table.from_pandas(frame, schema=events.schema, preserve_index=False)
 
 
 def test_long_windows_match_a_direct_pandas_sum() -> None:
     base = random_events(customers=20, events=2500, days=200, seed=21)
     # customers first seen late, so T - 90 falls before their first event
-    late = _late_customers(
+    late = late_customers(
         random_events(customers=5, events=300, days=40, seed=22),
         pd.Timestamp("2024-06-01", tz="UTC"),
     )

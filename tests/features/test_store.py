@@ -14,12 +14,14 @@ from features_testdata import REPO_FEATURE_REPO, random_events
 
 from propensity.config import OnlineStore, Settings
 from propensity.events.lake import EventLake
-from propensity.features.definitions import FEATURES, SERVICES
+from propensity.features.definitions import FEATURES, SERVICES, features_of
 from propensity.features.snapshots import build_features, compute_features, feature_table_path
 from propensity.features.store import FeatureStoreAdapter, redis_connection_string
 
 TIMES = [pd.Timestamp(d, tz="UTC") for d in ("2024-02-05", "2024-02-12", "2024-02-19")]
 LATEST = TIMES[-1]
+# Together these two services read every feature view.
+COVERING = ("nba_v1", "churn_v2")
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +74,8 @@ def test_build_writes_one_table_per_view_and_rebuilds_incrementally(tmp_path: Pa
 def test_service_features_follow_the_registry(adapter: FeatureStoreAdapter) -> None:
     churn = adapter.service_features("churn_v1")
     assert "days_since_last_seen" in churn and "discounts_30d" not in churn
+    shift = [f.name for f in features_of("activity_shift")]
+    assert adapter.service_features("churn_v2") == churn[:-1] + shift + churn[-1:]
     assert "discounts_30d" in adapter.service_features("nba_v1")
     registered = {
         ref.name: ref for ref in adapter.store.list_feature_services()
@@ -87,7 +91,8 @@ def test_training_frame_equals_snapshot_values(
 ) -> None:
     keys = snapshot_values.index.to_frame(index=False).sample(frac=1.0, random_state=0)
     entity = keys.assign(label=np.arange(len(keys)) % 2).reset_index(drop=True)
-    frame = adapter.historical(entity, "nba_v1")
+    first, second = (adapter.historical(entity, service) for service in COVERING)
+    frame = first.join(second.drop(columns=first.columns.intersection(second.columns)))
     # entity rows kept, in order, with their extra columns
     pd.testing.assert_frame_equal(frame[["customer_id", "event_timestamp", "label"]], entity)
     expected = snapshot_values.loc[
@@ -123,7 +128,9 @@ def _check_online_matches_offline(
     request_time = LATEST + pd.Timedelta(hours=12)
     online = store.online(sample, "nba_v1", request_time=request_time)
     assert list(online["customer_id"]) == sample
+    shift = store.online(sample, "churn_v2", request_time=request_time).set_index("customer_id")
     got = online.set_index("customer_id")
+    got = got.join(shift.drop(columns=got.columns.intersection(shift.columns)))
     for f in FEATURES:
         np.testing.assert_allclose(
             got.loc[sample[:-1], f.name],
@@ -145,10 +152,12 @@ def _check_online_matches_offline(
             "request_time": request_time.timestamp(),
         }
     )
-    offline = store.historical(entity, "nba_v1").set_index("customer_id")
-    pd.testing.assert_frame_equal(
-        offline[store.service_features("nba_v1")], got.loc[sample[:-1]], check_names=False
-    )
+    for service in COVERING:
+        offline = store.historical(entity, service).set_index("customer_id")
+        names = store.service_features(service)
+        pd.testing.assert_frame_equal(
+            offline[names], got.loc[sample[:-1], names], check_names=False
+        )
 
 
 def test_online_equals_offline_on_sqlite(

@@ -39,6 +39,8 @@ VIEWS: dict[str, str] = {
     "engagement": "Email engagement and support friction.",
     "lifecycle": "Tenure and lifetime value (RFM).",
     "exposure": "Recent campaign exposures (contact-pressure rules of next-best-action).",
+    "activity_shift": "Recent sessions against the customer's own usual rate: how overdue the next "
+    "visit is and how sharply visits fell off.",
 }
 
 
@@ -79,6 +81,43 @@ def _ratio(num: str, den: str) -> str:
 
 def _days_since(epoch_col: str) -> str:
     return f"(snapshot_epoch - {epoch_col}) / 86400.0"
+
+
+def _observed_days(window: int) -> str:
+    # The part of the window since the customer's first event (at least a day): a rate over
+    # the whole window would read a newcomer, or a history cut by the lake's start, as a slowdown.
+    return f"LEAST({window}.0, GREATEST({_days_since('first_event_epoch')}, 1.0))"
+
+
+# session_drop_score: the windows (days before T) scanned for a fall of the session rate, the
+# window whose earlier days give the baseline rate, and the fewest baseline days it needs.
+_DROP_WINDOWS = (1, 3, 7, 14, 28)
+_DROP_BASELINE = 90
+_DROP_MIN_DAYS = 14
+
+
+def _session_drop_score() -> str:
+    """SQL of ``session_drop_score``: a Poisson scan for a fall of the session rate.
+
+    The baseline rate ``b`` is the customer's sessions per day in the observed days
+    ``[T - 90, T - 28)``. For each window of ``k`` days before ``T`` with ``n``
+    sessions against ``mu = b * k`` expected, the log-likelihood ratio of "the rate
+    fell to ``n / k``" against "it stayed ``b``" is ``mu - n + n * ln(n / mu)``,
+    counted only when ``n < mu``; the score is the largest over the windows. It is a
+    product and a ratio of counts, which trees cannot form from the counts alone.
+    """
+    longest = max(_DROP_WINDOWS)
+    base_days = f"({_observed_days(_DROP_BASELINE)} - {longest}.0)"
+    rate = f"((sessions_{_DROP_BASELINE}d - sessions_{longest}d) / {base_days})"
+    terms = []
+    for k in _DROP_WINDOWS:
+        n, mu = f"sessions_{k}d", f"({rate} * {k})"
+        # the inner CASE guards LN: n > 0 there, and mu > n >= 0 in the outer branch
+        terms.append(
+            f"CASE WHEN {n} < {mu} THEN {mu} - {n} "
+            f"+ CASE WHEN {n} > 0 THEN {n} * LN({n} / {mu}) ELSE 0 END ELSE 0 END"
+        )
+    return f"CASE WHEN {base_days} >= {_DROP_MIN_DAYS} THEN GREATEST({', '.join(terms)}) END"
 
 
 _F = Feature
@@ -312,6 +351,36 @@ FEATURES: tuple[Feature, ...] = (
         None,
         "null",
     ),
+    # -- activity shift (churn_v2) ------------------------------------------------------------
+    _F(
+        "session_rate_90d",
+        "activity_shift",
+        f"sessions_90d / {_observed_days(90)}",
+        "Sessions per day over the last 90 days, counting only the days since the first event "
+        "(at least one): the customer's usual visit rate.",
+        90,
+    ),
+    _F(
+        "session_overdue",
+        "activity_shift",
+        f"{_days_since('last_session_epoch')} * sessions_90d / {_observed_days(90)}",
+        "Days since the last session times session_rate_90d: the sessions the usual rate would "
+        "have brought since then; NaN if no session.",
+        90,
+        "null",
+    ),
+    _F(
+        "session_drop_score",
+        "activity_shift",
+        _session_drop_score(),
+        "Largest Poisson log-likelihood ratio, over the last "
+        f"{', '.join(map(str, _DROP_WINDOWS[:-1]))} and {_DROP_WINDOWS[-1]} days, that the "
+        "session rate fell below the customer's rate in the observed days "
+        f"{max(_DROP_WINDOWS)}–{_DROP_BASELINE} days before the snapshot (0 if it did not "
+        f"fall); NaN with fewer than {_DROP_MIN_DAYS} such days.",
+        _DROP_BASELINE,
+        "null",
+    ),
 )
 
 #: Computed at request time by the on-demand feature view ``request_features``.
@@ -323,6 +392,15 @@ ON_DEMAND_FEATURES: dict[str, str] = {
 #: Versioned feature services: a change of feature set is a new version, never an edit.
 SERVICES: dict[str, tuple[str, ...]] = {
     "churn_v1": ("session", "basket", "adoption", "engagement", "lifecycle", "request_features"),
+    "churn_v2": (
+        "session",
+        "basket",
+        "adoption",
+        "engagement",
+        "lifecycle",
+        "activity_shift",
+        "request_features",
+    ),
     "purchase_v1": ("session", "basket", "engagement", "lifecycle", "request_features"),
     "nba_v1": (
         "session",

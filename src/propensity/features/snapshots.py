@@ -3,7 +3,7 @@
 Layout under ``settings.features_dir``::
 
     session.parquet  basket.parquet  adoption.parquet  engagement.parquet
-    lifecycle.parquet  exposure.parquet
+    lifecycle.parquet  exposure.parquet  activity_shift.parquet
 
 each with ``customer_id`` (string), ``event_timestamp`` (timestamp[us, UTC], the
 snapshot time ``T``) and the view's features (float64). A row at ``T`` uses only

@@ -62,8 +62,11 @@ DIALECTS: dict[str, dict[str, str]] = {
 
 # name -> (aggregate, stream column, window in days or None for the whole past)
 AGGREGATES: dict[str, tuple[str, str, int | None]] = {
+    "sessions_1d": ("SUM", "n_sessions", 1),
+    "sessions_3d": ("SUM", "n_sessions", 3),
     "sessions_7d": ("SUM", "n_sessions", 7),
     "sessions_14d": ("SUM", "n_sessions", 14),
+    "sessions_28d": ("SUM", "n_sessions", 28),
     "sessions_30d": ("SUM", "n_sessions", 30),
     "sessions_35d": ("SUM", "n_sessions", 35),
     "sessions_90d": ("SUM", "n_sessions", 90),
