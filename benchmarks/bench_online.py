@@ -1,4 +1,4 @@
-"""Benchmark: in-process get_online_features for churn_v1, 1 and 1,000 customers.
+"""Benchmark: in-process get_online_features for churn_v2, 1 and 1,000 customers.
 
 Builds features for a seeded random population, materializes them into SQLite
 (stock Feast path) and times ``FeatureStoreAdapter.online`` (p50 / p99).
@@ -58,17 +58,17 @@ def main() -> None:
         print(f"materialize {args.customers:,} customers (stock): {time.perf_counter() - t0:.1f} s")
         ids = [f"C{i:07d}" for i in range(args.customers)]
         rng = np.random.default_rng(0)
-        n_feat = len(store.service_features("churn_v1"))
-        store.online(ids[:1], "churn_v1", request_time=end)  # warm the registry cache
+        n_feat = len(store.service_features("churn_v2"))
+        store.online(ids[:1], "churn_v2", request_time=end)  # warm the registry cache
         for n, repeats in ((1, args.repeats), (1000, max(10, args.repeats // 10))):
             p50, p99 = _timed(
                 lambda n=n: store.online(
-                    list(rng.choice(ids, n, replace=False)), "churn_v1", request_time=end
+                    list(rng.choice(ids, n, replace=False)), "churn_v2", request_time=end
                 ),
                 repeats,
             )
             print(
-                f"online churn_v1 ({n_feat} features), {n:>5} customers: "
+                f"online churn_v2 ({n_feat} features), {n:>5} customers: "
                 f"p50 {p50:.2f} ms, p99 {p99:.2f} ms ({repeats} calls)"
             )
 

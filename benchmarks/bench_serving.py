@@ -37,7 +37,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serving"))
 
-from project import FULL_SIZE_TREES, build_project  # noqa: E402
+from project import FULL_SIZE_TREES, SERVICES, build_project  # noqa: E402
 
 _NAIVE_ENV = "BENCH_NAIVE_PROJECT"
 
@@ -63,7 +63,7 @@ class Naive:
         self.adapter = FeatureStoreAdapter(settings)
         self.models = {}
         rng = np.random.default_rng(1)
-        for name, service in (("churn", "churn_v1"), ("purchase_propensity", "purchase_v1")):
+        for name, service in SERVICES.items():
             features = self.adapter.service_features(service)
             X = pd.DataFrame(rng.gamma(2.0, 3.0, size=(3000, len(features))), columns=features)
             y = (X.iloc[:, 1] + rng.normal(0, 3, 3000) > 6).astype(int)

@@ -20,10 +20,15 @@ from propensity.config import Settings, load_settings
 from propensity.features.definitions import FEATURES, VIEWS
 from propensity.features.snapshots import feature_table_path
 from propensity.models.pipeline import CalibratedBooster
-from propensity.models.spec import LightGBMParams
+from propensity.models.spec import LightGBMParams, load_spec
 from propensity.registry import log_run, set_champion
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+#: The feature service each served model reads, as in the repo's model specs.
+SERVICES = {
+    name: load_spec(REPO_ROOT / "models" / f"{name}.yaml").feature_service
+    for name in ("churn", "purchase_propensity")
+}
 SNAPSHOT = pd.Timestamp("2026-06-01", tz="UTC")
 #: Customers present offline but never written online (unknown to /score).
 OFFLINE_ONLY = 5
@@ -175,8 +180,8 @@ def build_project(
     ids = write_feature_tables(settings, n_customers)
     publish_online(settings, n_customers - OFFLINE_ONLY)
     adapter = FeatureStoreAdapter(settings)
-    churn_features = adapter.service_features("churn_v1")
-    purchase_features = adapter.service_features("purchase_v1")
+    churn_features = adapter.service_features(SERVICES["churn"])
+    purchase_features = adapter.service_features(SERVICES["purchase_propensity"])
     size: dict[str, Any] = {}
     if full_size:
         size = {"n_rows": 6000, "early_stopping_rounds": None}

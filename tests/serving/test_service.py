@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import API_KEY, Server
-from project import OFFLINE_ONLY, Project, fit_model, register
+from project import OFFLINE_ONLY, SERVICES, Project, fit_model, register
 
 from propensity.features.store import FeatureStoreAdapter
 from propensity.models.attribution import PathAttribution
@@ -32,8 +32,8 @@ def test_score_fields_and_probabilities_match_the_models(server: Server, project
     adapter = FeatureStoreAdapter(project.settings)
     uri = project.settings.tracking_uri
     for name, service, got in (
-        ("churn", "churn_v1", body.churn_probability),
-        ("purchase_propensity", "purchase_v1", body.purchase_propensity),
+        ("churn", SERVICES["churn"], body.churn_probability),
+        ("purchase_propensity", SERVICES["purchase_propensity"], body.purchase_propensity),
     ):
         model = load_estimator(uri, name, body.model_versions[name])
         frame = adapter.online([customer], service)
