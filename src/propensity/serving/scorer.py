@@ -632,12 +632,10 @@ class SqliteOnlineReader:
         holding any value that is not a double (or null) is re-read value by
         value, which is idempotent for the parts already written.
         """
-        # SQLite releases the GIL while it steps: the views are split across cores,
-        # each pool thread on its own read-only connection.
-        views = list(range(len(self._tables)))
-        shares = [views[k::_CORES] for k in range(min(_CORES, len(views)))]
-        fetched = _pool().map(lambda share: self._fetch_grouped(keys, share), shares)
-        groups = itertools.chain.from_iterable(fetched)
+        # One thread: sqlite3 releases and retakes the GIL around every row it steps,
+        # so two threads fetching at once hand the GIL back and forth per row and
+        # finish later than one (85 ms against 57 ms for 1,000 customers x 7 views).
+        groups = self._fetch_grouped(keys, range(len(self._tables)))
         blobs: list[bytes] = []
         group_keys: list[bytes] = []
         columns: list[np.ndarray] = []
