@@ -38,7 +38,8 @@ __all__ = [
 
 NO_ACTION = "no_action"
 
-_OPS: dict[str, Callable[[Any, Any], Any]] = {
+#: The comparison operators of eligibility rules and audience filters.
+COMPARISONS: dict[str, Callable[[Any, Any], Any]] = {
     "<": operator.lt,
     "<=": operator.le,
     ">": operator.gt,
@@ -69,7 +70,7 @@ class Condition(_Strict):
             inside = column.isin(values).to_numpy()
             result = inside if self.op == "in" else ~inside
         else:
-            result = np.asarray(_OPS[self.op](column, self.value), dtype=bool)
+            result = np.asarray(COMPARISONS[self.op](column, self.value), dtype=bool)
         return result & column.notna().to_numpy()
 
 

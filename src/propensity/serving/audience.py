@@ -9,9 +9,8 @@ versions, snapshot), and each audience is a mask, a sort and a slice.
 
 from __future__ import annotations
 
-import operator
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +21,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from propensity.config import Settings
+from propensity.models.arbitration import COMPARISONS
 from propensity.progress import ProgressCallback, report
 from propensity.serving.schemas import AudienceRequest
 from propensity.serving.scorer import NBA, ModelBundle, NBAPolicy, Scorer
 
 __all__ = ["latest_snapshot", "score_frame", "snapshot_scores", "select_audience", "score_all"]
 
-_OPS: dict[str, Callable[[Any, Any], Any]] = {
-    ">=": operator.ge,
-    ">": operator.gt,
-    "<=": operator.le,
-    "<": operator.lt,
-    "==": operator.eq,
-    "!=": operator.ne,
-}
 _NBA_CHUNK = 200_000
 
 
@@ -215,7 +207,9 @@ def select_audience(scores: Mapping[str, Any], request: AudienceRequest) -> dict
                     f"filters: field {rule.field!r} needs a number, got {rule.value!r}"
                 )
             value = float(rule.value)
-        mask &= np.asarray(_OPS[rule.op](column, value), dtype=bool) & column.notna().to_numpy()
+        mask &= (
+            np.asarray(COMPARISONS[rule.op](column, value), dtype=bool) & column.notna().to_numpy()
+        )
     selected = table.loc[mask]
     ranked = selected.sort_values(
         [request.score, "customer_id"], ascending=[False, True], kind="stable", na_position="last"

@@ -11,8 +11,7 @@ the tests hold the two equal row by row.
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from propensity.models.arbitration import (
+    COMPARISONS,
     NO_ACTION,
     ActionCatalog,
     Condition,
@@ -27,7 +27,7 @@ from propensity.models.arbitration import (
     in_holdout,
     load_catalog,
 )
-from propensity.serving.scorer import predict_rows
+from propensity.serving.scorer import MULTI_THREAD_ROWS, predict_rows
 from propensity.serving.uplift import compile_uplift
 
 __all__ = ["ArbitrationPolicy", "catalog_features"]
@@ -64,25 +64,16 @@ def _catalog_of(model: Any, catalog: ActionCatalog | str | Path | None) -> Actio
     raise ValueError("the next-best-action model carries no action catalog; pass one")
 
 
-_OPS: dict[str, Callable[[Any, Any], Any]] = {
-    "<": operator.lt,
-    "<=": operator.le,
-    ">": operator.gt,
-    ">=": operator.ge,
-    "==": operator.eq,
-    "!=": operator.ne,
-}
-_MULTI_THREAD_ROWS = 64
-
-
 def _holds(rule: Condition, column: np.ndarray) -> np.ndarray:
     """:meth:`Condition.holds` on a float64 column, without building a Series for numbers."""
     if (
-        rule.op in _OPS
+        rule.op in COMPARISONS
         and isinstance(rule.value, (int, float))
         and not isinstance(rule.value, bool)
     ):
-        return np.asarray(_OPS[rule.op](column, float(rule.value)), dtype=bool) & ~np.isnan(column)
+        return np.asarray(COMPARISONS[rule.op](column, float(rule.value)), dtype=bool) & ~np.isnan(
+            column
+        )
     return np.asarray(rule.holds(pd.Series(column)), dtype=bool)
 
 
@@ -156,7 +147,7 @@ class ArbitrationPolicy:
     def uplift(self, X: np.ndarray) -> np.ndarray:
         """Uplift of each catalog action, shape ``(n, n_actions)``, catalog order."""
         if self.compiled is not None:
-            threads = 0 if len(X) >= _MULTI_THREAD_ROWS else 1
+            threads = 0 if len(X) >= MULTI_THREAD_ROWS else 1
             X_model = np.ascontiguousarray(X[:, self._model_columns])
             return predict_rows(self.compiled.action_uplift, X_model, threads)
         frame = pd.DataFrame(X, columns=self.feature_names)

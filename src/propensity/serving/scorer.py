@@ -64,7 +64,8 @@ CHURN = "churn"
 PURCHASE = "purchase_propensity"
 NBA = "next_best_action"
 _TOP_REASONS = 3
-_MULTI_THREAD_ROWS = 64
+#: From this many rows, LightGBM calls are split over every core.
+MULTI_THREAD_ROWS = 64
 #: Batches from this size run next-best-action in a thread beside the models.
 _OVERLAP_ROWS = 64
 
@@ -173,7 +174,7 @@ def predict_rows(
     array([2., 2.])
     """
     workers = _CORES
-    if num_threads != 0 or len(X) < _MULTI_THREAD_ROWS or workers == 1:
+    if num_threads != 0 or len(X) < MULTI_THREAD_ROWS or workers == 1:
         return fn(X, num_threads)
     bounds = np.linspace(0, len(X), workers + 1).astype(int)
     parts = [X[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
@@ -240,7 +241,7 @@ class BoosterBundle:
 
     def _threads(self, X: np.ndarray) -> int:
         # Thread start-up dominates small inputs; large batches gain from every core.
-        return 0 if len(X) >= _MULTI_THREAD_ROWS else self.num_threads
+        return 0 if len(X) >= MULTI_THREAD_ROWS else self.num_threads
 
     def _predict(self, X: np.ndarray, num_threads: int) -> np.ndarray:
         if len(X) == 1 and num_threads == 1:
