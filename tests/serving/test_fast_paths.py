@@ -290,6 +290,22 @@ def test_grouped_batch_read_equals_per_value_read(project: Project, tmp_path: Pa
             (b"\x20" + _varint(2**49), entity_key_bytes("customer_id", "C0000004"),
              "revenue_30d"),
         )  # fmt: skip
+        # Timestamps that differ between customers of one view (read per customer):
+        # one older snapshot, one missing, and a retired feature's stale row that
+        # served features must not inherit.
+        conn.execute(
+            "UPDATE propensity_session SET event_ts = event_ts - 86400 * 30 WHERE entity_key = ?",
+            (entity_key_bytes("customer_id", "C0000005"),),
+        )
+        conn.execute(
+            "UPDATE propensity_lifecycle SET event_ts = NULL WHERE entity_key = ?",
+            (entity_key_bytes("customer_id", "C0000006"),),
+        )
+        conn.execute(
+            "INSERT INTO propensity_basket (entity_key, feature_name, value, event_ts) "
+            "VALUES (?, 'retired_feature', ?, 0)",
+            (entity_key_bytes("customer_id", "C0000007"), b"\x29" + struct.pack("<d", 1.0)),
+        )
     store = FeatureStoreAdapter(project.settings).store
     names = ["sessions_7d", "orders_30d", "revenue_30d", "days_since_last_seen", "tenure_days"]
     reader = online_reader(store, names, copy)
@@ -309,6 +325,8 @@ def test_grouped_batch_read_equals_per_value_read(project: Project, tmp_path: Pa
     assert np.isnan(grouped.matrix[2, col["orders_30d"]])
     assert grouped.matrix[3, col["revenue_30d"]] == 2.0**49
     assert grouped.found.tolist().count(False) == 1
+    stamps = grouped.timestamps
+    assert stamps[4] == stamps[0] - 86400 * 30 and stamps[6] == stamps[0]
 
 
 def test_shap_reasons_method_serves_treeshap(project: Project) -> None:

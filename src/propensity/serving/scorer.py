@@ -147,6 +147,18 @@ def _pool() -> ThreadPoolExecutor:
 _POLICY_THREADS: ThreadPoolExecutor | None = None
 
 
+_READ_THREADS: ThreadPoolExecutor | None = None
+
+
+def _read_pool() -> ThreadPoolExecutor:
+    """Threads that read online-store views in parallel, one SQLite connection each."""
+    global _READ_THREADS
+    with _POOL_LOCK:
+        if _READ_THREADS is None:
+            _READ_THREADS = ThreadPoolExecutor(_CORES, thread_name_prefix="sqlite")
+        return _READ_THREADS
+
+
 def _policy_thread() -> ThreadPoolExecutor:
     """Threads that run next-best-action beside the models (never LightGBM pool workers,
     since the policy itself submits to that pool)."""
@@ -446,8 +458,10 @@ def _decode_value(blob: bytes, feature: str) -> float:
 _DOUBLE_RECORD = np.dtype([("tag", "u1"), ("value", "<f8")])
 _DOUBLE_TAG = 0x29
 _NAN_HEX = "29" + struct.pack("<d", math.nan).hex().upper()
-#: Batches from this size read one row per (view, customer) instead of one per value.
+#: Batches from this size read one row per view, views in parallel, instead of one per value.
 _GROUPED_ROWS = 16
+#: How much of the online store each reader connection maps into memory.
+_MMAP_BYTES = 1 << 30
 
 
 def _decode_values(blobs: Sequence[bytes], features: Sequence[str]) -> np.ndarray:
@@ -467,17 +481,36 @@ def _decode_values(blobs: Sequence[bytes], features: Sequence[str]) -> np.ndarra
     return values
 
 
+@dataclass(frozen=True)
+class _ViewValues:
+    """One view's served values for a batch, parsed, as requested-row positions."""
+
+    rows: np.ndarray
+    columns: np.ndarray
+    values: np.ndarray
+    stamped: np.ndarray  # requested rows with a served timestamp in this view
+    seconds: np.ndarray  # the oldest such timestamp of each
+    retry: np.ndarray  # requested rows to re-read value by value
+
+    @classmethod
+    def retry_all(cls, rows: np.ndarray) -> _ViewValues:
+        empty = rows[:0]
+        return cls(empty, empty, np.zeros(0), empty, np.zeros(0), rows)
+
+
 class SqliteOnlineReader:
-    """Read features straight from a Feast SQLite online store, one query per call.
+    """Read features straight from a Feast SQLite online store.
 
     Reads the layout Feast's SQLite store (and the project's bulk writer)
     uses: one table ``<project>_<view>`` with a row per (entity key,
     feature). Feast's own reader issues one query per view and converts
     every timestamp in Python, which costs more than the whole HTTP request;
-    this reader answers the same values with one ``UNION ALL`` query. From
-    16 customers on, the query returns one row per (view, customer) with the
-    value blobs concatenated, decoded by numpy in one pass (Python object
-    creation per value was most of a 1,000-customer read).
+    this reader answers a few customers with one ``UNION ALL`` query. From
+    16 customers on, each view is one query returning one row (the view's
+    values for the whole batch, concatenated), the views run in parallel on
+    read threads with their own connections, and numpy parses each result
+    in a few calls (Python objects per value were most of a 1,000-customer
+    read). Connections map the database into memory.
 
     Parameters
     ----------
@@ -521,7 +554,6 @@ class SqliteOnlineReader:
         self._tables = [f"{project}_{v}" for v in views]
         self._local = threading.local()
         self._sql_cache: dict[int, str] = {}
-        self._group_columns: dict[tuple[int, str], np.ndarray] = {}
         # Grouped reads split feature-name lists on commas.
         self._groupable = not any("," in r for r in self.feature_refs)
         self._names_sql = [
@@ -538,12 +570,23 @@ class SqliteOnlineReader:
         self._view_of_column = np.array(
             [by_name.get(name, -2) for name in self.feature_names] + [-1], dtype=np.intp
         )
+        # Per view, the matrix column of each feature it serves.
+        self._view_columns = [
+            {
+                r.split(":", 1)[1]: self._column[r.split(":", 1)[1]]
+                for r in self.feature_refs
+                if r.split(":", 1)[0] == v
+            }
+            for v in views
+        ]
 
     def _connection(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             # Read-only, one connection per thread; the writer uses WAL, so reads never block.
             conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+            # Pages read through a memory map skip a system call and a copy each.
+            conn.execute(f"PRAGMA mmap_size={_MMAP_BYTES}")
             existing = {
                 row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
             }
@@ -593,108 +636,101 @@ class SqliteOnlineReader:
         with np.errstate(invalid="ignore"):
             stale[i[(now - seconds) > ttl]] = True
 
-    def _grouped_sql(self, n_keys: int, views: Sequence[int]) -> str:
-        marks = ",".join("?" * n_keys)
-        # One row per (view, customer): feature names, and the value blobs concatenated
-        # in the same row order (a null as a NaN double). group_concat keeps a blob's
-        # bytes, embedded zeros included; CAST returns them as bytes, not text. Values
-        # other than doubles show up as a wrong length or tag, checked in _read_grouped.
-        value = f"coalesce(nullif(value, x''), x'{_NAN_HEX}')"
-        return " UNION ALL ".join(
-            f"SELECT {k}, entity_key, group_concat(feature_name, ','), "
-            f"CAST(group_concat({value}, '') AS BLOB), count(*), "
-            f"min(CASE WHEN feature_name IN ({self._names_sql[k]}) THEN event_ts END) "
-            f'FROM "{self._tables[k]}" WHERE entity_key IN ({marks}) GROUP BY entity_key'
-            for k in views
-        )
+    def _view_sql(self, view: int, n_keys: int, per_customer: bool = False) -> str:
+        """One row for a whole view: its values for every requested customer, concatenated.
 
-    def _fetch_grouped(self, keys: list[bytes], views: Sequence[int]) -> list[tuple[Any, ...]]:
-        return (
-            self._connection()
-            .execute(self._grouped_sql(len(keys), views), keys * len(views))
-            .fetchall()
+        SQLite then steps once per view with the GIL released (sqlite3 retakes
+        it per row returned, and grouping per customer costs more than the
+        read). All concatenations of one aggregate visit the rows in the same
+        order, so the requested row, feature name and value blob (a null as a
+        NaN double) of every stored value line up. Served timestamps come back
+        as their range and count; ``per_customer`` asks instead for each
+        customer's oldest, for views whose customers differ.
+        """
+        requested = ",".join(f"({i},?)" for i in range(n_keys))
+        stamp = f"CASE WHEN feature_name IN ({self._names_sql[view]}) THEN event_ts END"
+        joined = f'FROM requested JOIN "{self._tables[view]}" ON entity_key = requested.key'
+        if per_customer:
+            selected = f"requested.row, min({stamp}) {joined} GROUP BY requested.row"
+        else:
+            value = f"coalesce(nullif(value, x''), x'{_NAN_HEX}')"
+            selected = (
+                "group_concat(requested.row), group_concat(feature_name), "
+                f"CAST(group_concat({value}, '') AS BLOB), "
+                f"min({stamp}), max({stamp}), count({stamp}) {joined}"
+            )
+        return f"WITH requested(row, key) AS (VALUES {requested}) SELECT {selected}"
+
+    def _read_view(self, view: int, keys: list[bytes]) -> _ViewValues | None:
+        """Fetch and parse one view for many customers; runs on a read thread."""
+        conn = self._connection()
+        rows_csv, names_csv, blob, first, last, dated = conn.execute(
+            self._view_sql(view, len(keys)), keys
+        ).fetchone()
+        if rows_csv is None:
+            return None  # nobody in the batch has this view
+        rows = np.fromstring(rows_csv, dtype=np.intp, sep=",")
+        names = names_csv.split(",")
+        columns = np.fromiter(
+            map(self._view_columns[view].get, names, itertools.repeat(-1)),
+            dtype=np.intp,
+            count=len(names),
+        )
+        # A feature name holding a comma, or a value other than a double, breaks the
+        # alignment of names and values: then the customers are re-read value by value.
+        if len(columns) != len(rows) or len(blob) != _DOUBLE_RECORD.itemsize * len(rows):
+            return _ViewValues.retry_all(np.unique(rows))
+        records = np.frombuffer(blob, dtype=_DOUBLE_RECORD)
+        served = columns >= 0
+        retry = np.unique(rows[records["tag"] != _DOUBLE_TAG])
+        if len(retry):
+            served &= ~np.isin(rows, retry)
+        if first is not None and first == last and dated == int((columns >= 0).sum()):
+            stamped = np.unique(rows[columns >= 0])  # one snapshot: every customer shares it
+            seconds = np.full(len(stamped), float(first))
+        elif first is not None:
+            oldest = [
+                (row, float(ts))
+                for row, ts in conn.execute(self._view_sql(view, len(keys), True), keys)
+                if ts is not None
+            ]
+            stamped = np.array([row for row, _ in oldest], dtype=np.intp)
+            seconds = np.array([ts for _, ts in oldest], dtype=np.float64)
+        else:
+            stamped, seconds = rows[:0], np.zeros(0)
+        return _ViewValues(
+            rows[served], columns[served], records["value"][served], stamped, seconds, retry
         )
 
     def _read_grouped(
         self,
         keys: list[bytes],
-        row_of: dict[bytes, int],
         matrix: np.ndarray,
         oldest: np.ndarray,
         found: np.ndarray,
         stale: np.ndarray,
         now: float,
     ) -> list[bytes]:
-        """Read many customers with one row per (view, customer); returns keys to re-read.
+        """Read many customers with one query per view, views in parallel; returns keys to re-read.
 
-        Python touches each customer's view once instead of each feature value:
-        the values of all groups decode in one numpy pass, and the column
-        positions of a feature-name list are computed once and cached. A group
-        holding any value that is not a double (or null) is re-read value by
-        value, which is idempotent for the parts already written.
+        Each view is one SQLite step on a read thread's own connection, and
+        Python parses its result with a few numpy calls, never per value.
+        Customers holding a value that is not a double (or null) are re-read
+        value by value, which is idempotent for the parts already written.
         """
-        # One thread: sqlite3 releases and retakes the GIL around every row it steps,
-        # so two threads fetching at once hand the GIL back and forth per row and
-        # finish later than one (85 ms against 57 ms for 1,000 customers x 7 views).
-        groups = self._fetch_grouped(keys, range(len(self._tables)))
-        blobs: list[bytes] = []
-        group_keys: list[bytes] = []
-        columns: list[np.ndarray] = []
-        owners: list[int] = []
-        counts: list[int] = []
-        retry: set[bytes] = set()
-        stamp_rows: list[int] = []
-        stamp_views: list[int] = []
-        stamp_values: list[float] = []
-        for view, key, names, values, count, first in groups:
-            if values is None or len(values) != _DOUBLE_RECORD.itemsize * count:
-                retry.add(key)
+        retry: set[int] = set()
+        views = range(len(self._tables))
+        for view, part in zip(
+            views, _read_pool().map(lambda v: self._read_view(v, keys), views), strict=True
+        ):
+            if part is None:
                 continue
-            cols = self._group_columns.get((view, names))
-            if cols is None:
-                cols = self._columns_of(view, names)
-            i = row_of[key]
-            blobs.append(values)
-            group_keys.append(key)
-            columns.append(cols)
-            owners.append(i)
-            counts.append(count)
-            if first is not None:
-                stamp_rows.append(i)
-                stamp_views.append(view)
-                stamp_values.append(float(first))
-        if blobs:
-            records = np.frombuffer(b"".join(blobs), dtype=_DOUBLE_RECORD)
-            rows = np.repeat(np.asarray(owners, dtype=np.intp), counts)
-            cols = np.concatenate(columns)
-            served = cols >= 0
-            not_double = records["tag"] != _DOUBLE_TAG
-            if not_double.any():
-                groups_of = np.repeat(np.arange(len(blobs)), counts)
-                retry.update(group_keys[g] for g in np.unique(groups_of[not_double]).tolist())
-                served &= ~np.isin(groups_of, groups_of[not_double])
-            matrix[rows[served], cols[served]] = records["value"][served]
-            found[rows[served]] = True
-        if stamp_rows:
-            where = np.asarray(stamp_rows, dtype=np.intp)
-            seconds = np.asarray(stamp_values)
-            np.minimum.at(oldest, where, seconds)
-            ttl = np.asarray(self._ttl)[np.asarray(stamp_views, dtype=np.intp)]
-            stale[where[(now - seconds) > ttl]] = True
-        return sorted(retry)
-
-    def _columns_of(self, view: int, names: str) -> np.ndarray:
-        """Matrix column of each name in a view's feature list, -1 for unserved ones."""
-        cols = np.array(
-            [
-                j if j >= 0 and self._view_of_column[j] == view else -1
-                for j in map(self._lookup, names.split(","))
-            ],
-            dtype=np.intp,
-        )
-        if len(self._group_columns) < 4096:  # orders of features are few; bound it anyway
-            self._group_columns[(view, names)] = cols
-        return cols
+            matrix[part.rows, part.columns] = part.values
+            found[part.rows] = True
+            np.minimum.at(oldest, part.stamped, part.seconds)
+            stale[part.stamped[(now - part.seconds) > self._ttl[view]]] = True
+            retry.update(part.retry.tolist())
+        return [keys[i] for i in sorted(retry)]
 
     def _sql(self, n_keys: int) -> str:
         cached = self._sql_cache.get(n_keys)
@@ -726,7 +762,7 @@ class SqliteOnlineReader:
         stale = np.zeros(n, dtype=bool)
         now = self.clock()
         if n >= _GROUPED_ROWS and self._groupable:
-            retry = self._read_grouped(keys, row_of, matrix, oldest, found, stale, now)
+            retry = self._read_grouped(keys, matrix, oldest, found, stale, now)
             if retry:
                 params = retry * len(self._tables)
                 again = self._connection().execute(self._sql(len(retry)), params).fetchall()
