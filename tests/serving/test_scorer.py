@@ -12,7 +12,7 @@ from propensity.models.arbitration import load_catalog
 from propensity.models.nba import NBAModel
 from propensity.serving.audience import select_audience
 from propensity.serving.policy import ArbitrationPolicy
-from propensity.serving.runtime import Runtime, ServingConfig, online_reader
+from propensity.serving.runtime import Runtime, ServingConfig, freeze_heap, online_reader
 from propensity.serving.schemas import AudienceRequest
 from propensity.serving.scorer import Scorer, entity_key_bytes
 
@@ -52,6 +52,24 @@ def test_sqlite_reader_equals_feast_reader(project: Project) -> None:
     np.testing.assert_array_equal(a.stale, b.stale)
     np.testing.assert_array_equal(a.timestamps, b.timestamps)
     assert np.isnan(a.matrix[1]).all()
+
+
+def test_swap_hook_runs_once_per_new_scorer(project: Project) -> None:
+    import gc
+
+    swapped: list[object] = []
+    runtime = Runtime(
+        project.settings,
+        ServingConfig.from_env({}),
+        on_swap=lambda: swapped.append(runtime.scorer),
+    )
+    assert runtime.reload() and swapped == [runtime.scorer]
+    assert not runtime.reload() and len(swapped) == 1  # no alias moved: nothing swapped
+    try:
+        freeze_heap()
+        assert gc.get_freeze_count() > 0  # the loaded models are out of the collector's walks
+    finally:
+        gc.unfreeze()
 
 
 def test_scorer_with_next_best_action(project: Project) -> None:

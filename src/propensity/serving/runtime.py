@@ -9,6 +9,7 @@ started with, so none fails or mixes versions during a reload.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -34,6 +35,7 @@ from propensity.serving.scorer import (
 )
 
 __all__ = [
+    "freeze_heap",
     "ServingConfig",
     "ModelSource",
     "RegistrySource",
@@ -187,6 +189,21 @@ def online_reader(store: Any, feature_names: list[str], sqlite_path: Any = None)
     return FeastOnlineReader(store, refs, ttls=ttls, derived=derived)
 
 
+def freeze_heap() -> None:
+    """Keep the garbage collector's full passes off everything loaded so far.
+
+    A full collection walks every object the collector tracks. With the
+    champions, the Feast registry and MLflow loaded (about 400,000 objects)
+    that is a 200 ms stall, which the result dicts of a few 1,000-customer
+    batches trigger. Frozen objects are never walked. The service calls this
+    after each model swap: one collection first frees the previous models,
+    a single pause per reload instead of one every few batches.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 class Runtime:
     """Champions, one open feature store and the reload loop of a service.
 
@@ -199,6 +216,9 @@ class Runtime:
     reader_factory : callable, optional
         ``fn(feature_names) -> FeatureReader``; defaults to the project's Feast
         online store.
+    on_swap : callable, optional
+        Called after each new scorer is swapped in (the service passes
+        :func:`freeze_heap`).
 
     Examples
     --------
@@ -213,8 +233,10 @@ class Runtime:
         *,
         source: ModelSource | None = None,
         reader_factory: Callable[[list[str]], FeatureReader] | None = None,
+        on_swap: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
+        self.on_swap = on_swap
         self.config = config or ServingConfig.from_env({})
         self.source = source or RegistrySource(settings.tracking_uri)
         self._reader_factory = reader_factory
@@ -277,6 +299,8 @@ class Runtime:
             self.versions = versions
             self.last_error = None
             _log.info("serving model versions %s", scorer.versions)
+            if self.on_swap is not None:
+                self.on_swap()
             return True
 
     def _poll(self) -> None:

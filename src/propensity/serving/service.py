@@ -31,7 +31,7 @@ import yaml
 
 from propensity.config import Settings, load_settings
 from propensity.serving.app import build_app
-from propensity.serving.runtime import SERVING_ENV, Runtime, ServingConfig
+from propensity.serving.runtime import SERVING_ENV, Runtime, ServingConfig, freeze_heap
 
 __all__ = ["Scoring", "serve", "SERVICE_IMPORT"]
 
@@ -72,7 +72,7 @@ class Scoring:
     """Churn, purchase propensity and next-best-action from online features."""
 
     def __init__(self) -> None:
-        self.runtime = Runtime(_SETTINGS, _CONFIG).start()
+        self.runtime = Runtime(_SETTINGS, _CONFIG, on_swap=freeze_heap).start()
         _CURRENT.runtime = self.runtime
 
     def __is_ready__(self) -> bool:
