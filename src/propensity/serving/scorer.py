@@ -642,22 +642,24 @@ class SqliteOnlineReader:
         SQLite then steps once per view with the GIL released (sqlite3 retakes
         it per row returned, and grouping per customer costs more than the
         read). All concatenations of one aggregate visit the rows in the same
-        order, so the requested row, feature name and value blob (a null as a
-        NaN double) of every stored value line up. Served timestamps come back
-        as their range and count; ``per_customer`` asks instead for each
-        customer's oldest, for views whose customers differ.
+        order, so the requested row, feature name and value blob (an empty
+        one, Feast's null, as a NaN double) of every stored value line up.
+        Timestamps come back as their range and count over all the view's
+        rows, cheaper than testing each feature name; ``per_customer`` asks
+        instead for each customer's oldest served timestamp, for views whose
+        rows differ.
         """
         requested = ",".join(f"({i},?)" for i in range(n_keys))
-        stamp = f"CASE WHEN feature_name IN ({self._names_sql[view]}) THEN event_ts END"
         joined = f'FROM requested JOIN "{self._tables[view]}" ON entity_key = requested.key'
         if per_customer:
+            stamp = f"CASE WHEN feature_name IN ({self._names_sql[view]}) THEN event_ts END"
             selected = f"requested.row, min({stamp}) {joined} GROUP BY requested.row"
         else:
-            value = f"coalesce(nullif(value, x''), x'{_NAN_HEX}')"
+            value = f"CASE WHEN length(value) = 0 THEN x'{_NAN_HEX}' ELSE value END"
             selected = (
                 "group_concat(requested.row), group_concat(feature_name), "
                 f"CAST(group_concat({value}, '') AS BLOB), "
-                f"min({stamp}), max({stamp}), count({stamp}) {joined}"
+                f"min(event_ts), max(event_ts), count(event_ts) {joined}"
             )
         return f"WITH requested(row, key) AS (VALUES {requested}) SELECT {selected}"
 
@@ -685,10 +687,10 @@ class SqliteOnlineReader:
         retry = np.unique(rows[records["tag"] != _DOUBLE_TAG])
         if len(retry):
             served &= ~np.isin(rows, retry)
-        if first is not None and first == last and dated == int((columns >= 0).sum()):
+        if first is not None and first == last and dated == len(rows):
             stamped = np.unique(rows[columns >= 0])  # one snapshot: every customer shares it
             seconds = np.full(len(stamped), float(first))
-        elif first is not None:
+        else:
             oldest = [
                 (row, float(ts))
                 for row, ts in conn.execute(self._view_sql(view, len(keys), True), keys)
@@ -696,8 +698,6 @@ class SqliteOnlineReader:
             ]
             stamped = np.array([row for row, _ in oldest], dtype=np.intp)
             seconds = np.array([ts for _, ts in oldest], dtype=np.float64)
-        else:
-            stamped, seconds = rows[:0], np.zeros(0)
         return _ViewValues(
             rows[served], columns[served], records["value"][served], stamped, seconds, retry
         )
