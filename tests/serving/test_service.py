@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import API_KEY, Server
+from conftest import API_KEY, Server, _free_port
 from project import OFFLINE_ONLY, SERVICES, Project, fit_model, register
 
 from propensity.features.store import FeatureStoreAdapter
 from propensity.models.attribution import PathAttribution
 from propensity.registry import load_estimator
+from propensity.serving.process import stop, wait_ready
 from propensity.serving.schemas import AudienceResponse, BatchResponse, ScoreResponse
 
 pytestmark = pytest.mark.slow
@@ -23,8 +29,13 @@ pytestmark = pytest.mark.slow
 def test_score_fields_and_probabilities_match_the_models(server: Server, project: Project) -> None:
     customer = project.customers[3]
     with server.client() as client:
+        started = time.perf_counter()
         response = client.post("/score", json={"customer_id": customer})
+        elapsed_ms = (time.perf_counter() - started) * 1e3
     assert response.status_code == 200
+    # The server's own scoring time, as a standard Server-Timing metric.
+    name, duration = response.headers["server-timing"].split(";dur=")
+    assert name == "score" and 0 < float(duration) < elapsed_ms
     body = ScoreResponse.model_validate(response.json())
     assert body.customer_id == customer
     assert 0 <= body.churn_probability <= 1 and 0 <= body.purchase_propensity <= 1
@@ -242,3 +253,32 @@ def test_hot_reload_under_traffic(server: Server, project: Project) -> None:
     # Versions never go back once the swap happened.
     first_new = seen.index(str(new))
     assert set(seen[first_new:]) == {str(new)}
+
+
+def test_serve_command_stops_its_server_on_sigterm(project: Project, tmp_path: Path) -> None:
+    import psutil
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROPENSITY_")}
+    env.update(
+        PROPENSITY_CONFIG=str(project.settings.root / "propensity.yaml"),
+        BENTOML_HOME=str(tmp_path / "bentoml_home"),
+    )
+    command = [sys.executable, "-m", "propensity.cli", "serve", "--port", str(port)]
+    cli = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server: list[psutil.Process] = []
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", cli, timeout=90)
+        server = psutil.Process(cli.pid).children(recursive=True)
+        assert server, "the command runs the server as a child process"
+        cli.send_signal(signal.SIGTERM)
+        assert cli.wait(timeout=30) is not None
+        _, alive = psutil.wait_procs(server, timeout=30)
+        assert not alive, f"still running after the command stopped: {alive}"
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/livez", timeout=2)
+    finally:
+        stop(cli)
+        for process in server:  # orphans of a failed run
+            if process.is_running():
+                process.kill()

@@ -20,6 +20,7 @@ The project is located by ``PROPENSITY_CONFIG`` (a ``propensity.yaml``); its
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -144,9 +145,14 @@ def serve(
     ]  # fmt: skip
     process = subprocess.Popen(command, env=environ)
     if wait:
+        # A stop request to this command (systemd, docker stop, a job runner) must stop
+        # the server too, or it would keep the port and the models in memory.
+        previous = signal.signal(signal.SIGTERM, lambda *_: process.terminate())
         try:
             process.wait()
         except KeyboardInterrupt:
             process.terminate()
             process.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     return process
