@@ -19,15 +19,10 @@ from project import REPO_ROOT, Project, fit_nba
 
 from propensity.models.arbitration import load_catalog
 from propensity.models.nba import NBAModel
+from propensity.serving.online import SqliteOnlineReader, _decode_value, _decode_values
 from propensity.serving.policy import ArbitrationPolicy
 from propensity.serving.runtime import Runtime, ServingConfig, online_reader
-from propensity.serving.scorer import (
-    Scorer,
-    SqliteOnlineReader,
-    _decode_value,
-    _decode_values,
-    predict_rows,
-)
+from propensity.serving.scorer import Scorer, predict_rows
 from propensity.serving.single_row import SingleRowPredictor
 from propensity.serving.uplift import compile_uplift
 
@@ -266,8 +261,8 @@ def test_grouped_batch_read_equals_per_value_read(project: Project, tmp_path: Pa
     import struct
 
     from propensity.features.store import FeatureStoreAdapter
-    from propensity.serving import scorer as scorer_module
-    from propensity.serving.scorer import entity_key_bytes
+    from propensity.serving import online
+    from propensity.serving.online import entity_key_bytes
 
     source = project.settings.path(project.settings.online_store.sqlite_path)
     copy = tmp_path / "online.db"
@@ -313,7 +308,7 @@ def test_grouped_batch_read_equals_per_value_read(project: Project, tmp_path: Pa
     reader.clock = lambda: 1_790_000_000.0
     ids = [*project.customers[:60], "nobody", project.customers[1]]
     grouped = reader.read(ids)
-    assert len(ids) >= scorer_module._GROUPED_ROWS
+    assert len(ids) >= online._GROUPED_ROWS
     per_value = [reader.read([c]) for c in ids]  # single ids take the per-value path
     np.testing.assert_array_equal(grouped.matrix, np.vstack([b.matrix for b in per_value]))
     for field in ("found", "stale", "timestamps"):

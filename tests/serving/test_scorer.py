@@ -11,10 +11,11 @@ from propensity.features.store import FeatureStoreAdapter
 from propensity.models.arbitration import load_catalog
 from propensity.models.nba import NBAModel
 from propensity.serving.audience import select_audience
+from propensity.serving.online import entity_key_bytes
 from propensity.serving.policy import ArbitrationPolicy
 from propensity.serving.runtime import Runtime, ServingConfig, freeze_heap, online_reader
 from propensity.serving.schemas import AudienceRequest
-from propensity.serving.scorer import Scorer, entity_key_bytes
+from propensity.serving.scorer import Scorer
 
 pytestmark = pytest.mark.slow
 

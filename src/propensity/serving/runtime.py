@@ -21,17 +21,16 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from propensity.config import Settings
+from propensity.serving.online import FeastOnlineReader, SqliteOnlineReader
 from propensity.serving.scorer import (
     CHURN,
     NBA,
     PURCHASE,
     BoosterBundle,
-    FeastOnlineReader,
     FeatureReader,
     NBAPolicy,
     ReasonsMethod,
     Scorer,
-    SqliteOnlineReader,
 )
 
 __all__ = [
