@@ -19,26 +19,14 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from propensity.serving.scorer import _CORES, _POOL_LOCK, FeatureBatch
+from propensity.serving.scorer import FeatureBatch, thread_pool
 
 __all__ = ["OnlineReader", "FeastOnlineReader", "SqliteOnlineReader", "entity_key_bytes"]
-
-_READ_THREADS: ThreadPoolExecutor | None = None
-
-
-def _read_pool() -> ThreadPoolExecutor:
-    """Threads that read online-store views in parallel, one SQLite connection each."""
-    global _READ_THREADS
-    with _POOL_LOCK:
-        if _READ_THREADS is None:
-            _READ_THREADS = ThreadPoolExecutor(_CORES, thread_name_prefix="sqlite")
-        return _READ_THREADS
 
 
 def _proto_value(value: Any) -> float:
@@ -125,17 +113,8 @@ class FeastOnlineReader(OnlineReader):
     ----------
     store : feast.FeatureStore
         An open store.
-    feature_refs : list of str
-        ``"view:feature"`` references; feature names must be unique.
-    ttls : mapping of view name to seconds, optional
-        TTL of each view (0 or missing: never stale).
-    entity_key : str
-        The join key.
-    derived : mapping of name to callable, optional
-        Features computed at request time from the others (on-demand
-        features), ``fn(columns: dict[str, ndarray], now: float) -> ndarray``.
-    clock : callable
-        Returns the current epoch seconds (injectable for tests).
+    feature_refs, ttls, entity_key, derived, clock
+        As in :class:`OnlineReader`.
 
     Examples
     --------
@@ -485,7 +464,7 @@ class SqliteOnlineReader(OnlineReader):
         retry: set[int] = set()
         views = range(len(self._tables))
         for view, part in zip(
-            views, _read_pool().map(lambda v: self._read_view(v, keys), views), strict=True
+            views, thread_pool("sqlite").map(lambda v: self._read_view(v, keys), views), strict=True
         ):
             if part is None:
                 continue

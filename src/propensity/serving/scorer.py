@@ -47,6 +47,7 @@ __all__ = [
     "BoosterBundle",
     "ReasonsMethod",
     "predict_rows",
+    "thread_pool",
     "Scorer",
     "CHURN",
     "PURCHASE",
@@ -125,29 +126,23 @@ class NBAPolicy(Protocol):
 
 
 _CORES = os.cpu_count() or 1  # read once: os.cpu_count() costs ~20 µs a call
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
+_POOLS: dict[str, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
 
 
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(_CORES, thread_name_prefix="lightgbm")
-        return _POOL
+def thread_pool(name: str) -> ThreadPoolExecutor:
+    """The process's pool of one thread per core for one kind of work, made on first use.
 
-
-_POLICY_THREADS: ThreadPoolExecutor | None = None
-
-
-def _policy_thread() -> ThreadPoolExecutor:
-    """Threads that run next-best-action beside the models (never LightGBM pool workers,
-    since the policy itself submits to that pool)."""
-    global _POLICY_THREADS
-    with _POOL_LOCK:
-        if _POLICY_THREADS is None:
-            _POLICY_THREADS = ThreadPoolExecutor(_CORES, thread_name_prefix="policy")
-        return _POLICY_THREADS
+    Kinds never share a pool, so a task that waits on another kind's tasks
+    cannot take the thread they need: ``"lightgbm"`` predicts row chunks,
+    ``"policy"`` runs next-best-action beside the models (and submits its
+    own chunks to ``"lightgbm"``), ``"sqlite"`` reads online-store views.
+    """
+    with _POOLS_LOCK:
+        pool = _POOLS.get(name)
+        if pool is None:
+            pool = _POOLS[name] = ThreadPoolExecutor(_CORES, thread_name_prefix=name)
+        return pool
 
 
 def predict_rows(
@@ -171,7 +166,7 @@ def predict_rows(
         return fn(X, num_threads)
     bounds = np.linspace(0, len(X), workers + 1).astype(int)
     parts = [X[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
-    return np.concatenate(list(_pool().map(lambda part: fn(part, 1), parts)))
+    return np.concatenate(list(thread_pool("lightgbm").map(lambda part: fn(part, 1), parts)))
 
 
 #: How ``reasons`` are computed: path attribution (fast, the default) or TreeSHAP.
@@ -405,7 +400,7 @@ class Scorer:
                 # The policy's arbitration is Python (it holds the GIL) while the models
                 # below run in LightGBM (which releases it): overlapping them keeps both
                 # cores busy. One row is faster without the hand-off.
-                pending = _policy_thread().submit(self.policy.decide, known, X_policy)
+                pending = thread_pool("policy").submit(self.policy.decide, known, X_policy)
             else:
                 decisions = list(self.policy.decide(known, X_policy))
         scores: dict[str, list[float]] = {}
