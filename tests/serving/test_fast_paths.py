@@ -255,7 +255,9 @@ def test_batch_equals_one_by_one_with_next_best_action(project: Project) -> None
     )
 
 
-def test_grouped_batch_read_equals_per_value_read(project: Project, tmp_path: Path) -> None:
+def test_grouped_batch_read_equals_per_value_read(
+    project: Project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import shutil
     import sqlite3
     import struct
@@ -322,6 +324,11 @@ def test_grouped_batch_read_equals_per_value_read(project: Project, tmp_path: Pa
     assert grouped.found.tolist().count(False) == 1
     stamps = grouped.timestamps
     assert stamps[4] == stamps[0] - 86400 * 30 and stamps[6] == stamps[0]
+    # Batches over SQLite's parameter limit are read in chunks, with the same answer.
+    monkeypatch.setattr(online, "_KEYS_PER_QUERY", 7)
+    chunked = reader.read(ids)
+    for field in ("matrix", "found", "stale", "timestamps"):
+        np.testing.assert_array_equal(getattr(chunked, field), getattr(grouped, field))
 
 
 def test_shap_reasons_method_serves_treeshap(project: Project) -> None:

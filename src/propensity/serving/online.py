@@ -218,6 +218,8 @@ _NAN_HEX = "29" + struct.pack("<d", math.nan).hex().upper()
 _GROUPED_ROWS = 16
 #: How much of the online store each reader connection maps into memory.
 _MMAP_BYTES = 1 << 30
+#: Most keys bound to one statement (SQLite allows 32,766 parameters).
+_KEYS_PER_QUERY = 10_000
 
 
 def _decode_values(blobs: Sequence[bytes], features: Sequence[str]) -> np.ndarray:
@@ -463,16 +465,18 @@ class SqliteOnlineReader(OnlineReader):
         """
         retry: set[int] = set()
         views = range(len(self._tables))
-        for view, part in zip(
-            views, thread_pool("sqlite").map(lambda v: self._read_view(v, keys), views), strict=True
-        ):
-            if part is None:
-                continue
-            matrix[part.rows, part.columns] = part.values
-            found[part.rows] = True
-            np.minimum.at(oldest, part.stamped, part.seconds)
-            stale[part.stamped[(now - part.seconds) > self._ttl[view]]] = True
-            retry.update(part.retry.tolist())
+        for start in range(0, len(keys), _KEYS_PER_QUERY):
+            chunk = keys[start : start + _KEYS_PER_QUERY]
+            parts = thread_pool("sqlite").map(self._read_view, views, itertools.repeat(chunk))
+            for view, part in zip(views, parts, strict=True):
+                if part is None:
+                    continue
+                rows, stamped = part.rows + start, part.stamped + start
+                matrix[rows, part.columns] = part.values
+                found[rows] = True
+                np.minimum.at(oldest, stamped, part.seconds)
+                stale[stamped[(now - part.seconds) > self._ttl[view]]] = True
+                retry.update((part.retry + start).tolist())
         return [keys[i] for i in sorted(retry)]
 
     def _sql(self, n_keys: int) -> str:
@@ -504,14 +508,15 @@ class SqliteOnlineReader(OnlineReader):
         found = np.zeros(n, dtype=bool)
         stale = np.zeros(n, dtype=bool)
         now = self.clock()
+        by_value = keys
         if n >= _GROUPED_ROWS and self._groupable:
-            retry = self._read_grouped(keys, matrix, oldest, found, stale, now)
-            if retry:
-                params = retry * len(self._tables)
-                again = self._connection().execute(self._sql(len(retry)), params).fetchall()
-                self._fill(again, row_of, matrix, oldest, found, stale, now)
-        elif n:
-            rows = self._connection().execute(self._sql(n), keys * len(self._tables)).fetchall()
+            by_value = self._read_grouped(keys, matrix, oldest, found, stale, now)
+        # A few customers, or those the grouped read could not decode: value by value.
+        step = max(1, _KEYS_PER_QUERY // len(self._tables))
+        for start in range(0, len(by_value), step):
+            chunk = by_value[start : start + step]
+            params = chunk * len(self._tables)
+            rows = self._connection().execute(self._sql(len(chunk)), params).fetchall()
             if rows:
                 self._fill(rows, row_of, matrix, oldest, found, stale, now)
         batch = self._batch(matrix, oldest, found, stale, now)
