@@ -159,4 +159,11 @@ def _score_over_http(settings: Settings, port: int, out: Console) -> list[dict[s
                 out.print_json(json.dumps(response.json()))
     finally:
         stop(server)
+    stale = [a for a in answers if a.get("stale")]
+    if stale:
+        out.print(
+            f'"stale": true: the simulated snapshot ({stale[0]["features_timestamp"]}) is older '
+            "than its feature views' TTL; scores still use its values, as in "
+            "training. A store materialized daily answers false."
+        )
     return answers

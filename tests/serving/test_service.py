@@ -282,3 +282,17 @@ def test_serve_command_stops_its_server_on_sigterm(project: Project, tmp_path: P
         for process in server:  # orphans of a failed run
             if process.is_running():
                 process.kill()
+
+
+def test_quickstart_scores_over_http_and_explains_stale_answers(project: Project) -> None:
+    from rich.console import Console
+
+    from propensity.quickstart import _score_over_http
+
+    console = Console(record=True, width=120)
+    answers = _score_over_http(project.settings, _free_port(), console)
+    assert [a["customer_id"] for a in answers] == project.customers[:3]
+    assert all(a["stale"] for a in answers)  # the test snapshot is months old
+    text = console.export_text()
+    assert text.count("POST /score") == 3
+    assert '"stale": true: the simulated snapshot (2026-06-01' in text
