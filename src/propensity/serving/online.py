@@ -218,8 +218,12 @@ _NAN_HEX = "29" + struct.pack("<d", math.nan).hex().upper()
 _GROUPED_ROWS = 16
 #: How much of the online store each reader connection maps into memory.
 _MMAP_BYTES = 1 << 30
-#: Most keys bound to one statement (SQLite allows 32,766 parameters).
+#: Most keys bound to one statement, within the SQLite library's parameter cap
+#: (32,766 since SQLite 3.32, 999 before).
 _KEYS_PER_QUERY = 10_000
+_probe = sqlite3.connect(":memory:")
+_PARAMETER_CAP = _probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+_probe.close()
 
 
 def _decode_values(blobs: Sequence[bytes], features: Sequence[str]) -> np.ndarray:
@@ -465,8 +469,9 @@ class SqliteOnlineReader(OnlineReader):
         """
         retry: set[int] = set()
         views = range(len(self._tables))
-        for start in range(0, len(keys), _KEYS_PER_QUERY):
-            chunk = keys[start : start + _KEYS_PER_QUERY]
+        step = min(_KEYS_PER_QUERY, _PARAMETER_CAP)
+        for start in range(0, len(keys), step):
+            chunk = keys[start : start + step]
             parts = thread_pool("sqlite").map(self._read_view, views, itertools.repeat(chunk))
             for view, part in zip(views, parts, strict=True):
                 if part is None:
@@ -512,7 +517,7 @@ class SqliteOnlineReader(OnlineReader):
         if n >= _GROUPED_ROWS and self._groupable:
             by_value = self._read_grouped(keys, matrix, oldest, found, stale, now)
         # A few customers, or those the grouped read could not decode: value by value.
-        step = max(1, _KEYS_PER_QUERY // len(self._tables))
+        step = max(1, min(_KEYS_PER_QUERY, _PARAMETER_CAP) // len(self._tables))
         for start in range(0, len(by_value), step):
             chunk = by_value[start : start + step]
             params = chunk * len(self._tables)
