@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serving"
 from project import FULL_SIZE_TREES, SERVICES, build_project, customer_ids  # noqa: E402
 
 from propensity.config import load_settings  # noqa: E402
+from propensity.serving.process import stop, wait_ready  # noqa: E402
 
 _NAIVE_ENV = "BENCH_NAIVE_PROJECT"
 _BATCHES = 31  # timed /score_batch calls of 1,000 random customers each
@@ -134,28 +135,12 @@ def _start(service: str, env: dict[str, str], cwd: Path | None = None) -> tuple[
         command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{service} exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.terminate()
-            raise RuntimeError(f"{service} not ready in 180 s")
-        time.sleep(0.3)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        wait_ready(url, proc, timeout=180)
+    except RuntimeError:
+        stop(proc)
+        raise
+    return proc, url
 
 
 class _Client:
@@ -233,7 +218,7 @@ def bench_http(root: Path, ids: list[str], n_requests: int) -> dict[str, float]:
         out["mapped"] = sum(m.shared for m in memory) / 2**20
     finally:
         client.close()
-        _stop(proc)
+        stop(proc)
     return out
 
 
@@ -259,7 +244,7 @@ def bench_naive(root: Path, ids: list[str], n_requests: int) -> dict[str, float]
         batch = (time.perf_counter() - t) * 5
     finally:
         client.close()
-        _stop(proc)
+        stop(proc)
     return {"p50": _pct(times, 50), "p99": _pct(times, 99), "cpu": cpu * 1e3, "batch": batch * 1e3}
 
 

@@ -12,6 +12,7 @@ flag against the views' TTLs.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import sqlite3
@@ -218,12 +219,18 @@ _NAN_HEX = "29" + struct.pack("<d", math.nan).hex().upper()
 _GROUPED_ROWS = 16
 #: How much of the online store each reader connection maps into memory.
 _MMAP_BYTES = 1 << 30
+_probe = sqlite3.connect(":memory:")
 #: Most keys bound to one statement, within the SQLite library's parameter cap
 #: (32,766 since SQLite 3.32, 999 before).
-_KEYS_PER_QUERY = 10_000
-_probe = sqlite3.connect(":memory:")
-_PARAMETER_CAP = _probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+_KEYS_PER_QUERY = min(10_000, _probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
 _probe.close()
+
+
+@functools.lru_cache(maxsize=16)
+def _requested(n_keys: int) -> str:
+    """The ``requested(row, key)`` table of a batch: built once per batch size, not per view."""
+    rows = ",".join(f"({i},?)" for i in range(n_keys))
+    return f"WITH requested(row, key) AS (VALUES {rows}) "
 
 
 def _decode_values(blobs: Sequence[bytes], features: Sequence[str]) -> np.ndarray:
@@ -398,7 +405,6 @@ class SqliteOnlineReader(OnlineReader):
         instead for each customer's oldest served timestamp, for views whose
         rows differ.
         """
-        requested = ",".join(f"({i},?)" for i in range(n_keys))
         joined = f'FROM requested JOIN "{self._tables[view]}" ON entity_key = requested.key'
         if per_customer:
             stamp = f"CASE WHEN feature_name IN ({self._names_sql[view]}) THEN event_ts END"
@@ -410,7 +416,7 @@ class SqliteOnlineReader(OnlineReader):
                 f"CAST(group_concat({value}, '') AS BLOB), "
                 f"min(event_ts), max(event_ts), count(event_ts) {joined}"
             )
-        return f"WITH requested(row, key) AS (VALUES {requested}) SELECT {selected}"
+        return f"{_requested(n_keys)}SELECT {selected}"
 
     def _read_view(self, view: int, keys: list[bytes]) -> _ViewValues | None:
         """Fetch and parse one view for many customers; runs on a read thread."""
@@ -434,10 +440,8 @@ class SqliteOnlineReader(OnlineReader):
         records = np.frombuffer(blob, dtype=_DOUBLE_RECORD)
         served = columns >= 0
         retry = np.unique(rows[records["tag"] != _DOUBLE_TAG])
-        if len(retry):
-            served &= ~np.isin(rows, retry)
         if first is not None and first == last and dated == len(rows):
-            stamped = np.unique(rows[columns >= 0])  # one snapshot: every customer shares it
+            stamped = np.unique(rows[served])  # one snapshot: every customer shares it
             seconds = np.full(len(stamped), float(first))
         else:
             oldest = [
@@ -447,6 +451,8 @@ class SqliteOnlineReader(OnlineReader):
             ]
             stamped = np.array([row for row, _ in oldest], dtype=np.intp)
             seconds = np.array([ts for _, ts in oldest], dtype=np.float64)
+        if len(retry):
+            served &= ~np.isin(rows, retry)
         return _ViewValues(
             rows[served], columns[served], records["value"][served], stamped, seconds, retry
         )
@@ -469,9 +475,8 @@ class SqliteOnlineReader(OnlineReader):
         """
         retry: set[int] = set()
         views = range(len(self._tables))
-        step = min(_KEYS_PER_QUERY, _PARAMETER_CAP)
-        for start in range(0, len(keys), step):
-            chunk = keys[start : start + step]
+        for start in range(0, len(keys), _KEYS_PER_QUERY):
+            chunk = keys[start : start + _KEYS_PER_QUERY]
             parts = thread_pool("sqlite").map(self._read_view, views, itertools.repeat(chunk))
             for view, part in zip(views, parts, strict=True):
                 if part is None:
@@ -517,7 +522,7 @@ class SqliteOnlineReader(OnlineReader):
         if n >= _GROUPED_ROWS and self._groupable:
             by_value = self._read_grouped(keys, matrix, oldest, found, stale, now)
         # A few customers, or those the grouped read could not decode: value by value.
-        step = max(1, min(_KEYS_PER_QUERY, _PARAMETER_CAP) // len(self._tables))
+        step = max(1, _KEYS_PER_QUERY // len(self._tables))
         for start in range(0, len(by_value), step):
             chunk = by_value[start : start + step]
             params = chunk * len(self._tables)

@@ -114,8 +114,7 @@ class SingleRowPredictor:
         if data.size != self.ncol:
             raise ValueError(f"row has {data.size} values; the booster expects {self.ncol}")
         handle, out, out_address, length_address = self._config()
-        if _PREDICT_FAST(handle, data.ctypes.data, length_address, out_address) != 0:
-            raise lgb.basic.LightGBMError(_LIB.LGBM_GetLastError().decode("utf-8"))
+        _safe_call(_PREDICT_FAST(handle, data.ctypes.data, length_address, out_address))
         return out.copy()
 
     def __del__(self) -> None:
