@@ -92,3 +92,14 @@ def test_invalid_inputs() -> None:
         incremental_scores(["a"], [0.5], ["a"], [[1.0]], [0.0], mu_action=[[1.0]])
     with pytest.raises(ValueError, match="baseline"):
         evaluate_policies({"p": np.ones((1, 1))}, ips_scores=np.ones((1, 1)), baseline="q")
+
+
+def test_point_estimates_without_bootstrap() -> None:
+    # A champion is re-evaluated with n_boot=0: the same means, NaN bounds, no error.
+    x, arms, propensity, outcome, true, mu_action, mu_control = _bandit(2_000, 3)
+    ips = incremental_scores(arms, propensity, ACTIONS, outcome, COST)
+    policies = policy_matrix(np.array(["a", "b"] * 1_000), ACTIONS)
+    point = evaluate_policies({"mixed": policies}, ips_scores=ips, n_boot=0)
+    full = evaluate_policies({"mixed": policies}, ips_scores=ips, n_boot=50)
+    assert point.loc["mixed", "ips"] == pytest.approx(full.loc["mixed", "ips"])
+    assert np.isnan(point.loc["mixed", "ips_low"]) and np.isnan(point.loc["mixed", "ips_high"])

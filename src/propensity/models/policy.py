@@ -107,10 +107,23 @@ def policy_matrix(choices: Any, actions: Sequence[str]) -> np.ndarray:
 def bootstrap_mean(
     values: np.ndarray, *, n_boot: int = 500, level: float = 0.9, random_state: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Column means of ``values`` with percentile bootstrap bounds (rows resampled jointly)."""
+    """Column means of ``values`` with percentile bootstrap bounds (rows resampled jointly).
+
+    With ``n_boot=0`` (a point estimate only, as when a champion is re-evaluated)
+    or no rows, the bounds are NaN.
+
+    Examples
+    --------
+    >>> mean, low, high = bootstrap_mean(np.array([1.0, 3.0]), n_boot=0)
+    >>> float(mean[0]), bool(np.isnan(low[0]))
+    (2.0, True)
+    """
     v = np.asarray(values, dtype=float)
     v = v[:, None] if v.ndim == 1 else v
     n = len(v)
+    if n_boot == 0 or n == 0:
+        nan = np.full(v.shape[1], np.nan)
+        return (v.mean(axis=0) if n else nan.copy()), nan, nan.copy()
     rng = np.random.default_rng(random_state)
     draws = np.empty((n_boot, v.shape[1]))
     # Resample row counts (multinomial) rather than indices: same distribution, far less memory.
