@@ -423,3 +423,38 @@ def test_redis_reader_never_sees_a_customer_half_refreshed(tmp_path: Path) -> No
     finally:
         for key in client.scan_iter(b"*" + project.encode()):
             client.delete(key)
+
+
+@pytest.mark.redis
+def test_incremental_write_into_a_new_store_writes_everything(
+    tmp_path: Path, snapshot_file: Path
+) -> None:
+    # The registry's intervals are shared by the project's online stores: after an
+    # incremental write to SQLite, the first incremental write to an empty Redis must
+    # still write every customer, not find the interval "already materialized".
+    client = _redis_client()
+    project = f"switch_{os.getpid()}_{time.time_ns()}"
+    sqlite_store = _store(tmp_path, "repo", snapshot_file, "sqlite", project)
+    assert write_online(sqlite_store, "activity", end=T2, incremental=True).entities_written == 300
+    redis_store = FeatureStore(
+        config=RepoConfig(
+            project=project,
+            provider="local",
+            registry=str(tmp_path / "repo" / "registry.db"),  # the same registry
+            online_store={"type": "redis", "connection_string": REDIS_URL},
+            offline_store={"type": "duckdb"},
+            entity_key_serialization_version=3,
+            repo_path=tmp_path / "repo",
+        )
+    )
+    try:
+        report = write_online(redis_store, "activity", end=T2, incremental=True)
+        assert report.entities_written == 300 and report.store == "redis"
+        ids = [f"C{c:07d}" for c in range(300)]
+        assert None not in _online(redis_store, ids)["n_orders"][:3]
+        # Written once, the store is up to date: the next incremental run writes nothing.
+        again = write_online(redis_store, "activity", end=T2, incremental=True)
+        assert again.entities_written == 0
+    finally:
+        for key in client.scan_iter(b"*" + project.encode()):
+            client.delete(key)

@@ -18,7 +18,10 @@ Feast's own tools read them unchanged), but:
 Each chunk is one SQLite transaction (one ``HSET`` per customer on Redis), so a
 reader never sees a customer's features half old and half new. The interval is
 recorded in the Feast registry as ``materialize`` does, so
-``materialize_incremental`` and ``feast`` tooling know what has been written.
+``materialize_incremental`` and ``feast`` tooling know what has been written,
+and in the online store itself: the registry is shared by every online store of
+a project, so an incremental write into a new store (a fresh Redis) starts from
+what that store holds, not from what another store received.
 Unlike Feast's Redis writer, rows are not compared with the stored timestamp:
 the latest row of the source wins.
 """
@@ -78,6 +81,9 @@ _TAG_INT32 = 0x18  # int32_val = 3, varint
 _TAG_INT64 = 0x20  # int64_val = 4, varint
 _TAG_DOUBLE = 0x29  # double_val = 5, fixed64
 _TAG_FLOAT = 0x35  # float_val = 6, fixed32
+#: Suffix of the SQLite table (prefix of the Redis key) recording, per view, the end of
+#: the last interval written into that store.
+_MARKS = "__materialized"
 _TAG_BOOL = 0x38  # bool_val = 7, varint
 
 _BULK_TYPES = {
@@ -713,6 +719,28 @@ class _SqliteWriter:
             raise
         self.conn.execute("COMMIT")
 
+    def _marks(self, project: str) -> str:
+        table = _quote(f"{project}{_MARKS}")
+        self.conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {table} (view TEXT PRIMARY KEY, end_ts TEXT)"
+        )
+        return table
+
+    def written_end(self, plan: _ViewPlan) -> datetime | None:
+        table = self._marks(plan.project)
+        row = self.conn.execute(
+            f"SELECT end_ts FROM {table} WHERE view = ?", (plan.view.name,)
+        ).fetchone()
+        return _utc(datetime.fromisoformat(row[0])) if row else None
+
+    def mark(self, plan: _ViewPlan, end: datetime) -> None:
+        table = self._marks(plan.project)
+        self.conn.execute(
+            f"INSERT INTO {table} VALUES (?, ?) "
+            "ON CONFLICT(view) DO UPDATE SET end_ts = excluded.end_ts",
+            (plan.view.name, end.isoformat()),
+        )
+
     def close(self) -> None:
         self.conn.close()
 
@@ -795,6 +823,17 @@ class _RedisWriter:
                         pipe.expire(name=key, time=self.ttl)
                 pipe.execute()
 
+    def _marks(self) -> bytes:
+        # Ends with the project like Feast's entity keys, so a project's keys stay one pattern.
+        return _MARKS.encode() + b":" + self.project
+
+    def written_end(self, plan: _ViewPlan) -> datetime | None:
+        raw = self.client.hget(self._marks(), plan.view.name)
+        return _utc(datetime.fromisoformat(raw.decode())) if raw else None
+
+    def mark(self, plan: _ViewPlan, end: datetime) -> None:
+        self.client.hset(self._marks(), plan.view.name, end.isoformat())
+
     def close(self) -> None:
         return None
 
@@ -810,6 +849,14 @@ class _FeastWriter:
 
     def encode(self, parts: list[tuple[_ViewPlan, _Chunk]]) -> list[tuple[_ViewPlan, _Chunk]]:
         return parts
+
+    def written_end(self, plan: _ViewPlan) -> datetime | None:
+        # Another store: trust the registry's intervals, as Feast does.
+        last = plan.view.most_recent_end_time
+        return _utc(last) if last is not None else None
+
+    def mark(self, plan: _ViewPlan, end: datetime) -> None:
+        return None
 
     def write(self, parts: list[tuple[_ViewPlan, _Chunk]]) -> None:
         from feast.infra.key_encoding_utils import deserialize_entity_key
@@ -1067,6 +1114,11 @@ def _write_group(
     windows = []
     for plan in plans:
         last = plan.view.most_recent_end_time if incremental else None
+        if last is not None:
+            # The registry's intervals are shared by every online store of the project:
+            # start from what this store itself holds (nothing, for a new Redis).
+            held = writer.written_end(plan)
+            last = None if held is None else min(_utc(last), held)
         windows.append(_utc(last) if last is not None else start)
     lead = plans[0]
     if any(p.join_keys != lead.join_keys or p.timestamp != lead.timestamp for p in plans):
@@ -1123,6 +1175,7 @@ def _write_group(
         interval_start = windows[k]
         if interval_start is None:
             interval_start = got.first if got.first is not None else end
+        writer.mark(plan, end)
         store.registry.apply_materialization(plan.view, store.project, interval_start, end)
         reports.append(
             WriteReport(
