@@ -66,3 +66,28 @@ def test_repo_project_file_is_valid() -> None:
     root = Path(__file__).resolve().parents[1]
     settings = load_settings(root / "propensity.yaml", environ={})
     assert settings.online_store.kind == "sqlite"
+
+
+def test_a_named_project_file_that_is_missing_is_an_error(tmp_path: Path) -> None:
+    typo = tmp_path / "propensty.yaml"
+    with pytest.raises(ConfigError, match="propensty.yaml not found"):
+        load_settings(typo, environ={})
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(environ={"PROPENSITY_CONFIG": str(typo)})
+    assert not (tmp_path / "data").exists()
+
+
+def test_cli_with_a_missing_config_fails_cleanly_and_creates_nothing(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "propensity.cli", "features", "build", "--config", "nope.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "nope.yaml not found" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -88,3 +88,33 @@ def test_second_version_and_manual_promotion(tmp_path, fitted):
     assert registry.version_info(uri, "purchase_propensity", 2)["aliases"] == []
     with pytest.raises(registry.RegistryError, match="has no version or alias 7"):
         registry.set_champion(uri, "purchase_propensity", 7)
+
+
+def test_version_status_from_pending_to_a_decision(tmp_path, fitted):
+    import subprocess
+    import sys
+
+    model, X = fitted
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def log() -> int:
+        run = registry.log_run(uri, "churn", estimator=model, input_example=X.head(3),
+                               register_as="churn")  # fmt: skip
+        assert run.version is not None
+        return run.version
+
+    first, second, third = log(), log(), log()
+    assert registry.version_status(uri, "churn", first) == registry.PENDING
+    registry.set_champion(uri, "churn", first)
+    registry.set_status(uri, "churn", second, "rejected", "FAIL: roc_auc 0.5 >= 0.6")
+    assert registry.version_status(uri, "churn", first) == "champion"
+    assert registry.version_status(uri, "churn", second) == "rejected"
+    # A pending version whose registering process is gone is abandoned.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).set_model_version_tag("churn", str(third), "registered_by_pid", str(gone.pid))
+    assert registry.abandon_pending(uri, ["churn", "never_registered"]) == [("churn", third)]
+    assert registry.version_status(uri, "churn", third) == "abandoned"
+    assert registry.abandon_pending(uri, ["churn"]) == []

@@ -210,15 +210,22 @@ def train(
 
 @app.command()
 def promote(
-    model: Annotated[str, typer.Argument(help="Registered model name.")],
+    model: Annotated[str, typer.Argument(help="churn, purchase or nba (or the registered name).")],
     version: Annotated[int, typer.Option(help="Version to make champion.")],
     config: ConfigOption = None,
 ) -> None:
     """Move the `champion` alias of MODEL to VERSION."""
+    from propensity.models.spec import SpecError, registered_name
     from propensity.models.training import promote as promote_version
+    from propensity.registry import RegistryError
 
-    promote_version(_settings(config), model, version)
-    console.print(f"{model} version {version} is now champion")
+    settings = _settings(config)
+    try:
+        name = registered_name(model)
+        promote_version(settings, name, version)
+    except (SpecError, RegistryError) as exc:
+        _fail(str(exc))
+    console.print(f"{name} version {version} is now champion")
 
 
 @app.command()

@@ -151,8 +151,9 @@ def load_settings(
     ----------
     path : str or Path, optional
         The project file, or a folder holding ``propensity.yaml``. Defaults to
-        ``$PROPENSITY_CONFIG`` or ``./propensity.yaml``; a missing file means
-        all defaults.
+        ``$PROPENSITY_CONFIG`` or ``./propensity.yaml``. A path named here or
+        in ``PROPENSITY_CONFIG`` must exist; a folder without
+        ``propensity.yaml`` (or no ``./propensity.yaml``) means all defaults.
     environ : dict, optional
         Environment to read overrides from (defaults to ``os.environ``).
 
@@ -167,7 +168,12 @@ def load_settings(
     30
     """
     env = dict(os.environ if environ is None else environ)
-    file = Path(path or env.get(ENV_PREFIX + "CONFIG") or PROJECT_FILE)
+    named = path or env.get(ENV_PREFIX + "CONFIG")
+    file = Path(named or PROJECT_FILE)
+    if named and not file.exists():
+        # A named project file that is not there is a typo, not "all defaults":
+        # defaults would start a new, empty lake beside it.
+        raise ConfigError(f"project file {file} not found")
     if file.is_dir():
         file = file / PROJECT_FILE
     data: dict[str, Any] = {}

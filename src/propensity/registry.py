@@ -6,7 +6,10 @@ and a pyfunc model whose ``predict`` returns P(y=1) for float64 inputs. Each run
 stores the fitted estimator itself (``estimator/estimator.joblib``) so serving can load
 the raw LightGBM booster and calibrator without pyfunc overhead.
 
-The ``champion`` alias marks the version serving uses.
+The ``champion`` alias marks the version serving uses. Every registered version
+carries a ``status`` tag: ``pending`` from registration until a decision is
+recorded, then ``champion``, ``rejected`` (with the failed gates as
+``status_reason``) or ``abandoned`` (its run was killed before deciding).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import contextlib
 import os
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,9 @@ __all__ = [
     "ProbabilityModel",
     "log_run",
     "set_champion",
+    "set_status",
+    "version_status",
+    "abandon_pending",
     "champion_version",
     "load_champion",
     "load_estimator",
@@ -48,6 +54,10 @@ __all__ = [
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 CHAMPION = "champion"
+STATUS_TAG = "status"
+PENDING = "pending"
+_REASON_TAG = "status_reason"
+_PID_TAG = "registered_by_pid"
 _ESTIMATOR_PATH = "estimator/estimator.joblib"
 # Pinned here instead of inferred: inference imports the model in a subprocess and
 # costs seconds per run.
@@ -207,6 +217,12 @@ def log_run(
                 registered_model_name=register_as,
             )
         version = info.registered_model_version
+        if register_as is not None and version is not None:
+            # "pending" until a decision is recorded; a run killed before that leaves
+            # the version pending, and the next retrain marks it abandoned.
+            with _tracking(tracking_uri) as client:
+                client.set_model_version_tag(register_as, str(version), STATUS_TAG, PENDING)
+                client.set_model_version_tag(register_as, str(version), _PID_TAG, str(os.getpid()))
         return LoggedRun(
             run_id=run.info.run_id,
             experiment_id=experiment_id,
@@ -234,6 +250,60 @@ def set_champion(tracking_uri: str, model: str, version: int) -> None:
     with _tracking(tracking_uri) as client:
         _model_version(client, model, version)
         client.set_registered_model_alias(model, CHAMPION, str(version))
+        client.set_model_version_tag(model, str(version), STATUS_TAG, "champion")
+
+
+def set_status(tracking_uri: str, model: str, version: int, status: str, reason: str = "") -> None:
+    """Record a version's fate (``rejected``, ``abandoned``…) and why, as version tags.
+
+    Examples
+    --------
+    >>> set_status(settings.tracking_uri, "churn", 4, "rejected", "FAIL: roc_auc")  # doctest: +SKIP
+    """
+    with _tracking(tracking_uri) as client:
+        _model_version(client, model, version)
+        client.set_model_version_tag(model, str(version), STATUS_TAG, status)
+        if reason:
+            client.set_model_version_tag(model, str(version), _REASON_TAG, reason[:5000])
+
+
+def version_status(tracking_uri: str, model: str, version: int) -> str | None:
+    """The ``status`` tag of a version (None for versions registered before statuses)."""
+    with _tracking(tracking_uri) as client:
+        return _model_version(client, model, version).tags.get(STATUS_TAG)
+
+
+def abandon_pending(tracking_uri: str, models: Iterable[str]) -> list[tuple[str, int]]:
+    """Mark ``abandoned`` the pending versions whose registering process is gone.
+
+    Returns the ``(model, version)`` pairs marked.
+
+    Examples
+    --------
+    >>> abandon_pending(settings.tracking_uri, ["churn"])  # doctest: +SKIP
+    [('churn', 7)]
+    """
+    import psutil
+
+    marked = []
+    with _tracking(tracking_uri) as client:
+        for model in models:
+            try:
+                found = client.search_model_versions(
+                    f"name = '{model}' and tags.{STATUS_TAG} = '{PENDING}'"
+                )
+            except MlflowException:
+                continue  # no such registered model yet
+            for mv in found:
+                pid = mv.tags.get(_PID_TAG, "")
+                if pid.isdigit() and int(pid) != os.getpid() and psutil.pid_exists(int(pid)):
+                    continue  # its run is still deciding
+                client.set_model_version_tag(model, mv.version, STATUS_TAG, "abandoned")
+                client.set_model_version_tag(
+                    model, mv.version, _REASON_TAG, "the run that registered it stopped first"
+                )
+                marked.append((model, int(mv.version)))
+    return sorted(marked)
 
 
 def champion_version(tracking_uri: str, model: str) -> int | None:

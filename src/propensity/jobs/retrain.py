@@ -31,6 +31,7 @@ MLflow (status ``failed``) and raised as :class:`RetrainError`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import inspect
 import json
@@ -56,6 +57,7 @@ from propensity.events.lake import MANIFEST_NAME, EventLake
 from propensity.jobs.drift import DriftReport, drift_report
 from propensity.jobs.erasure import erased_hashes, id_hash
 from propensity.jobs.lock import LockBusyError, job_dir, jobs_lock
+from propensity.models.spec import REGISTERED_MODELS
 from propensity.progress import ProgressCallback, report
 
 __all__ = [
@@ -152,6 +154,7 @@ class RetrainReport:
     rejected_files: dict[str, str] = field(default_factory=dict)
     ingest: IngestReport | None = None
     suppressed_events: int = 0
+    abandoned_versions: list[tuple[str, int]] = field(default_factory=list)
     new_rows: int = 0
     validation_passed: bool = True
     validation_reasons: list[str] = field(default_factory=list)
@@ -189,6 +192,8 @@ class RetrainReport:
             lines.append(f"  REJECTED file {name}: {why}")
         if self.suppressed_events:
             lines.append(f"  erased again (forgotten customers): {self.suppressed_events} events")
+        for model, version in self.abandoned_versions:
+            lines.append(f"  marked abandoned: {model} version {version} (its run was stopped)")
         lines += [f"  validation: {r}" for r in self.validation_reasons]
         if self.drift is not None:
             lines += ["  " + row for row in self.drift.summary().splitlines()]
@@ -386,6 +391,23 @@ def _challenge(
     return decision
 
 
+def _close_undecided(settings: Settings, result: RetrainReport, why: str) -> None:
+    """Mark this run's challengers that are still pending as rejected, with the reasons."""
+    for decision in result.decisions.values():
+        version = decision.challenger_version
+        if version is None or decision.promoted:
+            continue
+        if registry.version_status(settings.tracking_uri, decision.model, version) == "pending":
+            reasons = [r for r in decision.reasons if not r.startswith("pass")]
+            registry.set_status(
+                settings.tracking_uri,
+                decision.model,
+                version,
+                "rejected",
+                "; ".join([why, *reasons]),
+            )
+
+
 def _record(settings: Settings, result: RetrainReport, error: str | None = None) -> str | None:
     tags = {
         "status": result.status if error is None else "failed",
@@ -474,6 +496,10 @@ def retrain(
         stage = "locked"
         try:
             _checkpoint(folder, stage)
+            # Versions a killed run registered but never decided on.
+            result.abandoned_versions = registry.abandon_pending(
+                settings.tracking_uri, REGISTERED_MODELS
+            )
             state = _read_state(state_path)
             report(progress, "retrain: ingest", 0, _STEPS)
             stage = "ingest"
@@ -615,6 +641,7 @@ def retrain(
                     ):
                         registry.set_champion(settings.tracking_uri, decision.model, version)
                         decision.promoted = True
+                _close_undecided(settings, result, "not promoted")
 
             report(progress, "retrain: record", 6, _STEPS)
             state["trained_fingerprint"] = result.fingerprint
@@ -632,6 +659,8 @@ def retrain(
         except Exception as exc:
             result.seconds = time.perf_counter() - started
             message = f"retrain failed during {stage}: {type(exc).__name__}: {exc}"
+            with contextlib.suppress(Exception):  # the failure itself must surface
+                _close_undecided(settings, result, f"the run failed: {message}")
             try:
                 result.run_id = _record(settings, result, message + "\n" + traceback.format_exc())
             except Exception as log_exc:  # the failure itself must still surface

@@ -543,4 +543,7 @@ def _register(
     promoted = bool(passed and logged.version is not None)
     if promoted and logged.version is not None:
         registry.set_champion(settings.tracking_uri, MODEL_NAME, logged.version)
+    elif logged.version is not None:
+        failed = "; ".join(c for c in checks if c.startswith("FAIL"))
+        registry.set_status(settings.tracking_uri, MODEL_NAME, logged.version, "rejected", failed)
     return logged.run_id, logged.version, promoted, checks

@@ -23,6 +23,8 @@ __all__ = [
     "SplitSpec",
     "load_spec",
     "MODEL_NAMES",
+    "REGISTERED_MODELS",
+    "registered_name",
 ]
 
 #: Registered model names and the spec file each one reads.
@@ -31,6 +33,28 @@ MODEL_NAMES: dict[str, str] = {
     "purchase_propensity": "purchase_propensity.yaml",
 }
 _ALIASES = {"purchase": "purchase_propensity"}
+#: Every registered model and the short names each command accepts for it.
+REGISTERED_MODELS: dict[str, tuple[str, ...]] = {
+    "churn": (),
+    "purchase_propensity": ("purchase",),
+    "next_best_action": ("nba",),
+}
+
+
+def registered_name(name: str) -> str:
+    """The registered model name for a name or short name a user typed.
+
+    Examples
+    --------
+    >>> registered_name("purchase"), registered_name("nba"), registered_name("churn")
+    ('purchase_propensity', 'next_best_action', 'churn')
+    """
+    for registered, short in REGISTERED_MODELS.items():
+        if name == registered or name in short:
+            return registered
+    known = ", ".join(n for r, short in REGISTERED_MODELS.items() for n in (*short, r))
+    raise SpecError(f"unknown model {name!r}; choose one of {known}")
+
 
 CalibrationMethod = Literal["auto", "isotonic", "sigmoid", "none"]
 

@@ -497,6 +497,9 @@ def train_model(
     promoted = bool(passed and auto_promote and logged.version is not None)
     if promoted and logged.version is not None:
         registry.set_champion(settings.tracking_uri, spec.name, logged.version)
+    elif not passed and logged.version is not None:
+        failed = "; ".join(r for r in reasons if r.startswith("FAIL"))
+        registry.set_status(settings.tracking_uri, spec.name, logged.version, "rejected", failed)
     return TrainingResult(
         model=spec.name,
         run_id=logged.run_id,
