@@ -288,22 +288,29 @@ def test_forget_leaves_no_trace_and_reingest_cannot_bring_back(store, tmp_path, 
     before = find_traces(settings, [victim])
     assert {t.path for t in before} >= {tmp, staged / "part.parquet", db}
 
-    caplog.set_level(logging.DEBUG)
-    report = forget(settings, [victim], actor="dpo")
+    # A reader keeps the store open (as the scoring service does), so the WAL
+    # outlives the erasing connection and is not folded back when it closes.
+    reader = sqlite3.connect(db)
+    reader.execute("SELECT count(*) FROM sqlite_master").fetchall()
 
-    assert report.traces == [], report.summary()
+    caplog.set_level(logging.DEBUG)
+    report = forget(settings, [victim], actor="dpo", scan=False)
+    # The online store's main file alone, copied right away without its WAL (the
+    # audit scan below checkpoints SQLite files itself), holds no trace.
+    copy = tmp_path / "copy.db"
+    shutil.copyfile(db, copy)
+    assert key not in copy.read_bytes() and victim.encode() not in copy.read_bytes()
+
+    assert find_traces(settings, [victim]) == []
     assert report.temp_files == 1 and not tmp.exists()
     assert report.quarantine_rows == 3  # the record, the CSV line, the reason line
     assert f"{neighbour},2" in (quarantine / "files" / "broken.csv").read_text()
     kept = gzip.decompress((processed / "old.csv.gz").read_bytes()).decode()
     assert neighbour in kept and victim not in kept
-    # The online store's main file alone, copied without its WAL, holds no trace.
-    copy = tmp_path / "copy.db"
-    shutil.copyfile(db, copy)
-    assert key not in copy.read_bytes() and victim.encode() not in copy.read_bytes()
     con = sqlite3.connect(copy)
     assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     con.close()
+    reader.close()
     # The key never reaches the logs.
     secret = (job_dir(settings) / KEY_FILE).read_text().strip()
     assert secret not in caplog.text and secret not in report.summary()
