@@ -99,6 +99,7 @@ def ingest(
     """Validate event files and add them to the event lake."""
     from propensity.events.ingest import IngestError, ingest
     from propensity.events.lake import EventLake
+    from propensity.jobs.erasure import suppression_list
 
     settings = _settings(config)
     lake = EventLake(settings.path(settings.lake_dir))
@@ -111,6 +112,7 @@ def ingest(
                 mapping=_parse_mapping(map_),
                 orders_only=orders_only,
                 consent_file=consent,
+                suppression=suppression_list(settings),
                 timezone=settings.timezone,
                 progress=progress,
             )
@@ -313,13 +315,40 @@ def drift(
 
 @app.command()
 def forget(
-    customer_ids: Annotated[list[str], typer.Argument(help="Customers to erase.")],
+    customer_ids: Annotated[list[str], typer.Argument(help="Ids to erase, exactly as stored.")],
+    check: Annotated[
+        bool, typer.Option("--check", help="Only scan the project's files for the ids.")
+    ] = False,
     config: ConfigOption = None,
 ) -> None:
-    """Erase customers from the lake, feature tables, online store and raw copies (audited)."""
+    """Erase customers from every file then scan for what is left (exit 1 if found)."""
+    from propensity.jobs.erasure import check_ids
     from propensity.jobs.erasure import forget as run_forget
+    from propensity.jobs.erasure_scan import find_traces
 
-    console.print(run_forget(_settings(config), customer_ids).summary())
+    settings = _settings(config)
+    try:
+        ids, warnings = check_ids(customer_ids)
+    except ValueError as exc:
+        _fail(str(exc))
+        return
+    if check:
+        for warning in warnings:
+            console.print(f"warning: {warning}", markup=False)
+        with console.status("scanning the project's files"):
+            traces = find_traces(settings, ids)
+        for trace in traces:
+            console.print(str(trace), markup=False)
+        console.print(
+            f"the id is still in {len(traces)} place(s)" if traces else "no file holds the id"
+        )
+    else:
+        with console.status("erasing"):
+            report = run_forget(settings, ids)
+        console.print(report.summary(), markup=False)
+        traces = report.traces
+    if traces:
+        raise typer.Exit(1)
 
 
 nba_app = typer.Typer(help="Next-best-action from a randomized campaign table.")

@@ -269,8 +269,10 @@ class Project:
         >>> project.ingest("exports/events.csv", mapping={"user": "customer_id"})  # doctest: +SKIP
         """
         from propensity.events.ingest import ingest
+        from propensity.events.suppression import SuppressionList
 
         options.setdefault("timezone", self.settings.timezone)
+        options.setdefault("suppression", SuppressionList.of(self.settings))
         return ingest(
             paths, self._lake(), self.settings.path(self.settings.quarantine_dir), **options
         )

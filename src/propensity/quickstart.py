@@ -107,11 +107,13 @@ def _simulate(
 def _ingest(settings: Settings, sim_dir: Path, progress: ProgressCallback | None) -> Any:
     from propensity.events.ingest import ingest
     from propensity.events.lake import EventLake
+    from propensity.events.suppression import SuppressionList
 
     return ingest(
         sorted((sim_dir / "events").glob("*.parquet")),
         EventLake(settings.path(settings.lake_dir)),
         settings.path(settings.quarantine_dir),
+        suppression=SuppressionList.of(settings),
         timezone=settings.timezone,
         progress=progress,
     )

@@ -13,7 +13,9 @@ Consent is applied first: every row of a customer who withdrew consent (in the
 consent file, or a ``consent`` value that is false in any source row) is
 dropped and counted in ``consent_removed`` (not quarantined, so their data is
 not kept anywhere), and their events already in the lake are erased
-(``erased_from_lake``).
+(``erased_from_lake``). Customers on the suppression list (erased by
+``forget``) are dropped the same way, counted in ``consent_removed`` and, of
+those, in ``suppressed``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from propensity.events._readers import (
 )
 from propensity.events.lake import EventLake
 from propensity.events.schema import ARROW_SCHEMA
+from propensity.events.suppression import Screen, SuppressionList
 from propensity.events.validation import (
     ORDER_TIME_COLUMNS,
     QUARANTINE_SCHEMA,
@@ -80,6 +83,7 @@ class IngestReport:
     quarantined: int = 0
     consent_removed: int = 0
     erased_from_lake: int = 0
+    suppressed: int = 0  # of consent_removed: rows of customers on the suppression list
     quarantined_by_reason: dict[str, int] = field(default_factory=dict)
     quarantine_path: Path | None = None
     files: dict[str, FileCounts] = field(default_factory=dict)
@@ -112,6 +116,8 @@ class IngestReport:
             lines.append(f"quarantined {reason}: {n}")
         if self.erased_from_lake:
             lines.append(f"erased from the lake (consent withdrawn): {self.erased_from_lake}")
+        if self.suppressed:
+            lines.append(f"dropped (customers erased earlier): {self.suppressed}")
         if self.quarantine_path is not None:
             lines.append(f"quarantine: {self.quarantine_path}")
         return "\n".join(lines)
@@ -264,6 +270,7 @@ def ingest(
     mapping: Mapping[str, str] | None = None,
     orders_only: bool = False,
     consent_file: str | Path | None = None,
+    suppression: SuppressionList | None = None,
     timezone: str = "UTC",
     now: datetime | None = None,
     progress: ProgressCallback | None = None,
@@ -288,6 +295,9 @@ def ingest(
         ``amount``, optional ``quantity``); each row becomes a ``purchase``.
     consent_file : path, optional
         Customers who withdrew consent (see :func:`read_consent`).
+    suppression : SuppressionList, optional
+        Customers erased by ``forget``: their rows are dropped, never stored
+        or quarantined (every caller in the package passes the project's list).
     timezone : str
         IANA zone in which naive timestamps are read.
     now : datetime, optional
@@ -326,6 +336,7 @@ def ingest(
     withdrawn = read_consent(consent_file, mapping) if consent_file is not None else set()
     for path in files:
         withdrawn |= _withdrawn_in(path, mapping, text_columns)
+    screen = Screen(suppression, _source_names("customer_id", mapping))
 
     result = IngestReport()
     quarantine = _QuarantineSink(Path(quarantine_dir))
@@ -342,7 +353,7 @@ def ingest(
                             orders_only=orders_only,
                             timezone=timezone,
                             now=now,
-                            withdrawn=withdrawn,
+                            withdrawn=screen.withdrawn(batch.table, withdrawn),
                             row_offset=batch.first_row,
                         )
                     except IngestError as exc:
@@ -380,6 +391,7 @@ def ingest(
         result.quarantined += counts.quarantined
         result.consent_removed += counts.consent_removed
     result.quarantined_by_reason = dict(quarantine.by_reason)
+    result.suppressed = screen.rows
     return result
 
 

@@ -1,69 +1,114 @@
-"""Erasure ("right to be forgotten"): remove customers from every store the project keeps.
+"""Erasure ("right to be forgotten"): remove customers from every file the project keeps.
 
-:func:`forget` removes, for each customer id:
+:func:`forget` takes each id exactly as given (no trimming: ingest rejects ids
+with surrounding whitespace, so such an id is warned about but still erased
+where older data holds it exactly) and:
 
-* their events from the event lake (atomic rewrite of the affected files);
-* their rows from every feature table (each file replaced atomically);
-* their entity rows from the online store: SQLite (rows of every view table
-  with their entity key) and Redis (their hash key), read by Feast and serving;
-* rows of quarantine files that carry their id (the raw row is kept there);
-* ingested landing files (``<landing>/processed/``) that mention them: the
-  events are in the lake already, so the whole raw copy is deleted.
+1. puts it on the suppression list (:mod:`propensity.events.suppression`)
+   first, so an ingest from then on drops the customer's rows, on every path;
+2. deletes their entity rows from the online store: SQLite with
+   ``secure_delete`` (freed bytes are zeroed), then a WAL checkpoint that
+   truncates the log, then ``VACUUM`` if the main file still holds their key
+   bytes (a copy of the main file alone must not hold them); Redis hash keys;
+3. removes their events from the event lake (atomic rewrite of the affected
+   files; the lake's staged leftovers of killed writers go too) and their rows
+   from every feature table;
+4. rewrites, without the rows that hold the id, the quarantine Parquet files,
+   the whole files moved aside to ``<quarantine>/files/`` and the ingested
+   copies in ``<landing>/processed/`` (a file that cannot be read but holds the
+   id is deleted, and counted); deletes the temporary files of killed runs
+   under the lake, quarantine and feature folders;
+5. appends an audit record to ``<jobs dir>/erasure_audit.jsonl``: when, who,
+   the counts per store and keyed hashes of the ids (never the ids);
+6. scans every file of the project for the ids
+   (:func:`propensity.jobs.erasure_scan.find_traces`) and reports what is left.
 
-It then appends an audit record to ``<jobs dir>/erasure_audit.jsonl``: when,
-who (OS user and host, or the ``actor`` given), the SHA-256 of each id (never
-the id itself) and the counts per store. The same hashes act as a suppression
-list: :func:`propensity.jobs.retrain.retrain` erases any customer whose id hash
-is listed right after each ingest, so a late file cannot bring them back.
-
-Not covered: MLflow holds no customer ids (runs log features, metrics and
-five anonymous example rows), but exports a user made (score files, notebooks)
-are outside the project's stores.
+MLflow holds no customer ids (runs log metrics, plots, reports and five
+feature rows without ids as the model's input example); the scan covers its
+database and artifacts anyway. Outside the project's files: exports a user
+made elsewhere, Redis persistence files (RDB/AOF) until Redis rewrites them,
+and the disk blocks of deleted files.
 """
 
 from __future__ import annotations
 
 import getpass
-import hashlib
-import json
+import gzip
+import logging
 import os
+import re
 import socket
 import sqlite3
-import struct
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from propensity.config import Settings
 from propensity.events.lake import EventLake
+from propensity.events.suppression import AUDIT_FILE, SuppressionList
 from propensity.features.definitions import ENTITY, VIEWS
 from propensity.features.snapshots import feature_table_path
-from propensity.jobs.lock import job_dir, jobs_lock
+from propensity.jobs.erasure_scan import IdPattern, Trace, entity_key, find_traces
+from propensity.jobs.lock import jobs_lock
 
-__all__ = ["ErasureReport", "forget", "erased_hashes", "id_hash", "AUDIT_FILE"]
+__all__ = ["AUDIT_FILE", "ErasureReport", "check_ids", "forget", "suppression_list"]
 
-AUDIT_FILE = "erasure_audit.jsonl"
 _PROJECT = "propensity"  # the Feast project name (FeatureStoreAdapter's default)
+_PARQUET = (".parquet", ".pq")
+_log = logging.getLogger(__name__)
+# A killed ingest, build or erasure leaves these behind; a live one is younger.
+_TMP = re.compile(r"(\.tmp$|^\..*\.tmp-(?P<pid>\d+)$|^\..*\.erase-(?P<epid>\d+)$)")
 
 
-def id_hash(customer_id: str) -> str:
-    """SHA-256 (hex) of a customer id, as written in the audit log.
-
-    Ids with a guessable format can be re-identified by hashing candidates;
-    the audit log is pseudonymous, not anonymous, and should be access-controlled.
+def suppression_list(settings: Settings) -> SuppressionList:
+    """The project's suppression list, plain digests of older releases converted on disk.
 
     Examples
     --------
-    >>> id_hash("C0000001")[:12]
-    '08ff16851f5a'
+    >>> suppression_list(load_settings()).hashes()  # doctest: +SKIP
+    frozenset({...})
     """
-    return hashlib.sha256(customer_id.encode("utf8")).hexdigest()
+    erased = SuppressionList.of(settings)
+    converted = erased.migrate()
+    if converted:
+        _log.info("erasure audit: %d plain SHA-256 digests rewritten as keyed hashes", converted)
+    return erased
+
+
+def check_ids(customer_ids: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Ids to erase, exactly as given, and warnings about them.
+
+    Raises ``ValueError`` for an empty or whitespace-only id (ingest treats
+    those as missing: no customer has one).
+
+    Examples
+    --------
+    >>> ids, warnings = check_ids(["C1", " C2"])
+    >>> ids, len(warnings)
+    ([' C2', 'C1'], 1)
+    """
+    ids, warnings = [], []
+    for position, value in enumerate(customer_ids, start=1):
+        text = str(value)
+        if not text.strip():
+            raise ValueError(f"customer id #{position} is empty or whitespace: nothing to erase")
+        if text != text.strip():
+            warnings.append(
+                f"{text!r} has surrounding whitespace: ingest rejects such ids, so only older "
+                "data can hold it exactly; erasing it exactly as given"
+            )
+        ids.append(text)
+    if not ids:
+        raise ValueError("no customer id given to forget")
+    return sorted(set(ids)), warnings
 
 
 @dataclass
@@ -74,39 +119,48 @@ class ErasureReport:
     lake_events: int = 0
     feature_rows: dict[str, int] = field(default_factory=dict)
     online_sqlite_rows: int = 0
+    online_sqlite_vacuumed: bool = False
     online_redis_keys: int = 0
     quarantine_rows: int = 0
+    quarantine_files: int = 0
+    landing_rows: int = 0
     landing_files: int = 0
+    deleted_files: int = 0
+    temp_files: int = 0
+    warnings: list[str] = field(default_factory=list)
+    traces: list[Trace] = field(default_factory=list)
     audit_path: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Counts as a JSON-ready dict (what the audit record holds)."""
         out = asdict(self)
         out["audit_path"] = str(self.audit_path) if self.audit_path else None
+        out["traces"] = len(self.traces)
+        out.pop("warnings")  # they quote the ids
         return out
 
     def summary(self) -> str:
-        """One line per store."""
-        return "\n".join(
-            [
-                f"erased {self.customers} customer(s)",
-                f"  event lake: {self.lake_events} events",
-                f"  feature tables: {sum(self.feature_rows.values())} rows "
-                + ", ".join(f"{k}={v}" for k, v in self.feature_rows.items()),
-                f"  online store: {self.online_sqlite_rows} SQLite rows, "
-                f"{self.online_redis_keys} Redis keys",
-                f"  quarantine: {self.quarantine_rows} rows; landing copies: "
-                f"{self.landing_files} files",
-                f"  audit: {self.audit_path}",
-            ]
-        )
-
-
-def _entity_key(customer_id: str) -> bytes:
-    # Feast's serialize_entity_key, version 3, for the one string join key
-    # (tests check it against Feast's own encoder).
-    key, raw = ENTITY.encode("utf8"), customer_id.encode("utf8")
-    return struct.pack("<III", 1, 2, len(key)) + key + struct.pack("<II", 2, len(raw)) + raw
+        """One line per store, then the audit scan."""
+        lines = [f"warning: {w}" for w in self.warnings]
+        lines += [
+            f"erased {self.customers} customer(s)",
+            f"  event lake: {self.lake_events} events",
+            f"  feature tables: {sum(self.feature_rows.values())} rows "
+            + ", ".join(f"{k}={v}" for k, v in self.feature_rows.items()),
+            f"  online store: {self.online_sqlite_rows} SQLite rows"
+            + (" (file vacuumed)" if self.online_sqlite_vacuumed else "")
+            + f", {self.online_redis_keys} Redis keys",
+            f"  quarantine: {self.quarantine_rows} rows in {self.quarantine_files} files; "
+            f"landing copies: {self.landing_rows} rows in {self.landing_files} files; "
+            f"{self.deleted_files} unreadable files deleted; {self.temp_files} temp files deleted",
+            f"  audit: {self.audit_path}",
+        ]
+        if self.traces:
+            lines.append(f"  scan: the id is still in {len(self.traces)} place(s):")
+            lines += [f"    {t}" for t in self.traces]
+        else:
+            lines.append("  scan: no file of the project holds the id")
+        return "\n".join(lines)
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
@@ -130,11 +184,22 @@ def _erase_features(settings: Settings, wanted: pa.Array) -> dict[str, int]:
     return out
 
 
-def _erase_sqlite(path: Path, keys: list[bytes]) -> int:
+def _holds(path: Path, keys: list[bytes]) -> bool:
+    data = path.read_bytes()
+    return any(k in data for k in keys)
+
+
+def _erase_sqlite(path: Path, keys: list[bytes]) -> tuple[int, bool]:
+    """Delete the entity rows so that the main file alone no longer holds them.
+
+    Returns the rows deleted and whether the file had to be vacuumed.
+    """
     if not path.exists():
-        return 0
-    con = sqlite3.connect(path, timeout=60)
+        return 0, False
+    con = sqlite3.connect(path, timeout=60, isolation_level=None)
     try:
+        # Zero the freed bytes instead of leaving them in free space until reused.
+        con.execute("PRAGMA secure_delete=ON")
         tables = [
             row[0]
             for row in con.execute(
@@ -144,12 +209,27 @@ def _erase_sqlite(path: Path, keys: list[bytes]) -> int:
         ]
         marks = ", ".join("?" * len(keys))
         removed = 0
-        with con:  # one transaction: a reader never sees a half-erased customer
+        con.execute("BEGIN IMMEDIATE")  # a reader never sees a half-erased customer
+        try:
             for table in tables:
                 quoted = '"' + table.replace('"', '""') + '"'
                 cursor = con.execute(f"DELETE FROM {quoted} WHERE entity_key IN ({marks})", keys)
                 removed += cursor.rowcount
-        return removed
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+        # The WAL holds the pages as they were before the delete: fold it into the
+        # main file and truncate it.
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        vacuumed = False
+        if _holds(path, keys):
+            # Copies left in pages by earlier B-tree rebalancing (before secure_delete
+            # was on): only a rebuild of the file drops them.
+            con.execute("VACUUM")
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            vacuumed = True
+        return removed, vacuumed
     finally:
         con.close()
 
@@ -182,81 +262,137 @@ def _erase_redis(url: str, keys: list[bytes]) -> int:
         client.close()
 
 
-def _mentions(raw: str | None, ids: set[str]) -> bool:
-    if not raw:
-        return False
+@dataclass
+class _Scrubbed:
+    rows: int = 0
+    files: int = 0
+    deleted: int = 0
+
+
+def _scrub_parquet(path: Path, ids: IdPattern) -> int | None:
+    """Rewrite a Parquet file without its rows holding an id; ``None`` if unreadable."""
     try:
-        data = json.loads(raw)
-    except ValueError:
-        return any(i in raw for i in ids)
-    if isinstance(data, dict):
-        return any(str(v) in ids for v in data.values() if v is not None)
-    return any(i in raw for i in ids)
-
-
-def _erase_quarantine(folder: Path, ids: set[str]) -> int:
-    removed = 0
-    for path in sorted(folder.glob("*.parquet")) if folder.exists() else []:
         table = pq.read_table(path)
-        if "raw" not in table.column_names:
-            continue
-        hit = [_mentions(r, ids) for r in table["raw"].to_pylist()]
-        if any(hit):
-            mask = pa.array([not h for h in hit])
-            _write_atomic(table.filter(mask), path)
-            removed += sum(hit)
+    except (OSError, pa.ArrowException):
+        return None
+    hit: Any = pa.array(np.zeros(table.num_rows, dtype=bool))
+    for f in table.schema:
+        if pa.types.is_string(f.type) or pa.types.is_large_string(f.type):
+            hit = pc.or_(hit, ids.arrow_mask(table[f.name]))
+    removed = int(pc.sum(hit).as_py() or 0)
+    if removed:
+        _write_atomic(table.filter(pc.invert(hit)), path)
     return removed
 
 
-def _erase_landing_copies(folder: Path, ids: set[str]) -> int:
-    from propensity.events._readers import IngestError, expand_paths, read_source
-
-    if not folder.exists():
-        return 0
+def _scrub_text(path: Path, ids: IdPattern) -> int | None:
+    """Rewrite a text file (CSV, JSON Lines, reasons; gzipped or not) without the id's lines."""
+    zipped = path.read_bytes()[:2] == b"\x1f\x8b"
     try:
-        files = expand_paths([folder])
-    except IngestError:
-        return 0
-    removed = 0
-    wanted = pa.array(sorted(ids), pa.string())
-    for path in files:
-        try:
-            table = read_source(path, text_columns=(ENTITY,))
-        except IngestError:
-            continue
-        if (
-            ENTITY in table.column_names
-            and pc.any(pc.is_in(table[ENTITY].cast(pa.string()), value_set=wanted)).as_py()
-        ):
-            path.unlink()
-            removed += 1
+        data = gzip.decompress(path.read_bytes()) if zipped else path.read_bytes()
+    except (OSError, EOFError):
+        return None
+    if b"\x00" in data[:8192]:
+        return None  # binary: not a format we can rewrite line by line
+    lines = data.splitlines(keepends=True)
+    kept = [line for line in lines if not ids.search_bytes(line)]
+    removed = len(lines) - len(kept)
+    if removed:
+        tmp = path.with_name(f".{path.name}.erase-{os.getpid()}")
+        out = b"".join(kept)
+        tmp.write_bytes(gzip.compress(out) if zipped else out)
+        os.replace(tmp, path)
     return removed
 
 
-def erased_hashes(settings: Settings) -> set[str]:
-    """Id hashes of every customer erased so far (the suppression list).
+def _scrub_folder(folder: Path, ids: IdPattern, *, recursive: bool) -> _Scrubbed:
+    """Remove the id from every file of ``folder``: rows, lines, or the whole unreadable file."""
+    done = _Scrubbed()
+    if not folder.exists():
+        return done
+    files = folder.rglob("*") if recursive else folder.glob("*")
+    return _scrub_folder_files(sorted(p for p in files if p.is_file()), ids)
 
-    Examples
-    --------
-    >>> id_hash("C0000042") in erased_hashes(load_settings())  # doctest: +SKIP
-    True
+
+def _scrub_folder_files(paths: Iterable[Path], ids: IdPattern) -> _Scrubbed:
+    done = _Scrubbed()
+    for path in (p for p in paths if not _TMP.search(p.name)):
+        if path.name.lower().endswith(_PARQUET):
+            removed = _scrub_parquet(path, ids)
+        else:
+            removed = _scrub_text(path, ids)
+        if removed is None:
+            if _file_holds(path, ids):
+                path.unlink()
+                done.deleted += 1
+            continue
+        if removed:
+            done.rows += removed
+            done.files += 1
+    return done
+
+
+def _file_holds(path: Path, ids: IdPattern) -> bool:
+    data = path.read_bytes()
+    return ids.search_bytes(data) or any(k in data for k in ids.keys)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _erase_temp_files(folders: Iterable[Path], grace_seconds: float) -> int:
+    """Delete temporary files of killed runs (never committed data).
+
+    A file named after a process id goes when that process is gone; any other
+    when untouched for ``grace_seconds`` (a live ingest writes its quarantine
+    file as it goes).
     """
-    path = job_dir(settings) / AUDIT_FILE
-    if not path.exists():
-        return set()
-    out: set[str] = set()
-    for line in path.read_text().splitlines():
-        if line.strip():
-            out.update(json.loads(line).get("id_sha256", []))
-    return out
+    removed = 0
+    now = time.time()
+    for folder in folders:
+        if not folder.exists():
+            continue
+        for path in folder.rglob("*"):
+            match = _TMP.search(path.name)
+            if match is None or not path.is_file():
+                continue
+            pid = match.group("pid") or match.group("epid")
+            if pid is not None and int(pid) == os.getpid():
+                continue
+            dead = pid is not None and not _alive(int(pid))
+            if dead or now - path.stat().st_mtime > grace_seconds:
+                path.unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
-def _append_audit(path: Path, record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record, sort_keys=True) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+def scrub_copy(settings: Settings, path: Path) -> int:
+    """Remove the rows of suppressed customers from one raw file; return the rows removed.
+
+    For ingested copies whose erased rows ingest dropped: only the customer id
+    column is read to find whom to remove.
+    """
+    from propensity.events._readers import IngestError, iter_source
+    from propensity.events.suppression import Screen
+
+    screen = Screen(SuppressionList.of(settings))
+    found: set[str] = set()
+    try:
+        for batch in iter_source(path, (ENTITY,), columns=[ENTITY]):
+            found |= screen.suppressed(batch.table.column(ENTITY))
+    except (IngestError, KeyError, pa.ArrowException):
+        return 0
+    if not found:
+        return 0
+    scrubbed = _scrub_folder_files([path], IdPattern(found))
+    return scrubbed.rows
 
 
 def forget(
@@ -265,8 +401,10 @@ def forget(
     *,
     actor: str | None = None,
     wait_seconds: float = 3600.0,
+    temp_grace_seconds: float = 600.0,
+    scan: bool = True,
 ) -> ErasureReport:
-    """Remove customers from the lake, feature tables, online store and raw copies.
+    """Remove customers from every file of the project, list them as suppressed, audit it.
 
     Runs under the jobs lock, so it never interleaves with a retrain (which
     could otherwise write a customer back online from features built before).
@@ -275,11 +413,17 @@ def forget(
     ----------
     settings : Settings
     customer_ids : iterable of str
-        Ids to erase; unknown ids are fine (counted as zero everywhere).
+        Ids to erase, exactly as stored (see :func:`check_ids`); unknown ids
+        are fine (counted as zero everywhere).
     actor : str, optional
         Who asked, for the audit record (default ``user@host``).
     wait_seconds : float
         How long to wait for a running job to finish before giving up.
+    temp_grace_seconds : float
+        Temporary files untouched for longer than this are leftovers of killed
+        runs and are deleted.
+    scan : bool
+        Scan every file of the project for the ids afterwards (``traces``).
 
     Returns
     -------
@@ -289,31 +433,46 @@ def forget(
     --------
     >>> print(forget(load_settings(), ["C0000042"]).summary())  # doctest: +SKIP
     """
-    ids = sorted({str(c).strip() for c in customer_ids if str(c).strip()})
-    if not ids:
-        raise ValueError("no customer id given to forget")
+    ids, warnings = check_ids(customer_ids)
+    for warning in warnings:
+        _log.warning(warning)
+    pattern = IdPattern(ids)
     wanted = pa.array(ids, pa.string())
-    folder = job_dir(settings)
-    report = ErasureReport(customers=len(ids))
+    report = ErasureReport(customers=len(ids), warnings=warnings)
+    actor = actor or f"{getpass.getuser()}@{socket.gethostname()}"
     with jobs_lock(settings, "forget").acquire(wait_seconds):
+        erased = suppression_list(settings)
+        # Suppressed before anything is erased: an ingest from now on drops them.
+        erased.add(ids, {"at": _now(), "actor": actor, "status": "started"})
         # Online first: once a customer is gone from serving, the rest is offline cleanup.
-        keys = [_entity_key(c) for c in ids]
+        keys = [entity_key(c) for c in ids]
         online = settings.online_store
-        report.online_sqlite_rows = _erase_sqlite(settings.path(online.sqlite_path), keys)
+        report.online_sqlite_rows, report.online_sqlite_vacuumed = _erase_sqlite(
+            settings.path(online.sqlite_path), keys
+        )
         if online.kind == "redis":
             report.online_redis_keys = _erase_redis(online.redis_url, keys)
         report.lake_events = EventLake(settings.path(settings.lake_dir)).erase_customers(ids)
         report.feature_rows = _erase_features(settings, wanted)
-        report.quarantine_rows = _erase_quarantine(settings.path(settings.quarantine_dir), set(ids))
-        report.landing_files = _erase_landing_copies(
-            settings.path(settings.landing_dir) / "processed", set(ids)
+        quarantine = settings.path(settings.quarantine_dir)
+        report.temp_files = _erase_temp_files(
+            [settings.path(settings.lake_dir), quarantine, settings.path(settings.features_dir)],
+            temp_grace_seconds,
         )
-        report.audit_path = folder / AUDIT_FILE
-        record = {
-            "at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "actor": actor or f"{getpass.getuser()}@{socket.gethostname()}",
-            "id_sha256": [id_hash(c) for c in ids],
-            "counts": {k: v for k, v in report.to_dict().items() if k != "audit_path"},
-        }
-        _append_audit(report.audit_path, record)
+        rows = _scrub_folder(quarantine, pattern, recursive=True)
+        report.quarantine_rows, report.quarantine_files = rows.rows, rows.files
+        copies = _scrub_folder(
+            settings.path(settings.landing_dir) / "processed", pattern, recursive=True
+        )
+        report.landing_rows, report.landing_files = copies.rows, copies.files
+        report.deleted_files = rows.deleted + copies.deleted
+        if scan:
+            report.traces = find_traces(settings, ids)
+        report.audit_path = erased.audit_path
+        counts = {k: v for k, v in report.to_dict().items() if k != "audit_path"}
+        erased.add(ids, {"at": _now(), "actor": actor, "status": "done", "counts": counts})
     return report
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -8,8 +8,9 @@ One :func:`retrain` call, safe to run from cron or a Kubernetes CronJob:
    ``<quarantine>/files/`` with a ``.reason.txt`` and the run goes on without
    it; rows that fail validation are quarantined by the ingest as usual. Each
    ingested file's SHA-256 is recorded in the state file, then the file moves
-   to ``<landing>/processed/``. Customers erased by ``forget`` are erased again
-   right after the ingest (suppression by id hash);
+   to ``<landing>/processed/``. Rows of customers erased by ``forget`` are
+   dropped by the ingest (suppression list), removed from the processed copy,
+   and swept from the lake;
 3. nothing new (the lake, the model specs and the landing folder as at the
    last successful run) → return ``up_to_date`` without touching anything;
 4. rebuild the feature tables, write the new snapshot to the online store
@@ -55,7 +56,7 @@ from propensity.events._readers import SUFFIXES, IngestError
 from propensity.events.ingest import IngestReport, ingest
 from propensity.events.lake import MANIFEST_NAME, EventLake
 from propensity.jobs.drift import DriftReport, drift_report
-from propensity.jobs.erasure import erased_hashes, id_hash
+from propensity.jobs.erasure import scrub_copy, suppression_list
 from propensity.jobs.lock import LockBusyError, job_dir, jobs_lock
 from propensity.models.spec import REGISTERED_MODELS
 from propensity.progress import ProgressCallback, report
@@ -298,6 +299,7 @@ def _ingest(
                 remaining,
                 EventLake(settings.path(settings.lake_dir)),
                 settings.path(settings.quarantine_dir),
+                suppression=suppression_list(settings),
                 timezone=settings.timezone,
             )
             return result, remaining
@@ -313,20 +315,25 @@ def _ingest(
 
 
 def _suppress(settings: Settings) -> int:
-    """Erase again every customer listed as forgotten who reappeared in the lake."""
-    hashes = erased_hashes(settings)
-    if not hashes:
+    """Rows of erased customers kept out of the lake in this run.
+
+    Ingest drops them; a sweep of the lake also erases any that an older
+    release (or a direct lake write) let in.
+    """
+    from propensity.events.suppression import Screen
+
+    screen = Screen(suppression_list(settings))
+    lake = EventLake(settings.path(settings.lake_dir))
+    if not lake.files():
         return 0
     import duckdb
 
-    lake = EventLake(settings.path(settings.lake_dir))
     con = duckdb.connect()
     try:
-        rows = con.execute(f"SELECT DISTINCT customer_id FROM {lake.duckdb_scan()}").fetchall()
+        ids = con.sql(f"SELECT DISTINCT customer_id FROM {lake.duckdb_scan()}").to_arrow_table()
     finally:
         con.close()
-    ids = [row[0] for row in rows]
-    back = [c for c in ids if id_hash(c) in hashes]
+    back = screen.suppressed(ids.column(0))
     return lake.erase_customers(back) if back else 0
 
 
@@ -518,7 +525,8 @@ def retrain(
                         "accepted": counts.accepted if counts else 0,
                     }
                 result.ingested_files = [p.name for p in ingested]
-                result.suppressed_events = _suppress(settings)
+                dropped = result.ingest.suppressed if result.ingest else 0
+                result.suppressed_events = dropped + _suppress(settings)
                 _write_state(state_path, state)
             # Files whose hash is recorded were ingested (now or by an earlier, killed run).
             for path in pending:
@@ -526,6 +534,9 @@ def retrain(
                     target = landing / PROCESSED / path.relative_to(landing)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(path, target)
+                    if result.ingest is not None and result.ingest.suppressed:
+                        # The raw copy still holds the erased customers' rows.
+                        scrub_copy(settings, target)
             _checkpoint(folder, "ingested")
 
             if result.rejected_files:
