@@ -297,7 +297,9 @@ def ingest(
         Customers who withdrew consent (see :func:`read_consent`).
     suppression : SuppressionList, optional
         Customers erased by ``forget``: their rows are dropped, never stored
-        or quarantined (every caller in the package passes the project's list).
+        or quarantined. Default: the list bound to the lake
+        (:meth:`SuppressionList.bind`, done by ``forget``), so an ingest that
+        passes none still applies it.
     timezone : str
         IANA zone in which naive timestamps are read.
     now : datetime, optional
@@ -336,7 +338,9 @@ def ingest(
     withdrawn = read_consent(consent_file, mapping) if consent_file is not None else set()
     for path in files:
         withdrawn |= _withdrawn_in(path, mapping, text_columns)
-    screen = Screen(suppression, _source_names("customer_id", mapping))
+    # The list bound to the lake applies whoever calls: no path can skip it.
+    bound = SuppressionList.bound_to(store.root)
+    screen = Screen(suppression or bound, _source_names("customer_id", mapping))
 
     result = IngestReport()
     quarantine = _QuarantineSink(Path(quarantine_dir))

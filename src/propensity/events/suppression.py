@@ -40,9 +40,11 @@ from propensity.events._readers import IngestError
 if TYPE_CHECKING:
     from propensity.config import Settings
 
-__all__ = ["AUDIT_FILE", "KEY_FILE", "Screen", "SuppressionList"]
+__all__ = ["AUDIT_FILE", "BINDING_FILE", "KEY_FILE", "Screen", "SuppressionList"]
 
 AUDIT_FILE = "erasure_audit.jsonl"
+#: In the lake's folder: where the lake's suppression list lives (relative path).
+BINDING_FILE = "_suppression.json"
 KEY_FILE = "erasure.key"
 _LOCK = "erasure.lock"
 _KEYED = "id_hmac"
@@ -72,8 +74,47 @@ class SuppressionList:
 
     @classmethod
     def of(cls, settings: Settings) -> SuppressionList:
-        """The list of a project (in ``settings.jobs_dir``)."""
-        return cls(settings.path(settings.jobs_dir))
+        """The list of a project (in ``settings.jobs_dir``), bound to the project's lake."""
+        erased = cls(settings.path(settings.jobs_dir))
+        erased.bind(settings.path(settings.lake_dir))
+        return erased
+
+    def bind(self, lake_root: str | Path) -> None:
+        """Record in the lake's folder where this list lives.
+
+        Every later ingest into that lake applies the list, whoever calls it
+        and whether or not it passes the list (see :meth:`bound_to`).
+        """
+        root = Path(lake_root)
+        pointer = root / BINDING_FILE
+        text = json.dumps({"folder": os.path.relpath(self.folder.resolve(), root.resolve())})
+        if pointer.exists() and pointer.read_text() == text:
+            return
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = pointer.with_name(f".{BINDING_FILE}.{secrets.token_hex(8)}")
+        tmp.write_text(text)
+        os.replace(tmp, pointer)
+
+    @classmethod
+    def bound_to(cls, lake_root: str | Path) -> SuppressionList | None:
+        """The list bound to a lake, or None when no list was ever bound to it.
+
+        Raises
+        ------
+        IngestError
+            When the bound list's folder is gone: ingesting then could let
+            erased customers back in.
+        """
+        pointer = Path(lake_root) / BINDING_FILE
+        if not pointer.exists():
+            return None
+        folder = (Path(lake_root) / json.loads(pointer.read_text())["folder"]).resolve()
+        if not folder.is_dir():
+            raise IngestError(
+                f"the lake's suppression list folder {folder} (from {pointer}) is missing; "
+                "restore it before ingesting, or erased customers could come back"
+            )
+        return cls(folder)
 
     def __repr__(self) -> str:
         # Never the key, never the hashes.

@@ -81,9 +81,10 @@ _TAG_INT32 = 0x18  # int32_val = 3, varint
 _TAG_INT64 = 0x20  # int64_val = 4, varint
 _TAG_DOUBLE = 0x29  # double_val = 5, fixed64
 _TAG_FLOAT = 0x35  # float_val = 6, fixed32
-#: Suffix of the SQLite table (prefix of the Redis key) recording, per view, the end of
-#: the last interval written into that store.
-_MARKS = "__materialized"
+#: Prefix of the SQLite table and the Redis key recording, per view, the end of the last
+#: interval written into that store. Feast names its own tables ``<project>_<view>``: a
+#: prefix keeps this one out of every ``<project>_%`` pattern.
+_MARKS = "_materialized"
 _TAG_BOOL = 0x38  # bool_val = 7, varint
 
 _BULK_TYPES = {
@@ -720,7 +721,7 @@ class _SqliteWriter:
         self.conn.execute("COMMIT")
 
     def _marks(self, project: str) -> str:
-        table = _quote(f"{project}{_MARKS}")
+        table = _quote(f"{_MARKS}_{project}")
         self.conn.execute(
             f"CREATE TABLE IF NOT EXISTS {table} (view TEXT PRIMARY KEY, end_ts TEXT)"
         )
