@@ -21,7 +21,12 @@ from propensity.features.store import FeatureStoreAdapter
 from propensity.models.attribution import PathAttribution
 from propensity.registry import load_estimator
 from propensity.serving.process import stop, wait_ready
-from propensity.serving.schemas import AudienceResponse, BatchResponse, ScoreResponse
+from propensity.serving.schemas import (
+    MAX_AUDIENCE_K,
+    AudienceResponse,
+    BatchResponse,
+    ScoreResponse,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -129,7 +134,7 @@ def test_malformed_requests_are_4xx_naming_the_field(
     server: Server, path: str, payload: bytes, status: int, field: str | None
 ) -> None:
     with server.client() as client:
-        response = client.post(path, content=payload)
+        response = client.post(path, content=payload, headers={"content-type": "application/json"})
     assert response.status_code == status
     body = response.json()
     assert body["field"] == field
@@ -189,7 +194,7 @@ def test_audience_filters_and_ordering(server: Server, project: Project) -> None
     }
     with server.client() as client:
         response = client.post("/audience", json=request)
-        everyone = client.post("/audience", json={"score": "churn", "k": 1_000_000})
+        everyone = client.post("/audience", json={"score": "churn", "k": MAX_AUDIENCE_K})
     assert response.status_code == 200
     body = AudienceResponse.model_validate(response.json())
     assert body.snapshot.startswith("2026-06-01")
