@@ -54,8 +54,10 @@ class _HTTPError(Exception):
 
 
 def _json(payload: Any, status: int = 200, started: float | None = None) -> Response:
-    # pydantic-core serializes NaN as null and is several times faster than json.dumps.
-    response = Response(to_json(payload), status_code=status, media_type=JSON_MEDIA_TYPE)
+    # pydantic-core is several times faster than json.dumps; NaN and infinities become
+    # null (its default writes the bare NaN token, which is not JSON).
+    body = to_json(payload, inf_nan_mode="null")
+    response = Response(body, status_code=status, media_type=JSON_MEDIA_TYPE)
     if started is not None:
         # Time spent scoring, apart from the network and HTTP parsing (a standard header
         # that browsers' and curl's timing views read).
