@@ -272,7 +272,13 @@ def serve(
     """Start the scoring API (BentoML) on the champions; API key from PROPENSITY_API_KEY."""
     from propensity.serving.service import serve as run_server
 
-    run_server(_settings(config), host=host, port=port)
+    try:
+        process = run_server(_settings(config), host=host, port=port)
+    except ValueError as exc:  # e.g. an empty API key: refused before the server starts
+        _fail(str(exc))
+        return
+    if process.returncode and process.returncode > 0:  # the server failed (not stopped)
+        raise typer.Exit(process.returncode)
 
 
 @app.command()

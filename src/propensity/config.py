@@ -77,6 +77,8 @@ class Settings(_Strict):
     api_key: SecretStr | None = None
     reload_seconds: float = Field(default=30.0, gt=0)
     batch_limit: int = Field(default=1000, gt=0)
+    max_body_bytes: int = Field(default=1 << 20, gt=0)
+    body_timeout_seconds: float = Field(default=10.0, gt=0)
     # "path": path attribution, about the cost of a prediction; "shap": exact TreeSHAP.
     reasons_method: Literal["path", "shap"] = "path"
 

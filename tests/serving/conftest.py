@@ -18,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from project import Project, build_project  # noqa: E402
 
 API_KEY = "test-key-7c0ffee5ecret"
+#: The test server's deadline for receiving a request body (seconds).
+BODY_TIMEOUT = 1.5
 
 
 @pytest.fixture(scope="session")
@@ -54,6 +56,7 @@ def server(project: Project, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         PROPENSITY_API_KEY=API_KEY,
         PROPENSITY_RELOAD_SECONDS="0.5",
         PROPENSITY_BATCH_LIMIT="50",
+        PROPENSITY_BODY_TIMEOUT_SECONDS=str(BODY_TIMEOUT),
         BENTOML_HOME=str(tmp_path_factory.mktemp("bentoml_home")),
     )
     command = [

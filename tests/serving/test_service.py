@@ -21,7 +21,12 @@ from propensity.features.store import FeatureStoreAdapter
 from propensity.models.attribution import PathAttribution
 from propensity.registry import load_estimator
 from propensity.serving.process import stop, wait_ready
-from propensity.serving.schemas import AudienceResponse, BatchResponse, ScoreResponse
+from propensity.serving.schemas import (
+    MAX_AUDIENCE_K,
+    AudienceResponse,
+    BatchResponse,
+    ScoreResponse,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -129,7 +134,7 @@ def test_malformed_requests_are_4xx_naming_the_field(
     server: Server, path: str, payload: bytes, status: int, field: str | None
 ) -> None:
     with server.client() as client:
-        response = client.post(path, content=payload)
+        response = client.post(path, content=payload, headers={"content-type": "application/json"})
     assert response.status_code == status
     body = response.json()
     assert body["field"] == field
@@ -189,7 +194,7 @@ def test_audience_filters_and_ordering(server: Server, project: Project) -> None
     }
     with server.client() as client:
         response = client.post("/audience", json=request)
-        everyone = client.post("/audience", json={"score": "churn", "k": 1_000_000})
+        everyone = client.post("/audience", json={"score": "churn", "k": MAX_AUDIENCE_K})
     assert response.status_code == 200
     body = AudienceResponse.model_validate(response.json())
     assert body.snapshot.startswith("2026-06-01")
@@ -296,3 +301,61 @@ def test_quickstart_scores_over_http_and_explains_stale_answers(project: Project
     text = console.export_text()
     assert text.count("POST /score") == 3
     assert '"stale": true: the simulated snapshot (2026-06-01' in text
+
+
+@pytest.mark.parametrize("key", ["", "   "])
+def test_serve_refuses_an_empty_api_key(project: Project, tmp_path: Path, key: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROPENSITY_")}
+    env.update(
+        PROPENSITY_CONFIG=str(project.settings.root / "propensity.yaml"),
+        PROPENSITY_API_KEY=key,
+        BENTOML_HOME=str(tmp_path / "bentoml_home"),
+    )
+    command = [sys.executable, "-m", "propensity.cli", "serve", "--port", str(_free_port())]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    output = " ".join((done.stdout + done.stderr).split())
+    assert "API key" in output and "empty or blank" in output
+    assert "Traceback" not in output
+
+
+def test_serve_keeps_secrets_off_disk_and_out_of_logs(project: Project, tmp_path: Path) -> None:
+    password = "redis-pa55-" + os.urandom(4).hex()
+    port = _free_port()
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROPENSITY_")}
+    env.update(
+        PROPENSITY_CONFIG=str(project.settings.root / "propensity.yaml"),
+        # The SQLite store serves; the Redis URL is only a setting the server must receive.
+        PROPENSITY_ONLINE_STORE__REDIS_URL=f"redis://:{password}@localhost:6379/0",
+        BENTOML_HOME=str(tmp_path / "bentoml_home"),
+        TMPDIR=str(temp),
+    )
+    log = tmp_path / "serve.log"
+    command = [sys.executable, "-m", "propensity.cli", "serve", "--port", str(port)]
+    started = time.time()
+    with log.open("wb") as out:
+        cli = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", cli, timeout=90)
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/score", json={"customer_id": "C0000001"}, timeout=10
+        )
+        assert response.status_code == 200  # no key configured: open, with a warning
+        import psutil
+
+        children = psutil.Process(cli.pid).children(recursive=True)
+        server_env = children[0].environ()
+        assert password in server_env["PROPENSITY_ONLINE_STORE__REDIS_URL"]  # really passed on
+        # Every file written since the start, in the temp dir, the project and BentoML's home.
+        for folder in (temp, project.settings.root, tmp_path / "bentoml_home"):
+            for path in folder.rglob("*"):
+                if path.is_file() and path.stat().st_mtime >= started - 1:
+                    assert password.encode() not in path.read_bytes(), path
+    finally:
+        stop(cli)
+    text = log.read_text(errors="replace")
+    assert "Service propensity_scoring initialized" in text
+    assert password not in text
+    assert text.count("PROPENSITY_API_KEY is not set") == 1

@@ -3,36 +3,44 @@
 A Starlette app mounted with ``@bentoml.asgi_app`` answers about a
 millisecond faster than a ``@bentoml.api`` method, which is most of the
 latency budget of ``/score``; BentoML still runs the server, the probes and
-``/metrics`` around it.
+``/metrics`` around it. The app also serves ``/docs.json``, the OpenAPI
+document of every route (BentoML's own lists only its probes).
 
-Errors are JSON ``{"error": ..., "field": ...}``: 400 malformed JSON, 422 a
-field missing or of the wrong type (the message names the field), 401 a
-missing or wrong API key, 404 an unknown customer, 413 a batch over the
-limit, 503 models not loaded yet. The API key is compared in constant time
-and never logged or echoed.
+Errors are JSON ``{"error": ..., "field": ...}``: 400 malformed JSON, 401 a
+missing or wrong API key, 404 an unknown customer, 408 a request body not
+received within the body timeout, 413 a body over the size limit or a batch
+over the batch limit, 415 a body that is not ``application/json``, 422 a
+field missing, of the wrong type or out of range (the message names the
+field, and the index in a list), 503 models not loaded yet. The API key is
+compared in constant time and never logged or echoed. A client that hangs up
+before its body arrived is logged at DEBUG, without a traceback: it is not a
+server fault.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import to_json
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from propensity.serving.openapi import openapi_document
 from propensity.serving.schemas import AudienceRequest, BatchRequest, ScoreRequest
 
-__all__ = ["build_app", "API_KEY_HEADER"]
+__all__ = ["build_app", "API_KEY_HEADER", "JSON_MEDIA_TYPE"]
 
 API_KEY_HEADER = "x-api-key"
+JSON_MEDIA_TYPE = "application/json"
 _log = logging.getLogger(__name__)
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -46,8 +54,10 @@ class _HTTPError(Exception):
 
 
 def _json(payload: Any, status: int = 200, started: float | None = None) -> Response:
-    # pydantic-core serializes NaN as null and is several times faster than json.dumps.
-    response = Response(to_json(payload), status_code=status, media_type="application/json")
+    # pydantic-core is several times faster than json.dumps; NaN and infinities become
+    # null (its default writes the bare NaN token, which is not JSON).
+    body = to_json(payload, inf_nan_mode="null")
+    response = Response(body, status_code=status, media_type=JSON_MEDIA_TYPE)
     if started is not None:
         # Time spent scoring, apart from the network and HTTP parsing (a standard header
         # that browsers' and curl's timing views read).
@@ -74,13 +84,58 @@ def _parse(model: type[_M], body: bytes) -> _M:
         raise _HTTPError(422, f"invalid request: {problems}", where) from None
 
 
+async def _read_body(request: Request, max_bytes: int, timeout: float) -> bytes:
+    """The request body, refused early when it is not JSON, too large or too slow."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != JSON_MEDIA_TYPE:
+        shown = media_type or "none"
+        raise _HTTPError(415, f"Content-Type must be {JSON_MEDIA_TYPE}, got {shown}")
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
+        # Answered before a byte of the body is read.
+        raise _HTTPError(413, f"request body of {declared} bytes; the limit is {max_bytes}")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        # One deadline for the whole body: a client trickling bytes cannot hold a
+        # connection (and its buffers) open indefinitely.
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:  # a chunked body carries no Content-Length
+                    raise _HTTPError(413, f"request body over the limit of {max_bytes} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise _HTTPError(408, f"request body not received within {timeout:g} s") from None
+    return b"".join(chunks)
+
+
+def _route(
+    handler: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except _HTTPError as exc:
+            return _error(exc)
+        except ClientDisconnect:
+            # Nobody is left to answer; an ERROR with a traceback would page someone
+            # for a client's dropped connection.
+            _log.debug("client disconnected before sending its request body (%s)", request.url.path)
+            return Response(status_code=400)
+
+    return endpoint
+
+
 def build_app(
     runtime: Callable[[], Any],
     *,
     api_key: str | None = None,
     batch_limit: int = 1000,
+    max_body_bytes: int = 1 << 20,
+    body_timeout_seconds: float = 10.0,
 ) -> Starlette:
-    """Build the ``/score``, ``/score_batch`` and ``/audience`` routes.
+    """Build the ``/score``, ``/score_batch``, ``/audience`` and ``/docs.json`` routes.
 
     Parameters
     ----------
@@ -88,9 +143,14 @@ def build_app(
         Returns the current :class:`propensity.serving.runtime.Runtime`
         (or ``None`` before the service starts).
     api_key : str, optional
-        When set, every route requires it in the ``X-API-Key`` header.
+        When set, every scoring route requires it in the ``X-API-Key`` header.
+        An empty or blank key is refused (it would turn authentication off).
     batch_limit : int
         Most customer ids accepted by ``/score_batch``.
+    max_body_bytes : int
+        Largest request body; larger ones are a 413 before they are read.
+    body_timeout_seconds : float
+        Deadline for receiving a whole request body (else 408).
 
     Returns
     -------
@@ -100,11 +160,15 @@ def build_app(
     --------
     >>> app = build_app(lambda: None, api_key="secret")
     >>> sorted(r.path for r in app.routes)
-    ['/audience', '/score', '/score_batch']
+    ['/audience', '/docs.json', '/score', '/score_batch']
     """
+    if api_key is not None and not api_key.strip():
+        raise ValueError("api_key is empty or blank; pass None to serve without authentication")
     expected = api_key.encode() if api_key else None
+    document = to_json(openapi_document(batch_limit=batch_limit, auth=expected is not None))
 
-    def check(request: Request) -> Any:
+    async def body_of(request: Request, model: type[_M]) -> tuple[Any, _M]:
+        # Order of refusals: the cheapest and least revealing first, the body last.
         if expected is not None:
             given = request.headers.get(API_KEY_HEADER, "").encode()
             if not hmac.compare_digest(given, expected):
@@ -112,58 +176,55 @@ def build_app(
         current = runtime()
         if current is None or current.scorer is None:
             raise _HTTPError(503, "models are not loaded yet; see /readyz")
-        return current
+        raw = await _read_body(request, max_body_bytes, body_timeout_seconds)
+        return current, _parse(model, raw)
 
+    @_route
     async def score(request: Request) -> Response:
-        try:
-            current = check(request)
-            body = _parse(ScoreRequest, await request.body())
-            started = time.perf_counter()
-            result = current.scorer.score([body.customer_id])[0]
-            if result is None:
-                raise _HTTPError(
-                    404, f"unknown customer {body.customer_id!r}: no online features", "customer_id"
-                )
-            return _json(result, started=started)
-        except _HTTPError as exc:
-            return _error(exc)
+        current, body = await body_of(request, ScoreRequest)
+        started = time.perf_counter()
+        result = current.scorer.score([body.customer_id])[0]
+        if result is None:
+            raise _HTTPError(
+                404, f"unknown customer {body.customer_id!r}: no online features", "customer_id"
+            )
+        return _json(result, started=started)
 
+    @_route
     async def score_batch(request: Request) -> Response:
-        try:
-            current = check(request)
-            body = _parse(BatchRequest, await request.body())
-            if len(body.customer_ids) > batch_limit:
-                raise _HTTPError(
-                    413,
-                    f"customer_ids holds {len(body.customer_ids)} ids; the limit is {batch_limit}",
-                    "customer_ids",
-                )
-            scorer = current.scorer  # one scorer for the whole batch, even across a reload
-            started = time.perf_counter()
-            results = await run_in_threadpool(scorer.score, body.customer_ids, body.reasons)
-            known = [r for r in results if r is not None]
-            unknown = [c for c, r in zip(body.customer_ids, results, strict=True) if r is None]
-            return _json({"results": known, "unknown": unknown}, started=started)
-        except _HTTPError as exc:
-            return _error(exc)
+        current, body = await body_of(request, BatchRequest)
+        if len(body.customer_ids) > batch_limit:
+            raise _HTTPError(
+                413,
+                f"customer_ids holds {len(body.customer_ids)} ids; the limit is {batch_limit}",
+                "customer_ids",
+            )
+        scorer = current.scorer  # one scorer for the whole batch, even across a reload
+        started = time.perf_counter()
+        results = await run_in_threadpool(scorer.score, body.customer_ids, body.reasons)
+        known = [r for r in results if r is not None]
+        unknown = [c for c, r in zip(body.customer_ids, results, strict=True) if r is None]
+        return _json({"results": known, "unknown": unknown}, started=started)
 
+    @_route
     async def audience(request: Request) -> Response:
+        current, body = await body_of(request, AudienceRequest)
         try:
-            current = check(request)
-            body = _parse(AudienceRequest, await request.body())
-            try:
-                result = await run_in_threadpool(current.audience, body)
-            except LookupError as exc:
-                raise _HTTPError(404, str(exc)) from None
-            except ValueError as exc:
-                raise _HTTPError(422, str(exc), "filters") from None
-            return _json(result)
-        except _HTTPError as exc:
-            return _error(exc)
+            result = await run_in_threadpool(current.audience, body)
+        except LookupError as exc:
+            raise _HTTPError(404, str(exc)) from None
+        except ValueError as exc:
+            raise _HTTPError(422, str(exc), "filters") from None
+        return _json(result)
+
+    async def docs(request: Request) -> Response:
+        return Response(document, media_type=JSON_MEDIA_TYPE)
 
     routes = [
         Route("/score", score, methods=["POST"]),
         Route("/score_batch", score_batch, methods=["POST"]),
         Route("/audience", audience, methods=["POST"]),
+        # Ahead of BentoML's own /docs.json (the mounted app's routes match first).
+        Route("/docs.json", docs, methods=["GET"]),
     ]
     return Starlette(routes=routes)

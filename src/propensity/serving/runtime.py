@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from propensity.config import Settings
 from propensity.serving.online import FeastOnlineReader, SqliteOnlineReader
@@ -51,6 +51,8 @@ SERVING_ENV = {
     "reload_seconds": "PROPENSITY_RELOAD_SECONDS",
     "batch_limit": "PROPENSITY_BATCH_LIMIT",
     "reasons_method": "PROPENSITY_REASONS_METHOD",
+    "max_body_bytes": "PROPENSITY_MAX_BODY_BYTES",
+    "body_timeout_seconds": "PROPENSITY_BODY_TIMEOUT_SECONDS",
 }
 
 
@@ -69,6 +71,12 @@ class ServingConfig(BaseModel):
         How the top reasons' contributions are computed
         (``PROPENSITY_REASONS_METHOD``): path attribution, about the cost of a
         prediction, or exact TreeSHAP (see :mod:`propensity.models.attribution`).
+    max_body_bytes : int
+        Largest request body of the scoring routes (``PROPENSITY_MAX_BODY_BYTES``,
+        default 1 MiB); a larger one is a 413, refused before it is read.
+    body_timeout_seconds : float
+        Time a client has to send a whole request body
+        (``PROPENSITY_BODY_TIMEOUT_SECONDS``); a slower upload is a 408.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -77,6 +85,19 @@ class ServingConfig(BaseModel):
     reload_seconds: float = Field(30.0, gt=0)
     batch_limit: int = Field(1000, ge=1)
     reasons_method: ReasonsMethod = "path"
+    max_body_bytes: int = Field(1 << 20, ge=1)
+    body_timeout_seconds: float = Field(10.0, gt=0)
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty secret is falsy: accepting it would quietly turn authentication off.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError(
+                f"the API key ({SERVING_ENV['api_key']} or api_key) is empty or blank; "
+                "set a real key, or unset it to serve without authentication"
+            )
+        return value
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ServingConfig:
@@ -86,11 +107,15 @@ class ServingConfig(BaseModel):
             reload_seconds=settings.reload_seconds,
             batch_limit=settings.batch_limit,
             reasons_method=settings.reasons_method,
+            max_body_bytes=settings.max_body_bytes,
+            body_timeout_seconds=settings.body_timeout_seconds,
         )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingConfig:
-        """Read the ``PROPENSITY_API_KEY`` / ``_RELOAD_SECONDS`` / ``_BATCH_LIMIT`` variables.
+        """Read the serving variables of :data:`SERVING_ENV` (``PROPENSITY_API_KEY`` …).
+
+        A variable set to an empty value is an error, not "unset".
 
         Examples
         --------
@@ -98,7 +123,7 @@ class ServingConfig(BaseModel):
         5.0
         """
         env = os.environ if environ is None else environ
-        values = {field: env[var] for field, var in SERVING_ENV.items() if env.get(var)}
+        values = {field: env[var] for field, var in SERVING_ENV.items() if var in env}
         return cls.model_validate(values)
 
 

@@ -9,7 +9,7 @@ would cost more than scoring it.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,29 +26,47 @@ __all__ = [
     "AudienceMember",
     "AudienceResponse",
     "ErrorResponse",
+    "CustomerId",
     "SCORE_FIELDS",
+    "MAX_AUDIENCE_K",
+    "MAX_AUDIENCE_FILTERS",
 ]
 
 #: Columns of the bulk score table an audience can rank by or filter on.
 SCORE_FIELDS = ("churn", "purchase_propensity", "expected_value")
 
-_CustomerId = Field(min_length=1, max_length=128, description="Customer identifier, e.g. C0000001.")
+#: Largest audience one ``/audience`` call returns (about 10 MB of JSON).
+MAX_AUDIENCE_K = 100_000
+#: Most conditions of one audience; each is a pass over the whole snapshot table.
+MAX_AUDIENCE_FILTERS = 50
+
+#: One customer identifier, the same rule in ``/score`` and in each ``/score_batch`` id.
+CustomerId = Annotated[
+    str,
+    Field(min_length=1, max_length=128, description="Customer identifier, e.g. C0000001."),
+]
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+class _Response(BaseModel):
+    # Documented as closed objects, so a field the service adds without documenting it
+    # fails the response checks (tests and the OpenAPI conformance run).
+    model_config = ConfigDict(extra="forbid")
+
+
 class ScoreRequest(_Request):
     """``POST /score``: one customer."""
 
-    customer_id: str = _CustomerId
+    customer_id: CustomerId
 
 
 class BatchRequest(_Request):
     """``POST /score_batch``: many customers (at most the configured batch limit)."""
 
-    customer_ids: list[str] = Field(min_length=1, description="Customer identifiers.")
+    customer_ids: list[CustomerId] = Field(min_length=1, description="Customer identifiers.")
     reasons: bool = Field(
         True,
         description="Include each model's top contributions; false skips them (about a "
@@ -69,11 +87,11 @@ class AudienceRequest(_Request):
     """``POST /audience``: the top-``k`` customers by ``score`` among those passing ``filters``."""
 
     score: Literal["churn", "purchase_propensity", "expected_value"] = "churn"
-    k: int = Field(100, ge=1, le=1_000_000)
-    filters: list[AudienceFilter] = []
+    k: int = Field(100, ge=1, le=MAX_AUDIENCE_K)
+    filters: list[AudienceFilter] = Field([], max_length=MAX_AUDIENCE_FILTERS)
 
 
-class Reason(BaseModel):
+class Reason(_Response):
     """One feature's contribution to a model's log-odds (LightGBM ``pred_contrib``)."""
 
     feature: str
@@ -82,7 +100,7 @@ class Reason(BaseModel):
     direction: Literal["increases", "decreases"]
 
 
-class Alternative(BaseModel):
+class Alternative(_Response):
     """An action considered by arbitration, best first."""
 
     action: str
@@ -91,7 +109,7 @@ class Alternative(BaseModel):
     reason: str
 
 
-class NextBestAction(BaseModel):
+class NextBestAction(_Response):
     """The arbitrated action and why."""
 
     action: str = Field(description="A catalog action, or no_action.")
@@ -101,7 +119,7 @@ class NextBestAction(BaseModel):
     alternatives: list[Alternative]
 
 
-class ScoreResponse(BaseModel):
+class ScoreResponse(_Response):
     """All scores of one customer from the online features."""
 
     customer_id: str
@@ -117,14 +135,14 @@ class ScoreResponse(BaseModel):
     missing_features: list[str] = Field(description="Features absent online, scored as NaN.")
 
 
-class BatchResponse(BaseModel):
+class BatchResponse(_Response):
     """Scores for the known customers, in request order, and the unknown ids."""
 
     results: list[ScoreResponse]
     unknown: list[str]
 
 
-class AudienceMember(BaseModel):
+class AudienceMember(_Response):
     """One selected customer; ``action`` is null when no next-best-action model is served."""
 
     customer_id: str
@@ -134,7 +152,7 @@ class AudienceMember(BaseModel):
     expected_value: float | None
 
 
-class AudienceResponse(BaseModel):
+class AudienceResponse(_Response):
     """The selected customers, best first, and where the scores come from."""
 
     snapshot: str
@@ -143,7 +161,7 @@ class AudienceResponse(BaseModel):
     customers: list[AudienceMember]
 
 
-class ErrorResponse(BaseModel):
+class ErrorResponse(_Response):
     """Every 4xx/5xx body: what went wrong and, for validation, where."""
 
     error: str

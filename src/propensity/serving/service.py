@@ -6,37 +6,41 @@ Run it with ``bentoml serve propensity.serving.service:Scoring --port 3000``
 * ``POST /score``, ``POST /score_batch``, ``POST /audience``: a Starlette app
   mounted in the service (see :mod:`propensity.serving.app`); about a
   millisecond faster per call than ``@bentoml.api`` methods;
+* ``GET /docs.json``: the OpenAPI document of every route (from the mounted app);
 * ``GET /healthz`` / ``/livez`` (liveness), ``GET /readyz`` (503 until the
   champions and the feature store are loaded), ``GET /metrics`` (Prometheus),
   all served by BentoML and open without the API key so probes and scrapers
   need no secret.
 
 The project is located by ``PROPENSITY_CONFIG`` (a ``propensity.yaml``); its
-``api_key``, ``reload_seconds`` and ``batch_limit`` settings (or the
-``PROPENSITY_API_KEY``, ``PROPENSITY_RELOAD_SECONDS`` and
-``PROPENSITY_BATCH_LIMIT`` variables) configure the service itself.
+serving settings (``api_key``, ``reload_seconds``, ``batch_limit``,
+``max_body_bytes``, ``body_timeout_seconds``, or their ``PROPENSITY_*``
+variables) configure the service itself.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import bentoml
-import yaml
+from bentoml._internal.server.http import instruments
+from pydantic import ValidationError
 
-from propensity.config import Settings, load_settings
+from propensity.config import ENV_PREFIX, PROJECT_FILE, ConfigError, Settings, load_settings
 from propensity.serving.app import build_app
 from propensity.serving.runtime import SERVING_ENV, Runtime, ServingConfig, freeze_heap
 
-__all__ = ["Scoring", "serve", "SERVICE_IMPORT"]
+__all__ = ["Scoring", "serve", "settings_environment", "SERVICE_IMPORT", "UNKNOWN_ROUTE"]
 
 SERVICE_IMPORT = "propensity.serving.service:Scoring"
+#: The ``endpoint`` label of every request to a path no route serves.
+UNKNOWN_ROUTE = "__unknown__"
+_log = logging.getLogger(__name__)
 
 
 class _Current:
@@ -48,17 +52,80 @@ class _Current:
         return self.runtime
 
 
+def _load() -> tuple[Settings, ServingConfig]:
+    # A bad setting ends the server with its message, not a traceback (exit code 2).
+    try:
+        settings = load_settings()
+        return settings, ServingConfig.from_settings(settings)
+    except (ConfigError, ValidationError) as exc:
+        print(f"error: {_config_message(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _config_message(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"setting {'.'.join(str(p) for p in e['loc'])!r}: {e['msg']}" for e in exc.errors()
+        )
+    return str(exc)
+
+
 _CURRENT = _Current()
-# The project comes from PROPENSITY_CONFIG; the key, reload interval and batch limit are
+# The project comes from PROPENSITY_CONFIG; the key, reload interval and limits are
 # settings too, so a project file and PROPENSITY_* variables configure the service alike.
-_SETTINGS = load_settings()
-_CONFIG = ServingConfig.from_settings(_SETTINGS)
+_SETTINGS, _CONFIG = _load()
 _APP = build_app(
     _CURRENT,
     api_key=_CONFIG.api_key.get_secret_value() if _CONFIG.api_key else None,
     batch_limit=_CONFIG.batch_limit,
+    max_body_bytes=_CONFIG.max_body_bytes,
+    body_timeout_seconds=_CONFIG.body_timeout_seconds,
 )
 _HOT_ROUTES = ["/score", "/score_batch", "/audience"]
+#: Every path with a route (ours, then BentoML's); anything else is labelled UNKNOWN_ROUTE.
+_ROUTES = frozenset(
+    [*_HOT_ROUTES, "/docs.json", "/", "/schema.json", "/healthz", "/livez", "/readyz", "/metrics"]
+)
+_STATIC = "/static_content/"
+_RAW_PATH = "propensity.raw_path"
+
+
+class _RestorePath:
+    """Hands the application the request path the metrics label replaced."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if _RAW_PATH in scope:
+            scope = {**scope, "path": scope[_RAW_PATH]}
+        await self.app(scope, receive, send)
+
+
+class _RouteLabelledMetrics(instruments.RunnerTrafficMetricsMiddleware):
+    """BentoML's request metrics, labelled by route rather than by the raw path.
+
+    BentoML labels each series with ``scope["path"]``, so every random path a
+    scanner tries adds series for good (5,000 paths grew ``/metrics`` to 23 MB).
+    Paths without a route share :data:`UNKNOWN_ROUTE`; BentoML's own code does the
+    counting, and the application still sees the real path.
+    """
+
+    def __init__(self, app: Any, **options: Any) -> None:
+        super().__init__(_RestorePath(app), **options)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            path = scope["path"]
+            if path not in _ROUTES:
+                label = _STATIC if path.startswith(_STATIC) else UNKNOWN_ROUTE
+                scope = {**scope, "path": label, _RAW_PATH: path}
+        await super().__call__(scope, receive, send)
+
+
+# BentoML has no option for the label; its app factory looks the class up in this
+# module when it builds the middleware stack (after this import, in each worker).
+instruments.RunnerTrafficMetricsMiddleware = _RouteLabelledMetrics  # type: ignore[misc,assignment]
 
 
 @bentoml.asgi_app(_APP, path="/")
@@ -73,6 +140,11 @@ class Scoring:
     """Churn, purchase propensity and next-best-action from online features."""
 
     def __init__(self) -> None:
+        if _CONFIG.api_key is None:
+            _log.warning(
+                "%s is not set: the scoring routes answer without authentication",
+                SERVING_ENV["api_key"],
+            )
         self.runtime = Runtime(_SETTINGS, _CONFIG, on_swap=freeze_heap).start()
         _CURRENT.runtime = self.runtime
 
@@ -82,6 +154,38 @@ class Scoring:
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
         self.runtime.close()
+
+
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """``PROPENSITY_*`` variables that reproduce ``settings`` in another process.
+
+    Every field is set (nested ones as ``PROPENSITY_A__B``), so the server sees
+    the settings of this process, overrides included, and nothing is written to
+    disk: secrets such as the API key or a Redis password stay in the
+    environment of the server process.
+
+    Examples
+    --------
+    >>> env = settings_environment(Settings(root="/srv/p"))
+    >>> env["PROPENSITY_ROOT"], env["PROPENSITY_ONLINE_STORE__KIND"]
+    ('/srv/p', 'sqlite')
+    """
+    data = settings.model_dump(mode="json")
+    for field in ("api_key",):  # dumped masked; the real value is needed
+        secret = getattr(settings, field)
+        data[field] = secret.get_secret_value() if secret is not None else None
+    data["root"] = str(settings.root.resolve())
+    environ: dict[str, str] = {}
+
+    def flatten(prefix: str, node: dict[str, Any]) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                flatten(f"{prefix}{key.upper()}__", value)
+            elif value is not None:
+                environ[f"{prefix}{key.upper()}"] = str(value)
+
+    flatten(ENV_PREFIX, data)
+    return environ
 
 
 def serve(
@@ -97,8 +201,9 @@ def serve(
 ) -> subprocess.Popen[Any]:
     """Run the scoring service for a project (``propensity serve``).
 
-    The settings are written to a temporary project file the server reads
-    (``PROPENSITY_CONFIG``), so overrides made in this process carry over.
+    The settings reach the server process in its environment
+    (:func:`settings_environment`), so overrides made in this process carry
+    over and no file holds a secret.
 
     Parameters
     ----------
@@ -106,7 +211,8 @@ def serve(
     host, port
         Where to listen.
     api_key : str, optional
-        Require this ``X-API-Key`` (default: ``$PROPENSITY_API_KEY`` if set).
+        Require this ``X-API-Key`` (default: the settings' ``api_key``, i.e.
+        ``$PROPENSITY_API_KEY`` if set).
     reload_seconds, batch_limit : optional
         Override ``PROPENSITY_RELOAD_SECONDS`` / ``PROPENSITY_BATCH_LIMIT``.
     env : dict, optional
@@ -118,27 +224,36 @@ def serve(
     -------
     subprocess.Popen
 
+    Raises
+    ------
+    ValueError
+        A serving setting is invalid (e.g. an empty API key), before any
+        process starts.
+
     Examples
     --------
     >>> serve(load_settings(), port=3000)  # doctest: +SKIP
     """
-    environ = dict(os.environ if env is None else env)
-    folder = Path(tempfile.mkdtemp(prefix="propensity-serve-"))
-    project = folder / "propensity.yaml"
-    # The key travels in the environment only: a dumped SecretStr is masked.
-    data = settings.model_dump(mode="json", exclude={"api_key"})
-    data["root"] = str(settings.root.resolve())
-    if api_key is None and settings.api_key is not None:
-        api_key = settings.api_key.get_secret_value()
-    project.write_text(yaml.safe_dump(data))
-    environ["PROPENSITY_CONFIG"] = str(project)
-    for field, value in (
-        ("api_key", api_key),
-        ("reload_seconds", reload_seconds),
-        ("batch_limit", batch_limit),
-    ):
-        if value is not None:
-            environ[SERVING_ENV[field]] = str(value)
+    updates = {
+        field: value
+        for field, value in (
+            ("api_key", api_key),
+            ("reload_seconds", reload_seconds),
+            ("batch_limit", batch_limit),
+        )
+        if value is not None
+    }
+    try:
+        settings = Settings.model_validate({**dict(settings), **updates})
+        ServingConfig.from_settings(settings)
+    except ValidationError as exc:
+        raise ValueError(_config_message(exc)) from None
+    base = os.environ if env is None else env
+    # Variables of the caller's environment were read into ``settings`` already; the
+    # server gets the resolved values only, from the project's own file.
+    environ = {k: v for k, v in base.items() if not k.startswith(ENV_PREFIX)}
+    environ.update(settings_environment(settings))
+    environ[ENV_PREFIX + "CONFIG"] = str(settings.root.resolve() / PROJECT_FILE)
     command = [
         sys.executable, "-m", "bentoml", "serve", SERVICE_IMPORT,
         "--host", host, "--port", str(port),
