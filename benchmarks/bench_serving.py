@@ -249,10 +249,11 @@ def bench_naive(root: Path, ids: list[str], n_requests: int) -> dict[str, float]
 
 
 def bench_bulk(project: Any, n_rows: int) -> dict[str, float]:
+    from propensity.config import Serving
     from propensity.serving.audience import score_frame
-    from propensity.serving.runtime import Runtime, ServingConfig
+    from propensity.serving.runtime import Runtime
 
-    runtime = Runtime(project.settings, ServingConfig.from_env({}))
+    runtime = Runtime(project.settings, Serving())
     runtime.reload()
     scorer = runtime.scorer
     assert scorer is not None and scorer.policy is not None

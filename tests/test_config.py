@@ -91,3 +91,17 @@ def test_cli_with_a_missing_config_fails_cleanly_and_creates_nothing(tmp_path: P
     assert "nope.yaml not found" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_importing_the_service_loads_no_settings(tmp_path: Path) -> None:
+    # Settings load when the service starts, not when its module is imported.
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROPENSITY_")}
+    env["PROPENSITY_CONFIG"] = str(tmp_path / "missing.yaml")
+    code = "import propensity.serving.service as s; print(s._CURRENT.app is None)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("True")

@@ -269,7 +269,7 @@ def serve(
     port: Annotated[int, typer.Option()] = 3000,
     config: ConfigOption = None,
 ) -> None:
-    """Start the scoring API (BentoML) on the champions; API key from PROPENSITY_API_KEY."""
+    """Start the scoring API (BentoML) on the champions; key from PROPENSITY_SERVING__API_KEY."""
     from propensity.serving.service import serve as run_server
 
     try:

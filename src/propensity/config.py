@@ -1,24 +1,36 @@
-"""Typed project settings loaded from ``propensity.yaml`` and the environment.
+"""Typed project settings: ``propensity.yaml`` overridden by ``PROPENSITY_*`` variables.
 
-Every field can be overridden by an environment variable named
-``PROPENSITY_<FIELD>`` (nested fields join with a double underscore, e.g.
-``PROPENSITY_HORIZONS__CHURN_DAYS=45``). An unknown key in the file or in a
-``PROPENSITY_`` variable is an error that names the key.
+One typed tree (pydantic-settings): every field can be overridden by an
+environment variable named ``PROPENSITY_<FIELD>``, nested fields joined with a
+double underscore (``PROPENSITY_HORIZONS__CHURN_DAYS=45``,
+``PROPENSITY_SERVING__API_KEY=...``). An unknown key in the file or in a
+``PROPENSITY_`` variable is an error that names the key. This is the only
+module that reads the environment for settings.
 """
 
 from __future__ import annotations
 
+import contextvars
 import os
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 __all__ = [
     "ConfigError",
     "Horizons",
     "OnlineStore",
+    "Serving",
     "Settings",
     "load_settings",
     "PROJECT_FILE",
@@ -27,6 +39,16 @@ __all__ = [
 
 PROJECT_FILE = "propensity.yaml"
 ENV_PREFIX = "PROPENSITY_"
+#: Serving keys that lived at the top level before the ``serving:`` section: still
+#: accepted there (and as ``PROPENSITY_<KEY>``) with a deprecation warning, for one release.
+_MOVED_TO_SERVING = (
+    "api_key",
+    "reload_seconds",
+    "batch_limit",
+    "max_body_bytes",
+    "body_timeout_seconds",
+    "reasons_method",
+)
 
 
 class ConfigError(ValueError):
@@ -53,12 +75,76 @@ class OnlineStore(_Strict):
     redis_url: str = "localhost:6379"
 
 
-class Settings(_Strict):
+class Serving(_Strict):
+    """The scoring API (``serving:`` in ``propensity.yaml``, ``PROPENSITY_SERVING__*``).
+
+    Attributes
+    ----------
+    api_key : SecretStr, optional
+        Required in the ``X-API-Key`` header when set; never shown in reprs or logs.
+    reload_seconds : float
+        Registry poll interval for hot reload.
+    batch_limit : int
+        Most ids per ``/score_batch`` call.
+    max_body_bytes : int
+        Largest request body of the scoring routes; a larger one is a 413,
+        refused before it is read.
+    body_timeout_seconds : float
+        Time a client has to send a whole request body; a slower upload is a 408.
+    reasons_method : {"path", "shap"}
+        How the top reasons' contributions are computed: path attribution,
+        about the cost of a prediction, or exact TreeSHAP.
+    """
+
+    api_key: SecretStr | None = None
+    reload_seconds: float = Field(default=30.0, gt=0)
+    batch_limit: int = Field(default=1000, gt=0)
+    max_body_bytes: int = Field(default=1 << 20, gt=0)
+    body_timeout_seconds: float = Field(default=10.0, gt=0)
+    reasons_method: Literal["path", "shap"] = "path"
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty secret is falsy: accepting it would quietly turn authentication off.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError(
+                "the API key is empty or blank; set a real key, or unset it to serve "
+                "without authentication"
+            )
+        return value
+
+
+#: The environment a :func:`load_settings` call reads (``os.environ`` when unset).
+_ENVIRON: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
+    "propensity_environ", default=None
+)
+
+
+class _Environment(EnvSettingsSource):
+    """pydantic-settings' environment source, reading the mapping of the current load."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        environ = _ENVIRON.get()
+        # Names are matched case-insensitively, as the stock source does.
+        return {k.lower(): v for k, v in (os.environ if environ is None else environ).items()}
+
+
+class Settings(BaseSettings):
     """All paths and defaults of one project.
 
     Relative paths are resolved against ``root`` (the folder holding
     ``propensity.yaml``), so a project works from any working directory.
+    Arguments given to the constructor (the project file's values) are
+    overridden by ``PROPENSITY_*`` variables.
     """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
 
     root: Path = Path(".")
     lake_dir: Path = Path("data/lake")
@@ -72,15 +158,21 @@ class Settings(_Strict):
     timezone: str = "UTC"
     horizons: Horizons = Horizons()
     online_store: OnlineStore = OnlineStore()
+    serving: Serving = Serving()
     seed: int = 42
-    # Scoring API. The key is a SecretStr so it never shows in reprs or logs.
-    api_key: SecretStr | None = None
-    reload_seconds: float = Field(default=30.0, gt=0)
-    batch_limit: int = Field(default=1000, gt=0)
-    max_body_bytes: int = Field(default=1 << 20, gt=0)
-    body_timeout_seconds: float = Field(default=10.0, gt=0)
-    # "path": path attribution, about the cost of a prediction; "shap": exact TreeSHAP.
-    reasons_method: Literal["path", "shap"] = "path"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over the file's values, which arrive as init arguments;
+        # no .env or secrets-directory sources.
+        return (_Environment(settings_cls), init_settings)
 
     def path(self, value: Path) -> Path:
         """Resolve a configured path against the project root."""
@@ -96,41 +188,52 @@ class Settings(_Strict):
         return uri
 
 
-def _set_nested(data: dict[str, Any], keys: list[str], value: str, var: str) -> None:
+def _check_name(keys: list[str], var: str) -> None:
+    """An unknown ``PROPENSITY_`` variable is an error (pydantic-settings would ignore it)."""
     fields: dict[str, Any] = Settings.model_fields
-    node = data
     for depth, key in enumerate(keys):
         if key not in fields:
             raise ConfigError(f"unknown setting {key!r} in environment variable {var}")
         annotation = fields[key].annotation
-        last = depth == len(keys) - 1
-        if last:
-            node[key] = value
-        else:
+        if depth < len(keys) - 1:
             if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
                 raise ConfigError(f"setting {key!r} in {var} has no nested fields")
             fields = annotation.model_fields
-            node = node.setdefault(key, {})
 
 
-def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
-    data: dict[str, Any] = {}
-    for var, value in sorted(environ.items()):
-        if not var.startswith(ENV_PREFIX) or var == ENV_PREFIX + "CONFIG":
+def _environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The ``PROPENSITY_`` variables checked by name, deprecated serving names moved."""
+    env: dict[str, str] = {}
+    for var, value in environ.items():
+        if not var.upper().startswith(ENV_PREFIX) or var.upper() == ENV_PREFIX + "CONFIG":
             continue
-        keys = var[len(ENV_PREFIX) :].lower().split("__")
-        _set_nested(data, keys, value, var)
+        key = var[len(ENV_PREFIX) :].lower()
+        if key in _MOVED_TO_SERVING:
+            new = f"{ENV_PREFIX}SERVING__{key.upper()}"
+            warnings.warn(f"{var} is deprecated: use {new}", DeprecationWarning, stacklevel=3)
+            env.setdefault(new, value)
+            continue
+        _check_name(key.split("__"), var)
+        env[var] = value
+    return env
+
+
+def _moved(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """Top-level serving keys of an older project file, moved under ``serving:``."""
+    moved = [key for key in _MOVED_TO_SERVING if key in data]
+    if not moved:
+        return data
+    warnings.warn(
+        f"{source}: {', '.join(moved)} belong under 'serving:' now (top level is deprecated)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    data = dict(data)
+    serving = dict(data.get("serving") or {})
+    for key in moved:
+        serving.setdefault(key, data.pop(key))
+    data["serving"] = serving
     return data
-
-
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def _describe(error: ValidationError, source: str) -> str:
@@ -144,8 +247,18 @@ def _describe(error: ValidationError, source: str) -> str:
     return "; ".join(lines)
 
 
+def _build(data: dict[str, Any], environ: Mapping[str, str], source: str) -> Settings:
+    token = _ENVIRON.set(environ)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+    finally:
+        _ENVIRON.reset(token)
+
+
 def load_settings(
-    path: str | Path | None = None, environ: dict[str, str] | None = None
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
     """Load settings from a project file and ``PROPENSITY_*`` environment variables.
 
@@ -156,12 +269,18 @@ def load_settings(
         ``$PROPENSITY_CONFIG`` or ``./propensity.yaml``. A path named here or
         in ``PROPENSITY_CONFIG`` must exist; a folder without
         ``propensity.yaml`` (or no ``./propensity.yaml``) means all defaults.
-    environ : dict, optional
+    environ : mapping, optional
         Environment to read overrides from (defaults to ``os.environ``).
 
     Returns
     -------
     Settings
+
+    Raises
+    ------
+    ConfigError
+        The file is missing, not YAML, or holds an unknown or invalid setting;
+        or a ``PROPENSITY_`` variable does.
 
     Examples
     --------
@@ -186,14 +305,7 @@ def load_settings(
             raise ConfigError(f"{file} is not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{file} must hold a mapping of settings")
-        data = loaded
-    try:
-        Settings.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc, str(file))) from None
-    data = _merge(data, _env_overrides(env))
+        data = _moved(loaded, str(file))
     data.setdefault("root", str(file.resolve().parent))
-    try:
-        return Settings.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc, f"{file} or {ENV_PREFIX}* variables")) from None
+    _build(data, {}, str(file))  # the file alone first, so its errors name it
+    return _build(data, _environment(env), f"{file} or {ENV_PREFIX}* variables")

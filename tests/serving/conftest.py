@@ -53,10 +53,10 @@ def server(project: Project, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROPENSITY_")}
     env.update(
         PROPENSITY_CONFIG=str(project.settings.root / "propensity.yaml"),
-        PROPENSITY_API_KEY=API_KEY,
-        PROPENSITY_RELOAD_SECONDS="0.5",
-        PROPENSITY_BATCH_LIMIT="50",
-        PROPENSITY_BODY_TIMEOUT_SECONDS=str(BODY_TIMEOUT),
+        PROPENSITY_SERVING__API_KEY=API_KEY,
+        PROPENSITY_SERVING__RELOAD_SECONDS="0.5",
+        PROPENSITY_SERVING__BATCH_LIMIT="50",
+        PROPENSITY_SERVING__BODY_TIMEOUT_SECONDS=str(BODY_TIMEOUT),
         BENTOML_HOME=str(tmp_path_factory.mktemp("bentoml_home")),
     )
     command = [

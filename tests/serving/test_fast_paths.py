@@ -17,11 +17,12 @@ import pandas as pd
 import pytest
 from project import REPO_ROOT, Project, fit_nba
 
+from propensity.config import Serving
 from propensity.models.arbitration import load_catalog
 from propensity.models.nba import NBAModel
 from propensity.serving.online import SqliteOnlineReader, _decode_value, _decode_values
 from propensity.serving.policy import ArbitrationPolicy
-from propensity.serving.runtime import Runtime, ServingConfig, online_reader
+from propensity.serving.runtime import Runtime, online_reader
 from propensity.serving.scorer import Scorer, predict_rows
 from propensity.serving.single_row import SingleRowPredictor
 from propensity.serving.uplift import compile_uplift
@@ -223,7 +224,7 @@ def test_reader_of_a_feature_subset_equals_feast(project: Project) -> None:
 
 
 def test_batch_equals_one_by_one_with_next_best_action(project: Project) -> None:
-    runtime = Runtime(project.settings, ServingConfig.from_env({}))
+    runtime = Runtime(project.settings, Serving())
     runtime.reload()
     base = runtime.scorer
     assert base is not None
@@ -332,7 +333,7 @@ def test_grouped_batch_read_equals_per_value_read(
 
 
 def test_shap_reasons_method_serves_treeshap(project: Project) -> None:
-    config = ServingConfig.from_env({"PROPENSITY_REASONS_METHOD": "shap"})
+    config = Serving(reasons_method="shap")
     runtime = Runtime(project.settings, config)
     runtime.reload()
     scorer = runtime.scorer

@@ -7,13 +7,14 @@ import pandas as pd
 import pytest
 from project import Project
 
+from propensity.config import Serving
 from propensity.features.store import FeatureStoreAdapter
 from propensity.models.arbitration import load_catalog
 from propensity.models.nba import NBAModel
 from propensity.serving.audience import select_audience
 from propensity.serving.online import entity_key_bytes
 from propensity.serving.policy import ArbitrationPolicy
-from propensity.serving.runtime import Runtime, ServingConfig, freeze_heap, online_reader
+from propensity.serving.runtime import Runtime, freeze_heap, online_reader
 from propensity.serving.schemas import AudienceRequest
 from propensity.serving.scorer import Scorer
 
@@ -37,7 +38,7 @@ def test_entity_key_bytes_match_feast_encoding() -> None:
 
 
 def test_sqlite_reader_equals_feast_reader(project: Project) -> None:
-    runtime = Runtime(project.settings, ServingConfig.from_env({}))
+    runtime = Runtime(project.settings, Serving())
     runtime.reload()
     assert runtime.scorer is not None
     fast = runtime.scorer.reader
@@ -61,7 +62,7 @@ def test_swap_hook_runs_once_per_new_scorer(project: Project) -> None:
     swapped: list[object] = []
     runtime = Runtime(
         project.settings,
-        ServingConfig.from_env({}),
+        Serving(),
         on_swap=lambda: swapped.append(runtime.scorer),
     )
     assert runtime.reload() and swapped == [runtime.scorer]
@@ -74,7 +75,7 @@ def test_swap_hook_runs_once_per_new_scorer(project: Project) -> None:
 
 
 def test_scorer_with_next_best_action(project: Project) -> None:
-    runtime = Runtime(project.settings, ServingConfig.from_env({}))
+    runtime = Runtime(project.settings, Serving())
     runtime.reload()
     assert runtime.scorer is not None
     from project import REPO_ROOT
@@ -137,15 +138,27 @@ def test_select_audience_filters_sorts_and_counts() -> None:
     assert ranked == ["d", "b", "a", "c", "e"]  # NaN last
 
 
-def test_serving_config_from_env_validates() -> None:
-    config = ServingConfig.from_env(
-        {"PROPENSITY_API_KEY": "s3cr3t-v", "PROPENSITY_BATCH_LIMIT": "7"}
-    )
+def test_serving_settings_come_from_the_one_settings_tree(tmp_path) -> None:
+    from propensity.config import ConfigError, load_settings
+
+    env = {"PROPENSITY_SERVING__API_KEY": "s3cr3t-v", "PROPENSITY_SERVING__BATCH_LIMIT": "7"}
+    config = load_settings(tmp_path, environ=env).serving
     assert config.batch_limit == 7 and config.reload_seconds == 30
     assert "s3cr3t-v" not in repr(config)  # the key is a SecretStr
-    with pytest.raises(ValueError, match="reload_seconds"):
-        ServingConfig.from_env({"PROPENSITY_RELOAD_SECONDS": "0"})
+    with pytest.raises(ConfigError, match="reload_seconds"):
+        load_settings(tmp_path, environ={"PROPENSITY_SERVING__RELOAD_SECONDS": "0"})
     assert config.reasons_method == "path"
-    assert ServingConfig.from_env({"PROPENSITY_REASONS_METHOD": "shap"}).reasons_method == "shap"
-    with pytest.raises(ValueError, match="reasons_method"):
-        ServingConfig.from_env({"PROPENSITY_REASONS_METHOD": "lime"})
+    shap = load_settings(tmp_path, environ={"PROPENSITY_SERVING__REASONS_METHOD": "shap"})
+    assert shap.serving.reasons_method == "shap"
+    with pytest.raises(ConfigError, match="reasons_method"):
+        load_settings(tmp_path, environ={"PROPENSITY_SERVING__REASONS_METHOD": "lime"})
+    # The names of the previous release still work, with a warning.
+    with pytest.warns(DeprecationWarning, match="PROPENSITY_SERVING__BATCH_LIMIT"):
+        old = load_settings(tmp_path, environ={"PROPENSITY_BATCH_LIMIT": "9"})
+    assert old.serving.batch_limit == 9
+    (tmp_path / "propensity.yaml").write_text("api_key: from-file\nserving:\n  batch_limit: 3\n")
+    with pytest.warns(DeprecationWarning, match="belong under 'serving:'"):
+        both = load_settings(tmp_path, environ={"PROPENSITY_SERVING__RELOAD_SECONDS": "5"})
+    assert both.serving.api_key is not None
+    assert both.serving.api_key.get_secret_value() == "from-file"
+    assert (both.serving.batch_limit, both.serving.reload_seconds) == (3, 5)

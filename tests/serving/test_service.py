@@ -308,7 +308,7 @@ def test_serve_refuses_an_empty_api_key(project: Project, tmp_path: Path, key: s
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROPENSITY_")}
     env.update(
         PROPENSITY_CONFIG=str(project.settings.root / "propensity.yaml"),
-        PROPENSITY_API_KEY=key,
+        PROPENSITY_SERVING__API_KEY=key,
         BENTOML_HOME=str(tmp_path / "bentoml_home"),
     )
     command = [sys.executable, "-m", "propensity.cli", "serve", "--port", str(_free_port())]
@@ -358,4 +358,4 @@ def test_serve_keeps_secrets_off_disk_and_out_of_logs(project: Project, tmp_path
     text = log.read_text(errors="replace")
     assert "Service propensity_scoring initialized" in text
     assert password not in text
-    assert text.count("PROPENSITY_API_KEY is not set") == 1
+    assert text.count("PROPENSITY_SERVING__API_KEY is not set") == 1

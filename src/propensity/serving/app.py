@@ -127,6 +127,16 @@ def _route(
     return endpoint
 
 
+#: Paths and methods of the routes :func:`build_app` serves. ``/docs.json`` comes
+#: ahead of BentoML's own (the mounted app's routes match first).
+ROUTES: dict[str, tuple[str, ...]] = {
+    "/score": ("POST",),
+    "/score_batch": ("POST",),
+    "/audience": ("POST",),
+    "/docs.json": ("GET",),
+}
+
+
 def build_app(
     runtime: Callable[[], Any],
     *,
@@ -220,11 +230,10 @@ def build_app(
     async def docs(request: Request) -> Response:
         return Response(document, media_type=JSON_MEDIA_TYPE)
 
-    routes = [
-        Route("/score", score, methods=["POST"]),
-        Route("/score_batch", score_batch, methods=["POST"]),
-        Route("/audience", audience, methods=["POST"]),
-        # Ahead of BentoML's own /docs.json (the mounted app's routes match first).
-        Route("/docs.json", docs, methods=["GET"]),
-    ]
-    return Starlette(routes=routes)
+    handlers = {
+        "/score": score,
+        "/score_batch": score_batch,
+        "/audience": audience,
+        "/docs.json": docs,
+    }
+    return Starlette(routes=[Route(p, handlers[p], methods=list(m)) for p, m in ROUTES.items()])

@@ -12,15 +12,13 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from propensity.config import Settings
+from propensity.config import Serving, Settings
 from propensity.serving.online import FeastOnlineReader, SqliteOnlineReader
 from propensity.serving.scorer import (
     CHURN,
@@ -29,102 +27,18 @@ from propensity.serving.scorer import (
     BoosterBundle,
     FeatureReader,
     NBAPolicy,
-    ReasonsMethod,
     Scorer,
 )
 
 __all__ = [
     "freeze_heap",
-    "ServingConfig",
     "ModelSource",
     "RegistrySource",
     "Runtime",
     "online_reader",
-    "SERVING_ENV",
 ]
 
 _log = logging.getLogger(__name__)
-
-#: Environment variables read by :meth:`ServingConfig.from_env` (not project settings).
-SERVING_ENV = {
-    "api_key": "PROPENSITY_API_KEY",
-    "reload_seconds": "PROPENSITY_RELOAD_SECONDS",
-    "batch_limit": "PROPENSITY_BATCH_LIMIT",
-    "reasons_method": "PROPENSITY_REASONS_METHOD",
-    "max_body_bytes": "PROPENSITY_MAX_BODY_BYTES",
-    "body_timeout_seconds": "PROPENSITY_BODY_TIMEOUT_SECONDS",
-}
-
-
-class ServingConfig(BaseModel):
-    """Options of the scoring service.
-
-    Attributes
-    ----------
-    api_key : SecretStr, optional
-        Required in the ``X-API-Key`` header when set (``PROPENSITY_API_KEY``).
-    reload_seconds : float
-        Registry poll interval for hot reload (``PROPENSITY_RELOAD_SECONDS``).
-    batch_limit : int
-        Most ids per ``/score_batch`` call (``PROPENSITY_BATCH_LIMIT``).
-    reasons_method : {"path", "shap"}
-        How the top reasons' contributions are computed
-        (``PROPENSITY_REASONS_METHOD``): path attribution, about the cost of a
-        prediction, or exact TreeSHAP (see :mod:`propensity.models.attribution`).
-    max_body_bytes : int
-        Largest request body of the scoring routes (``PROPENSITY_MAX_BODY_BYTES``,
-        default 1 MiB); a larger one is a 413, refused before it is read.
-    body_timeout_seconds : float
-        Time a client has to send a whole request body
-        (``PROPENSITY_BODY_TIMEOUT_SECONDS``); a slower upload is a 408.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    api_key: SecretStr | None = None
-    reload_seconds: float = Field(30.0, gt=0)
-    batch_limit: int = Field(1000, ge=1)
-    reasons_method: ReasonsMethod = "path"
-    max_body_bytes: int = Field(1 << 20, ge=1)
-    body_timeout_seconds: float = Field(10.0, gt=0)
-
-    @field_validator("api_key")
-    @classmethod
-    def _key_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
-        # An empty secret is falsy: accepting it would quietly turn authentication off.
-        if value is not None and not value.get_secret_value().strip():
-            raise ValueError(
-                f"the API key ({SERVING_ENV['api_key']} or api_key) is empty or blank; "
-                "set a real key, or unset it to serve without authentication"
-            )
-        return value
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> ServingConfig:
-        """The serving options of a project (file values and ``PROPENSITY_*`` overrides)."""
-        return cls(
-            api_key=settings.api_key,
-            reload_seconds=settings.reload_seconds,
-            batch_limit=settings.batch_limit,
-            reasons_method=settings.reasons_method,
-            max_body_bytes=settings.max_body_bytes,
-            body_timeout_seconds=settings.body_timeout_seconds,
-        )
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingConfig:
-        """Read the serving variables of :data:`SERVING_ENV` (``PROPENSITY_API_KEY`` …).
-
-        A variable set to an empty value is an error, not "unset".
-
-        Examples
-        --------
-        >>> ServingConfig.from_env({"PROPENSITY_RELOAD_SECONDS": "5"}).reload_seconds
-        5.0
-        """
-        env = os.environ if environ is None else environ
-        values = {field: env[var] for field, var in SERVING_ENV.items() if var in env}
-        return cls.model_validate(values)
 
 
 class ModelSource(Protocol):
@@ -234,7 +148,8 @@ class Runtime:
     Parameters
     ----------
     settings : Settings
-    config : ServingConfig, optional
+    config : Serving, optional
+        The serving options; default ``settings.serving``.
     source : ModelSource, optional
         Defaults to the project's MLflow registry.
     reader_factory : callable, optional
@@ -253,7 +168,7 @@ class Runtime:
     def __init__(
         self,
         settings: Settings,
-        config: ServingConfig | None = None,
+        config: Serving | None = None,
         *,
         source: ModelSource | None = None,
         reader_factory: Callable[[list[str]], FeatureReader] | None = None,
@@ -261,7 +176,7 @@ class Runtime:
     ) -> None:
         self.settings = settings
         self.on_swap = on_swap
-        self.config = config or ServingConfig.from_env({})
+        self.config = config or settings.serving
         self.source = source or RegistrySource(settings.tracking_uri)
         self._reader_factory = reader_factory
         self._store: Any = None

@@ -13,9 +13,9 @@ Run it with ``bentoml serve propensity.serving.service:Scoring --port 3000``
   need no secret.
 
 The project is located by ``PROPENSITY_CONFIG`` (a ``propensity.yaml``); its
-serving settings (``api_key``, ``reload_seconds``, ``batch_limit``,
-``max_body_bytes``, ``body_timeout_seconds``, or their ``PROPENSITY_*``
-variables) configure the service itself.
+``serving:`` settings (or ``PROPENSITY_SERVING__*`` variables) configure the
+service itself. Nothing is loaded when this module is imported: the settings,
+the routes and the champions load when BentoML starts the service in its worker.
 """
 
 from __future__ import annotations
@@ -30,10 +30,12 @@ from typing import Any
 import bentoml
 from bentoml._internal.server.http import instruments
 from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.routing import Route
 
 from propensity.config import ENV_PREFIX, PROJECT_FILE, ConfigError, Settings, load_settings
-from propensity.serving.app import build_app
-from propensity.serving.runtime import SERVING_ENV, Runtime, ServingConfig, freeze_heap
+from propensity.serving.app import ROUTES, build_app
+from propensity.serving.runtime import Runtime, freeze_heap
 
 __all__ = ["Scoring", "serve", "settings_environment", "SERVICE_IMPORT", "UNKNOWN_ROUTE"]
 
@@ -44,21 +46,21 @@ _log = logging.getLogger(__name__)
 
 
 class _Current:
-    """The runtime of this process, set when BentoML instantiates the service."""
+    """The running service's runtime and routes, set when the service starts."""
 
     runtime: Runtime | None = None
+    app: Any = None
 
     def __call__(self) -> Runtime | None:
         return self.runtime
 
 
-def _load() -> tuple[Settings, ServingConfig]:
+def _load() -> Settings:
     # A bad setting ends the server with its message, not a traceback (exit code 2).
     try:
-        settings = load_settings()
-        return settings, ServingConfig.from_settings(settings)
-    except (ConfigError, ValidationError) as exc:
-        print(f"error: {_config_message(exc)}", file=sys.stderr)
+        return load_settings()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -71,21 +73,29 @@ def _config_message(exc: Exception) -> str:
 
 
 _CURRENT = _Current()
-# The project comes from PROPENSITY_CONFIG; the key, reload interval and limits are
-# settings too, so a project file and PROPENSITY_* variables configure the service alike.
-_SETTINGS, _CONFIG = _load()
-_APP = build_app(
-    _CURRENT,
-    api_key=_CONFIG.api_key.get_secret_value() if _CONFIG.api_key else None,
-    batch_limit=_CONFIG.batch_limit,
-    max_body_bytes=_CONFIG.max_body_bytes,
-    body_timeout_seconds=_CONFIG.body_timeout_seconds,
-)
+
+
+class _Forward:
+    """ASGI endpoint that hands a request to the routes built when the service started.
+
+    BentoML needs the app when this module is imported, and matches a mounted
+    Starlette app's routes before its own; the routes' behaviour depends on the
+    settings (key, limits), which are read only when the service starts.
+    """
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        app = _CURRENT.app
+        if app is None:  # a request before the service started
+            await send({"type": "http.response.start", "status": 503, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await app(scope, receive, send)
+
+
+_APP = Starlette(routes=[Route(p, _Forward(), methods=list(m)) for p, m in ROUTES.items()])
 _HOT_ROUTES = ["/score", "/score_batch", "/audience"]
 #: Every path with a route (ours, then BentoML's); anything else is labelled UNKNOWN_ROUTE.
-_ROUTES = frozenset(
-    [*_HOT_ROUTES, "/docs.json", "/", "/schema.json", "/healthz", "/livez", "/readyz", "/metrics"]
-)
+_ROUTES = frozenset([*ROUTES, "/", "/schema.json", "/healthz", "/livez", "/readyz", "/metrics"])
 _STATIC = "/static_content/"
 _RAW_PATH = "propensity.raw_path"
 
@@ -140,12 +150,21 @@ class Scoring:
     """Churn, purchase propensity and next-best-action from online features."""
 
     def __init__(self) -> None:
-        if _CONFIG.api_key is None:
+        settings = _load()
+        config = settings.serving
+        if config.api_key is None:
             _log.warning(
-                "%s is not set: the scoring routes answer without authentication",
-                SERVING_ENV["api_key"],
+                "%sSERVING__API_KEY is not set: the scoring routes answer without authentication",
+                ENV_PREFIX,
             )
-        self.runtime = Runtime(_SETTINGS, _CONFIG, on_swap=freeze_heap).start()
+        _CURRENT.app = build_app(
+            _CURRENT,
+            api_key=config.api_key.get_secret_value() if config.api_key else None,
+            batch_limit=config.batch_limit,
+            max_body_bytes=config.max_body_bytes,
+            body_timeout_seconds=config.body_timeout_seconds,
+        )
+        self.runtime = Runtime(settings, on_swap=freeze_heap).start()
         _CURRENT.runtime = self.runtime
 
     def __is_ready__(self) -> bool:
@@ -171,9 +190,8 @@ def settings_environment(settings: Settings) -> dict[str, str]:
     ('/srv/p', 'sqlite')
     """
     data = settings.model_dump(mode="json")
-    for field in ("api_key",):  # dumped masked; the real value is needed
-        secret = getattr(settings, field)
-        data[field] = secret.get_secret_value() if secret is not None else None
+    secret = settings.serving.api_key  # dumped masked; the real value is needed
+    data["serving"]["api_key"] = secret.get_secret_value() if secret is not None else None
     data["root"] = str(settings.root.resolve())
     environ: dict[str, str] = {}
 
@@ -211,10 +229,10 @@ def serve(
     host, port
         Where to listen.
     api_key : str, optional
-        Require this ``X-API-Key`` (default: the settings' ``api_key``, i.e.
-        ``$PROPENSITY_API_KEY`` if set).
+        Require this ``X-API-Key`` (default: ``serving.api_key`` of the
+        settings, i.e. ``$PROPENSITY_SERVING__API_KEY`` if set).
     reload_seconds, batch_limit : optional
-        Override ``PROPENSITY_RELOAD_SECONDS`` / ``PROPENSITY_BATCH_LIMIT``.
+        Override ``serving.reload_seconds`` / ``serving.batch_limit``.
     env : dict, optional
         Base environment of the server (default: this process's).
     wait : bool
@@ -244,10 +262,10 @@ def serve(
         if value is not None
     }
     try:
-        settings = Settings.model_validate({**dict(settings), **updates})
-        ServingConfig.from_settings(settings)
+        serving = settings.serving.model_validate({**dict(settings.serving), **updates})
     except ValidationError as exc:
         raise ValueError(_config_message(exc)) from None
+    settings = settings.model_copy(update={"serving": serving})
     base = os.environ if env is None else env
     # Variables of the caller's environment were read into ``settings`` already; the
     # server gets the resolved values only, from the project's own file.
