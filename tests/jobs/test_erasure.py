@@ -30,11 +30,11 @@ from propensity.events.ingest import IngestError, ingest
 from propensity.events.lake import EventLake
 from propensity.events.suppression import KEY_FILE, Screen, SuppressionList
 from propensity.features.definitions import VIEWS
-from propensity.features.online import write_many
+from propensity.features.online import entity_key, write_many
 from propensity.features.snapshots import build_features, feature_table_path
 from propensity.features.store import FeatureStoreAdapter
 from propensity.jobs.erasure import AUDIT_FILE, check_ids, forget
-from propensity.jobs.erasure_scan import entity_key, find_traces
+from propensity.jobs.erasure_scan import find_traces
 from propensity.jobs.lock import job_dir
 from propensity.jobs.retrain import RetrainPolicy, retrain
 
