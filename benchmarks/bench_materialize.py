@@ -1,4 +1,4 @@
-"""Online materialization: ``write_online`` versus Feast's stock ``materialize``.
+"""Online materialization: the plugins' ``write_many`` versus Feast's stock ``materialize``.
 
 Each run happens in its own subprocess so its peak RSS is measured cleanly
 (``ru_maxrss`` of that process); repo setup (``apply``) is outside the timing.
@@ -55,12 +55,17 @@ def _worker(kind: str, data: Path, repo: Path, features: int, redis: str) -> Non
     from feast.types import Float64
     from feast.value_type import ValueType
 
-    from propensity.features.online_writer import write_online
+    from propensity.features.online import write_many
 
+    plugin = "propensity.features.online.{0}.Bulk{1}OnlineStore"
+    stock = kind == "stock"  # Feast's own stores; ours are the project's plugins
     online = (
-        {"type": "sqlite", "path": str(repo / "online.db")}
+        {
+            "type": "sqlite" if stock else plugin.format("sqlite", "Sqlite"),
+            "path": str(repo / "online.db"),
+        }
         if not kind.endswith("redis")
-        else {"type": "redis", "connection_string": redis}
+        else {"type": plugin.format("redis", "Redis"), "connection_string": redis}
     )
     project = f"bench{time.time_ns()}"
     config = RepoConfig(
@@ -87,7 +92,7 @@ def _worker(kind: str, data: Path, repo: Path, features: int, redis: str) -> Non
     if kind == "stock":
         store.materialize(SNAPSHOT - timedelta(days=1), SNAPSHOT, feature_views=["bench"])
     else:
-        write_online(store, "bench", data, end=SNAPSHOT)
+        write_many(store, {"bench": data}, end=SNAPSHOT)
     seconds = time.perf_counter() - began
     probe = store.get_online_features(
         features=["bench:f00"], entity_rows=[{"customer_id": "C0000000"}]

@@ -1,4 +1,4 @@
-"""The fast online writer keeps Feast's online format byte for byte."""
+"""The online-store plugins keep Feast's online format byte for byte."""
 
 from __future__ import annotations
 
@@ -22,13 +22,8 @@ from feast.types import Bool, Float32, Float64, Int32, Int64, String
 from feast.utils import _columns_to_proto_values
 from feast.value_type import ValueType
 
-from propensity.features.online_writer import (
-    encode_entity_keys,
-    encode_values,
-    latest_rows,
-    write_online,
-    write_online_many,
-)
+from propensity.features.online import WriteReport, latest_rows, write_many
+from propensity.features.online._codec import encode_entity_keys, encode_values
 
 T0 = datetime(2024, 3, 1, tzinfo=UTC)
 T1 = datetime(2024, 3, 8, tzinfo=UTC)
@@ -72,13 +67,26 @@ def _snapshots(n_customers: int, seed: int = 0) -> pa.Table:
     return pa.table(columns)
 
 
+SQLITE_PLUGIN = "propensity.features.online.sqlite.BulkSqliteOnlineStore"
+REDIS_PLUGIN = "propensity.features.online.redis.BulkRedisOnlineStore"
+
+
+def write_online(
+    store: FeatureStore, view: str, source: object = None, **options: object
+) -> WriteReport:
+    """One view through the plugins' bulk writer."""
+    return write_many(store, {view: source}, **options)[0]  # type: ignore[dict-item, arg-type]
+
+
 def _store(tmp_path: Path, name: str, data: Path, online: str, project: str) -> FeatureStore:
+    """A store on the project's plugin; the one named ``stock`` on Feast's own store."""
     repo = tmp_path / name
     repo.mkdir()
+    stock = name == "stock"
     online_config: dict[str, object] = (
-        {"type": "sqlite", "path": str(repo / "online.db")}
+        {"type": "sqlite" if stock else SQLITE_PLUGIN, "path": str(repo / "online.db")}
         if online == "sqlite"
-        else {"type": "redis", "connection_string": REDIS_URL}
+        else {"type": "redis" if stock else REDIS_PLUGIN, "connection_string": REDIS_URL}
     )
     config = RepoConfig(
         project=project,
@@ -336,7 +344,7 @@ def test_feature_service_views_sharing_a_source_are_written_together(
     tmp_path: Path, snapshot_file: Path
 ) -> None:
     store = _store(tmp_path, "repo", snapshot_file, "sqlite", "proj")
-    reports = write_online_many(store, "activity_v1", end=T2, chunk_rows=50)
+    reports = write_many(store, "activity_v1", end=T2, chunk_rows=50)
     assert [r.feature_view for r in reports] == ["activity", "activity_head"]
     ids = [f"C{c:07d}" for c in range(300)]
     full, head = _online(store, ids), _online(store, ids, "activity_head")
@@ -441,7 +449,7 @@ def test_incremental_write_into_a_new_store_writes_everything(
             project=project,
             provider="local",
             registry=str(tmp_path / "repo" / "registry.db"),  # the same registry
-            online_store={"type": "redis", "connection_string": REDIS_URL},
+            online_store={"type": REDIS_PLUGIN, "connection_string": REDIS_URL},
             offline_store={"type": "duckdb"},
             entity_key_serialization_version=3,
             repo_path=tmp_path / "repo",
@@ -458,3 +466,45 @@ def test_incremental_write_into_a_new_store_writes_everything(
     finally:
         for key in client.scan_iter(b"*" + project.encode()):
             client.delete(key)
+
+
+# ----------------------------------------------------------------------------- the plugins
+
+
+def test_feasts_own_materialize_through_the_plugin_writes_stock_bytes(
+    tmp_path: Path, snapshot_file: Path
+) -> None:
+    # Feast's materialize (and push, write_to_online_store) call the plugin's
+    # online_write_batch: its one-transaction bulk path must store what Feast's would.
+    stock = _store(tmp_path, "stock", snapshot_file, "sqlite", "proj")
+    plugin = _store(tmp_path, "plugin", snapshot_file, "sqlite", "proj")
+    assert type(plugin._get_provider().online_store).__name__ == "BulkSqliteOnlineStore"
+    for store in (stock, plugin):
+        store.materialize(T0 - timedelta(days=1), T2, feature_views=["activity"])
+    assert _sqlite_rows(plugin, "proj_activity") == _sqlite_rows(stock, "proj_activity")
+    ids = [f"C{c:07d}" for c in range(0, 300, 7)]
+    assert _online(plugin, ids) == _online(stock, ids)
+    pushed = pa.table({"customer_id": ["C0000001"], "event_timestamp": [FUTURE]}).to_pandas()
+    for name in [*FLOATS, *INTS]:
+        pushed[name] = 1
+    pushed["segment"], pushed["is_member"] = "x", True
+    for store in (stock, plugin):
+        store.write_to_online_store("activity", pushed)
+    assert _sqlite_rows(plugin, "proj_activity") == _sqlite_rows(stock, "proj_activity")
+
+
+def test_delete_entities_leaves_no_key_bytes_in_the_file(
+    tmp_path: Path, snapshot_file: Path
+) -> None:
+    from propensity.features.online import BulkSqliteOnlineStore, entity_key
+
+    store = _store(tmp_path, "repo", snapshot_file, "sqlite", "proj")
+    write_online(store, "activity", snapshot_file, end=T2)
+    path = tmp_path / "repo" / "online.db"
+    gone = [entity_key(f"C{c:07d}") for c in (1, 2)]
+    removed, _ = BulkSqliteOnlineStore.delete_entities(path, "proj", gone)
+    assert removed == 2 * (len(FLOATS) + len(INTS) + 2)
+    data = path.read_bytes()
+    assert not any(k in data for k in gone)
+    assert _online(store, ["C0000001", "C0000003"])["n_orders"][0] is None
+    assert _online(store, ["C0000003"])["n_orders"][0] is not None

@@ -198,3 +198,20 @@ def test_online_equals_offline_on_redis(built: Settings, snapshot_values: pd.Dat
 def test_redis_url_forms() -> None:
     assert redis_connection_string("redis://:pw@h:1/3") == "h:1,db=3,password=pw"
     assert redis_connection_string("h:6379,db=1") == "h:6379,db=1"
+
+
+def test_ensure_applied_applies_once_then_again_after_a_definition_change(
+    tmp_path: Path,
+) -> None:
+    from propensity.config import Settings
+    from propensity.features.store import FeatureStoreAdapter
+
+    repo = tmp_path / "feature_repo"
+    repo.mkdir()
+    source = Path(__file__).resolve().parents[2] / "feature_repo" / "repo.py"
+    (repo / "repo.py").write_text(source.read_text())
+    adapter = FeatureStoreAdapter(Settings(root=tmp_path, feature_repo=repo))
+    assert adapter.ensure_applied() is True  # no registry yet
+    assert adapter.ensure_applied() is False  # nothing changed
+    (repo / "repo.py").write_text(source.read_text() + "\n# edited\n")
+    assert FeatureStoreAdapter(Settings(root=tmp_path, feature_repo=repo)).ensure_applied()

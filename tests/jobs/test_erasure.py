@@ -30,11 +30,11 @@ from propensity.events.ingest import IngestError, ingest
 from propensity.events.lake import EventLake
 from propensity.events.suppression import KEY_FILE, Screen, SuppressionList
 from propensity.features.definitions import VIEWS
-from propensity.features.online_writer import write_online_many
+from propensity.features.online import entity_key, write_many
 from propensity.features.snapshots import build_features, feature_table_path
 from propensity.features.store import FeatureStoreAdapter
 from propensity.jobs.erasure import AUDIT_FILE, check_ids, forget
-from propensity.jobs.erasure_scan import entity_key, find_traces
+from propensity.jobs.erasure_scan import find_traces
 from propensity.jobs.lock import job_dir
 from propensity.jobs.retrain import RetrainPolicy, retrain
 
@@ -71,14 +71,14 @@ def store(tmp_path_factory: pytest.TempPathFactory, periods: Periods) -> dict:
     build_features(settings)
     adapter = FeatureStoreAdapter(settings)
     adapter.apply()
-    write_online_many(adapter.store, list(VIEWS), end=adapter.latest_snapshot().to_pydatetime())
+    write_many(adapter.store, list(VIEWS), end=adapter.latest_snapshot().to_pydatetime())
     return {"settings": settings, "events": small, "ids": ids.to_pylist()}
 
 
 def test_entity_key_matches_feast():
     from feast.value_type import ValueType
 
-    from propensity.features.online_writer import encode_entity_keys
+    from propensity.features.online._codec import encode_entity_keys
 
     expected = encode_entity_keys(
         {"customer_id": pa.array(["C0000042"])}, {"customer_id": ValueType.STRING}
@@ -225,7 +225,7 @@ def test_forget_removes_redis_rows(store, tmp_path: Path):
         deadline = time.monotonic() + 10
         while True:
             try:
-                write_online_many(
+                write_many(
                     adapter.store, list(VIEWS), end=adapter.latest_snapshot().to_pydatetime()
                 )
                 break

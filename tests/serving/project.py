@@ -83,7 +83,7 @@ def publish_online(settings: Settings, n_online: int) -> None:
     """Apply the Feast repo and write the latest snapshot of the first ``n_online`` ids."""
     import pyarrow.parquet as pq
 
-    from propensity.features.online_writer import write_online_many
+    from propensity.features.online import write_many
     from propensity.features.store import FeatureStoreAdapter
 
     adapter = FeatureStoreAdapter(settings)
@@ -97,7 +97,7 @@ def publish_online(settings: Settings, n_online: int) -> None:
         import pyarrow as pa
 
         sources[view] = pa.Table.from_pandas(frame, preserve_index=False)
-    write_online_many(adapter.store, sources, end=SNAPSHOT.to_pydatetime() + timedelta(seconds=1))
+    write_many(adapter.store, sources, end=SNAPSHOT.to_pydatetime() + timedelta(seconds=1))
 
 
 def fit_model(

@@ -18,9 +18,10 @@ import pytest
 from project import REPO_ROOT, Project, fit_nba
 
 from propensity.config import Serving
+from propensity.features.online import SqliteReader
+from propensity.features.online._codec import decode_value, decode_values
 from propensity.models.arbitration import load_catalog
 from propensity.models.nba import NBAModel
-from propensity.serving.online import SqliteOnlineReader, _decode_value, _decode_values
 from propensity.serving.policy import ArbitrationPolicy
 from propensity.serving.runtime import Runtime, online_reader
 from propensity.serving.scorer import Scorer, predict_rows
@@ -197,22 +198,21 @@ def test_decode_values_matches_the_per_value_decoder() -> None:
         b"\x20" + _varint(2**64 - 1),  # int64 -1
     ]
     names = [f"f{k}" for k in range(len(blobs))]
-    expected = [_decode_value(b, n) for b, n in zip(blobs, names, strict=True)]
-    np.testing.assert_array_equal(_decode_values(blobs, names), expected)
+    expected = [decode_value(b, n) for b, n in zip(blobs, names, strict=True)]
+    np.testing.assert_array_equal(decode_values(blobs, names), expected)
     assert len(blobs[5]) == 9 and expected[5:] == [2.0**49, -1.0]
     with pytest.raises(ValueError, match="'bad'"):
-        _decode_values([b"\x12\x01a"], ["bad"])
+        decode_values([b"\x12\x01a"], ["bad"])
 
 
 def test_reader_of_a_feature_subset_equals_feast(project: Project) -> None:
     from propensity.features.store import FeatureStoreAdapter
 
-    store = FeatureStoreAdapter(project.settings).store
+    adapter = FeatureStoreAdapter(project.settings)
     names = ["sessions_7d", "orders_30d", "days_since_last_seen", "tenure_days"]
-    path = project.settings.path(project.settings.online_store.sqlite_path)
-    fast = online_reader(store, names, path)
-    slow = online_reader(store, names)
-    assert isinstance(fast, SqliteOnlineReader)
+    fast = online_reader(adapter, names)
+    slow = online_reader(adapter, names, direct=False)
+    assert isinstance(fast.rows, SqliteReader)
     fast.clock = slow.clock = lambda: 1_790_000_000.0  # type: ignore[attr-defined]
     ids = [*project.customers[:40], "nobody", project.customers[3]]
     a, b = fast.read(ids), slow.read(ids)
@@ -263,9 +263,9 @@ def test_grouped_batch_read_equals_per_value_read(
     import sqlite3
     import struct
 
+    from propensity.features.online import _read
+    from propensity.features.online import entity_key as key_of
     from propensity.features.store import FeatureStoreAdapter
-    from propensity.serving import online
-    from propensity.serving.online import entity_key_bytes
 
     source = project.settings.path(project.settings.online_store.sqlite_path)
     copy = tmp_path / "online.db"
@@ -276,16 +276,16 @@ def test_grouped_batch_read_equals_per_value_read(
     with sqlite3.connect(copy) as conn:
         conn.execute(
             "UPDATE propensity_session SET value = ? WHERE entity_key = ? AND feature_name = ?",
-            (b"\x35" + struct.pack("<f", 2.5), entity_key_bytes("customer_id", "C0000002"),
+            (b"\x35" + struct.pack("<f", 2.5), key_of("C0000002"),
              "sessions_7d"),
         )  # fmt: skip
         conn.execute(
             "UPDATE propensity_basket SET value = x'' WHERE entity_key = ? AND feature_name = ?",
-            (entity_key_bytes("customer_id", "C0000003"), "orders_30d"),
+            (key_of("C0000003"), "orders_30d"),
         )
         conn.execute(
             "UPDATE propensity_basket SET value = ? WHERE entity_key = ? AND feature_name = ?",
-            (b"\x20" + _varint(2**49), entity_key_bytes("customer_id", "C0000004"),
+            (b"\x20" + _varint(2**49), key_of("C0000004"),
              "revenue_30d"),
         )  # fmt: skip
         # Timestamps that differ between customers of one view (read per customer):
@@ -293,25 +293,29 @@ def test_grouped_batch_read_equals_per_value_read(
         # served features must not inherit.
         conn.execute(
             "UPDATE propensity_session SET event_ts = event_ts - 86400 * 30 WHERE entity_key = ?",
-            (entity_key_bytes("customer_id", "C0000005"),),
+            (key_of("C0000005"),),
         )
         conn.execute(
             "UPDATE propensity_lifecycle SET event_ts = NULL WHERE entity_key = ?",
-            (entity_key_bytes("customer_id", "C0000006"),),
+            (key_of("C0000006"),),
         )
         conn.execute(
             "INSERT INTO propensity_basket (entity_key, feature_name, value, event_ts) "
             "VALUES (?, 'retired_feature', ?, 0)",
-            (entity_key_bytes("customer_id", "C0000007"), b"\x29" + struct.pack("<d", 1.0)),
+            (key_of("C0000007"), b"\x29" + struct.pack("<d", 1.0)),
         )
-    store = FeatureStoreAdapter(project.settings).store
+    settings = project.settings.model_copy(
+        update={
+            "online_store": project.settings.online_store.model_copy(update={"sqlite_path": copy})
+        }
+    )
     names = ["sessions_7d", "orders_30d", "revenue_30d", "days_since_last_seen", "tenure_days"]
-    reader = online_reader(store, names, copy)
-    assert isinstance(reader, SqliteOnlineReader)
+    reader = online_reader(FeatureStoreAdapter(settings), names)
+    assert isinstance(reader.rows, SqliteReader)
     reader.clock = lambda: 1_790_000_000.0
     ids = [*project.customers[:60], "nobody", project.customers[1]]
     grouped = reader.read(ids)
-    assert len(ids) >= online._GROUPED_ROWS
+    assert len(ids) >= _read.GROUPED_ROWS
     per_value = [reader.read([c]) for c in ids]  # single ids take the per-value path
     np.testing.assert_array_equal(grouped.matrix, np.vstack([b.matrix for b in per_value]))
     for field in ("found", "stale", "timestamps"):
@@ -326,7 +330,7 @@ def test_grouped_batch_read_equals_per_value_read(
     stamps = grouped.timestamps
     assert stamps[4] == stamps[0] - 86400 * 30 and stamps[6] == stamps[0]
     # Batches over SQLite's parameter limit are read in chunks, with the same answer.
-    monkeypatch.setattr(online, "_KEYS_PER_QUERY", 7)
+    monkeypatch.setattr(_read, "_KEYS_PER_QUERY", 7)
     chunked = reader.read(ids)
     for field in ("matrix", "found", "stale", "timestamps"):
         np.testing.assert_array_equal(getattr(chunked, field), getattr(grouped, field))

@@ -8,11 +8,11 @@ import pytest
 from project import Project
 
 from propensity.config import Serving
+from propensity.features.online import SqliteReader, entity_key
 from propensity.features.store import FeatureStoreAdapter
 from propensity.models.arbitration import load_catalog
 from propensity.models.nba import NBAModel
 from propensity.serving.audience import select_audience
-from propensity.serving.online import entity_key_bytes
 from propensity.serving.policy import ArbitrationPolicy
 from propensity.serving.runtime import Runtime, freeze_heap, online_reader
 from propensity.serving.schemas import AudienceRequest
@@ -34,7 +34,7 @@ def test_entity_key_bytes_match_feast_encoding() -> None:
         )
         for c in ids
     ]
-    assert [entity_key_bytes("customer_id", c) for c in ids] == expected
+    assert [entity_key(c) for c in ids] == expected
 
 
 def test_sqlite_reader_equals_feast_reader(project: Project) -> None:
@@ -43,11 +43,11 @@ def test_sqlite_reader_equals_feast_reader(project: Project) -> None:
     assert runtime.scorer is not None
     fast = runtime.scorer.reader
     names = fast.feature_names
-    slow = online_reader(FeatureStoreAdapter(project.settings).store, names)
+    slow = online_reader(FeatureStoreAdapter(project.settings), names, direct=False)
     fast.clock = slow.clock = lambda: 1_790_000_000.0  # type: ignore[attr-defined]
     ids = [project.customers[0], "unknown", project.customers[7], project.customers[0]]
     a, b = fast.read(ids), slow.read(ids)
-    assert type(fast).__name__ == "SqliteOnlineReader"
+    assert isinstance(fast.rows, SqliteReader)  # type: ignore[attr-defined]
     np.testing.assert_array_equal(a.matrix, b.matrix)
     np.testing.assert_array_equal(a.found, [True, False, True, True])
     np.testing.assert_array_equal(a.found, b.found)

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from propensity.config import Settings
 
 __all__ = [
+    "REGISTRY_FILE",
     "BuildReport",
     "snapshot_times",
     "snapshot_times_for",
@@ -51,6 +52,10 @@ class BuildReport:
     snapshots: tuple[pd.Timestamp, ...]
     rows: int
     tables: dict[str, Path]
+
+
+#: The Feast registry file, kept in the features folder beside the tables.
+REGISTRY_FILE = "feast_registry.db"
 
 
 def feature_table_path(features_dir: Path, view: str) -> Path:

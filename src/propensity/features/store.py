@@ -1,18 +1,26 @@
 """The Feast adapter: the package's one door to the feature store.
 
 :class:`FeatureStoreAdapter` builds the Feast configuration from the project
-settings (DuckDB offline store over the Parquet feature tables; SQLite online
-store by default, Redis when ``online_store.kind == "redis"``), applies the
-definitions of ``feature_repo/repo.py``, and serves training frames (only ever
-through ``get_historical_features``) and online features.
+settings (DuckDB offline store over the Parquet feature tables; the online-store
+plugins of :mod:`propensity.features.online`, SQLite by default, Redis when
+``online_store.kind == "redis"``), applies the definitions of
+``feature_repo/repo.py`` under one rule (:meth:`~FeatureStoreAdapter.ensure_applied`),
+and is the one path for training frames (:meth:`~FeatureStoreAdapter.historical`,
+only ever through ``get_historical_features``), the scoring API's reads
+(:meth:`~FeatureStoreAdapter.reader`), materialization and erasure
+(:meth:`~FeatureStoreAdapter.forget`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import math
 import sys
 import warnings
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cached_property
 from pathlib import Path
@@ -29,8 +37,10 @@ from feast import FeatureStore, RepoConfig
 from propensity.progress import ProgressCallback, report
 
 from .definitions import ENTITY, ON_DEMAND_FEATURES, VIEWS, features_of, service_views
-from .online_writer import WriteReport, write_online_many
-from .snapshots import TIMESTAMP, feature_table_path
+from .online import FeastReader, MatrixReader, WriteReport, entity_keys, write_many
+from .online.redis import BulkRedisOnlineStore
+from .online.sqlite import BulkSqliteOnlineStore, BulkSqliteOnlineStoreConfig
+from .snapshots import REGISTRY_FILE, TIMESTAMP, feature_table_path
 
 if TYPE_CHECKING:
     from propensity.config import Settings
@@ -40,8 +50,15 @@ if TYPE_CHECKING:
 warnings.filterwarnings("ignore", "On demand feature view is an experimental", RuntimeWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning, module="ibis")
 
-__all__ = ["FeatureStoreAdapter", "REQUEST_TIME", "redis_connection_string"]
+__all__ = [
+    "FeatureStoreAdapter",
+    "ForgetReport",
+    "PROJECT",
+    "REQUEST_TIME",
+    "redis_connection_string",
+]
 
+#: The Feast project name: table prefix in SQLite, key suffix in Redis.
 PROJECT = "propensity"
 REQUEST_TIME = "request_time"
 _REPO_MODULE = "propensity_feature_repo"
@@ -96,6 +113,19 @@ def _utc(value: Any) -> pd.Timestamp:
     return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
 
 
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@dataclass
+class ForgetReport:
+    """What :meth:`FeatureStoreAdapter.forget` deleted from the online stores."""
+
+    sqlite_rows: int = 0
+    sqlite_vacuumed: bool = False
+    redis_keys: int = 0
+
+
 class FeatureStoreAdapter:
     """Feast feature store configured from the project settings.
 
@@ -113,10 +143,11 @@ class FeatureStoreAdapter:
     Examples
     --------
     >>> store = FeatureStoreAdapter(load_settings())  # doctest: +SKIP
-    >>> store.apply()  # doctest: +SKIP
+    >>> store.ensure_applied()  # doctest: +SKIP
     >>> frame = store.historical(entity_df, "churn_v1")  # doctest: +SKIP
     >>> store.materialize()  # doctest: +SKIP
     >>> store.online(["C0000001"], "churn_v1")  # doctest: +SKIP
+    >>> store.forget(["C0000001"])  # doctest: +SKIP
     """
 
     def __init__(self, settings: Settings, project: str = PROJECT) -> None:
@@ -131,18 +162,21 @@ class FeatureStoreAdapter:
         online = self.settings.online_store
         if online.kind == "redis":
             online_config: dict[str, Any] = {
-                "type": "redis",
+                "type": _class_path(BulkRedisOnlineStore),
                 "connection_string": redis_connection_string(online.redis_url),
             }
         else:
-            online_config = {"type": "sqlite", "path": str(self.settings.path(online.sqlite_path))}
+            online_config = {
+                "type": _class_path(BulkSqliteOnlineStore),
+                "path": str(self._sqlite_path),
+            }
         self.features_dir.mkdir(parents=True, exist_ok=True)
         return RepoConfig(
             project=self.project,
             provider="local",
             registry={
                 "registry_type": "file",
-                "path": str(self.features_dir / "feast_registry.db"),
+                "path": str(self._registry),
                 "cache_ttl_seconds": 60,
             },
             offline_store={"type": "duckdb"},
@@ -165,6 +199,40 @@ class FeatureStoreAdapter:
         """Register the entity, views and services (idempotent)."""
         self.store.apply(self.definitions())
         self._services.clear()
+        self._applied_mark.write_text(self._fingerprint())
+
+    def ensure_applied(self) -> bool:
+        """Apply the definitions when the registry is missing or they changed since.
+
+        The one rule for when to run ``feast apply``: a fingerprint of the
+        definition sources and the feature folder is recorded next to the
+        registry at each :meth:`apply`. Returns whether it applied.
+        """
+        mark = self._applied_mark
+        if self._registry.exists() and mark.exists() and mark.read_text() == self._fingerprint():
+            return False
+        self.apply()
+        return True
+
+    @property
+    def _registry(self) -> Path:
+        return self.features_dir / REGISTRY_FILE
+
+    @property
+    def _applied_mark(self) -> Path:
+        return self._registry.with_name(self._registry.name + ".applied")
+
+    @property
+    def _sqlite_path(self) -> Path:
+        return self.settings.path(self.settings.online_store.sqlite_path)
+
+    def _fingerprint(self) -> str:
+        from . import definitions
+
+        digest = hashlib.sha256(str(self.features_dir.resolve()).encode())
+        for source in (self.repo_path / "repo.py", Path(definitions.__file__)):
+            digest.update(source.read_bytes())
+        return digest.hexdigest()
 
     def service_features(self, service: str) -> list[str]:
         """Feature names a service returns, in a stable order.
@@ -249,6 +317,71 @@ class FeatureStoreAdapter:
             self._services[service] = self.store.get_feature_service(service, allow_cache=True)
         return self._services[service]
 
+    def reader(
+        self,
+        features: str | Sequence[str],
+        *,
+        columns: Sequence[str] = (),
+        direct: bool = True,
+        executor: Executor | None = None,
+    ) -> MatrixReader:
+        """The vectorized online read of a service's features, or of ``"view:feature"`` refs.
+
+        With ``direct`` (the default) the online-store plugin reads its own
+        storage (SQLite: one query per view, views in parallel on
+        ``executor``); otherwise, and for stores without a direct read
+        (Redis), the read goes through Feast's ``get_online_features``. TTLs
+        come from the registered views.
+
+        Parameters
+        ----------
+        features : str or sequence of str
+            A feature service name (its view features), or ``"view:feature"`` refs.
+        columns : sequence of str
+            Extra matrix columns after the served ones, left NaN (request-time features).
+        direct : bool
+        executor : concurrent.futures.Executor, optional
+
+        Examples
+        --------
+        >>> rows = adapter.reader("churn_v1").read(["C0000001"], now=time.time())  # doctest: +SKIP
+        """
+        if isinstance(features, str):
+            refs = [
+                f"{view}:{f.name}"
+                for view in service_views(features)
+                if view in VIEWS
+                for f in features_of(view)
+            ]
+        else:
+            refs = list(features)
+        ttls = {}
+        for view in dict.fromkeys(ref.split(":", 1)[0] for ref in refs):
+            ttl = self.store.get_feature_view(view).ttl
+            ttls[view] = ttl.total_seconds() if ttl else math.inf
+        config = self.store.config
+        if direct and isinstance(config.online_store, BulkSqliteOnlineStoreConfig):
+            return BulkSqliteOnlineStore().reader(
+                config, refs, ttls=ttls, columns=columns, executor=executor
+            )
+        return FeastReader(self.store, refs, ttls=ttls, columns=columns)
+
+    def forget(self, customer_ids: Sequence[str]) -> ForgetReport:
+        """Delete customers' rows from the online stores (the erasure job's online step).
+
+        The SQLite file is cleaned whenever it exists (a project that moved to
+        Redis may keep one), Redis when it is the configured store. Needs no
+        applied registry.
+        """
+        keys = entity_keys([str(c) for c in customer_ids], ENTITY)
+        rows, vacuumed = BulkSqliteOnlineStore.delete_entities(
+            self._sqlite_path, self.project, keys
+        )
+        report = ForgetReport(sqlite_rows=rows, sqlite_vacuumed=vacuumed)
+        if self.settings.online_store.kind == "redis":
+            report.redis_keys = BulkRedisOnlineStore().delete_entities(self.repo_config(), keys)
+        return report
+
     def latest_snapshot(self) -> pd.Timestamp:
         """Latest snapshot time found in the feature tables."""
         latest: pd.Timestamp | None = None
@@ -274,8 +407,8 @@ class FeatureStoreAdapter:
     ) -> list[WriteReport]:
         """Load each customer's latest snapshot row into the online store.
 
-        Uses the fast writer of :mod:`.online_writer` (Feast's own online
-        format, bounded chunks). All views read one joined stream of latest
+        Uses the plugins' bulk writer (:func:`propensity.features.online.write_many`:
+        Feast's own online format, bounded chunks). All views read one joined stream of latest
         rows, so each customer's features of every view are written together
         (one SQLite transaction, one Redis ``HSET``): a reader never sees a
         customer half refreshed. With ``incremental`` only rows newer than
@@ -295,7 +428,7 @@ class FeatureStoreAdapter:
             report(progress, "materialize", done, total)
 
         source = self._latest_rows(chosen, stop)
-        return write_online_many(
+        return write_many(
             self.store,
             {view: source for view in chosen},
             end=stop.to_pydatetime(),

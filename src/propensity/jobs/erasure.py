@@ -6,7 +6,8 @@ where older data holds it exactly) and:
 
 1. puts it on the suppression list (:mod:`propensity.events.suppression`)
    first, so an ingest from then on drops the customer's rows, on every path;
-2. deletes their entity rows from the online store: SQLite with
+2. deletes their entity rows from the online store
+   (:meth:`~propensity.features.store.FeatureStoreAdapter.forget`): SQLite with
    ``secure_delete`` (freed bytes are zeroed), then a WAL checkpoint that
    truncates the log, then ``VACUUM`` if the main file still holds their key
    bytes (a copy of the main file alone must not hold them); Redis hash keys;
@@ -38,7 +39,6 @@ import logging
 import os
 import re
 import socket
-import sqlite3
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -56,12 +56,11 @@ from propensity.events.lake import EventLake
 from propensity.events.suppression import AUDIT_FILE, SuppressionList
 from propensity.features.definitions import ENTITY, VIEWS
 from propensity.features.snapshots import feature_table_path
-from propensity.jobs.erasure_scan import IdPattern, Trace, entity_key, find_traces
+from propensity.jobs.erasure_scan import IdPattern, Trace, find_traces
 from propensity.jobs.lock import jobs_lock
 
 __all__ = ["AUDIT_FILE", "ErasureReport", "check_ids", "forget", "suppression_list"]
 
-_PROJECT = "propensity"  # the Feast project name (FeatureStoreAdapter's default)
 _PARQUET = (".parquet", ".pq")
 _log = logging.getLogger(__name__)
 # A killed ingest, build or erasure leaves these behind; a live one is younger.
@@ -182,84 +181,6 @@ def _erase_features(settings: Settings, wanted: pa.Array) -> dict[str, int]:
             _write_atomic(table.filter(pc.invert(hit)), path)
         out[view] = removed
     return out
-
-
-def _holds(path: Path, keys: list[bytes]) -> bool:
-    data = path.read_bytes()
-    return any(k in data for k in keys)
-
-
-def _erase_sqlite(path: Path, keys: list[bytes]) -> tuple[int, bool]:
-    """Delete the entity rows so that the main file alone no longer holds them.
-
-    Returns the rows deleted and whether the file had to be vacuumed.
-    """
-    if not path.exists():
-        return 0, False
-    con = sqlite3.connect(path, timeout=60, isolation_level=None)
-    try:
-        # Zero the freed bytes instead of leaving them in free space until reused.
-        con.execute("PRAGMA secure_delete=ON")
-        tables = [
-            row[0]
-            for row in con.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE ?",
-                (f"{_PROJECT}_%",),
-            )
-        ]
-        marks = ", ".join("?" * len(keys))
-        removed = 0
-        con.execute("BEGIN IMMEDIATE")  # a reader never sees a half-erased customer
-        try:
-            for table in tables:
-                quoted = '"' + table.replace('"', '""') + '"'
-                cursor = con.execute(f"DELETE FROM {quoted} WHERE entity_key IN ({marks})", keys)
-                removed += cursor.rowcount
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        con.execute("COMMIT")
-        # The WAL holds the pages as they were before the delete: fold it into the
-        # main file and truncate it.
-        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        vacuumed = False
-        if _holds(path, keys):
-            # Copies left in pages by earlier B-tree rebalancing (before secure_delete
-            # was on): only a rebuild of the file drops them.
-            con.execute("VACUUM")
-            con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            vacuumed = True
-        return removed, vacuumed
-    finally:
-        con.close()
-
-
-def _redis_client(url: str) -> Any:
-    import redis
-
-    from propensity.features.store import redis_connection_string
-
-    host_port, *options = redis_connection_string(url).split(",")
-    host, _, port = host_port.partition(":")
-    kwargs: dict[str, Any] = {"host": host or "localhost", "port": int(port or 6379)}
-    for option in options:
-        name, _, value = option.partition("=")
-        if name == "db":
-            kwargs["db"] = int(value)
-        elif name == "password":
-            kwargs["password"] = value
-        elif name == "ssl":
-            kwargs["ssl"] = value.lower() == "true"
-    return redis.Redis(**kwargs)
-
-
-def _erase_redis(url: str, keys: list[bytes]) -> int:
-    # Feast's Redis store keeps one hash per entity: serialized key + project name.
-    client = _redis_client(url)
-    try:
-        return int(client.delete(*[k + _PROJECT.encode("utf8") for k in keys]))
-    finally:
-        client.close()
 
 
 @dataclass
@@ -445,13 +366,12 @@ def forget(
         # Suppressed before anything is erased: an ingest from now on drops them.
         erased.add(ids, {"at": _now(), "actor": actor, "status": "started"})
         # Online first: once a customer is gone from serving, the rest is offline cleanup.
-        keys = [entity_key(c) for c in ids]
-        online = settings.online_store
-        report.online_sqlite_rows, report.online_sqlite_vacuumed = _erase_sqlite(
-            settings.path(online.sqlite_path), keys
-        )
-        if online.kind == "redis":
-            report.online_redis_keys = _erase_redis(online.redis_url, keys)
+        from propensity.features.store import FeatureStoreAdapter
+
+        online = FeatureStoreAdapter(settings).forget(ids)
+        report.online_sqlite_rows = online.sqlite_rows
+        report.online_sqlite_vacuumed = online.sqlite_vacuumed
+        report.online_redis_keys = online.redis_keys
         report.lake_events = EventLake(settings.path(settings.lake_dir)).erase_customers(ids)
         report.feature_rows = _erase_features(settings, wanted)
         quarantine = settings.path(settings.quarantine_dir)

@@ -23,7 +23,6 @@ import gzip
 import os
 import re
 import sqlite3
-import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ import pyarrow.parquet as pq
 
 from propensity.config import Settings
 from propensity.features.definitions import ENTITY
+from propensity.features.online import entity_keys
 
 __all__ = ["IdPattern", "Trace", "find_traces", "scan_roots"]
 
@@ -42,13 +42,6 @@ _WORD = "A-Za-z0-9_"
 _BLOCK = 8 << 20
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _PARQUET_MAGIC = b"PAR1"
-
-
-def entity_key(customer_id: str) -> bytes:
-    """Feast's ``serialize_entity_key`` (version 3) for the one string join key."""
-    # Tests check it against Feast's own encoder.
-    key, raw = ENTITY.encode("utf8"), customer_id.encode("utf8")
-    return struct.pack("<III", 1, 2, len(key)) + key + struct.pack("<II", 2, len(raw)) + raw
 
 
 class IdPattern:
@@ -80,7 +73,7 @@ class IdPattern:
         self._bytes = re.compile("|".join(py).encode("utf8"))
         self._text = re.compile("|".join(py))
         self.arrow_regex = "|".join(re2)
-        self.keys = [entity_key(i) for i in self.ids]
+        self.keys = entity_keys(self.ids, ENTITY)
         self.longest = max(len(i.encode("utf8")) for i in self.ids) + max(map(len, self.keys))
 
     def search_bytes(self, data: bytes, start: int = 0) -> bool:

@@ -44,7 +44,7 @@ import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -338,16 +338,13 @@ def _suppress(settings: Settings) -> int:
 
 
 def _materialize(settings: Settings) -> None:
-    from propensity.features.definitions import VIEWS
-    from propensity.features.online_writer import write_online_many
     from propensity.features.store import FeatureStoreAdapter
 
     adapter = FeatureStoreAdapter(settings)
-    if not (settings.path(settings.features_dir) / "feast_registry.db").exists():
-        adapter.apply()
-    end = adapter.latest_snapshot() + timedelta(seconds=1)
-    # incremental: only rows after each view's last materialized end (the new snapshot).
-    write_online_many(adapter.store, list(VIEWS), end=end.to_pydatetime(), incremental=True)
+    adapter.ensure_applied()
+    # The adapter's one path: each customer written atomically across views; incremental,
+    # so only rows after each view's last materialized end (the new snapshot) are written.
+    adapter.materialize(incremental=True)
 
 
 def _train_propensity(settings: Settings, name: str, progress: ProgressCallback | None) -> Any:

@@ -1,541 +1,72 @@
-"""Online feature readers: customer ids in, a float64 feature matrix out.
+"""The scoring service's online reader: a store's vectorized read plus request-time features.
 
-Two implementations of :class:`~propensity.serving.scorer.FeatureReader`
-share their set-up (:class:`OnlineReader`): :class:`SqliteOnlineReader`
-reads a Feast SQLite online store straight from its tables, the fast path
-of the scoring API; :class:`FeastOnlineReader` goes through Feast's
-``get_online_features`` and serves any other online store (e.g. Redis).
-Both return NaN for a missing value, exactly as LightGBM saw it in
-training, with each customer's oldest feature timestamp and a staleness
-flag against the views' TTLs.
+The read itself (customer ids to a float64 matrix, oldest timestamps,
+staleness) belongs to the online-store plugins of
+:mod:`propensity.features.online`, opened by
+:meth:`~propensity.features.store.FeatureStoreAdapter.reader`; this module
+adds what only serving knows: the clock and the features computed at request
+time from the others (on-demand features), and hands the scorer a
+:class:`~propensity.serving.scorer.FeatureBatch`.
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
-import math
-import sqlite3
-import struct
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from propensity.serving.scorer import FeatureBatch, thread_pool
+from propensity.features.online import MatrixReader
+from propensity.serving.scorer import FeatureBatch
 
-__all__ = ["OnlineReader", "FeastOnlineReader", "SqliteOnlineReader", "entity_key_bytes"]
+__all__ = ["OnlineReader"]
 
-
-def _proto_value(value: Any) -> float:
-    kind = value.WhichOneof("val")
-    if kind is None:
-        return math.nan
-    raw = getattr(value, kind)
-    try:
-        return float(raw)
-    except (TypeError, ValueError):
-        return math.nan
+#: ``fn(columns: dict[str, ndarray], now: float) -> ndarray``: one request-time feature.
+Derived = Callable[[dict[str, np.ndarray], float], np.ndarray]
 
 
 class OnlineReader:
-    """What every online reader shares: the served features, TTLs and derived features.
+    """Implements :class:`~propensity.serving.scorer.FeatureReader` over a store's read.
 
     Parameters
     ----------
-    feature_refs : list of str
-        ``"view:feature"`` references; feature names must be unique.
-    ttls : mapping of view name to seconds, optional
-        TTL of each view (0 or missing: never stale).
-    entity_key : str
-        The join key.
+    rows : propensity.features.online.MatrixReader
+        The store's vectorized read; its ``feature_names`` are the matrix
+        columns, request-time ones included (left NaN by the store).
     derived : mapping of name to callable, optional
-        Features computed at request time from the others (on-demand
-        features), ``fn(columns: dict[str, ndarray], now: float) -> ndarray``.
+        Request-time features, filled into their column from the others.
     clock : callable
         Returns the current epoch seconds (injectable for tests).
+
+    Examples
+    --------
+    >>> reader = OnlineReader(adapter.reader(["session:sessions_7d"]))  # doctest: +SKIP
+    >>> reader.read(["C0000001"]).matrix.shape  # doctest: +SKIP
+    (1, 1)
     """
 
     def __init__(
         self,
-        feature_refs: Sequence[str],
-        *,
-        ttls: Mapping[str, float] | None = None,
-        entity_key: str = "customer_id",
-        derived: Mapping[str, Callable[[dict[str, np.ndarray], float], np.ndarray]] | None = None,
+        rows: MatrixReader,
+        derived: Mapping[str, Derived] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.feature_refs = list(feature_refs)
-        self.entity_key = entity_key
+        self.rows = rows
         self.derived = dict(derived or {})
         self.clock = clock
-        self._refs = [tuple(ref.split(":", 1)) for ref in self.feature_refs]
-        base = [name for _, name in self._refs]
-        dupes = sorted({n for n in base if base.count(n) > 1})
-        if dupes:
-            raise ValueError(f"feature names {dupes} appear in more than one view")
-        # Derived (request-time) features not served by a view come last.
-        self.feature_names = base + [n for n in self.derived if n not in base]
+        self.feature_names = rows.feature_names
         self._column = {name: j for j, name in enumerate(self.feature_names)}
-        self._views = list(dict.fromkeys(view for view, _ in self._refs))
-        self._view_ttl = {v: float((ttls or {}).get(v) or math.inf) for v in self._views}
+        missing = [name for name in self.derived if name not in self._column]
+        if missing:
+            raise ValueError(f"request-time feature(s) {missing} have no column in the read")
 
-    def _batch(
-        self,
-        matrix: np.ndarray,
-        oldest: np.ndarray,
-        found: np.ndarray,
-        stale: np.ndarray,
-        now: float,
-    ) -> FeatureBatch:
-        """The read values plus derived features, as a batch."""
+    def read(self, customer_ids: Sequence[str]) -> FeatureBatch:
+        now = self.clock()
+        got = self.rows.read(customer_ids, now)
+        matrix = got.matrix
         if self.derived and len(matrix):
             columns = {name: matrix[:, j] for name, j in self._column.items()}
             for name, fn in self.derived.items():
                 matrix[:, self._column[name]] = fn(columns, now)
-        timestamps = np.where(np.isfinite(oldest), oldest, np.nan)
-        return FeatureBatch(matrix=matrix, timestamps=timestamps, found=found, stale=stale)
-
-
-class FeastOnlineReader(OnlineReader):
-    """Read features from a Feast store's online store in one call.
-
-    The store is passed in (it is opened by the feature-store adapter, the
-    only module importing Feast); this class relies only on
-    ``get_online_features`` and the response proto. Features are matched by
-    name (Feast does not keep the requested order), values that are null or
-    absent become NaN, and ``stale`` compares each feature row's timestamp
-    with its view's TTL.
-
-    Parameters
-    ----------
-    store : feast.FeatureStore
-        An open store.
-    feature_refs, ttls, entity_key, derived, clock
-        As in :class:`OnlineReader`.
-
-    Examples
-    --------
-    >>> reader = FeastOnlineReader(store, ["session:sessions_7d"])  # doctest: +SKIP
-    >>> reader.read(["C0000001"]).matrix.shape  # doctest: +SKIP
-    (1, 1)
-    """
-
-    def __init__(
-        self,
-        store: Any,
-        feature_refs: Sequence[str],
-        *,
-        ttls: Mapping[str, float] | None = None,
-        entity_key: str = "customer_id",
-        derived: Mapping[str, Callable[[dict[str, np.ndarray], float], np.ndarray]] | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        super().__init__(
-            feature_refs, ttls=ttls, entity_key=entity_key, derived=derived, clock=clock
-        )
-        self.store = store
-        # Per feature: the TTL of its view (inf when none).
-        self._ttl_by_name = {name: self._view_ttl[view] for view, name in self._refs}
-
-    def read(self, customer_ids: Sequence[str]) -> FeatureBatch:
-        ids = list(customer_ids)
-        n = len(ids)
-        matrix = np.full((n, len(self.feature_names)), np.nan)
-        oldest = np.full(n, np.inf)
-        found = np.zeros(n, dtype=bool)
-        stale = np.zeros(n, dtype=bool)
-        now = self.clock()
-        response = self.store.get_online_features(
-            features=self.feature_refs, entity_rows={self.entity_key: ids}
-        )
-        proto = response.proto
-        for name, vector in zip(proto.metadata.feature_names.val, proto.results, strict=True):
-            j = self._column.get(name)
-            if j is None or name in self.derived:
-                continue
-            ttl = self._ttl_by_name.get(name, math.inf)
-            column = matrix[:, j]
-            for i, (value, stamp) in enumerate(
-                zip(vector.values, vector.event_timestamps, strict=True)
-            ):
-                column[i] = _proto_value(value)
-                seconds = stamp.seconds
-                if seconds:
-                    found[i] = True
-                    if seconds < oldest[i]:
-                        oldest[i] = seconds
-                    if now - seconds > ttl:
-                        stale[i] = True
-        return self._batch(matrix, oldest, found, stale, now)
-
-
-def entity_key_bytes(name: str, value: str) -> bytes:
-    """Feast's serialized entity key (version 3) of one string join key.
-
-    Examples
-    --------
-    >>> entity_key_bytes("customer_id", "C1")[:4]
-    b'\\x01\\x00\\x00\\x00'
-    """
-    # Layout: key count, then per key (type STRING=2, length, name), then per value
-    # (type STRING=2, length, bytes); all little-endian uint32.
-    key = name.encode("utf8")
-    raw = value.encode("utf8")
-    return struct.pack("<III", 1, 2, len(key)) + key + struct.pack("<II", 2, len(raw)) + raw
-
-
-_DOUBLE = struct.Struct("<d")
-_FLOAT = struct.Struct("<f")
-
-
-def _decode_value(blob: bytes, feature: str) -> float:
-    """A Feast ``ValueProto`` holding one number, without protobuf."""
-    if not blob:
-        return math.nan  # the empty message: a null (or NaN) value
-    tag = blob[0]
-    if tag == 0x29 and len(blob) == 9:  # double_val
-        return float(_DOUBLE.unpack_from(blob, 1)[0])
-    if tag == 0x35 and len(blob) == 5:  # float_val
-        return float(_FLOAT.unpack_from(blob, 1)[0])
-    if tag in (0x18, 0x20, 0x38):  # int32 / int64 / bool varints
-        result, shift = 0, 0
-        for byte in blob[1:]:
-            result |= (byte & 0x7F) << shift
-            shift += 7
-        if result >= 1 << 63:
-            result -= 1 << 64
-        return float(result)
-    raise ValueError(f"feature {feature!r}: online value of protobuf tag {tag:#x} is not numeric")
-
-
-_DOUBLE_RECORD = np.dtype([("tag", "u1"), ("value", "<f8")])
-_DOUBLE_TAG = 0x29
-_NAN_HEX = "29" + struct.pack("<d", math.nan).hex().upper()
-#: Batches from this size read one row per view, views in parallel, instead of one per value.
-_GROUPED_ROWS = 16
-#: How much of the online store each reader connection maps into memory.
-_MMAP_BYTES = 1 << 30
-_probe = sqlite3.connect(":memory:")
-#: Most keys bound to one statement, within the SQLite library's parameter cap
-#: (32,766 since SQLite 3.32, 999 before).
-_KEYS_PER_QUERY = min(10_000, _probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
-_probe.close()
-
-
-@functools.lru_cache(maxsize=16)
-def _requested(n_keys: int) -> str:
-    """The ``requested(row, key)`` table of a batch: built once per batch size, not per view."""
-    rows = ",".join(f"({i},?)" for i in range(n_keys))
-    return f"WITH requested(row, key) AS (VALUES {rows}) "
-
-
-def _decode_values(blobs: Sequence[bytes], features: Sequence[str]) -> np.ndarray:
-    """Decode many ``ValueProto`` blobs; doubles (the common case) in one numpy pass."""
-    count = len(blobs)
-    lengths = np.fromiter(map(len, blobs), dtype=np.intp, count=count)
-    doubles = lengths == 9
-    values = np.full(count, np.nan)
-    if doubles.any():
-        packed = b"".join(itertools.compress(blobs, doubles.tolist()))
-        records = np.frombuffer(packed, dtype=_DOUBLE_RECORD)
-        values[doubles] = records["value"]
-        doubles[np.flatnonzero(doubles)[records["tag"] != _DOUBLE_TAG]] = False
-    # Everything else (nulls, floats, ints, a 9-byte varint) takes the general decoder.
-    for k in np.flatnonzero(~doubles).tolist():
-        values[k] = _decode_value(blobs[k], features[k])
-    return values
-
-
-@dataclass(frozen=True)
-class _ViewValues:
-    """One view's served values for a batch, parsed, as requested-row positions."""
-
-    rows: np.ndarray
-    columns: np.ndarray
-    values: np.ndarray
-    stamped: np.ndarray  # requested rows with a served timestamp in this view
-    seconds: np.ndarray  # the oldest such timestamp of each
-    retry: np.ndarray  # requested rows to re-read value by value
-
-    @classmethod
-    def retry_all(cls, rows: np.ndarray) -> _ViewValues:
-        empty = rows[:0]
-        return cls(empty, empty, np.zeros(0), empty, np.zeros(0), rows)
-
-
-class SqliteOnlineReader(OnlineReader):
-    """Read features straight from a Feast SQLite online store.
-
-    Reads the layout Feast's SQLite store (and the project's bulk writer)
-    uses: one table ``<project>_<view>`` with a row per (entity key,
-    feature). Feast's own reader issues one query per view and converts
-    every timestamp in Python, which costs more than the whole HTTP request;
-    this reader answers a few customers with one ``UNION ALL`` query. From
-    16 customers on, each view is one query returning one row (the view's
-    values for the whole batch, concatenated), the views run in parallel on
-    read threads with their own connections, and numpy parses each result
-    in a few calls (Python objects per value were most of a 1,000-customer
-    read). Connections map the database into memory.
-
-    Parameters
-    ----------
-    path : path
-        The SQLite database.
-    feature_refs : list of str
-        ``"view:feature"`` references; feature names must be unique.
-    project : str
-        Feast project (table prefix).
-    ttls, entity_key, derived, clock
-        As in :class:`OnlineReader`.
-
-    Examples
-    --------
-    >>> reader = SqliteOnlineReader("online_store.db", ["session:sessions_7d"])  # doctest: +SKIP
-    >>> reader.read(["C0000001"]).matrix.shape  # doctest: +SKIP
-    (1, 1)
-    """
-
-    def __init__(
-        self,
-        path: Any,
-        feature_refs: Sequence[str],
-        *,
-        project: str = "propensity",
-        ttls: Mapping[str, float] | None = None,
-        entity_key: str = "customer_id",
-        derived: Mapping[str, Callable[[dict[str, np.ndarray], float], np.ndarray]] | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        super().__init__(
-            feature_refs, ttls=ttls, entity_key=entity_key, derived=derived, clock=clock
-        )
-        self.path = str(path)
-        views = self._views
-        self._ttl = [self._view_ttl[v] for v in views]
-        self._tables = [f"{project}_{v}" for v in views]
-        self._local = threading.local()
-        self._sql_cache: dict[int, str] = {}
-        # Grouped reads split feature-name lists on commas.
-        self._groupable = not any("," in name for _, name in self._refs)
-        # Per view: its served features as an SQL list, and the matrix column of each.
-        self._names_sql = [
-            ",".join("'" + name.replace("'", "''") + "'" for view, name in self._refs if view == v)
-            for v in views
-        ]
-        self._view_columns = [
-            {name: self._column[name] for view, name in self._refs if view == v} for v in views
-        ]
-        # View index of each served column, and -1 last, for features nobody asked for.
-        view_index = {v: k for k, v in enumerate(views)}
-        by_name = {name: view_index[view] for view, name in self._refs}
-        self._view_of_column = np.array(
-            [by_name.get(name, -2) for name in self.feature_names] + [-1], dtype=np.intp
-        )
-
-    def _connection(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            # Read-only, one connection per thread; the writer uses WAL, so reads never block.
-            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
-            # Pages read through a memory map skip a system call and a copy each.
-            conn.execute(f"PRAGMA mmap_size={_MMAP_BYTES}")
-            existing = {
-                row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
-            }
-            missing = [t for t in self._tables if t not in existing]
-            if missing:
-                conn.close()
-                raise LookupError(
-                    f"online store {self.path} has no table(s) {missing}; "
-                    "materialize features first"
-                )
-            self._local.conn = conn
-        return conn
-
-    def _lookup(self, name: str) -> int:
-        return self._column.get(name, -1)
-
-    def _fill(
-        self,
-        rows: list[tuple[Any, ...]],
-        row_of: dict[bytes, int],
-        matrix: np.ndarray,
-        oldest: np.ndarray,
-        found: np.ndarray,
-        stale: np.ndarray,
-        now: float,
-    ) -> None:
-        """Scatter the fetched (view, key, feature, value, timestamp) rows, vectorized."""
-        views, keys, features, blobs, stamps = zip(*rows, strict=True)
-        count = len(rows)
-        view = np.fromiter(views, dtype=np.intp, count=count)
-        j = np.fromiter(map(self._lookup, features), dtype=np.intp, count=count)
-        wanted = self._view_of_column[j] == view  # j = -1 (not served) maps to view -1
-        if not wanted.all():
-            keep = wanted.tolist()
-            keys, features, blobs, stamps = (
-                tuple(itertools.compress(c, keep)) for c in (keys, features, blobs, stamps)
-            )
-            view, j, count = view[wanted], j[wanted], int(wanted.sum())
-            if not count:
-                return
-        i = np.fromiter(map(row_of.__getitem__, keys), dtype=np.intp, count=count)
-        matrix[i, j] = _decode_values(blobs, features)
-        seconds = np.array(stamps, dtype=np.float64)  # None (no timestamp) becomes NaN
-        found[i] = True
-        np.minimum.at(oldest, i, np.where(np.isnan(seconds), np.inf, seconds))
-        ttl = np.asarray(self._ttl)[view]
-        with np.errstate(invalid="ignore"):
-            stale[i[(now - seconds) > ttl]] = True
-
-    def _view_sql(self, view: int, n_keys: int, per_customer: bool = False) -> str:
-        """One row for a whole view: its values for every requested customer, concatenated.
-
-        SQLite then steps once per view with the GIL released (sqlite3 retakes
-        it per row returned, and grouping per customer costs more than the
-        read). All concatenations of one aggregate visit the rows in the same
-        order, so the requested row, feature name and value blob (an empty
-        one, Feast's null, as a NaN double) of every stored value line up.
-        Timestamps come back as their range and count over all the view's
-        rows, cheaper than testing each feature name; ``per_customer`` asks
-        instead for each customer's oldest served timestamp, for views whose
-        rows differ.
-        """
-        joined = f'FROM requested JOIN "{self._tables[view]}" ON entity_key = requested.key'
-        if per_customer:
-            stamp = f"CASE WHEN feature_name IN ({self._names_sql[view]}) THEN event_ts END"
-            selected = f"requested.row, min({stamp}) {joined} GROUP BY requested.row"
-        else:
-            value = f"CASE WHEN length(value) = 0 THEN x'{_NAN_HEX}' ELSE value END"
-            selected = (
-                "group_concat(requested.row), group_concat(feature_name), "
-                f"CAST(group_concat({value}, '') AS BLOB), "
-                f"min(event_ts), max(event_ts), count(event_ts) {joined}"
-            )
-        return f"{_requested(n_keys)}SELECT {selected}"
-
-    def _read_view(self, view: int, keys: list[bytes]) -> _ViewValues | None:
-        """Fetch and parse one view for many customers; runs on a read thread."""
-        conn = self._connection()
-        rows_csv, names_csv, blob, first, last, dated = conn.execute(
-            self._view_sql(view, len(keys)), keys
-        ).fetchone()
-        if rows_csv is None:
-            return None  # nobody in the batch has this view
-        rows = np.fromstring(rows_csv, dtype=np.intp, sep=",")
-        names = names_csv.split(",")
-        columns = np.fromiter(
-            map(self._view_columns[view].get, names, itertools.repeat(-1)),
-            dtype=np.intp,
-            count=len(names),
-        )
-        # A feature name holding a comma, or a value other than a double, breaks the
-        # alignment of names and values: then the customers are re-read value by value.
-        if len(columns) != len(rows) or len(blob) != _DOUBLE_RECORD.itemsize * len(rows):
-            return _ViewValues.retry_all(np.unique(rows))
-        records = np.frombuffer(blob, dtype=_DOUBLE_RECORD)
-        served = columns >= 0
-        retry = np.unique(rows[records["tag"] != _DOUBLE_TAG])
-        if first is not None and first == last and dated == len(rows):
-            stamped = np.unique(rows[served])  # one snapshot: every customer shares it
-            seconds = np.full(len(stamped), float(first))
-        else:
-            oldest = [
-                (row, float(ts))
-                for row, ts in conn.execute(self._view_sql(view, len(keys), True), keys)
-                if ts is not None
-            ]
-            stamped = np.array([row for row, _ in oldest], dtype=np.intp)
-            seconds = np.array([ts for _, ts in oldest], dtype=np.float64)
-        if len(retry):
-            served &= ~np.isin(rows, retry)
-        return _ViewValues(
-            rows[served], columns[served], records["value"][served], stamped, seconds, retry
-        )
-
-    def _read_grouped(
-        self,
-        keys: list[bytes],
-        matrix: np.ndarray,
-        oldest: np.ndarray,
-        found: np.ndarray,
-        stale: np.ndarray,
-        now: float,
-    ) -> list[bytes]:
-        """Read many customers with one query per view, views in parallel; returns keys to re-read.
-
-        Each view is one SQLite step on a read thread's own connection, and
-        Python parses its result with a few numpy calls, never per value.
-        Customers holding a value that is not a double (or null) are re-read
-        value by value, which is idempotent for the parts already written.
-        """
-        retry: set[int] = set()
-        views = range(len(self._tables))
-        for start in range(0, len(keys), _KEYS_PER_QUERY):
-            chunk = keys[start : start + _KEYS_PER_QUERY]
-            parts = thread_pool("sqlite").map(self._read_view, views, itertools.repeat(chunk))
-            for view, part in zip(views, parts, strict=True):
-                if part is None:
-                    continue
-                rows, stamped = part.rows + start, part.stamped + start
-                matrix[rows, part.columns] = part.values
-                found[rows] = True
-                np.minimum.at(oldest, stamped, part.seconds)
-                stale[stamped[(now - part.seconds) > self._ttl[view]]] = True
-                retry.update((part.retry + start).tolist())
-        return [keys[i] for i in sorted(retry)]
-
-    def _sql(self, n_keys: int) -> str:
-        cached = self._sql_cache.get(n_keys)
-        if cached is not None:
-            return cached
-        marks = ",".join("?" * n_keys)
-        # No feature_name filter in SQL: it makes SQLite probe the primary key per
-        # (key, feature) pair, 1.6x slower than reading the key's rows; unwanted
-        # features are dropped in _fill.
-        parts = [
-            f'SELECT {k}, entity_key, feature_name, value, event_ts FROM "{table}" '
-            f"WHERE entity_key IN ({marks})"
-            for k, table in enumerate(self._tables)
-        ]
-        sql = " UNION ALL ".join(parts)
-        if n_keys <= 8:  # the same text each call lets sqlite3 reuse its prepared statement
-            self._sql_cache[n_keys] = sql
-        return sql
-
-    def read(self, customer_ids: Sequence[str]) -> FeatureBatch:
-        ids = [str(c) for c in customer_ids]
-        unique = list(dict.fromkeys(ids))
-        keys = [entity_key_bytes(self.entity_key, c) for c in unique]
-        row_of = {key: i for i, key in enumerate(keys)}
-        n = len(unique)
-        matrix = np.full((n, len(self.feature_names)), np.nan)
-        oldest = np.full(n, np.inf)
-        found = np.zeros(n, dtype=bool)
-        stale = np.zeros(n, dtype=bool)
-        now = self.clock()
-        by_value = keys
-        if n >= _GROUPED_ROWS and self._groupable:
-            by_value = self._read_grouped(keys, matrix, oldest, found, stale, now)
-        # A few customers, or those the grouped read could not decode: value by value.
-        step = max(1, _KEYS_PER_QUERY // len(self._tables))
-        for start in range(0, len(by_value), step):
-            chunk = by_value[start : start + step]
-            params = chunk * len(self._tables)
-            rows = self._connection().execute(self._sql(len(chunk)), params).fetchall()
-            if rows:
-                self._fill(rows, row_of, matrix, oldest, found, stale, now)
-        batch = self._batch(matrix, oldest, found, stale, now)
-        if len(unique) == len(ids):
-            return batch
-        index = np.array([row_of[entity_key_bytes(self.entity_key, c)] for c in ids], dtype=np.intp)
-        return FeatureBatch(
-            matrix=batch.matrix[index],
-            timestamps=batch.timestamps[index],
-            found=found[index],
-            stale=stale[index],
-        )
+        timestamps = np.where(np.isfinite(got.oldest), got.oldest, np.nan)
+        return FeatureBatch(matrix=matrix, timestamps=timestamps, found=got.found, stale=got.stale)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -19,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from propensity.config import Serving, Settings
-from propensity.serving.online import FeastOnlineReader, SqliteOnlineReader
+from propensity.serving.online import OnlineReader
 from propensity.serving.scorer import (
     CHURN,
     NBA,
@@ -28,6 +27,7 @@ from propensity.serving.scorer import (
     FeatureReader,
     NBAPolicy,
     Scorer,
+    thread_pool,
 )
 
 __all__ = [
@@ -89,13 +89,14 @@ _DERIVED: dict[str, tuple[str, Callable[[dict[str, np.ndarray], float], np.ndarr
 }
 
 
-def online_reader(store: Any, feature_names: list[str], sqlite_path: Any = None) -> FeatureReader:
+def online_reader(adapter: Any, feature_names: list[str], direct: bool = True) -> FeatureReader:
     """A reader of ``feature_names`` from the project's Feast online store.
 
-    Regular features are read from their view; on-demand ones are computed
-    here with the feature repo's own transformation (cheaper than Feast's
-    on-demand path, same values). With ``sqlite_path`` the SQLite store is
-    read directly (one query per call), else through Feast (e.g. Redis).
+    Regular features are read from their view by the online-store plugin
+    (:meth:`~propensity.features.store.FeatureStoreAdapter.reader`: SQLite
+    read directly, one query per view; ``direct=False``, or Redis, through
+    Feast); on-demand ones are computed here with the feature repo's own
+    transformation (cheaper than Feast's on-demand path, same values).
     """
     from propensity.features.definitions import FEATURES, ON_DEMAND_FEATURES
 
@@ -114,17 +115,11 @@ def online_reader(store: Any, feature_names: list[str], sqlite_path: Any = None)
         else:
             raise ValueError(f"feature {name!r} is not defined in the feature registry")
     base = list(dict.fromkeys(base))
-    views = sorted({view_of[n] for n in base})
-    ttls = {}
-    for view in views:
-        ttl = store.get_feature_view(view).ttl
-        ttls[view] = ttl.total_seconds() if ttl else math.inf
     refs = [f"{view_of[n]}:{n}" for n in base]
-    if sqlite_path is not None:
-        return SqliteOnlineReader(
-            sqlite_path, refs, project=store.project, ttls=ttls, derived=derived
-        )
-    return FeastOnlineReader(store, refs, ttls=ttls, derived=derived)
+    rows = adapter.reader(
+        refs, columns=list(derived), direct=direct, executor=thread_pool("sqlite")
+    )
+    return OnlineReader(rows, derived)
 
 
 def freeze_heap() -> None:
@@ -199,10 +194,8 @@ class Runtime:
         if self._store is None:
             from propensity.features.store import FeatureStoreAdapter
 
-            self._store = FeatureStoreAdapter(self.settings).store
-        online = self.settings.online_store
-        path = self.settings.path(online.sqlite_path) if online.kind == "sqlite" else None
-        return online_reader(self._store, feature_names, path)
+            self._store = FeatureStoreAdapter(self.settings)
+        return online_reader(self._store, feature_names)
 
     def reload(self) -> bool:
         """Load the champions if any alias moved; True when a new scorer was swapped in."""

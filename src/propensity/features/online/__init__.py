@@ -1,0 +1,60 @@
+"""Feast online-store plugins: the only code that knows Feast's online storage layout.
+
+* :mod:`.sqlite` — :class:`BulkSqliteOnlineStore` (the default store),
+* :mod:`.redis` — :class:`BulkRedisOnlineStore` (production),
+
+both subclasses of Feast's stores, selected by their class path in the
+``online_store.type`` of the Feast configuration, with a bulk
+``online_write_batch``, the Arrow bulk write :func:`write_many` (latest row per
+customer, chunked, each customer written atomically across views), a
+vectorized read into a matrix (:class:`SqliteReader`, or :class:`FeastReader`
+through ``get_online_features``) and entity deletion. One private codec
+(:mod:`._codec`) builds and parses entity keys and ``ValueProto`` bytes.
+
+The readers and :func:`entity_key` import no Feast; the stores and the writer
+are loaded on first use, so the scoring service's readers stay light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._codec import entity_key, entity_keys
+from ._read import FeastReader, MatrixReader, OnlineRows, SqliteReader
+
+if TYPE_CHECKING:
+    from ._bulk import Source, WriteReport, latest_rows, write_many
+    from .redis import BulkRedisOnlineStore
+    from .sqlite import BulkSqliteOnlineStore
+
+__all__ = [
+    "BulkRedisOnlineStore",
+    "BulkSqliteOnlineStore",
+    "FeastReader",
+    "MatrixReader",
+    "OnlineRows",
+    "Source",
+    "SqliteReader",
+    "WriteReport",
+    "entity_key",
+    "entity_keys",
+    "latest_rows",
+    "write_many",
+]
+
+_LAZY = {
+    "BulkRedisOnlineStore": ".redis",
+    "BulkSqliteOnlineStore": ".sqlite",
+    "Source": "._bulk",
+    "WriteReport": "._bulk",
+    "latest_rows": "._bulk",
+    "write_many": "._bulk",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Feast loads only when a store or the writer is used (PEP 562).
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
