@@ -144,6 +144,26 @@ class NBAModel:
         }
         return pd.DataFrame(data, index=X.index)
 
+    def uplift_matrix(self, X: np.ndarray, num_threads: int = 1) -> np.ndarray:
+        """:meth:`action_uplift` of a float64 matrix (columns ``feature_names_``), in numpy.
+
+        Columns follow ``catalog.names``. Each learner predicts from its own
+        boosters (:meth:`~propensity.models.uplift.TLearner.uplift_matrix`),
+        ``num_threads`` LightGBM threads per call (0: all cores): the
+        serving path, with no pandas.
+
+        Examples
+        --------
+        >>> model.uplift_matrix(X[:1]).shape  # doctest: +SKIP
+        (1, 4)
+        """
+        data = np.asarray(X, dtype=np.float64)
+        cache = {o: m.uplift_matrix(data, num_threads) for o, m in self.learners_.items()}
+        out = np.empty((len(data), len(self.catalog.names)), dtype=np.float64)
+        for j, (action, spec) in enumerate(self.catalog.actions.items()):
+            out[:, j] = cache[spec.outcome][:, self._columns(spec.outcome)[action]]
+        return out
+
     def valued_outcomes(self, X: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """``value × E[outcome | x, arm]`` under each action and under control (for DR)."""
         frame = X[self.feature_names_]
