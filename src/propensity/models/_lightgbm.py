@@ -43,7 +43,6 @@ _DTYPE_FLOAT64 = 1
 _PREDICT_FAST = ctypes.PYFUNCTYPE(
     ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p
 )(("LGBM_BoosterPredictForMatSingleRowFast", _LIB))
-# Bound now: at interpreter exit ``lightgbm.basic`` may be torn down before the predictors.
 _FREE_CONFIG = _LIB.LGBM_FastConfigFree
 
 
@@ -88,6 +87,7 @@ class SingleRowPredictor:
             trees = min(trees, self.num_iteration)
         width = {"value": 1, "contrib": self.ncol + 1, "leaf": trees}[output]
         self.out_len = width * n_classes
+        self._free = _FREE_CONFIG  # module globals may be gone when the last predictor dies
         self._local = threading.local()
         self._configs: list[ctypes.c_void_p] = []
         self._lock = threading.Lock()
@@ -130,7 +130,7 @@ class SingleRowPredictor:
 
     def __del__(self) -> None:
         for handle in getattr(self, "_configs", []):
-            _FREE_CONFIG(handle)
+            self._free(handle)
 
     def __getstate__(self) -> dict[str, Any]:
         # Fast configs and thread-locals live in this process only; rebuilt on first use.

@@ -309,6 +309,8 @@ def eligible_mask(
 
     def block(a: slice | int, mask: np.ndarray, text: Callable[[int], str]) -> None:
         fresh = mask & ok[:, a if isinstance(a, int) else 0]
+        if not fresh.any():  # the common case online: one row, nothing blocks
+            return
         if reasons:
             for i in np.flatnonzero(fresh).tolist():
                 why[i, a] = text(i)
@@ -347,7 +349,9 @@ def eligible_mask(
                 )
             column = columns[rule.feature]
             fails = ~rule.holds(column) & ok[:, a]
-            if reasons and fails.any():
+            if not fails.any():
+                continue
+            if reasons:
                 shown = column.tolist()  # the value as the customer's feature holds it
                 for i in np.flatnonzero(fails).tolist():
                     why[i, a] = f"ineligible: {rule.describe()} fails ({rule.feature}={shown[i]})"

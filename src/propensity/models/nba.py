@@ -158,11 +158,21 @@ class NBAModel:
         (1, 4)
         """
         data = np.asarray(X, dtype=np.float64)
-        cache = {o: m.uplift_matrix(data, num_threads) for o, m in self.learners_.items()}
         out = np.empty((len(data), len(self.catalog.names)), dtype=np.float64)
-        for j, (action, spec) in enumerate(self.catalog.actions.items()):
-            out[:, j] = cache[spec.outcome][:, self._columns(spec.outcome)[action]]
+        # Each learner predicts only the models of the actions that target its outcome.
+        for outcome, (actions, where) in self._by_outcome().items():
+            out[:, where] = self.learners_[outcome].uplift_matrix(data, num_threads, actions)
         return out
+
+    def _by_outcome(self) -> dict[str, tuple[list[str], np.ndarray]]:
+        groups: dict[str, list[int]] = {}
+        for j, spec in enumerate(self.catalog.actions.values()):
+            groups.setdefault(spec.outcome, []).append(j)
+        names = self.catalog.names
+        return {
+            o: ([names[j] for j in where], np.array(where, dtype=np.intp))
+            for o, where in groups.items()
+        }
 
     def valued_outcomes(self, X: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """``value × E[outcome | x, arm]`` under each action and under control (for DR)."""

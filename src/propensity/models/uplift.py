@@ -22,20 +22,21 @@ intervals live here too, since they score exactly these predictions.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
-from scipy.special import expit, softmax
+from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import KFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
+from sklearn.utils.extmath import softmax
 
 from propensity.models._lightgbm import estimator_predict
 
@@ -155,18 +156,29 @@ class PropensityModel(ClassifierMixin, BaseEstimator):
 
         The fitted pipeline's parameters applied in numpy: scikit-learn's
         per-call validation of three steps costs more than the arithmetic
-        on the one row ``/score`` needs. The link is scipy's.
+        on the one row ``/score`` needs. The links are the ones
+        ``LogisticRegression.predict_proba`` applies (scipy's ``expit``,
+        scikit-learn's ``softmax``; scipy's softmax costs ~10x more per row).
         """
         if self.pipeline_ is None:
             return np.tile(self.prior_, (len(X), 1))
-        imputer, scaler, logistic = (step for _, step in self.pipeline_.steps)
-        values = np.where(np.isnan(X), imputer.statistics_, X)
-        decision = ((values - scaler.mean_) / scaler.scale_) @ logistic.coef_.T
-        decision += logistic.intercept_
+        linear = getattr(self, "_linear_", None)
+        if linear is None:  # the fitted pipeline's numbers, read once
+            imputer, scaler, logistic = (step for _, step in self.pipeline_.steps)
+            linear = self._linear_ = (
+                imputer.statistics_,
+                scaler.mean_,
+                scaler.scale_,
+                np.ascontiguousarray(logistic.coef_.T),
+                logistic.intercept_,
+            )
+        fill, mean, scale, coef, intercept = linear
+        decision = ((np.where(np.isnan(X), fill, X) - mean) / scale) @ coef
+        decision += intercept
         if decision.shape[1] == 1:  # binary: one logit
             p1 = expit(decision[:, 0])
             return np.column_stack([1.0 - p1, p1])
-        return np.asarray(softmax(decision, axis=1))
+        return np.asarray(softmax(decision, copy=False))
 
 
 #: ``predict(model) -> (n,)``: one fitted outcome or effect model's prediction on the rows.
@@ -187,8 +199,10 @@ class _MetaLearner(BaseEstimator):
     def fit(self, X: Any, treatment: Any, y: Any, propensity: Any = None) -> _MetaLearner:
         raise NotImplementedError
 
-    def _uplift(self, predict: _ModelPredict, proba: Callable[[], np.ndarray]) -> np.ndarray:
-        """Uplift of every action in ``actions_`` order, shape (n_rows, n_actions)."""
+    def _uplift(
+        self, predict: _ModelPredict, proba: Callable[[], np.ndarray], actions: Sequence[str]
+    ) -> np.ndarray:
+        """Uplift of ``actions``, shape (n_rows, len(actions)); only their models are predicted."""
         raise NotImplementedError
 
     def _fitted_models(self) -> list[Any]:
@@ -278,6 +292,7 @@ class _MetaLearner(BaseEstimator):
         return self._uplift(
             lambda model: self._predict_outcome(model, frame),
             lambda: self.propensity_matrix(frame),
+            self.actions_,
         )
 
     def _build_predictor(self) -> None:
@@ -288,13 +303,18 @@ class _MetaLearner(BaseEstimator):
         self._propensity_columns_ = np.array(
             [self.feature_names_.index(c) for c in own], dtype=np.intp
         )
+        self._arm_order_ = np.array(self._arm_order(), dtype=np.intp)
 
-    def uplift_matrix(self, X: np.ndarray, num_threads: int = 1) -> np.ndarray:
+    def uplift_matrix(
+        self, X: np.ndarray, num_threads: int = 1, actions: Sequence[str] | None = None
+    ) -> np.ndarray:
         """:meth:`predict_uplift` of a float64 matrix whose columns follow ``feature_names_``.
 
         One ``Booster.predict`` per model with ``num_threads`` LightGBM
         threads (0: all cores); one row takes the C API's single-row path.
         Numeric features only (a categorical column has no float encoding).
+        ``actions`` (default ``actions_``) limits the columns, and the models
+        predicted, to those actions.
 
         Examples
         --------
@@ -313,8 +333,9 @@ class _MetaLearner(BaseEstimator):
         return self._uplift(
             lambda model: predictors[id(model)](data, num_threads),
             lambda: self.propensity_model_.proba_matrix(data[:, self._propensity_columns_])[
-                :, self._arm_order()
+                :, self._arm_order_
             ],
+            self.actions_ if actions is None else actions,
         )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -345,9 +366,11 @@ class TLearner(_MetaLearner):
     def _fitted_models(self) -> list[Any]:
         return list(self.outcome_models_.values())
 
-    def _uplift(self, predict: _ModelPredict, proba: Callable[[], np.ndarray]) -> np.ndarray:
+    def _uplift(
+        self, predict: _ModelPredict, proba: Callable[[], np.ndarray], actions: Sequence[str]
+    ) -> np.ndarray:
         base = predict(self.outcome_models_[self.control])
-        return np.column_stack([predict(self.outcome_models_[a]) - base for a in self.actions_])
+        return np.column_stack([predict(self.outcome_models_[a]) - base for a in actions])
 
 
 class XLearner(_MetaLearner):
@@ -385,10 +408,13 @@ class XLearner(_MetaLearner):
     def _fitted_models(self) -> list[Any]:
         return [m for pair in self.effect_models_.values() for m in pair]
 
-    def _uplift(self, predict: _ModelPredict, proba: Callable[[], np.ndarray]) -> np.ndarray:
+    def _uplift(
+        self, predict: _ModelPredict, proba: Callable[[], np.ndarray], actions: Sequence[str]
+    ) -> np.ndarray:
         p = proba()
         columns = []
-        for j, action in enumerate(self.actions_, start=1):
+        for action in actions:
+            j = self.arms_.index(action)
             tau0, tau1 = self.effect_models_[action]
             # Weight toward the effect model trained on the larger (better estimated) arm.
             g = p[:, j] / np.clip(p[:, j] + p[:, 0], 1e-9, None)
@@ -443,8 +469,10 @@ class DRLearner(_MetaLearner):
     def _fitted_models(self) -> list[Any]:
         return list(self.effect_models_.values())
 
-    def _uplift(self, predict: _ModelPredict, proba: Callable[[], np.ndarray]) -> np.ndarray:
-        return np.column_stack([predict(self.effect_models_[a]) for a in self.actions_])
+    def _uplift(
+        self, predict: _ModelPredict, proba: Callable[[], np.ndarray], actions: Sequence[str]
+    ) -> np.ndarray:
+        return np.column_stack([predict(self.effect_models_[a]) for a in actions])
 
 
 LEARNERS: dict[str, type[_MetaLearner]] = {"t": TLearner, "x": XLearner, "dr": DRLearner}
