@@ -11,6 +11,9 @@ import pytest
 from propensity.models.arbitration import (
     NO_ACTION,
     ActionCatalog,
+    ContactState,
+    arbitrate,
+    best_eligible,
     choose,
     decide,
     eligibility,
@@ -170,3 +173,47 @@ def test_repo_catalog_loads_and_rejects_unknown_fields(tmp_path: Path) -> None:
     bad.write_text("actions:\n  control: {cost: 1, value: 2, outcome: purchase}\n")
     with pytest.raises(ValueError, match="reserved"):
         load_catalog(bad)
+
+
+def test_kernel_on_small_arrays_with_hand_computed_answers() -> None:
+    """The array kernel alone: values, masks, contact policy, argmax and reasons by hand."""
+    catalog = _catalog()
+    # discount: 40 × uplift − 2; onboarding_email: 100 × uplift − 0.5.
+    uplift = np.array([[0.10, 0.01], [0.10, 0.05], [0.01, 0.004], [0.2, 0.2]])
+    columns = {
+        "discounts_30d": np.array([0.0, 1.0, 0.0, 0.0]),
+        "tenure_days": np.array([10.0, 10.0, 10.0, np.nan]),
+        "exposures_7d": np.array([0.0, 0.0, np.nan, 2.0]),
+        "exposures_30d": np.array([0.0, 0.0, 0.0, 2.0]),
+        "days_since_last_exposure": np.array([np.nan, 5.0, 10.0, 1.0]),
+    }
+    contacts = ContactState.from_features(columns, catalog.contact_policy)
+    ids = ["a", "b", "c", "d"]
+    result = arbitrate(uplift, columns, ids, catalog, contacts=contacts)
+    # Row 0: discount 40×0.1−2 = 2.0 beats email 100×0.01−0.5 = 0.5.
+    # Row 1: discount ineligible (discounts_30d=1.0), email 100×0.05−0.5 = 4.5.
+    # Row 2: discount −1.6, email −0.1: nothing pays. Row 3: 2 contacts in 7 days hit the cap.
+    np.testing.assert_allclose(result.values[0], [2.0, 0.5])
+    assert result.action.tolist() == ["discount", "onboarding_email", NO_ACTION, NO_ACTION]
+    np.testing.assert_allclose(result.expected_value, [2.0, 4.5, 0.0, 0.0])
+    assert result.eligible.tolist() == [[True, True], [False, True], [True, True], [False, False]]
+    assert result.blocked[1, 0] == "ineligible: discounts_30d == 0.0 fails (discounts_30d=1.0)"
+    assert result.blocked[3, 1] == "contact cap: 2 contacts in 7 days >= max 2"
+    reasons = [d["reason"] for d in result.decisions()]
+    assert reasons[0] == "eligible; uplift 0.100 x value 40 - cost 2 = 2.00"
+    assert reasons[2] == "no eligible action pays: best uplift 0.004 x value 100 - cost 0.5 = -0.10"
+    assert reasons[3].startswith("no eligible action: contact cap: 2 contacts in 7 days")
+    # Without reasons (bulk scoring) the same answers, no text.
+    lean = arbitrate(uplift, columns, ids, catalog, contacts=contacts, reasons=False)
+    assert lean.action.tolist() == result.action.tolist() and lean.blocked.shape == (0, 2)
+    # Without a contact policy row 3 gets discount, 40×0.2−2 = 6.0: email's rule
+    # tenure_days < 60 fails on a missing value, though its value (19.5) is higher.
+    free = arbitrate(uplift, columns, ids, catalog, contacts=None)
+    assert free.action[3] == "discount" and free.expected_value[3] == pytest.approx(6.0)
+    best, value = best_eligible(result.values, result.eligible)
+    assert best.tolist()[:2] == [0, 1] and value[3] == -np.inf
+
+
+def test_kernel_rejects_uplift_of_the_wrong_width() -> None:
+    with pytest.raises(ValueError, match=r"expected \(n, 2\)"):
+        arbitrate(np.zeros((1, 3)), {}, ["a"], _catalog(), contacts=None)

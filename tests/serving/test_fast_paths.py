@@ -8,6 +8,7 @@ per-value decoder, and a batch vs the same customers scored one by one.
 
 from __future__ import annotations
 
+import pickle
 import threading
 from pathlib import Path
 
@@ -20,13 +21,12 @@ from project import REPO_ROOT, Project, fit_nba
 from propensity.config import Serving
 from propensity.features.online import SqliteReader
 from propensity.features.online._codec import decode_value, decode_values
-from propensity.models.arbitration import load_catalog
+from propensity.models._lightgbm import SingleRowPredictor
+from propensity.models.arbitration import decide, load_catalog
 from propensity.models.nba import NBAModel
 from propensity.serving.policy import ArbitrationPolicy
 from propensity.serving.runtime import Runtime, online_reader
 from propensity.serving.scorer import Scorer, predict_rows
-from propensity.serving.single_row import SingleRowPredictor
-from propensity.serving.uplift import compile_uplift
 
 pytestmark = pytest.mark.slow
 
@@ -68,60 +68,61 @@ def _features(names: list[str], n: int, seed: int) -> np.ndarray:
     return X
 
 
+def _reference(policy: ArbitrationPolicy, ids: list[str], X: np.ndarray) -> pd.DataFrame:
+    """The frame wrapper of the same kernel, over the model's pandas uplift path."""
+    frame = pd.DataFrame(X, columns=policy.feature_names)
+    frame.insert(0, "customer_id", ids)
+    return decide(frame, policy.model, policy.catalog)
+
+
 @pytest.mark.parametrize("learner", ["t", "x", "dr"])
-def test_compiled_uplift_equals_the_model(learner: str) -> None:
+def test_uplift_matrix_equals_the_frame_path(learner: str) -> None:
     model = _nba(learner)
-    compiled = compile_uplift(model)
-    assert compiled is not None
     X = _features(MODEL_FEATURES + CONTACT + ["discounts_30d"], 300, seed=1)[:, :5]
     expected = model.action_uplift(pd.DataFrame(X, columns=MODEL_FEATURES)).to_numpy()
-    np.testing.assert_allclose(compiled.action_uplift(X, num_threads=1), expected, atol=1e-12)
-    chunked = predict_rows(compiled.action_uplift, X, num_threads=0)
+    np.testing.assert_allclose(model.uplift_matrix(X, num_threads=1), expected, atol=1e-12)
+    chunked = predict_rows(model.uplift_matrix, X, num_threads=0)
     np.testing.assert_allclose(chunked, expected, atol=1e-12)
-    one_by_one = np.vstack([compiled.action_uplift(X[k : k + 1]) for k in range(20)])
+    one_by_one = np.vstack([model.uplift_matrix(X[k : k + 1]) for k in range(20)])
     np.testing.assert_allclose(one_by_one, expected[:20], atol=1e-12)
+    # The predictor is rebuilt after a pickle round trip (the registry stores models so).
+    again = pickle.loads(pickle.dumps(model))
+    np.testing.assert_allclose(again.uplift_matrix(X[:1]), expected[:1], atol=1e-12)
 
 
-def test_unknown_models_are_not_compiled() -> None:
-    class Opaque:
-        catalog = CATALOG
-        feature_names_ = MODEL_FEATURES
-        learners_ = {"purchase": object(), "retention": object()}
-
-    assert compile_uplift(Opaque()) is None
-    assert compile_uplift(object()) is None
+def test_uplift_matrix_rejects_a_matrix_of_the_wrong_width() -> None:
+    learner = _nba("t").learners_["purchase"]
+    with pytest.raises(ValueError, match=r"expected \(n, 5\) columns"):
+        learner.uplift_matrix(np.zeros((2, 4)))
 
 
 @pytest.mark.parametrize("holdout_share", [0.05, 0.3])
-def test_vectorized_arbitration_equals_reference_decide(holdout_share: float) -> None:
+def test_policy_decisions_cover_every_branch(holdout_share: float) -> None:
     catalog = CATALOG.model_copy(update={"holdout_share": holdout_share})
     policy = ArbitrationPolicy(_nba("x", seed=2), "1", catalog=catalog)
-    assert policy.compiled is not None
     n = 400
     X = _features(policy.feature_names, n, seed=3)
     ids = [f"C{i:07d}" for i in range(n)]
-    expected = policy.decide_frame(ids, X)
+    expected = _reference(policy, ids, X)
     got = policy.decide(ids, X)
-    assert len(got) == n
-    for k, (decision, (_, row)) in enumerate(zip(got, expected.iterrows(), strict=True)):
-        assert decision["action"] == row["action"], k
-        assert decision["reason"] == row["reason"], k
-        assert decision["holdout"] == bool(row["holdout"]), k
-        assert decision["expected_value"] == pytest.approx(row["expected_value"], abs=1e-9)
-        assert decision["alternatives"] == row["alternatives"], k
+    assert [d["action"] for d in got] == expected["action"].tolist()
+    assert [d["reason"] for d in got] == expected["reason"].tolist()
     # Every branch was exercised: actions, no_action for all three reasons, blocked rows.
     reasons = {r.split(":")[0] for r in expected["reason"]}
     assert {"hold-out", "no eligible action", "no eligible action pays"} <= reasons
+    assert {"contact cap", "cooldown", "ineligible"} <= {
+        a["reason"].split(":")[0] for d in got for a in d["alternatives"] if not a["eligible"]
+    }
     assert (expected["action"] != "no_action").any()
     actions, values = policy.best_actions(ids, X)
     assert actions.tolist() == expected["action"].tolist()
     np.testing.assert_allclose(values, expected["expected_value"].to_numpy(), atol=1e-9)
 
 
-def test_policy_falls_back_to_the_model_when_it_cannot_compile() -> None:
+def test_policy_falls_back_to_the_frame_path_without_uplift_matrix() -> None:
     model = _nba("t", seed=4)
 
-    class Wrapped:  # same answers, but not a model the compiler knows
+    class Wrapped:  # same answers, but only the frame interface
         feature_names_ = model.feature_names_
         catalog_ = CATALOG
 
@@ -129,11 +130,12 @@ def test_policy_falls_back_to_the_model_when_it_cannot_compile() -> None:
             return model.action_uplift(X)
 
     policy = ArbitrationPolicy(Wrapped(), "1")
-    assert policy.compiled is None
     X = _features(policy.feature_names, 120, seed=5)
     ids = [f"C{i}" for i in range(120)]
-    expected = policy.decide_frame(ids, X)
-    assert [d["action"] for d in policy.decide(ids, X)] == expected["action"].tolist()
+    fast = ArbitrationPolicy(model, "1")
+    assert [d["action"] for d in policy.decide(ids, X)] == [
+        d["action"] for d in fast.decide(ids, X)
+    ]
 
 
 def test_single_row_predictor_matches_booster_predict() -> None:

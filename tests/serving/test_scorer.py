@@ -10,7 +10,7 @@ from project import Project
 from propensity.config import Serving
 from propensity.features.online import SqliteReader, entity_key
 from propensity.features.store import FeatureStoreAdapter
-from propensity.models.arbitration import load_catalog
+from propensity.models.arbitration import decide, load_catalog
 from propensity.models.nba import NBAModel
 from propensity.serving.audience import select_audience
 from propensity.serving.policy import ArbitrationPolicy
@@ -95,9 +95,10 @@ def test_scorer_with_next_best_action(project: Project) -> None:
     ))), base.churn, base.purchase, policy)  # fmt: skip
     ids = project.customers[:20]
     results = scorer.score(ids)
-    expected = policy.decide_frame(
-        ids, scorer.reader.read(ids).matrix[:, scorer._columns["next_best_action"]]
-    )
+    matrix = scorer.reader.read(ids).matrix[:, scorer._columns["next_best_action"]]
+    frame = pd.DataFrame(matrix, columns=policy.feature_names)
+    frame.insert(0, "customer_id", ids)
+    expected = decide(frame, model, catalog)  # the frame wrapper, over the model's pandas path
     for result, (_, row) in zip(results, expected.iterrows(), strict=True):
         assert result is not None
         nba = result["next_best_action"]

@@ -1,5 +1,10 @@
 """The action catalog and arbitration: which action, if any, each customer gets.
 
+One kernel, :func:`arbitrate` (numpy in, numpy out, with
+:func:`eligible_mask` and :func:`best_eligible`), makes every decision:
+serving, bulk scoring and policy evaluation call it on arrays, and
+:func:`eligibility`, :func:`choose` and :func:`decide` wrap it for frames.
+
 For every customer and every action, expected incremental value is
 ``uplift × value − cost`` (uplift on the action's own outcome). Arbitration
 keeps the actions the customer is eligible for (declarative feature
@@ -14,9 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeAlias
 
 import numpy as np
 import pandas as pd
@@ -30,6 +36,11 @@ __all__ = [
     "ActionCatalog",
     "load_catalog",
     "in_holdout",
+    "ContactState",
+    "eligible_mask",
+    "best_eligible",
+    "Arbitration",
+    "arbitrate",
     "eligibility",
     "choose",
     "decide",
@@ -63,8 +74,20 @@ class Condition(_Strict):
     def describe(self) -> str:
         return f"{self.feature} {self.op} {self.value}"
 
-    def holds(self, column: pd.Series) -> np.ndarray:
+    def holds(self, column: pd.Series | np.ndarray) -> np.ndarray:
         """True where the rule holds; a missing feature value never satisfies it."""
+        if (
+            isinstance(column, np.ndarray)
+            and column.dtype.kind == "f"
+            and self.op in COMPARISONS
+            and isinstance(self.value, (int, float))
+            and not isinstance(self.value, bool)
+        ):
+            # A float matrix column (serving): numpy alone, no Series built per call.
+            return np.asarray(COMPARISONS[self.op](column, float(self.value)), dtype=bool) & ~(
+                np.isnan(column)
+            )
+        column = pd.Series(column) if isinstance(column, np.ndarray) else column
         if self.op in ("in", "not_in"):
             values = self.value if isinstance(self.value, list) else [self.value]
             inside = column.isin(values).to_numpy()
@@ -172,31 +195,51 @@ def in_holdout(customer_ids: Any, share: float, salt: str = "nba-holdout") -> np
     return draws < share if len(ids) else np.zeros(0, dtype=bool)
 
 
-def _contact_state(
-    features: pd.DataFrame,
-    catalog: ActionCatalog,
-    history: pd.DataFrame | None,
-    as_of: pd.Timestamp | None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """Contacts in 7 and 30 days, days since last contact, days since each action."""
-    policy = catalog.contact_policy
-    n = len(features)
-    since_action = {a: np.full(n, np.inf) for a in catalog.names}
-    if history is None:
+#: Columns by feature name: a DataFrame, or a mapping of names to 1-d arrays.
+Columns: TypeAlias = Mapping[str, Any] | pd.DataFrame
+
+
+@dataclass(frozen=True)
+class ContactState:
+    """Per customer: contacts in 7 and 30 days, days since the last contact and since each action.
+
+    An action absent from ``days_since_action`` was never shown (no per-action
+    cooldown can run), as when the counts come from features.
+    """
+
+    contacts_7d: np.ndarray
+    contacts_30d: np.ndarray
+    days_since: np.ndarray
+    days_since_action: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def from_features(cls, columns: Columns, policy: ContactPolicy) -> ContactState:
+        """Counts from the contact-policy feature columns; a missing value counts as none."""
         needed = [
             policy.contacts_7d_feature,
             policy.contacts_30d_feature,
             policy.days_since_last_feature,
         ]
-        missing = [c for c in needed if c not in features.columns]
+        missing = [c for c in needed if c not in columns]
         if missing:
             raise ValueError(
                 f"contact policy needs feature columns {missing} (or pass an exposure history)"
             )
-        c7 = features[policy.contacts_7d_feature].fillna(0).to_numpy(float)
-        c30 = features[policy.contacts_30d_feature].fillna(0).to_numpy(float)
-        since = features[policy.days_since_last_feature].fillna(np.inf).to_numpy(float)
-        return c7, c30, since, since_action
+        c7, c30, since = (np.asarray(columns[c], dtype=np.float64) for c in needed)
+        return cls(
+            np.where(np.isnan(c7), 0.0, c7),
+            np.where(np.isnan(c30), 0.0, c30),
+            np.where(np.isnan(since), np.inf, since),
+        )
+
+
+def _history_state(
+    features: pd.DataFrame,
+    catalog: ActionCatalog,
+    history: pd.DataFrame,
+    as_of: pd.Timestamp | None,
+) -> ContactState:
+    """Contact counts from a history of exposures before ``as_of``."""
     for column in ("customer_id", "action", "exposure_timestamp"):
         if column not in history.columns:
             raise ValueError(f"exposure history lacks column {column!r}")
@@ -213,12 +256,317 @@ def _contact_state(
     c30 = ids.map(grouped["age"].apply(lambda s: int((s < 30).sum()))).fillna(0).to_numpy(float)
     since = ids.map(grouped["age"].min()).fillna(np.inf).to_numpy(float)
     per_action = past.groupby([past["customer_id"].astype(str), "action"])["age"].min()
+    since_action = {}
     for action in catalog.names:
         if action in per_action.index.get_level_values(1):
             since_action[action] = (
                 ids.map(per_action.xs(action, level=1)).fillna(np.inf).to_numpy(float)
             )
-    return c7, c30, since, since_action
+    return ContactState(c7, c30, since, since_action)
+
+
+def _cooldown_text(action: str, days: np.ndarray, wait: int) -> Callable[[int], str]:
+    return lambda i: f"cooldown: {action} {days[i]:.1f} days ago < {wait}"
+
+
+def eligible_mask(
+    columns: Columns,
+    catalog: ActionCatalog,
+    contacts: ContactState | None,
+    *,
+    n_rows: int,
+    reasons: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The eligibility kernel: which (customer, action) pairs may be chosen, and why not.
+
+    Parameters
+    ----------
+    columns : DataFrame or mapping of name to array
+        The features the catalog's eligibility rules name, ``n_rows`` each.
+    catalog : ActionCatalog
+    contacts : ContactState or None
+        Contact counts; ``None`` applies no contact policy.
+    n_rows : int
+    reasons : bool
+        Also write the first blocking reason of each pair (off in bulk scoring).
+
+    Returns
+    -------
+    eligible : ndarray of bool, shape (n_rows, n_actions)
+    blocked : ndarray of object, shape (n_rows, n_actions), or (0, n_actions) without reasons
+        The first rule that blocks each pair, in the order contact caps,
+        cooldowns, the action's cooldown, its eligibility rules; "" when eligible.
+
+    Examples
+    --------
+    >>> columns = {"tenure_days": np.array([10.0])}
+    >>> ok, why = eligible_mask(columns, catalog, None, n_rows=1)  # doctest: +SKIP
+    """
+    names = catalog.names
+    k = len(names)
+    ok = np.ones((n_rows, k), dtype=bool)
+    why = np.full((n_rows, k) if reasons else (0, k), "", dtype=object)
+
+    def block(a: slice | int, mask: np.ndarray, text: Callable[[int], str]) -> None:
+        fresh = mask & ok[:, a if isinstance(a, int) else 0]
+        if not fresh.any():  # the common case online: one row, nothing blocks
+            return
+        if reasons:
+            for i in np.flatnonzero(fresh).tolist():
+                why[i, a] = text(i)
+        ok[fresh, a] = False
+
+    if contacts is not None:
+        policy = catalog.contact_policy
+        c7, c30, since = contacts.contacts_7d, contacts.contacts_30d, contacts.days_since
+        # The contact policy blocks every action alike (column 0 stands for all).
+        block(
+            slice(None),
+            c7 >= policy.max_contacts_7d,
+            lambda i: f"contact cap: {c7[i]:g} contacts in 7 days >= max {policy.max_contacts_7d}",
+        )
+        block(
+            slice(None),
+            c30 >= policy.max_contacts_30d,
+            lambda i: (
+                f"contact cap: {c30[i]:g} contacts in 30 days >= max {policy.max_contacts_30d}"
+            ),
+        )
+        block(slice(None), since < policy.cooldown_days, lambda i: (
+            f"cooldown: last contact {since[i]:.1f} days ago < {policy.cooldown_days}"
+        ))  # fmt: skip
+        for a, (action, spec) in enumerate(catalog.actions.items()):
+            days = contacts.days_since_action.get(action)
+            if days is not None:
+                wait = spec.cooldown_days
+                block(a, days < wait, _cooldown_text(action, days, wait))
+    for a, (action, spec) in enumerate(catalog.actions.items()):
+        for rule in spec.eligibility:
+            if rule.feature not in columns:
+                raise ValueError(
+                    f"action {action!r}: eligibility rule {rule.describe()!r} needs "
+                    f"missing feature column {rule.feature!r}"
+                )
+            column = columns[rule.feature]
+            fails = ~rule.holds(column) & ok[:, a]
+            if not fails.any():
+                continue
+            if reasons:
+                shown = column.tolist()  # the value as the customer's feature holds it
+                for i in np.flatnonzero(fails).tolist():
+                    why[i, a] = f"ineligible: {rule.describe()} fails ({rule.feature}={shown[i]})"
+            ok[fails, a] = False
+    return ok, why
+
+
+def best_eligible(values: np.ndarray, eligible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The highest-value eligible action of each row and its value (``-inf`` when none).
+
+    Examples
+    --------
+    >>> best_eligible(np.array([[1.0, 2.0]]), np.array([[True, False]]))
+    (array([0]), array([1.]))
+    """
+    masked = np.where(eligible, values, -np.inf)
+    best = masked.argmax(axis=1)
+    return best, masked[np.arange(len(values)), best]
+
+
+@dataclass(frozen=True)
+class Arbitration:
+    """What :func:`arbitrate` decided for a batch: arrays, one row per customer.
+
+    Attributes
+    ----------
+    action : ndarray of object
+        The chosen action id, or ``no_action``.
+    expected_value : ndarray of float
+        Its ``uplift × value − cost`` (0 for ``no_action``).
+    holdout : ndarray of bool
+    values, uplift : ndarray, shape (n, n_actions)
+        Expected value and uplift of every action.
+    eligible : ndarray of bool, shape (n, n_actions)
+    blocked : ndarray of object
+        First blocking reason per pair (empty without reasons).
+    """
+
+    catalog: ActionCatalog
+    action: np.ndarray
+    expected_value: np.ndarray
+    holdout: np.ndarray
+    uplift: np.ndarray
+    values: np.ndarray
+    eligible: np.ndarray
+    blocked: np.ndarray
+    best: np.ndarray
+    best_value: np.ndarray
+
+    def decisions(self) -> list[dict[str, Any]]:
+        """Action, value, reason, hold-out flag and ranked alternatives per row.
+
+        Alternatives rank the eligible actions by value, then the ineligible
+        in catalog order.
+        """
+        if self.blocked.shape[0] != len(self.action):
+            raise ValueError("decisions need reasons: arbitrate with reasons=True")
+        catalog = self.catalog
+        names = catalog.names
+        held_reason = (
+            f"hold-out: customer in the {catalog.holdout_share:.0%} untreated measurement group"
+        )
+        ok = self.eligible
+        ranks = np.argsort(np.where(ok, -self.values, np.inf), axis=1, kind="stable")
+        # The fixed parts of each action's "eligible" reason, formatted once per batch.
+        texts = [
+            ("eligible; uplift ", f" x value {spec.value:g} - cost {spec.cost:g} = ")
+            for spec in catalog.actions.values()
+        ]
+        # Python lists: indexing them per (row, action) is several times cheaper than numpy.
+        rows = zip(
+            ok.tolist(),
+            self.uplift.tolist(),
+            self.values.tolist(),
+            self.blocked.tolist(),
+            ranks.tolist(),
+            self.best.tolist(),
+            self.best_value.tolist(),
+            self.holdout.tolist(),
+            strict=True,
+        )
+        out = []
+        for ok_i, up_i, val_i, why_i, rank_i, best_i, best_value_i, held_i in rows:
+            alts: list[dict[str, Any]] = []
+            for j in rank_i:
+                if ok_i[j]:
+                    head, middle = texts[j]
+                    alts.append(
+                        {
+                            "action": names[j],
+                            "expected_value": val_i[j],
+                            "eligible": True,
+                            "reason": f"{head}{up_i[j]:.3f}{middle}{val_i[j]:.2f}",
+                        }
+                    )
+                else:
+                    alts.append(
+                        {
+                            "action": names[j],
+                            "expected_value": None,
+                            "eligible": False,
+                            "reason": why_i[j],
+                        }
+                    )
+            if held_i:
+                action, expected, reason = NO_ACTION, 0.0, held_reason
+            elif best_value_i > 0:
+                action, expected, reason = names[best_i], best_value_i, alts[0]["reason"]
+            elif alts[0]["eligible"]:
+                action, expected = NO_ACTION, 0.0
+                reason = "no eligible action pays: best " + alts[0]["reason"].removeprefix(
+                    "eligible; "
+                )
+            else:
+                action, expected = NO_ACTION, 0.0
+                reason = "no eligible action: " + "; ".join(a["reason"] for a in alts)
+            out.append(
+                {
+                    "action": action,
+                    "expected_value": expected,
+                    "reason": reason,
+                    "holdout": held_i,
+                    "alternatives": alts,
+                }
+            )
+        return out
+
+
+def arbitrate(
+    uplift: np.ndarray,
+    columns: Columns,
+    customer_ids: Sequence[str],
+    catalog: ActionCatalog,
+    *,
+    contacts: ContactState | None,
+    holdout: bool = True,
+    reasons: bool = True,
+) -> Arbitration:
+    """The arbitration kernel, numpy in and out: serving, bulk scoring and evaluation call it.
+
+    Expected value ``uplift × value − cost`` of every action, the eligibility
+    mask (:func:`eligible_mask`), the best eligible action if it pays, and
+    the catalog's hold-out share sent to ``no_action``.
+
+    Parameters
+    ----------
+    uplift : ndarray, shape (n, n_actions)
+        Uplift of each catalog action (``catalog.names`` order) on its outcome.
+    columns : DataFrame or mapping of name to array
+        The features the eligibility rules read, ``n`` rows each.
+    customer_ids : sequence of str
+        Hash the hold-out membership.
+    catalog : ActionCatalog
+    contacts : ContactState or None
+        ``None`` applies no contact policy.
+    holdout : bool
+    reasons : bool
+        Keep blocking reasons (needed by :meth:`Arbitration.decisions`).
+
+    Examples
+    --------
+    >>> result = arbitrate(up, cols, ids, catalog, contacts=None)  # doctest: +SKIP
+    >>> result.action.tolist()  # doctest: +SKIP
+    ['discount', 'no_action']
+    """
+    up = np.asarray(uplift, dtype=np.float64)
+    n = len(up)
+    if up.ndim != 2 or up.shape[1] != len(catalog.names):
+        raise ValueError(
+            f"uplift has shape {up.shape}; expected (n, {len(catalog.names)}) "
+            f"columns {catalog.names}"
+        )
+    values = up * catalog.values()[None, :] - catalog.costs()[None, :]
+    ok, why = eligible_mask(columns, catalog, contacts, n_rows=n, reasons=reasons)
+    best, best_value = best_eligible(values, ok)
+    held = (
+        in_holdout(list(customer_ids), catalog.holdout_share, catalog.holdout_salt)
+        if holdout
+        else np.zeros(n, dtype=bool)
+    )
+    act = (best_value > 0) & ~held
+    names = np.asarray(catalog.names, dtype=object)
+    return Arbitration(
+        catalog=catalog,
+        action=np.where(act, names[best], NO_ACTION).astype(object),
+        expected_value=np.where(act, best_value, 0.0),
+        holdout=held,
+        uplift=up,
+        values=values,
+        eligible=ok,
+        blocked=why,
+        best=best,
+        best_value=best_value,
+    )
+
+
+def _decision_time(as_of: Any) -> pd.Timestamp | None:
+    timestamp = None if as_of is None else pd.Timestamp(as_of)
+    if timestamp is not None and timestamp.tzinfo is None:
+        timestamp = timestamp.tz_localize("UTC")
+    return timestamp
+
+
+def _contacts(
+    features: pd.DataFrame,
+    catalog: ActionCatalog,
+    history: pd.DataFrame | None,
+    as_of: Any,
+    contact_policy: bool,
+) -> ContactState | None:
+    if not contact_policy:
+        return None
+    if history is None:
+        return ContactState.from_features(features, catalog.contact_policy)
+    return _history_state(features, catalog, history, _decision_time(as_of))
 
 
 def eligibility(
@@ -229,7 +577,7 @@ def eligibility(
     as_of: Any = None,
     contact_policy: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Which actions each customer may receive, and why not.
+    """Which actions each customer may receive, and why not (:func:`eligible_mask` on a frame).
 
     Parameters
     ----------
@@ -253,78 +601,12 @@ def eligibility(
     --------
     >>> mask, why = eligibility(features, catalog)  # doctest: +SKIP
     """
-    timestamp = None if as_of is None else pd.Timestamp(as_of)
-    if timestamp is not None and timestamp.tzinfo is None:
-        timestamp = timestamp.tz_localize("UTC")
-    n = len(features)
-    eligible = pd.DataFrame(True, index=features.index, columns=catalog.names)
-    blocked = pd.DataFrame("", index=features.index, columns=catalog.names)
-
-    def block(action: str, mask: np.ndarray, reasons: Any) -> None:
-        fresh = mask & eligible[action].to_numpy()
-        if fresh.any():
-            text = np.broadcast_to(np.asarray(reasons, dtype=object), (n,))
-            blocked.loc[fresh, action] = text[fresh]
-            eligible.loc[fresh, action] = False
-
-    if contact_policy:
-        policy = catalog.contact_policy
-        c7, c30, since, since_action = _contact_state(features, catalog, history, timestamp)
-        cap7 = c7 >= policy.max_contacts_7d
-        cap30 = c30 >= policy.max_contacts_30d
-        cooling = since < policy.cooldown_days
-        for action, spec in catalog.actions.items():
-            block(
-                action,
-                cap7,
-                [
-                    f"contact cap: {c:g} contacts in 7 days >= max {policy.max_contacts_7d}"
-                    for c in c7
-                ],
-            )
-            block(
-                action,
-                cap30,
-                [
-                    f"contact cap: {c:g} contacts in 30 days >= max {policy.max_contacts_30d}"
-                    for c in c30
-                ],
-            )
-            block(
-                action,
-                cooling,
-                [
-                    f"cooldown: last contact {s:.1f} days ago < {policy.cooldown_days}"
-                    for s in since
-                ],
-            )
-            repeat = since_action[action] < spec.cooldown_days
-            block(
-                action,
-                repeat,
-                [
-                    f"cooldown: {action} {s:.1f} days ago < {spec.cooldown_days}"
-                    for s in since_action[action]
-                ],
-            )
-    for action, spec in catalog.actions.items():
-        for rule in spec.eligibility:
-            if rule.feature not in features.columns:
-                raise ValueError(
-                    f"action {action!r}: eligibility rule {rule.describe()!r} needs "
-                    f"missing feature column {rule.feature!r}"
-                )
-            column = features[rule.feature]
-            fails = ~rule.holds(column)
-            block(
-                action,
-                fails,
-                [
-                    f"ineligible: {rule.describe()} fails ({rule.feature}={v})"
-                    for v in column.tolist()
-                ],
-            )
-    return eligible, blocked
+    contacts = _contacts(features, catalog, history, as_of, contact_policy)
+    ok, why = eligible_mask(features, catalog, contacts, n_rows=len(features))
+    return (
+        pd.DataFrame(ok, index=features.index, columns=catalog.names),
+        pd.DataFrame(why, index=features.index, columns=catalog.names),
+    )
 
 
 class _UpliftModel(Protocol):
@@ -341,7 +623,7 @@ def choose(
     contact_policy: bool = True,
     holdout: bool = True,
 ) -> pd.DataFrame:
-    """Pick the best paying eligible action per customer from given uplifts.
+    """Pick the best paying eligible action per customer from given uplifts (:func:`arbitrate`).
 
     Parameters
     ----------
@@ -369,85 +651,33 @@ def choose(
         raise ValueError(f"uplift lacks columns for catalog actions {missing}")
     if len(uplift) != len(features):
         raise ValueError(f"uplift has {len(uplift)} rows but features has {len(features)}")
-    names = catalog.names
-    up = uplift[names].to_numpy(float)
-    values = up * catalog.values()[None, :] - catalog.costs()[None, :]
-    mask, blocked = eligibility(
-        features, catalog, history=history, as_of=as_of, contact_policy=contact_policy
-    )
-    ok = mask.to_numpy()
-    masked = np.where(ok, values, -np.inf)
-    best = masked.argmax(axis=1)
-    best_value = masked[np.arange(len(up)), best]
-    pays = best_value > 0
     ids = (
-        features["customer_id"].astype(str).to_numpy()
+        features["customer_id"].astype(str).tolist()
         if "customer_id" in features.columns
-        else np.array([str(i) for i in features.index])
+        else [str(i) for i in features.index]
     )
-    held = (
-        in_holdout(ids, catalog.holdout_share, catalog.holdout_salt)
-        if holdout
-        else np.zeros(len(ids), bool)
+    result = arbitrate(
+        uplift[catalog.names].to_numpy(float),
+        features,
+        ids,
+        catalog,
+        contacts=_contacts(features, catalog, history, as_of, contact_policy),
+        holdout=holdout,
     )
-    actions: list[str] = []
-    reasons: list[str] = []
-    expected: list[float] = []
-    alternatives: list[list[dict[str, Any]]] = []
-    blocked_rows = blocked.to_numpy()
-    for i in range(len(up)):
-        ranked = sorted(range(len(names)), key=lambda j: -values[i, j] if ok[i, j] else np.inf)
-        alts: list[dict[str, Any]] = []
-        for j in ranked:
-            spec = catalog.actions[names[j]]
-            why = (
-                f"eligible; uplift {up[i, j]:.3f} x value {spec.value:g} "
-                f"- cost {spec.cost:g} = {values[i, j]:.2f}"
-                if ok[i, j]
-                else blocked_rows[i, j]
-            )
-            alts.append(
-                {
-                    "action": names[j],
-                    "expected_value": float(values[i, j]) if ok[i, j] else None,
-                    "eligible": bool(ok[i, j]),
-                    "reason": why,
-                }
-            )
-        alternatives.append(alts)
-        if held[i]:
-            actions.append(NO_ACTION)
-            expected.append(0.0)
-            reasons.append(
-                f"hold-out: customer in the {catalog.holdout_share:.0%} untreated measurement group"
-            )
-        elif pays[i]:
-            actions.append(names[best[i]])
-            expected.append(float(best_value[i]))
-            reasons.append(str(alts[0]["reason"]))
-        else:
-            actions.append(NO_ACTION)
-            expected.append(0.0)
-            eligible_alts = [a for a in alts if a["eligible"]]
-            reasons.append(
-                "no eligible action pays: best "
-                + eligible_alts[0]["reason"].removeprefix("eligible; ")
-                if eligible_alts
-                else "no eligible action: " + "; ".join(str(a["reason"]) for a in alts)
-            )
+    decisions = result.decisions()
     out = pd.DataFrame(
         {
             "customer_id": ids,
-            "action": actions,
-            "expected_value": expected,
-            "reason": reasons,
-            "holdout": held,
-            "alternatives": alternatives,
+            "action": [d["action"] for d in decisions],
+            "expected_value": [float(d["expected_value"]) for d in decisions],
+            "reason": [d["reason"] for d in decisions],
+            "holdout": result.holdout,
+            "alternatives": [d["alternatives"] for d in decisions],
         },
         index=features.index,
     )
-    for j, name in enumerate(names):
-        out[f"value_{name}"] = np.where(ok[:, j], values[:, j], np.nan)
+    for j, name in enumerate(catalog.names):
+        out[f"value_{name}"] = np.where(result.eligible[:, j], result.values[:, j], np.nan)
     return out
 
 

@@ -144,6 +144,36 @@ class NBAModel:
         }
         return pd.DataFrame(data, index=X.index)
 
+    def uplift_matrix(self, X: np.ndarray, num_threads: int = 1) -> np.ndarray:
+        """:meth:`action_uplift` of a float64 matrix (columns ``feature_names_``), in numpy.
+
+        Columns follow ``catalog.names``. Each learner predicts from its own
+        boosters (:meth:`~propensity.models.uplift.TLearner.uplift_matrix`),
+        ``num_threads`` LightGBM threads per call (0: all cores): the
+        serving path, with no pandas.
+
+        Examples
+        --------
+        >>> model.uplift_matrix(X[:1]).shape  # doctest: +SKIP
+        (1, 4)
+        """
+        data = np.asarray(X, dtype=np.float64)
+        out = np.empty((len(data), len(self.catalog.names)), dtype=np.float64)
+        # Each learner predicts only the models of the actions that target its outcome.
+        for outcome, (actions, where) in self._by_outcome().items():
+            out[:, where] = self.learners_[outcome].uplift_matrix(data, num_threads, actions)
+        return out
+
+    def _by_outcome(self) -> dict[str, tuple[list[str], np.ndarray]]:
+        groups: dict[str, list[int]] = {}
+        for j, spec in enumerate(self.catalog.actions.values()):
+            groups.setdefault(spec.outcome, []).append(j)
+        names = self.catalog.names
+        return {
+            o: ([names[j] for j in where], np.array(where, dtype=np.intp))
+            for o, where in groups.items()
+        }
+
     def valued_outcomes(self, X: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """``value × E[outcome | x, arm]`` under each action and under control (for DR)."""
         frame = X[self.feature_names_]

@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from propensity.models.arbitration import NO_ACTION, ActionCatalog, choose, eligibility
+from propensity.models.arbitration import (
+    NO_ACTION,
+    ActionCatalog,
+    ContactState,
+    arbitrate,
+    best_eligible,
+)
 from propensity.models.policy import evaluate_policies, incremental_scores, policy_matrix
 from propensity.models.uplift import qini_score
 
@@ -44,9 +50,8 @@ def _true_scores(truth: pd.DataFrame, catalog: ActionCatalog) -> np.ndarray:
 
 
 def _argmax_policy(values: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-    masked = np.where(allowed, values, -np.inf)
-    best = masked.argmax(axis=1)
-    pays = masked[np.arange(len(values)), best] > 0
+    best, best_value = best_eligible(values, allowed)
+    pays = best_value > 0
     out = np.zeros_like(values)
     out[np.arange(len(values))[pays], best[pays]] = 1.0
     return out
@@ -108,12 +113,18 @@ def evaluate_policy(
         mu_action=mu_a,
         mu_control=mu_c,
     )
-    allowed, _ = eligibility(log, catalog, contact_policy=contact_policy)
-    ok = allowed.to_numpy()
-    decisions = choose(
-        model.action_uplift(X), log, catalog, contact_policy=contact_policy, holdout=False
+    contacts = ContactState.from_features(log, catalog.contact_policy) if contact_policy else None
+    learned = arbitrate(
+        model.action_uplift(X)[names].to_numpy(float),
+        log,
+        [],
+        catalog,
+        contacts=contacts,
+        holdout=False,
+        reasons=False,
     )
-    policies: dict[str, np.ndarray] = {"learned": policy_matrix(decisions["action"], names)}
+    ok = learned.eligible
+    policies: dict[str, np.ndarray] = {"learned": policy_matrix(learned.action, names)}
     policies["no_action"] = np.zeros((len(log), len(names)))
     # Uniform over the eligible actions and "no action".
     policies["random"] = ok / (ok.sum(axis=1, keepdims=True) + 1.0)
@@ -147,7 +158,12 @@ def evaluate_policy(
             random_state=seed + j,
         )
         qini[action] = result
-    shares = decisions["action"].value_counts(normalize=True).reindex([*names, NO_ACTION]).fillna(0)
+    shares = (
+        pd.Series(learned.action)
+        .value_counts(normalize=True)
+        .reindex([*names, NO_ACTION])
+        .fillna(0)
+    )
     out: dict[str, Any] = {
         "table": table,
         "qini": qini,

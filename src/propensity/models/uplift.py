@@ -4,6 +4,7 @@ All learners share one contract, close to scikit-learn's::
 
     learner.fit(X, treatment, y, propensity=None)   # returns self
     learner.predict_uplift(X)                       # (n_rows, n_actions) array
+    learner.uplift_matrix(X_float64, num_threads=1) # the same, straight from the boosters
 
 ``treatment`` holds one action id per row, ``control`` marks the untreated
 arm; the columns of :meth:`predict_uplift` follow ``learner.actions_`` (every
@@ -21,15 +22,23 @@ intervals live here too, since they score exactly these predictions.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
+from scipy.special import expit
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import KFold
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
+from sklearn.utils.extmath import softmax
+
+from propensity.models._lightgbm import estimator_predict
 
 __all__ = [
     "TLearner",
@@ -93,12 +102,14 @@ def _check_inputs(
     return t, target
 
 
-class PropensityModel:
+class PropensityModel(ClassifierMixin, BaseEstimator):
     """Multinomial logistic regression of the assigned arm on the features.
 
-    Numeric columns only (missing values imputed by the training median,
-    then standardized); a campaign randomized without regard to features
-    simply yields near-constant probabilities.
+    A scikit-learn pipeline over the numeric columns: missing values imputed
+    by the training median (0 for a column never observed), standardized,
+    then a logistic regression. A campaign randomized without regard to
+    features simply yields near-constant probabilities; with a single arm or
+    no numeric column the arms' shares are returned.
 
     Examples
     --------
@@ -111,45 +122,91 @@ class PropensityModel:
         self.C = C
         self.max_iter = max_iter
 
-    def _matrix(self, X: pd.DataFrame) -> np.ndarray:
-        numeric = X.reindex(columns=self.columns_).astype(float)
-        return self.scaler_.transform(numeric.fillna(self.medians_).fillna(0.0).to_numpy())
-
-    def fit(self, X: Any, treatment: Any) -> PropensityModel:
+    def fit(self, X: Any, y: Any) -> PropensityModel:
         frame = _as_frame(X)
         self.columns_ = [c for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c])]
-        numeric = frame[self.columns_].astype(float)
-        self.medians_ = numeric.median()
-        values = numeric.fillna(self.medians_).fillna(0.0).to_numpy()
-        self.scaler_ = StandardScaler().fit(values)
-        t = np.asarray(treatment).astype(str)
+        t = np.asarray(y).astype(str)
+        if len(t) != len(frame):
+            raise ValueError(f"X has {len(frame)} rows but the arms have {len(t)}")
         self.classes_ = np.unique(t)
-        if len(self.classes_) == 1 or not self.columns_:
-            self.model_ = None
-            self.prior_ = np.array([(t == c).mean() for c in self.classes_])
-        else:
-            self.model_ = LogisticRegression(C=self.C, max_iter=self.max_iter)
-            self.model_.fit(self.scaler_.transform(values), t)
+        self.prior_ = np.array([(t == c).mean() for c in self.classes_])
+        self.pipeline_: Pipeline | None = None
+        if len(self.classes_) > 1 and self.columns_:
+            self.pipeline_ = make_pipeline(
+                SimpleImputer(strategy="median", keep_empty_features=True),
+                StandardScaler(),
+                LogisticRegression(C=self.C, max_iter=self.max_iter),
+            ).fit(frame[self.columns_].to_numpy(np.float64), t)
         return self
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Probability of each arm in ``classes_`` order, shape (n_rows, n_arms)."""
         frame = _as_frame(X)
-        if self.model_ is None:
+        if self.pipeline_ is None:
             return np.tile(self.prior_, (len(frame), 1))
-        proba: np.ndarray = self.model_.predict_proba(self._matrix(frame))
-        return proba
+        values = frame.reindex(columns=self.columns_).to_numpy(np.float64)
+        return np.asarray(self.pipeline_.predict_proba(values), dtype=np.float64)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """The most probable arm of each row."""
+        return np.asarray(self.classes_[self.predict_proba(X).argmax(axis=1)])
+
+    def proba_matrix(self, X: np.ndarray) -> np.ndarray:
+        """:meth:`predict_proba` of a float64 matrix already in ``columns_`` order.
+
+        The fitted pipeline's parameters applied in numpy: scikit-learn's
+        per-call validation of three steps costs more than the arithmetic
+        on the one row ``/score`` needs. The links are the ones
+        ``LogisticRegression.predict_proba`` applies (scipy's ``expit``,
+        scikit-learn's ``softmax``; scipy's softmax costs ~10x more per row).
+        """
+        if self.pipeline_ is None:
+            return np.tile(self.prior_, (len(X), 1))
+        linear = getattr(self, "_linear_", None)
+        if linear is None:  # the fitted pipeline's numbers, read once
+            imputer, scaler, logistic = (step for _, step in self.pipeline_.steps)
+            linear = self._linear_ = (
+                imputer.statistics_,
+                scaler.mean_,
+                scaler.scale_,
+                np.ascontiguousarray(logistic.coef_.T),
+                logistic.intercept_,
+            )
+        fill, mean, scale, coef, intercept = linear
+        decision = ((np.where(np.isnan(X), fill, X) - mean) / scale) @ coef
+        decision += intercept
+        if decision.shape[1] == 1:  # binary: one logit
+            p1 = expit(decision[:, 0])
+            return np.column_stack([1.0 - p1, p1])
+        return np.asarray(softmax(decision, copy=False))
 
 
-class _MetaLearner:
-    """Shared fitting plumbing: arms, propensities, LightGBM factories."""
+#: ``predict(model) -> (n,)``: one fitted outcome or effect model's prediction on the rows.
+_ModelPredict = Callable[[Any], np.ndarray]
+
+
+class _MetaLearner(BaseEstimator):
+    """Shared fitting plumbing: arms, propensities, LightGBM factories.
+
+    Each learner writes its uplift formula once, in :meth:`_uplift`, over
+    a function that predicts one fitted model on the rows: the scikit-learn
+    wrappers on a DataFrame (:meth:`predict_uplift`) or the boosters on a
+    float64 matrix (:meth:`uplift_matrix`, serving's path).
+    """
 
     outcome_models_: dict[str, Any]
 
     def fit(self, X: Any, treatment: Any, y: Any, propensity: Any = None) -> _MetaLearner:
         raise NotImplementedError
 
-    def predict_uplift(self, X: Any) -> np.ndarray:
+    def _uplift(
+        self, predict: _ModelPredict, proba: Callable[[], np.ndarray], actions: Sequence[str]
+    ) -> np.ndarray:
+        """Uplift of ``actions``, shape (n_rows, len(actions)); only their models are predicted."""
+        raise NotImplementedError
+
+    def _fitted_models(self) -> list[Any]:
+        """Every model :meth:`_uplift` predicts."""
         raise NotImplementedError
 
     def __init__(
@@ -207,11 +264,13 @@ class _MetaLearner:
             proba[rows, [self.arms_.index(a) for a in t]] = logged
         return frame, t, target, np.clip(proba, _PROPENSITY_CLIP, 1.0)
 
+    def _arm_order(self) -> list[int]:
+        classes = list(self.propensity_model_.classes_)
+        return [classes.index(a) for a in self.arms_]
+
     def propensity_matrix(self, X: Any) -> np.ndarray:
         """Estimated probability of each arm in ``arms_`` order (control first)."""
-        proba = self.propensity_model_.predict_proba(X)
-        classes = list(self.propensity_model_.classes_)
-        return np.column_stack([proba[:, classes.index(a)] for a in self.arms_])
+        return self.propensity_model_.predict_proba(X)[:, self._arm_order()]
 
     def _frame_for_predict(self, X: Any) -> pd.DataFrame:
         frame = _as_frame(X)
@@ -226,6 +285,64 @@ class _MetaLearner:
         return np.column_stack(
             [self._predict_outcome(self.outcome_models_[a], frame) for a in self.arms_]
         )
+
+    def predict_uplift(self, X: Any) -> np.ndarray:
+        """Uplift of every action in ``actions_`` order, shape (n_rows, n_actions)."""
+        frame = self._frame_for_predict(X)
+        return self._uplift(
+            lambda model: self._predict_outcome(model, frame),
+            lambda: self.propensity_matrix(frame),
+            self.actions_,
+        )
+
+    def _build_predictor(self) -> None:
+        """The numpy predict path, built once after fit (as scikit-learn's HGB builds its own)."""
+        self._predictors_ = {id(m): estimator_predict(m) for m in self._fitted_models()}
+        own = self.propensity_model_.columns_
+        # The propensity model reads the numeric columns, a subset of feature_names_.
+        self._propensity_columns_ = np.array(
+            [self.feature_names_.index(c) for c in own], dtype=np.intp
+        )
+        self._arm_order_ = np.array(self._arm_order(), dtype=np.intp)
+
+    def uplift_matrix(
+        self, X: np.ndarray, num_threads: int = 1, actions: Sequence[str] | None = None
+    ) -> np.ndarray:
+        """:meth:`predict_uplift` of a float64 matrix whose columns follow ``feature_names_``.
+
+        One ``Booster.predict`` per model with ``num_threads`` LightGBM
+        threads (0: all cores); one row takes the C API's single-row path.
+        Numeric features only (a categorical column has no float encoding).
+        ``actions`` (default ``actions_``) limits the columns, and the models
+        predicted, to those actions.
+
+        Examples
+        --------
+        >>> learner.uplift_matrix(X[:1]).shape  # doctest: +SKIP
+        (1, 4)
+        """
+        if getattr(self, "_predictors_", None) is None:
+            self._build_predictor()
+        data = np.asarray(X, dtype=np.float64)
+        if data.ndim != 2 or data.shape[1] != len(self.feature_names_):
+            raise ValueError(
+                f"X has shape {data.shape}; expected (n, {len(self.feature_names_)}) "
+                f"columns {self.feature_names_}"
+            )
+        predictors = self._predictors_
+        return self._uplift(
+            lambda model: predictors[id(model)](data, num_threads),
+            lambda: self.propensity_model_.proba_matrix(data[:, self._propensity_columns_])[
+                :, self._arm_order_
+            ],
+            self.actions_ if actions is None else actions,
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Predictors are keyed by the models' ids, which a pickle does not keep: rebuilt on use.
+        state: dict[str, Any] = super().__getstate__()
+        state.pop("_predictors_", None)
+        return state
 
 
 class TLearner(_MetaLearner):
@@ -243,11 +360,17 @@ class TLearner(_MetaLearner):
         self.outcome_models_ = {
             a: self._outcome_model(frame[t == a], target[t == a]) for a in self.arms_
         }
+        self._build_predictor()
         return self
 
-    def predict_uplift(self, X: Any) -> np.ndarray:
-        mu = self.predict_outcomes(X)
-        return mu[:, 1:] - mu[:, [0]]
+    def _fitted_models(self) -> list[Any]:
+        return list(self.outcome_models_.values())
+
+    def _uplift(
+        self, predict: _ModelPredict, proba: Callable[[], np.ndarray], actions: Sequence[str]
+    ) -> np.ndarray:
+        base = predict(self.outcome_models_[self.control])
+        return np.column_stack([predict(self.outcome_models_[a]) - base for a in actions])
 
 
 class XLearner(_MetaLearner):
@@ -279,17 +402,23 @@ class XLearner(_MetaLearner):
                 frame[is_control], mua_control - target[is_control]
             )
             self.effect_models_[action] = (tau0, tau1)
+        self._build_predictor()
         return self
 
-    def predict_uplift(self, X: Any) -> np.ndarray:
-        frame = self._frame_for_predict(X)
-        proba = self.propensity_matrix(frame)
+    def _fitted_models(self) -> list[Any]:
+        return [m for pair in self.effect_models_.values() for m in pair]
+
+    def _uplift(
+        self, predict: _ModelPredict, proba: Callable[[], np.ndarray], actions: Sequence[str]
+    ) -> np.ndarray:
+        p = proba()
         columns = []
-        for j, action in enumerate(self.actions_, start=1):
+        for action in actions:
+            j = self.arms_.index(action)
             tau0, tau1 = self.effect_models_[action]
             # Weight toward the effect model trained on the larger (better estimated) arm.
-            g = proba[:, j] / np.clip(proba[:, j] + proba[:, 0], 1e-9, None)
-            columns.append(g * tau0.predict(frame) + (1 - g) * tau1.predict(frame))
+            g = p[:, j] / np.clip(p[:, j] + p[:, 0], 1e-9, None)
+            columns.append(g * predict(tau0) + (1 - g) * predict(tau1))
         return np.column_stack(columns)
 
 
@@ -334,11 +463,16 @@ class DRLearner(_MetaLearner):
         for j, action in enumerate(self.actions_, start=1):
             score = mu[:, j] + (t == action) / proba[:, j] * (target - mu[:, j]) - control_score
             self.effect_models_[action] = lgb.LGBMRegressor(**params).fit(frame, score)
+        self._build_predictor()
         return self
 
-    def predict_uplift(self, X: Any) -> np.ndarray:
-        frame = self._frame_for_predict(X)
-        return np.column_stack([self.effect_models_[a].predict(frame) for a in self.actions_])
+    def _fitted_models(self) -> list[Any]:
+        return list(self.effect_models_.values())
+
+    def _uplift(
+        self, predict: _ModelPredict, proba: Callable[[], np.ndarray], actions: Sequence[str]
+    ) -> np.ndarray:
+        return np.column_stack([predict(self.effect_models_[a]) for a in actions])
 
 
 LEARNERS: dict[str, type[_MetaLearner]] = {"t": TLearner, "x": XLearner, "dr": DRLearner}

@@ -17,7 +17,7 @@ started with.
 
 Speed (``/score`` budget: 3 ms p50 including HTTP): one SQLite query per
 request (:mod:`propensity.serving.online`); LightGBM's single-row C path for every
-one-row prediction (:mod:`propensity.serving.single_row`); batches are
+one-row prediction (:mod:`propensity.models._lightgbm`); batches are
 scored with one call per model over all rows, split across cores by
 :func:`predict_rows`; no pandas anywhere on the request path.
 """
@@ -36,8 +36,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
+from propensity.models._lightgbm import SingleRowPredictor
 from propensity.models.attribution import PathAttribution
-from propensity.serving.single_row import SingleRowPredictor
 
 __all__ = [
     "FeatureBatch",
