@@ -111,10 +111,21 @@ def test_duplicates_within_a_file(tmp_path: Path) -> None:
 
     report = ingest([source], lake, tmp_path / "q", now=NOW)
 
-    # Row 4 has no id: it gets a content hash (new); row 5 repeats id "a": dropped.
-    assert (report.read, report.accepted, report.duplicates) == (5, 4, 1)
+    # Row 4 has no id: it gets a content hash (new); row 5 repeats id "a" with
+    # other content: a conflict, quarantined, the first version kept.
+    assert (report.read, report.accepted, report.duplicates) == (5, 4, 0)
+    assert (report.conflicts, report.quarantined) == (1, 1)
+    assert _adds_up(report)
     stored = lake.read().set_index("event_id")
     assert stored.loc["a", "customer_id"] == "C0000001"
+    record = pq.read_table(report.quarantine_path).to_pylist()[0]
+    assert (record["row_number"], record["field"], record["rule"], record["value"]) == (
+        5,
+        "event_id",
+        "conflicting_duplicate",
+        "a",
+    )
+    assert json.loads(record["raw"])["customer_id"] == "C0000009"
     identical = _write(tmp_path / "twice.csv", pd.concat([_frame(), _frame()]))
     report = ingest([identical], tmp_path / "lake2", tmp_path / "q", now=NOW)
     assert (report.accepted, report.duplicates) == (3, 3)
@@ -224,8 +235,9 @@ def test_consent_column_withdraws_customer_everywhere(tmp_path: Path) -> None:
     ("name", "content", "reason"),
     [
         ("bad.parquet", b"this is not parquet", "cannot be read as parquet"),
-        ("bad.jsonl", b'{"customer_id": "C1"}\n{"customer_id": \n', "line 2 is not valid JSON"),
-        ("bad.csv", b"a,b\n1,2,3\n", "cannot be read as csv"),
+        ("bad.jsonl.gz", b"not gzip at all", "cannot be read as jsonl"),
+        ("bad.csv.gz", b"not gzip at all", "cannot be read as csv"),
+        ("cols.csv", b"a,b\n1,2\n", "required column(s) ['customer_id'"),
         ("empty.csv", b"", "empty file"),
         ("bad.xlsx", b"x", "unsupported file type"),
     ],
@@ -288,7 +300,7 @@ def test_progress_and_summary(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["e.csv", "e.parquet", "e.jsonl"])
 def test_small_batches_keep_row_numbers_counts_and_dedupe_exact(tmp_path: Path, name: str) -> None:
     frame = pd.concat([_frame(), _frame()], ignore_index=True)
-    frame["event_id"] = ["a", "b", "c", "d", "a", "f"]  # row 5 repeats row 1's id
+    frame["event_id"] = ["a", "b", "c", "a", "e", "f"]  # row 4 repeats row 1
     frame.loc[1, "event_type"] = "teleport"  # row 2: bad
     frame.loc[5, "price"] = -1.0  # row 6: bad
     source = _write(tmp_path / name, frame)
@@ -304,9 +316,11 @@ def test_small_batches_keep_row_numbers_counts_and_dedupe_exact(tmp_path: Path, 
         (2, "unknown_event_type"),
         (6, "negative"),
     ]
-    assert sorted(lake.read()["event_id"]) == ["a", "c", "d"]
+    assert sorted(lake.read()["event_id"]) == ["a", "c", "e"]
     again = ingest([source], lake, tmp_path / "q", now=NOW, batch_rows=4)
     assert (again.accepted, again.duplicates, again.quarantined) == (0, 4, 2)
+    # The bad rows are counted again, but their records are stored once.
+    assert (again.already_quarantined, again.quarantine_path) == (2, None)
 
 
 def test_consent_value_in_a_later_file_applies_to_earlier_files(tmp_path: Path) -> None:
