@@ -505,7 +505,9 @@ def iter_source(
             done, total = part.done, part.total
             # Slices (zero-copy) keep every batch within ``batch_rows``.
             for start in range(0, max(part.table.num_rows, 1), batch_rows):
-                table = part.table.slice(start, batch_rows)
+                # (An empty table is not sliced: Arrow gives a column-less slice
+                # the length asked for.)
+                table = part.table.slice(start, batch_rows) if part.table.num_rows else part.table
                 # JSON blocks may type a column differently: those are not merged.
                 if pending and (
                     rows + table.num_rows > batch_rows or table.schema != pending[0].schema

@@ -197,6 +197,8 @@ def _prepared(table: pa.Table, used: Collection[str], positions: pa.Array) -> pa
         kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
         if _kind(kind) == "other" or pa.types.is_null(kind):
             column = pc.if_else(pc.is_valid(column), True, pa.scalar(None, pa.bool_()))
+        elif pa.types.is_date64(kind) or (pa.types.is_timestamp(kind) and kind.unit in ("s", "ms")):
+            column = _as_microseconds(column)
         elif pa.types.is_float16(kind) or (pa.types.is_decimal(kind) and kind.precision > 38):
             column = column.cast(pa.float64())
         elif kind != column.type or pa.types.is_string_view(kind):
@@ -204,6 +206,25 @@ def _prepared(table: pa.Table, used: Collection[str], positions: pa.Array) -> pa
         arrays.append(column)
         names.append(name)
     return pa.Table.from_arrays(arrays, names=names)
+
+
+# Years ±200,000 in microseconds: within DuckDB's timestamps, far from any plausible time.
+_LIMIT_US = 200_000 * 365 * 86_400 * 1_000_000
+
+
+def _as_microseconds(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Second, millisecond or date64 values as microsecond timestamps, clamped.
+
+    DuckDB fails the whole scan on a value beyond its range; clamped, such a
+    value is still rejected (as implausible or in the future).
+    """
+    kind = column.type
+    factor = 1_000_000 if pa.types.is_timestamp(kind) and kind.unit == "s" else 1_000
+    ticks = column.cast(pa.int64())
+    bound = _LIMIT_US // factor
+    ticks = pc.min_element_wise(pc.max_element_wise(ticks, -bound), bound)
+    zone = kind.tz if pa.types.is_timestamp(kind) else None
+    return pc.multiply(ticks, factor).cast(pa.timestamp("us", tz=zone))
 
 
 def _rename(table: pa.Table, mapping: Mapping[str, str] | None) -> tuple[pa.Table, dict[str, str]]:
@@ -701,7 +722,7 @@ def _quarantine_records(
     row_numbers: pa.ChunkedArray | pa.Array,
 ) -> pa.Table:
     positions = bad.column(_POS).cast(pa.int64())
-    raw_rows = table.take(positions).to_pylist() if bad.num_rows else []
+    raw_rows = _as_text_safe(table.take(positions)).to_pylist() if bad.num_rows else []
     records: dict[str, list[Any]] = {name: [] for name in QUARANTINE_SCHEMA.names}
     for number, problems, raw in zip(
         row_numbers.to_pylist(), bad.column("_problems").to_pylist(), raw_rows, strict=True
@@ -718,6 +739,19 @@ def _quarantine_records(
         records["raw"].append(json.dumps(raw, default=str, sort_keys=False))
         records["source_sha256"].append(None)
     return pa.table(records, schema=QUARANTINE_SCHEMA)
+
+
+def _as_text_safe(table: pa.Table) -> pa.Table:
+    """Temporal columns as text, so a value beyond Python's dates can still be shown."""
+    for index, field in enumerate(table.schema):
+        kind = field.type
+        if pa.types.is_temporal(kind):
+            try:
+                column = table.column(index).cast(pa.string())
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                column = table.column(index).cast(pa.int64()).cast(pa.string())
+            table = table.set_column(index, field.name, column)
+    return table
 
 
 _TOKENS = re.compile(r"[\s,;|\"'{}\[\]:]+")
