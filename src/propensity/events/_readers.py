@@ -198,41 +198,64 @@ def _csv_header(path: Path) -> list[str]:
     return header
 
 
-def _bad_utf8(column: pa.ChunkedArray) -> bool:
-    try:
-        column.validate(full=True)
-    except pa.ArrowInvalid:
-        return True
-    return False
+class _Utf8Stream:
+    """A byte stream passed on unchanged while it is UTF-8; bad bytes become U+FFFD.
 
-
-def _repair_utf8(table: pa.Table) -> pa.Table:
-    """Decode text values that are not UTF-8 with U+FFFD and flag their rows ``column:not_utf8``.
-
-    Only columns failing Arrow's (vectorized) UTF-8 check are looked at value by value.
+    Arrow's CSV reader hands a ragged row to its handler only as UTF-8 text, so
+    bytes that are not UTF-8 are replaced before Arrow sees them. The check is
+    one strict decode per block (fast for valid text); only a block holding bad
+    bytes is rewritten, and ``replaced`` says that some were.
     """
-    flags: list[str | None] | None = None
-    for index, name in enumerate(table.column_names):
-        column = table.column(index)
-        if not pa.types.is_string(column.type) or not _bad_utf8(column):
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._tail = b""
+        self.replaced = False
+        self.closed = False
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._tail + self._stream.read(size if size >= 0 else 1 << 62)
+        self._tail = b""
+        try:
+            data.decode("utf-8")
+            return data
+        except UnicodeDecodeError as exc:
+            if exc.end == len(data) and exc.reason == "unexpected end of data" and size > 0:
+                # A character cut by the block boundary: completed by the next read.
+                data, self._tail = data[: exc.start], data[exc.start :]
+                try:
+                    data.decode("utf-8")
+                    return data if data else self.read(size)
+                except UnicodeDecodeError:
+                    pass
+        self.replaced = True
+        return data.decode("utf-8", "replace").encode("utf-8")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _flag_replaced(table: pa.Table) -> pa.Table:
+    """Flag ``column:not_utf8`` on rows whose text holds U+FFFD (the bytes replaced)."""
+    flags: list[str | None] = [None] * table.num_rows
+    found = False
+    for name in table.column_names:
+        column = table.column(name)
+        if not pa.types.is_string(column.type):
             continue
-        raw = pa.chunked_array([c.view(pa.binary()) for c in column.chunks], pa.binary())
-        values: list[str | None] = []
-        flags = flags if flags is not None else [None] * table.num_rows
-        for row, value in enumerate(raw.to_pylist()):
-            if value is None:
-                values.append(None)
-                continue
-            try:
-                values.append(value.decode("utf-8"))
-            except UnicodeDecodeError:
-                values.append(value.decode("utf-8", "replace"))
-                flag = f"{name}:not_utf8"
-                flags[row] = flag if flags[row] is None else f"{flags[row]};{flag}"
-        table = table.set_column(index, name, pa.array(values, pa.string()))
-    if flags is not None:
-        table = table.append_column(FLAGS, pa.array(flags, pa.string()))
-    return table
+        hits = pc.match_substring(column, "\ufffd")
+        if not pc.any(hits).as_py():
+            continue
+        found = True
+        for row in pc.indices_nonzero(pc.fill_null(hits, False)).to_pylist():
+            flag = f"{name}:not_utf8"
+            flags[row] = flag if flags[row] is None else f"{flags[row]};{flag}"
+    if not found:
+        return table
+    return table.append_column(FLAGS, pa.array(flags, pa.string()))
 
 
 def _data_rows(first: int, count: int, skipped: list[RowProblem]) -> pa.Array:
@@ -261,7 +284,7 @@ def _iter_csv(path: Path, columns: list[str] | None) -> Iterator[_Part]:
         return "skip"
 
     raw = pa.OSFile(str(path))
-    stream: Any = pa.CompressedInputStream(raw, "gzip") if _gzipped(path) else raw
+    stream = _Utf8Stream(pa.CompressedInputStream(raw, "gzip") if _gzipped(path) else raw)
     reader = pacsv.open_csv(
         stream,
         # Serial parsing: only then does Arrow tell the number of a bad row
@@ -275,15 +298,15 @@ def _iter_csv(path: Path, columns: list[str] | None) -> Iterator[_Part]:
             # "null"...) would hide values that validation must see.
             null_values=[""],
             quoted_strings_can_be_null=False,
-            # Checked per column by _repair_utf8, so one bad byte costs one row.
-            check_utf8=False,
             include_columns=columns,
         ),
     )
     parsed = reported = 0
     try:
         for batch in reader:
-            table = _repair_utf8(pa.Table.from_batches([batch]))
+            table = pa.Table.from_batches([batch])
+            if stream.replaced:
+                table = _flag_replaced(table)
             new = skipped[reported:]
             reported = len(skipped)
             if new:
@@ -385,6 +408,12 @@ def _parse_jsonl(
         if re.search(b'"' + re.escape(name.encode()) + rb'"\s*:', block)
     ]
     schema = pa.schema([(name, pa.string()) for name in present])
+    # Arrow's JSON reader does not check UTF-8 (in values or keys): a bad byte
+    # sends the block down the line-by-line path, which isolates its line.
+    try:
+        block.decode("utf-8")
+    except UnicodeDecodeError:
+        return _parse_jsonl_slowly(block, path, first_row)
     try:
         table = pajson.read_json(
             pa.BufferReader(block),
@@ -394,10 +423,6 @@ def _parse_jsonl(
             ),
         )
     except pa.ArrowInvalid:
-        return _parse_jsonl_slowly(block, path, first_row)
-    # Arrow's JSON reader does not check UTF-8: a bad byte sends the block
-    # down the line-by-line path, which isolates its line.
-    if any(_bad_utf8(c) for c in table.columns):
         return _parse_jsonl_slowly(block, path, first_row)
     _check_names(path, table.column_names)
     return table, []

@@ -425,6 +425,8 @@ def ingest(
         with store.staged_append() as stage:
             for index, path in enumerate(files):
                 counts = result.files[str(path)] = FileCounts()
+                # JSON Lines has no header: a line lacking a field misses it.
+                declared = source_columns(path) is not None
                 seen: set[str] = set()
                 for batch in iter_source(path, text_columns, batch_rows=batch_rows):
                     if batch.table.num_rows:
@@ -440,6 +442,7 @@ def ingest(
                             withdrawn=withdrawn,
                             row_offset=batch.first_row,
                             unparsed=batch.problems,
+                            columns_required=declared,
                         )
                     except IngestError as exc:
                         raise IngestError(f"{path}: {exc}") from None
@@ -452,7 +455,7 @@ def ingest(
                         tag = pa.array(np.full(valid.num_rows, index, np.int32))
                         stage.write(valid.append_column(_FILE, tag))
                     report(progress, f"ingest {path.name}", batch.done, batch.total)
-                if seen and source_columns(path) is None:
+                if seen and not declared:
                     # JSON Lines: its keys are only known once it is read.
                     _check_sources(path, mapping, seen - set(RESERVED_COLUMNS))
             added = stage.commit(returning=[_FILE], progress=progress)

@@ -573,6 +573,7 @@ def validate_events(
     withdrawn: Collection[str] = (),
     row_offset: int = 0,
     unparsed: Sequence[RowProblem] = (),
+    columns_required: bool = True,
 ) -> ValidationResult:
     """Split a source table into canonical events and quarantine records.
 
@@ -600,6 +601,10 @@ def validate_events(
     unparsed : sequence of RowProblem
         Rows of the source the reader could not parse: quarantined (or, when
         they name a withdrawn customer, dropped) and counted as read.
+    columns_required : bool
+        Whether a required column absent from the table is an error (a file
+        with a header or schema) or only makes every row miss it (JSON Lines,
+        whose lines each name their own fields).
 
     Returns
     -------
@@ -636,6 +641,9 @@ def validate_events(
     source_rows = reader_columns.get(SOURCE_ROW)
     original_names = table.column_names
     renamed, back = _rename(table, mapping)
+    if not columns_required:
+        for name in _absent_required(renamed.column_names, orders_only):
+            renamed = renamed.append_column(name, pa.nulls(renamed.num_rows, pa.string()))
     if _POS in renamed.column_names:
         raise IngestError(f"column name {_POS} is reserved")
     now_sql = f"TIMESTAMPTZ {_lit(reference.astimezone(UTC).isoformat())}"
@@ -701,6 +709,13 @@ def validate_events(
         consent_removed=table.num_rows - kept + unparsed_removed,
         read=table.num_rows + len(unparsed),
     )
+
+
+def _absent_required(names: Sequence[str], orders_only: bool) -> list[str]:
+    if orders_only:
+        times = [] if set(ORDER_TIME_COLUMNS) & set(names) else [ORDER_TIME_COLUMNS[0]]
+        return [c for c in ("customer_id", "amount") if c not in names] + times
+    return [c for c in ("customer_id", "event_type", "event_timestamp") if c not in names]
 
 
 def _row_numbers(
