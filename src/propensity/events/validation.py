@@ -123,7 +123,6 @@ _STRING_COLUMNS = tuple(f.name for f in ARROW_SCHEMA if pa.types.is_string(f.typ
 _TRUE = ("true", "t", "yes", "y", "1", "1.0")
 _FALSE = ("false", "f", "no", "n", "0", "0.0")
 _POS = "__pos__"
-_FLAGS = "__flags__"
 _CHUNK_ROWS = 2_000_000
 _OUT_SCHEMA = pa.schema([pa.field(f.name, f.type) for f in ARROW_SCHEMA])
 _WS = "' ' || chr(9) || chr(10) || chr(11) || chr(12) || chr(13)"
@@ -512,8 +511,8 @@ def _build_sql(plan: _Plan, flags: bool, withdrawn: bool) -> str:
     )
     if flags:
         # The reader's findings (bytes not UTF-8, nested JSON values) come first.
-        any_bad = f"{_FLAGS} IS NOT NULL OR {any_bad}"
-        problems = f"{_FLAGS}, {problems}"
+        any_bad = f"{FLAGS} IS NOT NULL OR {any_bad}"
+        problems = f"{FLAGS}, {problems}"
     where = ""
     if withdrawn:
         # Withdrawn ids are stored trimmed: a row spelling the id with spaces
@@ -524,7 +523,7 @@ def _build_sql(plan: _Plan, flags: bool, withdrawn: bool) -> str:
         )
     return f"""
         WITH parsed AS (
-            SELECT {_POS}, {f"{_FLAGS}, " if flags else ""}{", ".join(plan.parsed)}
+            SELECT {_POS}, {f"{FLAGS}, " if flags else ""}{", ".join(plan.parsed)}
             FROM src
         ),
         canonical AS (
@@ -551,7 +550,7 @@ def _translated_flags(
         for item in (text or "").split(";") if text else []:
             column, _, rule = item.rpartition(":")
             name = mapping.get(column, column)
-            if name in used or name == "consent":
+            if name in used:
                 kept.append(f"{name}:{rule}")
         out.append(";".join(kept) or None)
     array = pa.array(out, pa.string())
@@ -669,7 +668,7 @@ def validate_events(
     positions = pa.array(range(renamed.num_rows), pa.int64())
     src = _prepared(renamed, plan.used, positions)
     if flags is not None:
-        src = src.append_column(_FLAGS, flags)
+        src = src.append_column(FLAGS, flags)
     valid_parts, bad_parts, kept = [], [], 0
     # Chunks bound DuckDB's working memory on large files.
     for start in range(0, max(src.num_rows, 1), _CHUNK_ROWS):
