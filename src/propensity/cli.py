@@ -47,16 +47,19 @@ def _settings(config: Path | None) -> Settings:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    # soft_wrap: one line however long, so scripts can grep it.
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     raise typer.Exit(code)
 
 
 def _parse_mapping(pairs: list[str]) -> dict[str, str]:
-    mapping = {}
+    mapping: dict[str, str] = {}
     for pair in pairs:
         source, sep, target = pair.partition("=")
         if not sep or not source or not target:
             _fail(f"--map expects SOURCE=TARGET, got {pair!r}")
+        if mapping.get(source, target) != target:
+            _fail(f"--map renames {source!r} twice: to {mapping[source]!r} and {target!r}")
         mapping[source] = target
     return mapping
 
@@ -102,6 +105,7 @@ def ingest(
     from propensity.jobs.erasure import suppression_list
 
     settings = _settings(config)
+    mapping = _parse_mapping(map_)
     lake = EventLake(settings.path(settings.lake_dir))
     try:
         with rich_progress(console) as progress:
@@ -109,7 +113,7 @@ def ingest(
                 paths,
                 lake,
                 settings.path(settings.quarantine_dir),
-                mapping=_parse_mapping(map_),
+                mapping=mapping,
                 orders_only=orders_only,
                 consent_file=consent,
                 suppression=suppression_list(settings),
@@ -118,6 +122,10 @@ def ingest(
             )
     except IngestError as exc:
         _fail(str(exc))
+    except OSError as exc:
+        # Unwritable lake or quarantine folder, full disk: one line, no traceback.
+        where = f"{exc.filename}: " if exc.filename else ""
+        _fail(f"{where}{exc.strerror or exc}")
     else:
         console.print(report.to_rich())
 

@@ -111,10 +111,21 @@ def test_duplicates_within_a_file(tmp_path: Path) -> None:
 
     report = ingest([source], lake, tmp_path / "q", now=NOW)
 
-    # Row 4 has no id: it gets a content hash (new); row 5 repeats id "a": dropped.
-    assert (report.read, report.accepted, report.duplicates) == (5, 4, 1)
+    # Row 4 has no id: it gets a content hash (new); row 5 repeats id "a" with
+    # other content: a conflict, quarantined, the first version kept.
+    assert (report.read, report.accepted, report.duplicates) == (5, 4, 0)
+    assert (report.conflicts, report.quarantined) == (1, 1)
+    assert _adds_up(report)
     stored = lake.read().set_index("event_id")
     assert stored.loc["a", "customer_id"] == "C0000001"
+    record = pq.read_table(report.quarantine_path).to_pylist()[0]
+    assert (record["row_number"], record["field"], record["rule"], record["value"]) == (
+        5,
+        "event_id",
+        "conflicting_duplicate",
+        "a",
+    )
+    assert json.loads(record["raw"])["customer_id"] == "C0000009"
     identical = _write(tmp_path / "twice.csv", pd.concat([_frame(), _frame()]))
     report = ingest([identical], tmp_path / "lake2", tmp_path / "q", now=NOW)
     assert (report.accepted, report.duplicates) == (3, 3)
@@ -224,8 +235,9 @@ def test_consent_column_withdraws_customer_everywhere(tmp_path: Path) -> None:
     ("name", "content", "reason"),
     [
         ("bad.parquet", b"this is not parquet", "cannot be read as parquet"),
-        ("bad.jsonl", b'{"customer_id": "C1"}\n{"customer_id": \n', "line 2 is not valid JSON"),
-        ("bad.csv", b"a,b\n1,2,3\n", "cannot be read as csv"),
+        ("bad.jsonl.gz", b"not gzip at all", "cannot be read as jsonl"),
+        ("bad.csv.gz", b"not gzip at all", "cannot be read as csv"),
+        ("cols.csv", b"a,b\n1,2\n", "required column(s) ['customer_id'"),
         ("empty.csv", b"", "empty file"),
         ("bad.xlsx", b"x", "unsupported file type"),
     ],
@@ -288,7 +300,7 @@ def test_progress_and_summary(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["e.csv", "e.parquet", "e.jsonl"])
 def test_small_batches_keep_row_numbers_counts_and_dedupe_exact(tmp_path: Path, name: str) -> None:
     frame = pd.concat([_frame(), _frame()], ignore_index=True)
-    frame["event_id"] = ["a", "b", "c", "d", "a", "f"]  # row 5 repeats row 1's id
+    frame["event_id"] = ["a", "b", "c", "a", "e", "f"]  # row 4 repeats row 1
     frame.loc[1, "event_type"] = "teleport"  # row 2: bad
     frame.loc[5, "price"] = -1.0  # row 6: bad
     source = _write(tmp_path / name, frame)
@@ -304,9 +316,11 @@ def test_small_batches_keep_row_numbers_counts_and_dedupe_exact(tmp_path: Path, 
         (2, "unknown_event_type"),
         (6, "negative"),
     ]
-    assert sorted(lake.read()["event_id"]) == ["a", "c", "d"]
+    assert sorted(lake.read()["event_id"]) == ["a", "c", "e"]
     again = ingest([source], lake, tmp_path / "q", now=NOW, batch_rows=4)
     assert (again.accepted, again.duplicates, again.quarantined) == (0, 4, 2)
+    # The bad rows are counted again, but their records are stored once.
+    assert (again.already_quarantined, again.quarantine_path) == (2, None)
 
 
 def test_consent_value_in_a_later_file_applies_to_earlier_files(tmp_path: Path) -> None:
@@ -339,3 +353,181 @@ def test_failed_run_leaves_no_staging_or_quarantine_files(tmp_path: Path) -> Non
     assert lake.count() == 0
     assert not (tmp_path / "q").exists() or not any((tmp_path / "q").iterdir())
     assert not list(lake.root.rglob("*.parquet"))
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "rule"),
+    [
+        ("header.csv", b"customer_id,event_type,event_timestamp\n", None),
+        ("allbad.csv", b"customer_id,event_type,event_timestamp\nC1,teleport,2024-01-05\n", "x"),
+        ("allbad.jsonl", b'{"customer_id": "C1", "event_type": "x", "event_timestamp": 1}\n', "x"),
+        ("onlybad.jsonl", b'{"customer_id": \n', "x"),
+        ("empty.jsonl", b"", None),
+    ],
+)
+def test_run_without_a_valid_row_completes_and_publishes_its_quarantine(
+    tmp_path: Path, name: str, content: bytes, rule: str | None
+) -> None:
+    source = tmp_path / name
+    source.write_bytes(content)
+    lake = EventLake(tmp_path / "lake")
+
+    report = ingest([source], lake, tmp_path / "q", now=NOW)
+
+    assert report.accepted == 0 and lake.count() == 0
+    assert _adds_up(report)
+    assert report.quarantined == (0 if rule is None else 1)
+    if rule is not None:
+        assert report.quarantine_path is not None
+        assert pq.read_table(report.quarantine_path).num_rows == 1
+
+
+def test_parquet_of_wrong_types_is_quarantined_not_a_crash(tmp_path: Path) -> None:
+    source = tmp_path / "typed.parquet"
+    pq.write_table(
+        pa.table({"customer_id": [1.5, 2.5], "event_type": [1, 2], "event_timestamp": [1.0, 2.0]}),
+        source,
+    )
+    report = ingest([source], tmp_path / "lake", tmp_path / "q", now=NOW)
+    assert (report.read, report.accepted, report.quarantined) == (2, 0, 2)
+    records = pq.read_table(report.quarantine_path).to_pylist()
+    assert [(r["row_number"], r["field"], r["rule"]) for r in records] == [
+        (1, "customer_id", "wrong_type"),
+        (2, "customer_id", "wrong_type"),
+    ]
+    assert records[0]["rules"].split(";") == [
+        "customer_id:wrong_type",
+        "event_timestamp:wrong_type",
+        "event_type:unknown_event_type",
+    ]
+
+
+HEAD = "customer_id,event_type,event_timestamp,price\n"
+
+
+@pytest.mark.parametrize("batch_rows", [1, 2, 1000])
+def test_bad_bytes_ragged_rows_and_bad_json_lines_cost_only_their_row(
+    tmp_path: Path, batch_rows: int
+) -> None:
+    csv_source = tmp_path / "e.csv"
+    csv_source.write_bytes(
+        HEAD.encode()
+        + b"C1,search,2024-01-05,\n"
+        + b"C\xff2,search,2024-01-05,\n"  # row 2: not UTF-8
+        + b"C3,search,2024-01-05,,extra\n"  # row 3: one field too many
+        + b"\n"  # a blank line is not a row
+        + b"C4,search\n"  # row 4: too few fields
+        + b"C5,purchase,2024-01-05,-1\n"  # row 5: negative price
+        + b"C6,search,2024-01-06,\n"
+    )
+    json_source = tmp_path / "e.jsonl"
+    line = '{"customer_id": "%s", "event_type": "search", "event_timestamp": "2024-01-05"}\n'
+    json_source.write_bytes(
+        (line % "J1").encode()
+        + b'{"customer_id": "J\xff2", "event_type": "search"}\n'  # row 2: not UTF-8
+        + b'{"customer_id": "J3", \n'  # row 3: cut short
+        + b"\n"
+        + b"[1, 2]\n"  # row 4: not an object
+        + (line % "J5").encode()
+    )
+    lake = EventLake(tmp_path / "lake")
+
+    report = ingest([csv_source, json_source], lake, tmp_path / "q", now=NOW, batch_rows=batch_rows)
+
+    assert sorted(lake.read()["customer_id"]) == ["C1", "C6", "J1", "J5"]
+    assert _adds_up(report)
+    records = pq.read_table(report.quarantine_path).to_pylist()
+    got = sorted(
+        (Path(r["source_file"]).name, r["row_number"], r["field"], r["rule"]) for r in records
+    )
+    assert got == [
+        ("e.csv", 2, "customer_id", "not_utf8"),
+        ("e.csv", 3, "(row)", "ragged_row"),
+        ("e.csv", 4, "(row)", "ragged_row"),
+        ("e.csv", 5, "price", "negative"),
+        ("e.jsonl", 2, "(row)", "not_utf8"),
+        ("e.jsonl", 3, "(row)", "bad_json"),
+        ("e.jsonl", 4, "(row)", "bad_json"),
+    ]
+    values = {(Path(r["source_file"]).name, r["row_number"]): r["value"] for r in records}
+    assert values["e.csv", 2] == "C\ufffd2"
+    assert values["e.csv", 3] == "C3,search,2024-01-05,,extra"
+
+
+def test_unknown_mapping_target_is_an_error_listing_valid_targets(tmp_path: Path) -> None:
+    source = _write(tmp_path / "e.csv", _frame())
+    with pytest.raises(IngestError, match=r"\['customr_id'\].*valid targets: customer_id, "):
+        ingest([source], tmp_path / "lake", tmp_path / "q", mapping={"user": "customr_id"})
+
+
+@pytest.mark.parametrize("name", ["e.csv", "e.parquet", "e.jsonl"])
+def test_mapped_source_column_absent_from_a_file_is_an_error(tmp_path: Path, name: str) -> None:
+    source = _write(tmp_path / name, _frame())
+    lake = EventLake(tmp_path / "lake")
+    with pytest.raises(IngestError, match=rf"{name}: mapped column\(s\) \['user'\] not found"):
+        ingest([source], lake, tmp_path / "q", mapping={"user": "customer_id"}, now=NOW)
+    assert lake.count() == 0
+
+
+def test_reingest_does_not_duplicate_quarantine_records(tmp_path: Path) -> None:
+    frame = _frame()
+    frame.loc[1, "price"] = -1.0
+    source = _write(tmp_path / "e.csv", frame)
+    lake = EventLake(tmp_path / "lake")
+    first = ingest([source], lake, tmp_path / "q", now=NOW)
+    # The same content under another name is the same source.
+    copy = tmp_path / "copy.csv"
+    copy.write_bytes(source.read_bytes())
+
+    again = ingest([source, copy], lake, tmp_path / "q", now=NOW)
+
+    assert (first.quarantined, again.quarantined, again.already_quarantined) == (1, 2, 2)
+    assert again.quarantine_path is None
+    stored = pq.read_table(tmp_path / "q").to_pylist()
+    assert [(r["row_number"], r["rule"]) for r in stored] == [(2, "negative")]
+    # Other content gets its own records.
+    frame.loc[2, "price"] = -2.0
+    other = ingest([_write(tmp_path / "e.csv", frame)], lake, tmp_path / "q", now=NOW)
+    assert (other.quarantined, other.already_quarantined) == (2, 0)
+
+
+def test_event_id_reappearing_with_other_content_is_a_conflict(tmp_path: Path) -> None:
+    frame = _frame().assign(event_id=["a", "b", "c"])
+    lake = EventLake(tmp_path / "lake")
+    ingest([_write(tmp_path / "day1.csv", frame)], lake, tmp_path / "q", now=NOW)
+    changed = frame.copy()
+    changed.loc[0, "event_type"] = "page_view"  # "a" again, other content
+    changed.loc[2, "event_id"] = "d"  # new
+
+    report = ingest([_write(tmp_path / "day2.csv", changed)], lake, tmp_path / "q", now=NOW)
+
+    assert (report.accepted, report.duplicates, report.conflicts, report.quarantined) == (
+        1,
+        1,
+        1,
+        1,
+    )
+    assert _adds_up(report)
+    assert "conflicts (event_id seen with other content): 1" in report.summary()
+    record = pq.read_table(report.quarantine_path).to_pylist()[0]
+    assert (record["row_number"], record["rule"], record["value"]) == (
+        1,
+        "conflicting_duplicate",
+        "a",
+    )
+    assert json.loads(record["raw"])["event_type"] == "page_view"
+    stored = lake.read().set_index("event_id")
+    assert stored.loc["a", "event_type"] == "session_start"  # the first version stays
+
+
+def test_unparseable_row_naming_a_withdrawn_customer_is_dropped_not_quarantined(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "e.csv"
+    source.write_text(HEAD + "C1,search,2024-01-05,\nC9,search,2024-01-05,,x\nC2,search\n")
+    consent = tmp_path / "consent.csv"
+    consent.write_text("customer_id\nC9\n")
+    report = ingest([source], tmp_path / "lake", tmp_path / "q", consent_file=consent, now=NOW)
+    assert (report.accepted, report.consent_removed, report.quarantined) == (1, 1, 1)
+    records = pq.read_table(report.quarantine_path).to_pylist()
+    assert [r["value"] for r in records] == ["C2,search"]

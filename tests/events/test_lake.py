@@ -230,3 +230,33 @@ def test_staged_append_left_without_commit_stores_nothing(tmp_path: Path) -> Non
         stage.write(make_events(50))
     assert lake.count() == 0
     assert not list(lake.root.rglob("*.parquet"))
+
+
+def test_commit_of_nothing_staged_returns_the_columns_asked_for(tmp_path: Path) -> None:
+    lake = EventLake(tmp_path / "lake")
+    lake.append(make_events(5))
+    files = lake.files()
+    with lake.staged_append() as stage:
+        added = stage.commit(returning=["__file__"])
+    assert added.num_rows == 0 and added.column_names == ["__file__"]
+    assert stage.conflicts is not None and stage.conflicts.num_rows == 0
+    assert lake.files() == files
+
+
+def test_event_id_staged_again_with_other_content_is_a_conflict(tmp_path: Path) -> None:
+    lake = EventLake(tmp_path / "lake")
+    events = make_events(4)
+    lake.append(events)
+    changed = events.set_column(
+        events.schema.get_field_index("price"), "price", pa.array([0.5, 9.0, 9.0, 9.0])
+    ).slice(0, 2)
+    resent = pa.concat_tables([events.slice(2, 1), changed, make_events(1, prefix="N")])
+    with lake.staged_append() as stage:
+        stage.write(resent.append_column("tag", pa.array([1, 2, 3, 4])))
+        added = stage.commit()
+    assert added.column("event_id").to_pylist() == ["N0"]
+    assert stage.conflicts is not None
+    # E2 is the same event again; E0 and E1 carry another price: conflicts.
+    assert sorted(stage.conflicts.column("event_id").to_pylist()) == ["E0", "E1"]
+    assert sorted(stage.conflicts.column("tag").to_pylist()) == [2, 3]
+    assert lake.read_table().sort_by("event_id").column("price")[0] == events.column("price")[0]

@@ -166,3 +166,132 @@ def test_valid_numbers_pass_and_counts_add_up(tmp_path: Path) -> None:
         counts.read
         == counts.accepted + counts.duplicates + counts.quarantined + counts.consent_removed
     )
+
+
+@pytest.mark.parametrize(
+    ("stamp", "rule"),
+    [
+        ("-infinity", "unparseable_timestamp"),
+        ("infinity", "unparseable_timestamp"),
+        ("epoch", "unparseable_timestamp"),
+        ("2026-3-2", "unparseable_timestamp"),
+        ("2024-01-05 10:00 PST", "unparseable_timestamp"),
+        ("2024-01-05 10:00:00 Europe/Paris", "unparseable_timestamp"),
+        ("2024-01-05T10:00:00+25:00", "unparseable_timestamp"),
+        ("2024-01-05T10:00:00+05:60", "unparseable_timestamp"),
+        ("10000-01-01", "unparseable_timestamp"),
+        ("0000-01-01", "implausible_timestamp"),
+        ("0001-01-01", "implausible_timestamp"),
+        ("1900-01-01", "implausible_timestamp"),
+        ("1969-12-31T23:59:59Z", "implausible_timestamp"),
+    ],
+)
+def test_timestamps_outside_iso_shape_or_plausible_range_are_quarantined(
+    tmp_path: Path, stamp: str, rule: str
+) -> None:
+    quarantine, _ = _ingest_csv(tmp_path, f"C0000003,page_view,{stamp},,,,")
+    row = quarantine.iloc[0]
+    assert (row["row_number"], row["field"], row["rule"], row["value"]) == (
+        2,
+        "event_timestamp",
+        rule,
+        stamp,
+    )
+    assert rule in RULES
+
+
+@pytest.mark.parametrize(
+    ("stamp", "expected_utc"),
+    [
+        ("2024-01-05T10:00:00.123456+0530", "2024-01-05 04:30:00.123456+00:00"),
+        ("2024-01-05 10:00+01", "2024-01-05 09:00:00+00:00"),
+        ("2024-01-05T10:00:00-14:00", "2024-01-06 00:00:00+00:00"),
+        ("  2024-01-05T10:00Z ", "2024-01-05 10:00:00+00:00"),
+        ("1970-01-01", "1970-01-01 00:00:00+00:00"),
+    ],
+)
+def test_iso_shapes_are_accepted(stamp: str, expected_utc: str) -> None:
+    raw = pa.table({"customer_id": ["C1"], "event_type": ["search"], "event_timestamp": [stamp]})
+    result = validate_events(raw, now=NOW)
+    assert result.rejected.num_rows == 0
+    assert result.valid.column("event_timestamp").to_pandas().iloc[0] == pd.Timestamp(expected_utc)
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "field", "rule", "value"),
+    [
+        ("C0000003,purchase,2024-01-05,NaN,1,,", "price", "not_numeric", "NaN"),
+        ("C0000003,purchase,2024-01-05,2,inf,,", "quantity", "not_numeric", "inf"),
+        ("C0000003,campaign_exposure,2024-01-05,,,nan,", "propensity", "not_numeric", "nan"),
+        ("   ,page_view,2024-01-05,,,,", "customer_id", "missing", "   "),
+        ("C0000003,\t ,2024-01-05,,,,", "event_type", "missing", "\t "),
+        ("C0000003,page_view, ,,,,", "event_timestamp", "missing", " "),
+        (" C0000003,page_view,2024-01-05,,,,", "customer_id", "whitespace", " C0000003"),
+        ("C0000003 ,page_view,2024-01-05,,,,", "customer_id", "whitespace", "C0000003 "),
+    ],
+)
+def test_text_nan_and_whitespace_ids_are_quarantined(
+    tmp_path: Path, bad_line: str, field: str, rule: str, value: str
+) -> None:
+    quarantine, _ = _ingest_csv(tmp_path, bad_line)
+    row = quarantine.iloc[0]
+    assert (row["row_number"], row["field"], row["rule"], row["value"]) == (2, field, rule, value)
+
+
+def test_arrow_timestamps_out_of_range_never_crash() -> None:
+    year_300000 = 300_000 * 365 * 86_400  # seconds: beyond DuckDB's microsecond timestamps
+    stamps = {
+        "ts_us": (
+            pa.array([datetime(1, 1, 1), datetime(2024, 1, 5)], pa.timestamp("us")),
+            "implausible_timestamp",
+        ),
+        "ts_s": (
+            pa.array([-year_300000, 1_704_448_800], pa.timestamp("s", tz="UTC")),
+            "implausible_timestamp",
+        ),
+        "ts_ms": (
+            pa.array([year_300000 * 1000, 1_704_448_800_000], pa.timestamp("ms")),
+            "future_timestamp",
+        ),
+        "date": (pa.array([-2_000_000, 19_727], pa.date32()), "implausible_timestamp"),
+    }
+    for name, (column, rule) in stamps.items():
+        raw = pa.table(
+            {"customer_id": ["C1", "C2"], "event_type": ["search"] * 2, "event_timestamp": column}
+        )
+        result = validate_events(raw, source=f"{name}.parquet", now=NOW)
+        assert result.valid.column("customer_id").to_pylist() == ["C2"], name
+        assert result.rejected.column("rule").to_pylist() == [rule], name
+
+
+def test_parquet_columns_of_the_wrong_type_are_quarantined_naming_the_field() -> None:
+    good = {"customer_id": ["C1"], "event_type": ["search"], "event_timestamp": ["2024-01-05"]}
+    cases = {
+        "customer_id": pa.array([1.5]),
+        "event_type": pa.array([True]),
+        "event_timestamp": pa.array([1_704_448_800], pa.int64()),
+        "session_id": pa.array([[1, 2]]),
+    }
+    for field, column in cases.items():
+        raw = pa.table({**good, field: column})
+        result = validate_events(raw, source="typed.parquet", now=NOW)
+        record = result.rejected.to_pylist()
+        assert [(r["row_number"], r["field"], r["rule"]) for r in record] == [
+            (1, field, "wrong_type")
+        ], field
+    # Integer ids are lossless as text.
+    result = validate_events(pa.table({**good, "customer_id": [42]}), now=NOW)
+    assert result.valid.column("customer_id").to_pylist() == ["42"]
+
+
+def test_consent_withdrawal_covers_the_id_spelled_with_spaces(tmp_path: Path) -> None:
+    source = tmp_path / "events.csv"
+    source.write_text(
+        "customer_id,event_type,event_timestamp,consent\n"
+        "C1,search,2024-01-05,yes\n"
+        " C1 ,search,2024-01-06,no\n"
+        "C2,search,2024-01-07,yes\n"
+    )
+    report = ingest([source], tmp_path / "lake", tmp_path / "q", now=NOW)
+    # No row of C1 is kept anywhere, whichever way its id is spelled.
+    assert (report.accepted, report.consent_removed, report.quarantined) == (1, 2, 0)

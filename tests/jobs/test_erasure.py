@@ -180,7 +180,6 @@ def test_forgotten_customer_is_not_ingested_back(store):
     assert not find_traces(settings, store["ids"][1:3])
 
 
-@pytest.mark.xfail(strict=True, reason="ingest of a run without valid rows: being fixed")
 def test_an_ingest_that_passes_no_list_still_applies_the_lakes(store, tmp_path):
     # A notebook or script calling ingest() directly, without the project's list.
     settings: Settings = store["settings"]

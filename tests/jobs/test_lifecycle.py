@@ -153,7 +153,6 @@ def test_new_landing_data_is_promoted_and_served(project, periods):
         stop(server)
 
 
-@pytest.mark.xfail(strict=True, reason="ingest of a run without valid rows: being fixed")
 def test_poison_landing_files_are_quarantined_and_the_run_completes(project):
     settings = project["settings"]
     before = _champions(settings)

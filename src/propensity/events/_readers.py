@@ -8,6 +8,15 @@ bad value.
 Files are streamed: Parquet by record batches, CSV through Arrow's streaming
 reader, JSON Lines in blocks of whole lines, so memory stays bounded by the
 batch size whatever the file size.
+
+A row the reader cannot turn into values (a CSV row with the wrong number of
+fields, a JSON Lines line that is not a JSON object or not UTF-8) is not an
+error for the whole file: it is handed on as a :class:`RowProblem` with its
+row number, and the other rows are read. A text value holding bytes that are
+not UTF-8 is decoded with replacement characters and flagged (column
+:data:`FLAGS`), so validation quarantines its row. Row numbers are 1-based
+data rows: the CSV header and blank lines are not rows. When some rows were
+not parsed, column :data:`SOURCE_ROW` gives each row's 0-based data row.
 """
 
 from __future__ import annotations
@@ -19,22 +28,29 @@ import io
 import json
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 __all__ = [
     "BATCH_ROWS",
+    "FLAGS",
     "IngestError",
+    "RESERVED_COLUMNS",
+    "RowProblem",
+    "SOURCE_ROW",
     "SUFFIXES",
     "SourceBatch",
     "expand_paths",
     "iter_source",
+    "mentions_key",
     "read_source",
     "source_columns",
 ]
@@ -45,24 +61,55 @@ SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq", ".jsonl", ".ndjson", ".jsonl.g
 BATCH_ROWS = 1_000_000
 _CSV_BLOCK = 16 << 20
 _JSON_BLOCK = 32 << 20
+#: Reader-made columns: each row's 0-based data row (only when earlier rows were
+#: not parsed) and ``column:rule;...`` for values the reader had to repair.
+SOURCE_ROW = "__source_row__"
+FLAGS = "__flags__"
+RESERVED_COLUMNS = (SOURCE_ROW, FLAGS)
 
 
 class IngestError(ValueError):
     """A source cannot be ingested at all (unreadable file, unknown format, missing columns)."""
 
 
+@dataclass(frozen=True)
+class RowProblem:
+    """A source row that could not be parsed into values.
+
+    ``row`` is its 0-based data row, ``rule`` one of ``not_utf8``,
+    ``ragged_row`` or ``bad_json``, ``text`` the row as read (bytes that are
+    not UTF-8 replaced by U+FFFD) and ``detail`` what was wrong.
+    """
+
+    row: int
+    rule: str
+    text: str
+    detail: str
+
+
 @dataclass
 class SourceBatch:
-    """Rows ``first_row .. first_row + len(table)`` (0-based) of a source file.
+    """Rows of a source file, from data row ``first_row`` (0-based) on.
 
-    ``done`` and ``total`` measure progress through the file: rows for
-    Parquet, bytes for the text formats (whose row count is unknown upfront).
+    The rows are consecutive unless the table has a :data:`SOURCE_ROW`
+    column. ``problems`` are rows of the file that could not be parsed (not in
+    ``table``). ``done`` and ``total`` measure progress through the file: rows
+    for Parquet, bytes for the text formats (whose row count is unknown upfront).
     """
 
     table: pa.Table
     first_row: int
     done: int
     total: int
+    problems: list[RowProblem] = field(default_factory=list)
+
+
+@dataclass
+class _Part:
+    table: pa.Table
+    done: int
+    total: int
+    problems: list[RowProblem] = field(default_factory=list)
 
 
 def _kind(path: Path) -> str:
@@ -100,9 +147,13 @@ def _gzipped(path: Path) -> bool:
 
 
 def _open_text(path: Path) -> io.TextIOBase:
+    # Only the header is read this way. Replacement characters instead of an
+    # error: a bad byte further down is the business of the row it sits in.
     if _gzipped(path):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")  # noqa: SIM115
+        return io.TextIOWrapper(
+            gzip.open(path, "rb"), encoding="utf-8-sig", errors="replace", newline=""
+        )
+    return open(path, encoding="utf-8-sig", errors="replace", newline="")  # noqa: SIM115
 
 
 def source_columns(path: Path) -> list[str] | None:
@@ -128,54 +179,162 @@ def _reading(path: Path, kind: str) -> Iterator[None]:
         raise IngestError(f"{path}: cannot be read as {kind}: {reason}") from None
 
 
+def _check_names(path: Path, names: Iterable[str]) -> None:
+    reserved = sorted(set(names) & set(RESERVED_COLUMNS))
+    if reserved:
+        raise IngestError(f"{path}: column name(s) {reserved} are reserved")
+
+
 def _csv_header(path: Path) -> list[str]:
     with _open_text(path) as handle:
         header = next(csv.reader(handle), None)
     if not header:
         raise IngestError(f"{path}: empty file, expected a header row")
+    if any("\ufffd" in name for name in header):
+        raise IngestError(f"{path}: the header row is not UTF-8 text: {header}")
     if len(set(header)) != len(header):
         raise IngestError(f"{path}: the header repeats a column name: {header}")
+    _check_names(path, header)
     return header
 
 
-def _iter_csv(path: Path, columns: list[str] | None) -> Iterator[tuple[pa.Table, int, int]]:
+class _Utf8Stream:
+    """A byte stream passed on unchanged while it is UTF-8; bad bytes become U+FFFD.
+
+    Arrow's CSV reader hands a ragged row to its handler only as UTF-8 text, so
+    bytes that are not UTF-8 are replaced before Arrow sees them. The check is
+    one strict decode per block (fast for valid text); only a block holding bad
+    bytes is rewritten, and ``replaced`` says that some were.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._tail = b""
+        self.replaced = False
+        self.closed = False
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._tail + self._stream.read(size if size >= 0 else 1 << 62)
+        self._tail = b""
+        try:
+            data.decode("utf-8")
+            return data
+        except UnicodeDecodeError as exc:
+            if exc.end == len(data) and exc.reason == "unexpected end of data" and size > 0:
+                # A character cut by the block boundary: completed by the next read.
+                data, self._tail = data[: exc.start], data[exc.start :]
+                try:
+                    data.decode("utf-8")
+                    return data if data else self.read(size)
+                except UnicodeDecodeError:
+                    pass
+        self.replaced = True
+        return data.decode("utf-8", "replace").encode("utf-8")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _flag_replaced(table: pa.Table) -> pa.Table:
+    """Flag ``column:not_utf8`` on rows whose text holds U+FFFD (the bytes replaced)."""
+    flags: list[str | None] = [None] * table.num_rows
+    found = False
+    for name in table.column_names:
+        column = table.column(name)
+        if not pa.types.is_string(column.type):
+            continue
+        hits = pc.match_substring(column, "\ufffd")
+        if not pc.any(hits).as_py():
+            continue
+        found = True
+        for row in pc.indices_nonzero(pc.fill_null(hits, False)).to_pylist():
+            flag = f"{name}:not_utf8"
+            flags[row] = flag if flags[row] is None else f"{flags[row]};{flag}"
+    if not found:
+        return table
+    return table.append_column(FLAGS, pa.array(flags, pa.string()))
+
+
+def _data_rows(first: int, count: int, skipped: list[RowProblem]) -> pa.Array:
+    """0-based data rows of parsed rows ``first .. first + count``, ``skipped`` not parsed."""
+    # The k-th skipped row has (its row - k) parsed rows before it.
+    before = np.array([p.row for p in skipped], np.int64) - np.arange(len(skipped))
+    parsed = np.arange(first, first + count, dtype=np.int64)
+    return pa.array(parsed + np.searchsorted(before, parsed, side="right"))
+
+
+def _iter_csv(path: Path, columns: list[str] | None) -> Iterator[_Part]:
     header = _csv_header(path)
     total = path.stat().st_size
+    skipped: list[RowProblem] = []
+
+    def on_invalid(row: Any) -> str:
+        # Arrow numbers rows from the header (row 1); blank lines are not rows.
+        skipped.append(
+            RowProblem(
+                row.number - 2,
+                "ragged_row",
+                row.text,
+                f"{row.actual_columns} fields where the header has {row.expected_columns}",
+            )
+        )
+        return "skip"
+
     raw = pa.OSFile(str(path))
-    stream: Any = pa.CompressedInputStream(raw, "gzip") if _gzipped(path) else raw
+    stream = _Utf8Stream(pa.CompressedInputStream(raw, "gzip") if _gzipped(path) else raw)
     reader = pacsv.open_csv(
         stream,
-        read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK),
+        # Serial parsing: only then does Arrow tell the number of a bad row
+        # (and it is no slower on two cores).
+        read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK, use_threads=False),
+        parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid),
         convert_options=pacsv.ConvertOptions(
             column_types={name: pa.string() for name in header},
             strings_can_be_null=True,
+            # Only an empty field is null: Arrow's default list ("NaN", "NA",
+            # "null"...) would hide values that validation must see.
+            null_values=[""],
             quoted_strings_can_be_null=False,
             include_columns=columns,
         ),
     )
+    parsed = reported = 0
     try:
-        empty = True
         for batch in reader:
-            empty = False
-            yield pa.Table.from_batches([batch]), raw.tell(), total
-        if empty:
-            yield reader.schema.empty_table(), total, total
+            table = pa.Table.from_batches([batch])
+            if stream.replaced:
+                table = _flag_replaced(table)
+            new = skipped[reported:]
+            reported = len(skipped)
+            if new:
+                table = table.append_column(SOURCE_ROW, _data_rows(parsed, table.num_rows, skipped))
+            parsed += table.num_rows
+            yield _Part(table, raw.tell(), total, new)
+        if not parsed or reported < len(skipped):
+            empty = reader.schema.empty_table()
+            if reported < len(skipped):
+                empty = empty.append_column(SOURCE_ROW, pa.array([], pa.int64()))
+            yield _Part(empty, total, total, skipped[reported:])
     finally:
         reader.close()
         raw.close()
 
 
-def _iter_parquet(
-    path: Path, columns: list[str] | None, batch_rows: int
-) -> Iterator[tuple[pa.Table, int, int]]:
+def _iter_parquet(path: Path, columns: list[str] | None, batch_rows: int) -> Iterator[_Part]:
     file = pq.ParquetFile(path)
+    _check_names(path, file.schema_arrow.names)
     total = file.metadata.num_rows
     done = 0
     for batch in file.iter_batches(batch_size=batch_rows, columns=columns):
         done += batch.num_rows
-        yield pa.Table.from_batches([batch]), done, total
+        yield _Part(pa.Table.from_batches([batch]), done, total)
     if not total:
-        yield file.schema_arrow.empty_table().select(columns or file.schema_arrow.names), 0, 0
+        yield _Part(
+            file.schema_arrow.empty_table().select(columns or file.schema_arrow.names), 0, 0
+        )
 
 
 def _text(value: Any) -> str | None:
@@ -188,32 +347,58 @@ def _text(value: Any) -> str | None:
     return json.dumps(value, sort_keys=True)
 
 
-def _parse_jsonl_slowly(block: bytes, path: Path, first_line: int) -> pa.Table:
-    """Line-by-line parser for blocks whose columns mix JSON types: every value as text."""
+def _parse_jsonl_slowly(
+    block: bytes, path: Path, first_row: int
+) -> tuple[pa.Table, list[RowProblem]]:
+    """Line-by-line parser for blocks Arrow cannot read as a whole: every value as text.
+
+    Lines that are not UTF-8, not JSON or not a JSON object become problems;
+    a nested value (object, array) is flagged ``key:wrong_type``.
+    """
     columns: dict[str, list[str | None]] = {}
-    rows = 0
-    for line_no, line in enumerate(block.split(b"\n"), start=first_line):
+    rows: list[int] = []
+    flags: list[str | None] = []
+    problems: list[RowProblem] = []
+    number = first_row
+    for line in block.split(b"\n"):
         if not line.strip():
             continue
+        number += 1
         try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
-            raise IngestError(f"{path}: line {line_no} is not valid JSON ({reason})") from None
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            shown = line.decode("utf-8", "replace").rstrip("\r")
+            problems.append(RowProblem(number - 1, "not_utf8", shown, "the line is not UTF-8"))
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            problems.append(RowProblem(number - 1, "bad_json", text.rstrip("\r"), exc.msg))
+            continue
         if not isinstance(record, dict):
-            raise IngestError(f"{path}: line {line_no} is not a JSON object")
+            problems.append(
+                RowProblem(number - 1, "bad_json", text.rstrip("\r"), "not a JSON object")
+            )
+            continue
+        nested = [f"{k}:wrong_type" for k, v in record.items() if isinstance(v, dict | list)]
+        flags.append(";".join(nested) or None)
         for key, value in record.items():
-            columns.setdefault(key, [None] * rows).append(_text(value))
-        rows += 1
+            columns.setdefault(key, [None] * len(rows)).append(_text(value))
+        rows.append(number - 1)
         for values in columns.values():
-            if len(values) < rows:
+            if len(values) < len(rows):
                 values.append(None)
-    return pa.table({k: pa.array(v, pa.string()) for k, v in columns.items()})
+    _check_names(path, columns)
+    table = pa.table({k: pa.array(v, pa.string()) for k, v in columns.items()})
+    if any(f is not None for f in flags):
+        table = table.append_column(FLAGS, pa.array(flags, pa.string()))
+    # Always present here, so a block of bare ``{}`` lines keeps its row count.
+    return table.append_column(SOURCE_ROW, pa.array(rows, pa.int64())), problems
 
 
 def _parse_jsonl(
-    block: bytes, path: Path, first_line: int, text_columns: Iterable[str]
-) -> pa.Table:
+    block: bytes, path: Path, first_row: int, text_columns: Iterable[str]
+) -> tuple[pa.Table, list[RowProblem]]:
     # Forcing text on the fields that must stay text stops Arrow from turning
     # ISO strings into naive timestamps (which would lose their offsets). Only
     # keys the block holds are forced, else Arrow would invent empty columns.
@@ -223,8 +408,14 @@ def _parse_jsonl(
         if re.search(b'"' + re.escape(name.encode()) + rb'"\s*:', block)
     ]
     schema = pa.schema([(name, pa.string()) for name in present])
+    # Arrow's JSON reader does not check UTF-8 (in values or keys): a bad byte
+    # sends the block down the line-by-line path, which isolates its line.
     try:
-        return pajson.read_json(
+        block.decode("utf-8")
+    except UnicodeDecodeError:
+        return _parse_jsonl_slowly(block, path, first_row)
+    try:
+        table = pajson.read_json(
             pa.BufferReader(block),
             read_options=pajson.ReadOptions(block_size=max(len(block), 1 << 20)),
             parse_options=pajson.ParseOptions(
@@ -232,16 +423,18 @@ def _parse_jsonl(
             ),
         )
     except pa.ArrowInvalid:
-        return _parse_jsonl_slowly(block, path, first_line)
+        return _parse_jsonl_slowly(block, path, first_row)
+    _check_names(path, table.column_names)
+    return table, []
 
 
 def _iter_jsonl(
     path: Path, text_columns: Iterable[str], columns: list[str] | None
-) -> Iterator[tuple[pa.Table, int, int]]:
+) -> Iterator[_Part]:
     text_columns = list(text_columns)
     total = path.stat().st_size
     seen: list[str] = []
-    line = 1
+    rows = 0
     with contextlib.ExitStack() as stack:
         raw = stack.enter_context(open(path, "rb"))
         handle: IO[bytes] | gzip.GzipFile = raw
@@ -254,21 +447,37 @@ def _iter_jsonl(
             cut = data.rfind(b"\n") + 1 if chunk else len(data)
             block, rest = data[:cut], data[cut:]
             if block.strip():
-                table = _parse_jsonl(block, path, line, text_columns)
+                table, problems = _parse_jsonl(block, path, rows, text_columns)
+                names = [n for n in table.column_names if n not in RESERVED_COLUMNS]
+                rows += table.num_rows + len(problems)
                 # A key seen in an earlier block but absent here is a null column,
                 # as it would be had the whole file been read at once.
-                seen += [n for n in table.column_names if n not in seen]
+                seen += [n for n in names if n not in seen]
                 for name in seen:
                     if name not in table.column_names:
                         table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
                 if columns is not None:
-                    table = table.select([c for c in columns if c in table.column_names])
-                yield table, raw.tell(), total
-            line += block.count(b"\n")
+                    keep = [*columns, *RESERVED_COLUMNS]
+                    table = table.select([c for c in keep if c in table.column_names])
+                yield _Part(table, raw.tell(), total, problems)
             if not chunk:
                 break
-    if not seen:
-        yield pa.table({}), total, total
+    if not rows:
+        yield _Part(pa.table({}), total, total)
+
+
+def mentions_key(path: Path, names: Iterable[str]) -> bool:
+    """Whether a JSON Lines file holds one of ``names`` as a key (a cheap byte scan)."""
+    pattern = re.compile(b"|".join(b'"' + re.escape(n.encode()) + rb'"\s*:' for n in names))
+    tail = b""
+    with _reading(path, _kind(path)):
+        opener = gzip.open if _gzipped(path) else open
+        with opener(path, "rb") as handle:
+            while block := handle.read(_JSON_BLOCK):
+                if pattern.search(tail + block):
+                    return True
+                tail = block[-256:]
+    return False
 
 
 def iter_source(
@@ -295,7 +504,8 @@ def iter_source(
     Raises
     ------
     IngestError
-        With one message naming the file and the reason.
+        With one message naming the file and the reason, when the file cannot
+        be read at all (rows that cannot be parsed are in ``problems``).
 
     Examples
     --------
@@ -313,23 +523,29 @@ def iter_source(
         else:
             parts = _iter_jsonl(path, text_columns, columns)
         pending: list[pa.Table] = []
+        problems: list[RowProblem] = []
         rows = first = 0
         done = total = 0
-        for whole, done, total in parts:
+        for part in parts:
+            done, total = part.done, part.total
             # Slices (zero-copy) keep every batch within ``batch_rows``.
-            for start in range(0, max(whole.num_rows, 1), batch_rows):
-                table = whole.slice(start, batch_rows)
+            for start in range(0, max(part.table.num_rows, 1), batch_rows):
+                # (An empty table is not sliced: Arrow gives a column-less slice
+                # the length asked for.)
+                table = part.table.slice(start, batch_rows) if part.table.num_rows else part.table
                 # JSON blocks may type a column differently: those are not merged.
                 if pending and (
                     rows + table.num_rows > batch_rows or table.schema != pending[0].schema
                 ):
-                    yield SourceBatch(_concat(pending), first, done, total)
-                    first += rows
-                    pending, rows = [], 0
+                    yield SourceBatch(_concat(pending), first, done, total, problems)
+                    first += rows + len(problems)
+                    pending, rows, problems = [], 0, []
                 pending.append(table)
                 rows += table.num_rows
+                if start == 0:
+                    problems = problems + part.problems
         if pending:
-            yield SourceBatch(_concat(pending), first, total, total)
+            yield SourceBatch(_concat(pending), first, total, total, problems)
 
 
 def _concat(tables: list[pa.Table]) -> pa.Table:
@@ -339,11 +555,32 @@ def _concat(tables: list[pa.Table]) -> pa.Table:
 def read_source(path: Path, text_columns: Iterable[str] = ()) -> pa.Table:
     """Read one whole source file by its extension (small files: consent lists).
 
+    Raises
+    ------
+    IngestError
+        When the file cannot be read, or one of its rows cannot be parsed: a
+        list such as a consent file is used whole or not at all.
+
     Examples
     --------
     >>> read_source(Path("consent.csv")).num_rows  # doctest: +SKIP
     """
-    tables = [batch.table for batch in iter_source(path, text_columns)]
+    tables = []
+    for batch in iter_source(path, text_columns):
+        if batch.problems:
+            bad = batch.problems[0]
+            raise IngestError(
+                f"{path}: row {bad.row + 1} cannot be read ({bad.rule}: {bad.detail})"
+            )
+        table = batch.table
+        if FLAGS in table.column_names and table.column(FLAGS).null_count < table.num_rows:
+            at = pc.index(pc.is_valid(table.column(FLAGS)), True).as_py()
+            row = batch.first_row + at
+            if SOURCE_ROW in table.column_names:
+                row = table.column(SOURCE_ROW)[at].as_py()
+            flag = table.column(FLAGS)[at].as_py()
+            raise IngestError(f"{path}: row {row + 1} cannot be read ({flag})")
+        tables.append(table.drop_columns([c for c in RESERVED_COLUMNS if c in table.column_names]))
     try:
         return pa.concat_tables(tables, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError):

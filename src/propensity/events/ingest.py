@@ -4,6 +4,12 @@ Counts always add up, overall and per file::
 
     read = accepted + duplicates + quarantined + consent_removed
 
+``conflicts`` (an ``event_id`` seen again with other content) are part of
+``quarantined``: the first version is kept and the other is quarantined with
+the rule ``conflicting_duplicate``. Quarantine records are keyed by the source
+file's content hash, row number and rule, so re-ingesting a file counts its
+bad rows again but does not store their records twice (``already_quarantined``).
+
 Memory is bounded whatever the size of the sources: files are read in batches,
 each batch is validated and its accepted rows staged as Parquet in the lake's
 staging area; the staged rows are then deduped (within the run, and against
@@ -20,8 +26,8 @@ those, in ``suppressed``.
 
 from __future__ import annotations
 
-import gzip
-import re
+import hashlib
+import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,9 +41,11 @@ import pyarrow.parquet as pq
 
 from propensity.events._readers import (
     BATCH_ROWS,
+    RESERVED_COLUMNS,
     IngestError,
     expand_paths,
     iter_source,
+    mentions_key,
     read_source,
     source_columns,
 )
@@ -47,6 +55,8 @@ from propensity.events.suppression import Screen, SuppressionList
 from propensity.events.validation import (
     ORDER_TIME_COLUMNS,
     QUARANTINE_SCHEMA,
+    RULES,
+    check_mapping,
     validate_events,
     withdrawn_customers,
 )
@@ -67,6 +77,7 @@ class FileCounts:
     duplicates: int = 0
     quarantined: int = 0
     consent_removed: int = 0
+    conflicts: int = 0
 
 
 @dataclass
@@ -74,7 +85,10 @@ class IngestReport:
     """What one ingest run did.
 
     ``read == accepted + duplicates + quarantined + consent_removed`` holds
-    overall and for every entry of ``files``.
+    overall and for every entry of ``files``; ``conflicts`` (an event_id
+    seen again with other content) are among the quarantined rows, and
+    ``already_quarantined`` counts quarantined rows whose record an earlier
+    run had stored (not written again).
     """
 
     read: int = 0
@@ -82,6 +96,8 @@ class IngestReport:
     duplicates: int = 0
     quarantined: int = 0
     consent_removed: int = 0
+    conflicts: int = 0
+    already_quarantined: int = 0
     erased_from_lake: int = 0
     suppressed: int = 0  # of consent_removed: rows of customers on the suppression list
     quarantined_by_reason: dict[str, int] = field(default_factory=dict)
@@ -112,15 +128,24 @@ class IngestReport:
             )
             for r in [header, *rows]
         ]
-        for reason, n in sorted(self.quarantined_by_reason.items()):
-            lines.append(f"quarantined {reason}: {n}")
-        if self.erased_from_lake:
-            lines.append(f"erased from the lake (consent withdrawn): {self.erased_from_lake}")
-        if self.suppressed:
-            lines.append(f"dropped (customers erased earlier): {self.suppressed}")
-        if self.quarantine_path is not None:
-            lines.append(f"quarantine: {self.quarantine_path}")
+        lines += self._notes()
         return "\n".join(lines)
+
+    def _notes(self) -> list[str]:
+        notes = [f"quarantined {r}: {n:,}" for r, n in sorted(self.quarantined_by_reason.items())]
+        if self.conflicts:
+            notes.append(f"conflicts (event_id seen with other content): {self.conflicts:,}")
+        if self.already_quarantined:
+            notes.append(
+                f"already in the quarantine, not stored again: {self.already_quarantined:,}"
+            )
+        if self.erased_from_lake:
+            notes.append(f"erased from the lake (consent withdrawn): {self.erased_from_lake:,}")
+        if self.suppressed:
+            notes.append(f"dropped (customers erased earlier): {self.suppressed:,}")
+        if self.quarantine_path is not None:
+            notes.append(f"quarantine: {self.quarantine_path}")
+        return notes
 
     def to_rich(self) -> object:
         """The summary as a ``rich.table.Table`` for terminal display."""
@@ -137,12 +162,7 @@ class IngestReport:
             table.add_row(name, *(f"{n:,}" for n in counts))
         totals = (self.read, self.accepted, self.duplicates, self.quarantined, self.consent_removed)
         table.add_row("total", *(f"{n:,}" for n in totals), style="bold")
-        notes = [f"quarantined {r}: {n:,}" for r, n in sorted(self.quarantined_by_reason.items())]
-        if self.erased_from_lake:
-            notes.append(f"erased from the lake (consent withdrawn): {self.erased_from_lake:,}")
-        if self.quarantine_path is not None:
-            notes.append(f"quarantine: {self.quarantine_path}")
-        table.caption = "\n".join(notes) or None
+        table.caption = "\n".join(self._notes()) or None
         return table
 
 
@@ -184,24 +204,6 @@ def _source_names(canonical: str, mapping: Mapping[str, str]) -> set[str]:
     return names | ({canonical} if canonical not in mapping else set())
 
 
-def _mentions(path: Path, names: Iterable[str]) -> bool:
-    """Whether a JSON Lines file holds one of ``names`` as a key (a cheap byte scan)."""
-    pattern = re.compile(b"|".join(b'"' + re.escape(n.encode()) + rb'"\s*:' for n in names))
-    tail = b""
-    for batch in _raw_blocks(path):
-        if pattern.search(tail + batch):
-            return True
-        tail = batch[-256:]
-    return False
-
-
-def _raw_blocks(path: Path, size: int = 32 << 20) -> Iterable[bytes]:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        while block := handle.read(size):
-            yield block
-
-
 def _withdrawn_in(path: Path, mapping: Mapping[str, str], text_columns: set[str]) -> set[str]:
     """Customers a source file withdraws through a false ``consent`` value.
 
@@ -211,7 +213,7 @@ def _withdrawn_in(path: Path, mapping: Mapping[str, str], text_columns: set[str]
     customer = _source_names("customer_id", mapping)
     columns = source_columns(path)
     if columns is None:
-        if not _mentions(path, consent):
+        if not mentions_key(path, consent):
             return set()
         wanted = None
     else:
@@ -224,28 +226,79 @@ def _withdrawn_in(path: Path, mapping: Mapping[str, str], text_columns: set[str]
     return found
 
 
+_RULE_INDEX = {rule: i for i, rule in enumerate(RULES)}
+
+
+def _record_keys(records: pa.Table) -> pa.Array:
+    """One integer per quarantine record: its row number and rule."""
+    rules = [_RULE_INDEX.get(r, len(_RULE_INDEX)) for r in records.column("rule").to_pylist()]
+    rows = records.column("row_number").combine_chunks().to_numpy(zero_copy_only=False)
+    return pa.array(rows.astype(np.int64) * 64 + np.asarray(rules, np.int64))
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 class _QuarantineSink:
-    """Quarantine records streamed to one Parquet file, published only when complete."""
+    """Quarantine records streamed to one Parquet file, published only when complete.
+
+    A record already stored for the same source content, row and rule (by an
+    earlier run, or earlier in this one) is counted but not written again.
+    """
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.rows = 0
+        self.already = 0
         self.by_reason: dict[str, int] = {}
         self._writer: pq.ParquetWriter | None = None
         self._tmp: Path | None = None
+        self._hashes: dict[Path, str] = {}
+        self._known: dict[str, pa.Array] = {}
 
-    def write(self, rejected: pa.Table) -> None:
+    def _known_keys(self, digest: str) -> pa.Array:
+        if digest not in self._known:
+            parts = [pa.array([], pa.int64())]
+            for path in sorted(self.folder.glob("*.parquet")) if self.folder.exists() else []:
+                if "source_sha256" not in pq.read_schema(path).names:
+                    continue  # written before records were keyed
+                stored = pq.read_table(
+                    path,
+                    columns=["row_number", "rule"],
+                    filters=[("source_sha256", "=", digest)],
+                )
+                parts.append(_record_keys(stored))
+            self._known[digest] = pa.concat_arrays(parts)
+        return self._known[digest]
+
+    def write(self, path: Path, rejected: pa.Table) -> None:
         if not rejected.num_rows:
             return
+        for item in pc.value_counts(rejected.column("rule")).to_pylist():
+            reason = str(item["values"])
+            self.by_reason[reason] = self.by_reason.get(reason, 0) + int(item["counts"])
+        # Hashing a source costs a read of it: only sources with bad rows pay it.
+        if path not in self._hashes:
+            self._hashes[path] = _sha256(path)
+        digest = self._hashes[path]
+        keys = _record_keys(rejected)
+        known = self._known_keys(digest)
+        fresh = pc.invert(pc.is_in(keys, value_set=known))
+        new = rejected.filter(fresh)
+        self.already += rejected.num_rows - new.num_rows
+        self._known[digest] = pa.concat_arrays([known, keys.filter(fresh)])
+        if not new.num_rows:
+            return
+        digests = pa.array([digest] * new.num_rows, pa.string())
+        new = new.set_column(new.schema.get_field_index("source_sha256"), "source_sha256", digests)
         if self._writer is None:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._tmp = self.folder / f".quarantine-{uuid.uuid4().hex}.parquet.tmp"
             self._writer = pq.ParquetWriter(self._tmp, QUARANTINE_SCHEMA)
-        self._writer.write_table(rejected)
-        self.rows += rejected.num_rows
-        for item in pc.value_counts(rejected.column("rule")).to_pylist():
-            reason = str(item["values"])
-            self.by_reason[reason] = self.by_reason.get(reason, 0) + int(item["counts"])
+        self._writer.write_table(new)
+        self.rows += new.num_rows
 
     def publish(self) -> Path | None:
         if self._writer is None or self._tmp is None:
@@ -260,6 +313,41 @@ class _QuarantineSink:
         if self._writer is not None and self._tmp is not None:
             self._writer.close()
             self._tmp.unlink(missing_ok=True)
+
+
+def _conflict_records(conflicts: pa.Table, files: list[Path]) -> dict[int, pa.Table]:
+    """Quarantine records of conflicting duplicates, by source file index.
+
+    The source row itself is not at hand any more: ``raw`` holds the
+    canonical row that was not stored.
+    """
+    by_file: dict[int, dict[str, list[object]]] = {}
+    for row in conflicts.to_pylist():
+        records = by_file.setdefault(
+            int(row.pop(_FILE)), {name: [] for name in QUARANTINE_SCHEMA.names}
+        )
+        records["row_number"].append(row.pop(_ROW))
+        records["field"].append("event_id")
+        records["rule"].append("conflicting_duplicate")
+        records["value"].append(row["event_id"])
+        records["rules"].append("event_id:conflicting_duplicate")
+        records["raw"].append(json.dumps(row, default=str))
+        records["source_sha256"].append(None)
+    out = {}
+    for index, records in by_file.items():
+        records["source_file"] = [str(files[index])] * len(records["row_number"])
+        out[index] = pa.table(records, schema=QUARANTINE_SCHEMA)
+    return out
+
+
+def _check_sources(path: Path, mapping: Mapping[str, str], columns: Iterable[str]) -> None:
+    """A mapped source column must be in every file the mapping is applied to."""
+    present = set(columns)
+    absent = sorted(source for source in mapping if source not in present)
+    if absent:
+        raise IngestError(
+            f"{path}: mapped column(s) {absent} not found; columns are {sorted(present)}"
+        )
 
 
 def ingest(
@@ -331,12 +419,16 @@ def ingest(
     """
     store = lake if isinstance(lake, EventLake) else EventLake(Path(lake))
     mapping = dict(mapping or {})
+    check_mapping(mapping)
     files = expand_paths([paths] if isinstance(paths, str | Path) else paths)
     text_columns = _text_columns(mapping)
     # Consent first, over all files: a consent value in the last file can
     # withdraw a customer whose events sit in the first one.
     withdrawn = read_consent(consent_file, mapping) if consent_file is not None else set()
     for path in files:
+        columns = source_columns(path)
+        if columns is not None:
+            _check_sources(path, mapping, columns)
         withdrawn |= _withdrawn_in(path, mapping, text_columns)
     # The list bound to the lake applies whoever calls: no path can skip it.
     bound = SuppressionList.bound_to(store.root)
@@ -348,7 +440,12 @@ def ingest(
         with store.staged_append() as stage:
             for index, path in enumerate(files):
                 counts = result.files[str(path)] = FileCounts()
+                # JSON Lines has no header: a line lacking a field misses it.
+                declared = source_columns(path) is not None
+                seen: set[str] = set()
                 for batch in iter_source(path, text_columns, batch_rows=batch_rows):
+                    if batch.table.num_rows:
+                        seen.update(batch.table.column_names)
                     try:
                         checked = validate_events(
                             batch.table,
@@ -359,19 +456,31 @@ def ingest(
                             now=now,
                             withdrawn=screen.withdrawn(batch.table, withdrawn),
                             row_offset=batch.first_row,
+                            unparsed=batch.problems,
+                            columns_required=declared,
                         )
                     except IngestError as exc:
                         raise IngestError(f"{path}: {exc}") from None
                     counts.read += checked.read
                     counts.quarantined += checked.rejected.num_rows
                     counts.consent_removed += checked.consent_removed
-                    quarantine.write(checked.rejected)
-                    valid = checked.valid.drop_columns([_ROW])
+                    quarantine.write(path, checked.rejected)
+                    valid = checked.valid
                     if valid.num_rows:
                         tag = pa.array(np.full(valid.num_rows, index, np.int32))
                         stage.write(valid.append_column(_FILE, tag))
                     report(progress, f"ingest {path.name}", batch.done, batch.total)
+                if seen and not declared:
+                    # JSON Lines: its keys are only known once it is read.
+                    _check_sources(path, mapping, seen - set(RESERVED_COLUMNS))
             added = stage.commit(returning=[_FILE], progress=progress)
+            conflicts = stage.conflicts
+        if conflicts is not None and conflicts.num_rows:
+            for index, records in sorted(_conflict_records(conflicts, files).items()):
+                counts = result.files[str(files[index])]
+                counts.conflicts += records.num_rows
+                counts.quarantined += records.num_rows
+                quarantine.write(files[index], records)
         result.quarantine_path = quarantine.publish()
     except BaseException:
         quarantine.discard()
@@ -394,8 +503,10 @@ def ingest(
         result.duplicates += counts.duplicates
         result.quarantined += counts.quarantined
         result.consent_removed += counts.consent_removed
+        result.conflicts += counts.conflicts
     result.quarantined_by_reason = dict(quarantine.by_reason)
     result.suppressed = screen.rows
+    result.already_quarantined = quarantine.already
     return result
 
 

@@ -63,6 +63,8 @@ _DICTIONARY = [
 ]
 _MEMORY_LIMIT = "1GB"
 _COLUMNS = ", ".join(f'"{f.name}"' for f in ARROW_SCHEMA)
+# A row's content, to tell a re-sent event from another event under the same id.
+_CONTENT = "hash(" + ", ".join(f'"{f.name}"' for f in ARROW_SCHEMA if f.name != "event_id") + ")"
 
 
 class EmptyLakeError(LookupError):
@@ -471,6 +473,11 @@ class StagedAppend:
     the ``event_id`` column of the files of that month whose time range
     overlaps the staged rows: an ``event_id`` is unique within its month, so
     an event re-sent with a timestamp in another month is stored again.
+
+    A dropped row whose content differs from the version kept (the stored
+    one, else the first staged one) is a conflict: after :meth:`commit`,
+    :attr:`conflicts` holds those rows (canonical and extra columns). Content
+    is only compared for dropped rows, so rows that are new cost nothing more.
     """
 
     def __init__(self, lake: EventLake, folder: Path, manifest: dict[str, Any]) -> None:
@@ -481,6 +488,7 @@ class StagedAppend:
         self._side_schema: pa.Schema | None = None
         self._committed = False
         self.rows_staged = 0
+        self.conflicts: pa.Table | None = None
 
     def write(self, table: pa.Table) -> None:
         """Stage canonical events (plus extra columns, the same in every call).
@@ -567,21 +575,31 @@ class StagedAppend:
         )
         extra = side_schema.names[2:]
         names = ["event_id", *extra] if returning is None else list(returning)
+        if self._side_schema is None:
+            # Nothing staged: no extra column is known, so none can be checked.
+            self.conflicts = _DISK_SCHEMA.empty_table()
+            _report(progress, "store", 0, 0)
+            return pa.table(
+                {n: pa.array([], pa.string() if n == "event_id" else pa.null()) for n in names}
+            )
         unknown = [n for n in names if n not in side_schema.names]
         if unknown:
             raise ValueError(f"cannot return columns {unknown}: only {['event_id', *extra]}")
         months = [self._months[k] for k in sorted(self._months)]
         added: list[pa.Table] = []
+        conflicts: list[pa.Table] = []
         parts: list[tuple[Path, int, Any, Any]] = []
         with _connect() as con:
-            repeated = self._find_repeated(con, [m.side_path for m in months])
+            repeated = self._find_repeated(con, months)
             for done, month in enumerate(months):
                 _report(progress, "store", done, len(months))
-                dropped = self._dropped_rows(con, month, repeated)
+                dropped, conflicting = self._dropped_rows(con, month, repeated)
                 keep = np.ones(month.part.rows, dtype=bool)
                 keep[dropped] = False
                 side = pq.read_table(month.side_path, columns=names)
                 added.append(side.filter(keep) if len(dropped) else side)
+                if len(conflicting):
+                    conflicts.append(_rows_of(month, conflicting, extra))
                 if not len(dropped):
                     parts.append(month.part.summary())
                 elif len(dropped) < month.part.rows:
@@ -590,20 +608,23 @@ class StagedAppend:
         if parts:
             entries = self._lake._publish(parts)
             self._lake._commit(self._manifest["files"] + entries)
+        conflict_schema = pa.schema([*_DISK_SCHEMA, *(side_schema.field(n) for n in extra)])
+        self.conflicts = pa.concat_tables(conflicts) if conflicts else conflict_schema.empty_table()
         if not added:
             return pa.schema([side_schema.field(n) for n in names]).empty_table()
         return pa.concat_tables(added)
 
-    def _find_repeated(self, con: duckdb.DuckDBPyConnection, paths: list[Path]) -> bool:
+    def _find_repeated(self, con: duckdb.DuckDBPyConnection, months: list[_StagedMonth]) -> bool:
         """Find staged rows repeating an earlier staged ``event_id``; True if any.
 
         Grouping by a 64-bit hash keeps the full pass cheap in memory; only
         rows whose hash repeats (real repeats and rare collisions) are then
-        compared by their text ``event_id``.
+        compared by their text ``event_id``. Table ``first_content`` then
+        holds the content of each repeated id's first row.
         """
-        if not paths:
+        if not months:
             return False
-        scan = _scan(paths)
+        scan = _scan(m.side_path for m in months)
         con.execute(
             f"CREATE TEMP TABLE repeated_hashes AS SELECT hash(event_id) AS h FROM {scan} "
             "GROUP BY h HAVING count(*) > 1"
@@ -616,12 +637,26 @@ class StagedAppend:
             "WHERE hash(event_id) IN (SELECT h FROM repeated_hashes)) "
             f"QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY {_SEQ}) > 1"
         )
-        return bool(con.execute("SELECT count(*) FROM repeated").fetchall()[0][0])
+        if not con.execute("SELECT count(*) FROM repeated").fetchall()[0][0]:
+            return False
+        firsts = " UNION ALL ".join(
+            f"SELECT event_id, {_SEQ}, content FROM {_with_content(m)}" for m in months
+        )
+        con.execute(
+            f"CREATE TEMP TABLE first_content AS SELECT event_id, content FROM ({firsts}) "
+            "WHERE hash(event_id) IN (SELECT h FROM repeated_hashes) "
+            f"QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY {_SEQ}) = 1"
+        )
+        return True
 
     def _dropped_rows(
         self, con: duckdb.DuckDBPyConnection, month: _StagedMonth, repeated: bool
-    ) -> np.ndarray:
-        """Positions, in the month's staged files, of the rows not to store."""
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Positions, in the month's staged files, of the rows not to store and of the conflicts.
+
+        A dropped row conflicts when its content differs from the stored row
+        of its id, or (none stored) from the first staged row of its id.
+        """
         conditions = []
         if repeated:
             conditions.append(f"{_SEQ} IN (SELECT {_SEQ} FROM repeated)")
@@ -637,12 +672,54 @@ class StagedAppend:
         if stored:
             conditions.append(f"event_id IN (SELECT event_id FROM {_scan(stored)})")
         if not conditions:
-            return np.empty(0, dtype=np.int64)
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
         side = f"read_parquet({_quote(str(month.side_path))}, file_row_number=true)"
         rows = con.execute(
             f"SELECT file_row_number FROM {side} WHERE {' OR '.join(conditions)}"
         ).fetchnumpy()["file_row_number"]
-        return np.asarray(rows, dtype=np.int64)
+        dropped = np.sort(np.asarray(rows, dtype=np.int64))
+        if not len(dropped):
+            return dropped, dropped
+        # Only dropped rows are compared: their content is read back here.
+        con.register("dropped", pa.table({"file_row_number": pa.array(dropped)}))
+        reference = "NULL"
+        if repeated:
+            reference = "(SELECT f.content FROM first_content f WHERE f.event_id = s.event_id)"
+        if stored:
+            con.execute(
+                f"CREATE OR REPLACE TEMP TABLE stored_content AS "
+                f"SELECT event_id, {_CONTENT} AS content FROM {_scan(stored)} "
+                f"WHERE event_id IN (SELECT event_id FROM {side} "
+                "SEMI JOIN dropped USING (file_row_number))"
+            )
+            lake = "(SELECT min(t.content) FROM stored_content t WHERE t.event_id = s.event_id)"
+            reference = f"coalesce({lake}, {reference})"
+        conflicting = con.execute(
+            f"SELECT s.file_row_number FROM {_with_content(month)} s "
+            "SEMI JOIN dropped USING (file_row_number) "
+            f"WHERE s.content <> {reference}"
+        ).fetchnumpy()["file_row_number"]
+        con.unregister("dropped")
+        return dropped, np.sort(np.asarray(conflicting, dtype=np.int64))
+
+
+def _with_content(month: _StagedMonth) -> str:
+    """The month's side file beside each row's content hash (the part file, row by row)."""
+    side = f"read_parquet({_quote(str(month.side_path))}, file_row_number=true)"
+    part = f"read_parquet({_quote(str(month.part.path))})"
+    return (
+        f"(SELECT side.*, {_CONTENT} AS content FROM {side} AS side POSITIONAL JOIN {part} AS part)"
+    )
+
+
+def _rows_of(month: _StagedMonth, positions: np.ndarray, extra: list[str]) -> pa.Table:
+    """Canonical and extra columns of some staged rows of a month."""
+    rows = pa.array(positions)
+    table = pq.read_table(month.part.path).take(rows)
+    side = pq.read_table(month.side_path, columns=extra).take(rows)
+    for name in extra:
+        table = table.append_column(name, side.column(name))
+    return table
 
 
 def _rewrite(

@@ -5,13 +5,23 @@ source file, the 1-based data row, the field, the rule and the offending value,
 with the raw row as JSON. A row breaking several rules is quarantined once:
 ``field``/``rule``/``value`` describe the first broken rule in the order of
 :data:`RULES`, and ``rules`` lists all of them (``field:rule;field:rule``).
+Rows the reader could not parse (see :class:`RowProblem`) are quarantined with
+the field ``(row)`` and the row's text as ``value``.
 
-Text values are kept as given (no whitespace trimming); an empty text value
-counts as absent.
+Text values are kept as given, with two exceptions that need no trimming of
+every value (trimming tripled the cost of this step on large files): an empty
+or whitespace-only value counts as absent, and a ``customer_id`` that starts
+or ends with whitespace (or a control character) is rejected (rule
+``whitespace``) rather than stored under a second spelling of the customer.
+Integers in a text field (Parquet, JSON) are read as their decimal text; any
+other non-text type there is ``wrong_type``.
 
-Time: text and naive timestamps are read in ``timezone``; values carrying an
-offset (``Z``, ``+02:00``) or an aware Arrow type are converted to UTC. Text
-timestamps must be ISO 8601 (a date alone means midnight).
+Time: text timestamps must have the shape ``YYYY-MM-DD`` optionally followed
+by ``[T ]HH:MM[:SS[.fraction]]`` and ``Z`` or an offset ``±HH[:MM]`` (at most
+14 hours); DuckDB's own parser alone also takes ``epoch``, ``infinity``, zone
+names and one-digit months. Text and naive timestamps are read in
+``timezone``; values carrying an offset or an aware Arrow type are converted
+to UTC. Times before 1970-01-01 UTC are implausible for behavioral events.
 
 Orders-only sources (customer, date or datetime, amount, optional quantity)
 become ``purchase`` events: ``quantity`` defaults to 1 and ``price`` is the
@@ -26,7 +36,8 @@ a no-op.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Mapping
+import re
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -35,22 +46,38 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from propensity.events._readers import IngestError
+from propensity.events._readers import FLAGS, SOURCE_ROW, IngestError, RowProblem
 from propensity.events.schema import ARROW_SCHEMA, EVENT_TYPES, NUMERIC_COLUMNS
 
 __all__ = [
     "RULES",
     "QUARANTINE_SCHEMA",
     "FUTURE_TOLERANCE",
+    "EARLIEST_TIMESTAMP",
+    "MAPPING_TARGETS",
     "ORDER_TIME_COLUMNS",
+    "ROW_FIELD",
     "ValidationResult",
+    "check_mapping",
     "validate_events",
     "withdrawn_customers",
 ]
 
 RULES: dict[str, str] = {
-    "missing": "a required field is absent or empty",
-    "unparseable_timestamp": "the timestamp is not an ISO 8601 date or datetime",
+    "not_utf8": "a text value, or a JSON Lines line, holds bytes that are not UTF-8",
+    "ragged_row": "a CSV row has more or fewer fields than the header",
+    "bad_json": "a JSON Lines line is not valid JSON or not a JSON object",
+    "missing": "a required field is absent, empty or only whitespace",
+    "whitespace": "customer_id starts or ends with whitespace (or a control character)",
+    "wrong_type": (
+        "a text or timestamp field holds a value of another type "
+        "(a float, boolean, list or object; integers are read as text ids)"
+    ),
+    "unparseable_timestamp": (
+        "the timestamp is not ISO 8601: YYYY-MM-DD, optionally followed by "
+        "[T ]HH:MM[:SS[.fraction]] and Z or an offset ±HH[:MM] of at most 14 hours"
+    ),
+    "implausible_timestamp": "the timestamp is before 1970-01-01 UTC or beyond the range of dates",
     "future_timestamp": "the timestamp is later than now (plus a small tolerance)",
     "unknown_event_type": "event_type is not one of the documented event types",
     "not_numeric": "a numeric field holds text or a value of another type, or is not finite",
@@ -58,6 +85,10 @@ RULES: dict[str, str] = {
     "not_positive": "an order quantity is zero or below",
     "out_of_range": "propensity is outside (0, 1]",
     "not_boolean": "consent is not true/false/yes/no/1/0",
+    "conflicting_duplicate": (
+        "the event_id is already stored, or came earlier in the run, with other "
+        "content; the first version is kept"
+    ),
 }
 
 QUARANTINE_SCHEMA = pa.schema(
@@ -69,11 +100,24 @@ QUARANTINE_SCHEMA = pa.schema(
         ("value", pa.string()),
         ("rules", pa.string()),
         ("raw", pa.string()),
+        # Content hash of the source file: with row_number and rule it keys a
+        # record, so re-ingesting a file does not quarantine its rows twice.
+        ("source_sha256", pa.string()),
     ]
 )
 
 FUTURE_TOLERANCE = timedelta(minutes=5)
+EARLIEST_TIMESTAMP = datetime(1970, 1, 1, tzinfo=UTC)
 ORDER_TIME_COLUMNS: tuple[str, ...] = ("timestamp", "date", "order_date", "event_timestamp")
+#: Names a column mapping may rename a source column to.
+MAPPING_TARGETS: tuple[str, ...] = (
+    *(f.name for f in ARROW_SCHEMA),
+    "consent",
+    "amount",
+    *(c for c in ORDER_TIME_COLUMNS if c != "event_timestamp"),
+)
+#: ``field`` of a quarantine record for a row the reader could not parse.
+ROW_FIELD = "(row)"
 
 _STRING_COLUMNS = tuple(f.name for f in ARROW_SCHEMA if pa.types.is_string(f.type))
 _TRUE = ("true", "t", "yes", "y", "1", "1.0")
@@ -81,6 +125,9 @@ _FALSE = ("false", "f", "no", "n", "0", "0.0")
 _POS = "__pos__"
 _CHUNK_ROWS = 2_000_000
 _OUT_SCHEMA = pa.schema([pa.field(f.name, f.type) for f in ARROW_SCHEMA])
+_WS = "' ' || chr(9) || chr(10) || chr(11) || chr(12) || chr(13)"
+_TIME = r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-](0\d|1[0-4])(:?[0-5]\d)?)?)?"
+_EARLIEST = f"TIMESTAMPTZ '{EARLIEST_TIMESTAMP.isoformat()}'"
 
 
 @dataclass
@@ -96,7 +143,7 @@ class ValidationResult:
     consent_removed : int
         Rows dropped because their customer withdrew consent.
     read : int
-        Rows in the source.
+        Rows in the source (those of the table and those the reader could not parse).
     """
 
     valid: pa.Table
@@ -113,29 +160,70 @@ def _lit(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _text(col: str) -> str:
-    # No trimming: it tripled the cost of this step on large files.
-    return f"NULLIF(CAST({_q(col)} AS VARCHAR), '')"
-
-
-def _number(col: str, kind: pa.DataType) -> str:
-    if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind):
-        return f"CAST({_q(col)} AS DOUBLE)"
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        return f"TRY_CAST(trim({_q(col)}) AS DOUBLE)"
-    # Booleans, timestamps, nested values: the wrong type for a number.
-    return "CAST(NULL AS DOUBLE)"
-
-
-def _timestamp(col: str, kind: pa.DataType) -> str:
+def _kind(kind: pa.DataType) -> str:
+    """The class of an Arrow type that decides how a value is read."""
+    if pa.types.is_dictionary(kind):
+        return _kind(kind.value_type)
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
+        return "text"
+    if pa.types.is_integer(kind):
+        return "int"
+    if pa.types.is_floating(kind) or pa.types.is_decimal(kind):
+        return "float"
+    if pa.types.is_boolean(kind):
+        return "bool"
     if pa.types.is_timestamp(kind):
-        # Aware values keep their instant; naive ones are read in the session zone.
-        return f"CAST({_q(col)} AS TIMESTAMPTZ)"
+        return "timestamp"
     if pa.types.is_date(kind):
-        return f"CAST(CAST({_q(col)} AS TIMESTAMP) AS TIMESTAMPTZ)"
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        return f"TRY_CAST(trim({_q(col)}) AS TIMESTAMPTZ)"
-    return "CAST(NULL AS TIMESTAMPTZ)"
+        return "date"
+    if pa.types.is_null(kind):
+        return "null"
+    return "other"
+
+
+def _prepared(table: pa.Table, used: Collection[str], positions: pa.Array) -> pa.Table:
+    """The columns validation reads, in types DuckDB scans, and the row positions.
+
+    Columns of other types (lists, structs, durations...) are wrong for every
+    field: only whether they hold a value is kept.
+    """
+    arrays: list[Any] = [positions]
+    names = [_POS]
+    for name in table.column_names:
+        if name not in used:
+            continue
+        column = table.column(name)
+        kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+        if _kind(kind) == "other" or pa.types.is_null(kind):
+            column = pc.if_else(pc.is_valid(column), True, pa.scalar(None, pa.bool_()))
+        elif pa.types.is_date64(kind) or (pa.types.is_timestamp(kind) and kind.unit in ("s", "ms")):
+            column = _as_microseconds(column)
+        elif pa.types.is_float16(kind) or (pa.types.is_decimal(kind) and kind.precision > 38):
+            column = column.cast(pa.float64())
+        elif kind != column.type or pa.types.is_string_view(kind):
+            column = column.cast(pa.string() if _kind(kind) == "text" else kind)
+        arrays.append(column)
+        names.append(name)
+    return pa.Table.from_arrays(arrays, names=names)
+
+
+# Years ±200,000 in microseconds: within DuckDB's timestamps, far from any plausible time.
+_LIMIT_US = 200_000 * 365 * 86_400 * 1_000_000
+
+
+def _as_microseconds(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Second, millisecond or date64 values as microsecond timestamps, clamped.
+
+    DuckDB fails the whole scan on a value beyond its range; clamped, such a
+    value is still rejected (as implausible or in the future).
+    """
+    kind = column.type
+    factor = 1_000_000 if pa.types.is_timestamp(kind) and kind.unit == "s" else 1_000
+    ticks = column.cast(pa.int64())
+    bound = _LIMIT_US // factor
+    ticks = pc.min_element_wise(pc.max_element_wise(ticks, -bound), bound)
+    zone = kind.tz if pa.types.is_timestamp(kind) else None
+    return pc.multiply(ticks, factor).cast(pa.timestamp("us", tz=zone))
 
 
 def _rename(table: pa.Table, mapping: Mapping[str, str] | None) -> tuple[pa.Table, dict[str, str]]:
@@ -149,115 +237,223 @@ def _rename(table: pa.Table, mapping: Mapping[str, str] | None) -> tuple[pa.Tabl
     return table.rename_columns(names), back
 
 
-def _consent(col: str) -> str:
-    value = f"lower(trim(CAST({_q(col)} AS VARCHAR)))"
+def check_mapping(mapping: Mapping[str, str]) -> None:
+    """Reject a column mapping whose target is not a name validation reads.
+
+    Raises
+    ------
+    IngestError
+        Naming the unknown targets and listing the valid ones.
+
+    Examples
+    --------
+    >>> check_mapping({"user": "customer_id"})
+    >>> check_mapping({"user": "customer"})
+    Traceback (most recent call last):
+    ...
+    propensity.events._readers.IngestError: column mapping target(s) ['customer'] ...
+    """
+    unknown = sorted({target for target in mapping.values() if target not in MAPPING_TARGETS})
+    if unknown:
+        raise IngestError(
+            f"column mapping target(s) {unknown} are not fields; "
+            f"valid targets: {', '.join(MAPPING_TARGETS)}"
+        )
+
+
+def _blank_is_null(col: str) -> str:
+    # Only values starting with a space or control character (< '!') are
+    # trimmed: a cheap comparison on DuckDB's inlined string prefix.
+    q = _q(col)
+    return f"CASE WHEN {q} < '!' AND trim({q}, {_WS}) = '' THEN NULL ELSE {q} END"
+
+
+def _text(col: str, kind: str | None) -> str:
+    if kind == "text":
+        return _blank_is_null(col)
+    if kind == "int":
+        return f"CAST({_q(col)} AS VARCHAR)"
+    return "CAST(NULL AS VARCHAR)"
+
+
+def _present(col: str, kind: str | None) -> str:
+    if kind is None or kind == "null":
+        return "false"
+    if kind == "text":
+        return f"{_blank_is_null(col)} IS NOT NULL"
+    return f"{_q(col)} IS NOT NULL"
+
+
+def _number(col: str, kind: str | None) -> str:
+    if kind in ("int", "float"):
+        return f"CAST({_q(col)} AS DOUBLE)"
+    if kind == "text":
+        # DuckDB's cast allows surrounding spaces; it reads "NaN" and "inf"
+        # too, which the not_numeric rule then rejects as not finite.
+        return f"TRY_CAST({_blank_is_null(col)} AS DOUBLE)"
+    # Booleans, timestamps, nested values: the wrong type for a number.
+    return "CAST(NULL AS DOUBLE)"
+
+
+def _consent(col: str, kind: str | None) -> str:
+    if kind not in ("text", "bool", "int", "float"):
+        return "CAST(NULL AS BOOLEAN)"
+    value = f"lower(trim(CAST({_q(col)} AS VARCHAR), {_WS}))"
     trues = ", ".join(_lit(v) for v in _TRUE)
     falses = ", ".join(_lit(v) for v in _FALSE)
     return f"CASE WHEN {value} IN ({trues}) THEN true WHEN {value} IN ({falses}) THEN false END"
 
 
-def withdrawn_customers(table: pa.Table, mapping: Mapping[str, str] | None = None) -> set[str]:
-    """Customers whose ``consent`` column is false in some row of ``table``.
-
-    Examples
-    --------
-    >>> withdrawn_customers(pa.table({"customer_id": ["C1", "C2"], "consent": [True, False]}))
-    {'C2'}
-    """
-    table, _ = _rename(table, mapping)
-    if "consent" not in table.column_names or "customer_id" not in table.column_names:
-        return set()
-    con = duckdb.connect()
-    con.register("src", table)
-    rows = con.execute(
-        f"SELECT DISTINCT {_text('customer_id')} FROM src "
-        f"WHERE {_consent('consent')} = false AND {_text('customer_id')} IS NOT NULL"
-    ).fetchall()
-    con.close()
-    return {r[0] for r in rows}
+def _time(col: str, kind: str | None, now_sql: str) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """Parsed items (``event_timestamp``, ``_has_time``) and rules of the time column."""
+    q = _q(col)
+    pattern = _lit(_TIME)
+    if kind == "text":
+        # The shape check first: DuckDB's parser also takes "epoch", "infinity",
+        # zone names, one-digit months and offsets beyond 14 hours.
+        value = (
+            f"CASE WHEN regexp_full_match({q}, {pattern}) THEN TRY_CAST({q} AS TIMESTAMPTZ) "
+            f"WHEN regexp_full_match(trim({q}, {_WS}), {pattern}) "
+            f"THEN TRY_CAST(trim({q}, {_WS}) AS TIMESTAMPTZ) END"
+        )
+    elif kind == "timestamp":
+        # Aware values keep their instant; naive ones are read in the session zone.
+        # TRY_: a second or millisecond value beyond DuckDB's range becomes null.
+        value = f"TRY_CAST({q} AS TIMESTAMPTZ)"
+    elif kind == "date":
+        value = f"TRY_CAST(TRY_CAST({q} AS TIMESTAMP) AS TIMESTAMPTZ)"
+    else:
+        value = "CAST(NULL AS TIMESTAMPTZ)"
+    parsed = [f"{value} AS event_timestamp", f"{_present(col, kind)} AS _has_time"]
+    rules = [(col, "missing", "NOT _has_time")]
+    if kind == "text":
+        rules.append((col, "unparseable_timestamp", "_has_time AND event_timestamp IS NULL"))
+        rules.append((col, "implausible_timestamp", f"event_timestamp < {_EARLIEST}"))
+    elif kind in ("timestamp", "date"):
+        rules.append(
+            (
+                col,
+                "implausible_timestamp",
+                f"_has_time AND (event_timestamp IS NULL OR event_timestamp < {_EARLIEST})",
+            )
+        )
+    elif kind != "null":
+        rules.append((col, "wrong_type", "_has_time"))
+    rules.append((col, "future_timestamp", f"event_timestamp > {now_sql}"))
+    return parsed, rules
 
 
 @dataclass
 class _Plan:
     parsed: list[str]  # "expr AS name" items of the parsing step
     rules: list[tuple[str, str, str]]  # (field, rule, condition) in reporting order
-    fields: dict[str, str]  # rule field -> source column holding the raw value
+    used: set[str]  # source columns (after renaming) the plan reads
     order_key: str | None  # SQL for a derived order_id, orders-only mode
 
 
-def _events_plan(table: pa.Table, now_sql: str) -> _Plan:
-    cols = dict(zip(table.column_names, table.schema.types, strict=True))
-    missing = [c for c in ("customer_id", "event_type", "event_timestamp") if c not in cols]
+def _wrong_text(kind: str | None) -> bool:
+    return kind not in (None, "text", "int", "null")
+
+
+def _absent(col: str, kinds: Mapping[str, str]) -> str:
+    return f"NOT {_q('_has_' + col)}" if _wrong_text(kinds.get(col)) else f"{_q(col)} IS NULL"
+
+
+def _text_fields(
+    names: Sequence[str], kinds: Mapping[str, str]
+) -> tuple[list[str], dict[str, tuple[str, str, str]]]:
+    """Parsed items of text fields and their wrong-type rules, by field."""
+    parsed, wrong = [], {}
+    for c in names:
+        kind = kinds.get(c)
+        parsed.append(f"{_text(c, kind)} AS {_q(c)}")
+        if _wrong_text(kind):
+            parsed.append(f"{_q(c)} IS NOT NULL AS {_q('_has_' + c)}")
+            wrong[c] = (c, "wrong_type", _q("_has_" + c))
+    if kinds.get("customer_id") == "text":
+        edge = _q("customer_id")
+        parsed.append(f"coalesce({edge} < '!' OR right({edge}, 1) < '!', false) AS _edge_ws")
+    else:
+        parsed.append("false AS _edge_ws")
+    return parsed, wrong
+
+
+def _customer_rules(
+    kinds: Mapping[str, str], wrong: dict[str, tuple[str, str, str]]
+) -> list[tuple[str, str, str]]:
+    rules = [wrong.pop("customer_id")] if "customer_id" in wrong else []
+    rules.append(("customer_id", "missing", _absent("customer_id", kinds)))
+    rules.append(("customer_id", "whitespace", "customer_id IS NOT NULL AND _edge_ws"))
+    return rules
+
+
+def _numbers(
+    names: Sequence[str], kinds: Mapping[str, str]
+) -> tuple[list[str], list[tuple[str, str, str]]]:
+    parsed, rules = [], []
+    for c in names:
+        if c not in kinds:
+            parsed.append(f"CAST(NULL AS DOUBLE) AS {_q(c)}")
+            continue
+        has, value = _q("_has_" + c), _q(c)
+        parsed.append(f"{_number(c, kinds[c])} AS {value}")
+        parsed.append(f"{_present(c, kinds[c])} AS {has}")
+        rules.append((c, "not_numeric", f"{has} AND ({value} IS NULL OR NOT isfinite({value}))"))
+        if c == "propensity":
+            rules.append(
+                (c, "out_of_range", f"isfinite({value}) AND ({value} <= 0 OR {value} > 1)")
+            )
+        else:
+            rules.append((c, "negative", f"{value} < 0"))
+    return parsed, rules
+
+
+def _events_plan(kinds: Mapping[str, str], now_sql: str) -> _Plan:
+    missing = [c for c in ("customer_id", "event_type", "event_timestamp") if c not in kinds]
     if missing:
         raise IngestError(
-            f"required column(s) {missing} not found; columns are {list(cols)} "
+            f"required column(s) {missing} not found; columns are {list(kinds)} "
             "(map source names with a column mapping)"
         )
-    parsed = [
-        f"{_text(c) if c in cols else 'CAST(NULL AS VARCHAR)'} AS {_q(c)}" for c in _STRING_COLUMNS
-    ]
-    parsed.append(f"{_timestamp('event_timestamp', cols['event_timestamp'])} AS event_timestamp")
-    parsed.append(f"{_text('event_timestamp')} IS NOT NULL AS _has_event_timestamp")
-    numbers = [c for c in NUMERIC_COLUMNS if c in cols]
-    for c in NUMERIC_COLUMNS:
-        parsed.append(f"{_number(c, cols[c]) if c in cols else 'CAST(NULL AS DOUBLE)'} AS {_q(c)}")
-    for c in numbers:
-        parsed.append(f"{_text(c)} IS NOT NULL AS _has_{c}")
+    parsed, wrong = _text_fields(_STRING_COLUMNS, kinds)
+    time_items, time_rules = _time("event_timestamp", kinds["event_timestamp"], now_sql)
+    number_items, number_rules = _numbers(NUMERIC_COLUMNS, kinds)
     types = ", ".join(_lit(t) for t in EVENT_TYPES)
-    rules = [
-        ("customer_id", "missing", "customer_id IS NULL"),
-        ("event_type", "missing", "event_type IS NULL"),
-        ("event_timestamp", "missing", "NOT _has_event_timestamp"),
-        (
-            "event_timestamp",
-            "unparseable_timestamp",
-            "_has_event_timestamp AND event_timestamp IS NULL",
-        ),
-        ("event_timestamp", "future_timestamp", f"event_timestamp > {now_sql}"),
-        ("event_type", "unknown_event_type", f"event_type NOT IN ({types})"),
-    ]
-    for c in numbers:
-        rules.append((c, "not_numeric", f"_has_{c} AND ({c} IS NULL OR NOT isfinite({c}))"))
-        if c == "propensity":
-            rules.append((c, "out_of_range", f"isfinite({c}) AND ({c} <= 0 OR {c} > 1)"))
-        else:
-            rules.append((c, "negative", f"{c} < 0"))
-    fields = {name: name for name in cols}
-    return _Plan(parsed, rules, fields, None)
+    rules = _customer_rules(kinds, wrong)
+    if "event_type" in wrong:
+        rules.append(wrong.pop("event_type"))
+    rules.append(("event_type", "missing", _absent("event_type", kinds)))
+    rules += time_rules
+    rules.append(("event_type", "unknown_event_type", f"event_type NOT IN ({types})"))
+    rules += [*wrong.values(), *number_rules]
+    used = {*_STRING_COLUMNS, "event_timestamp", *NUMERIC_COLUMNS} & set(kinds)
+    return _Plan([*parsed, *time_items, *number_items], rules, used, None)
 
 
-def _orders_plan(table: pa.Table, now_sql: str) -> _Plan:
-    cols = dict(zip(table.column_names, table.schema.types, strict=True))
-    time_col = next((c for c in ORDER_TIME_COLUMNS if c in cols), None)
-    missing = [c for c in ("customer_id", "amount") if c not in cols]
+def _orders_plan(kinds: Mapping[str, str], now_sql: str) -> _Plan:
+    time_col = next((c for c in ORDER_TIME_COLUMNS if c in kinds), None)
+    missing = [c for c in ("customer_id", "amount") if c not in kinds]
     if time_col is None:
         missing.append("|".join(ORDER_TIME_COLUMNS))
     if missing:
         raise IngestError(
-            f"orders-only source lacks column(s) {missing}; columns are {list(cols)} "
+            f"orders-only source lacks column(s) {missing}; columns are {list(kinds)} "
             "(map source names with a column mapping)"
         )
     assert time_col is not None
-    canonical_text = [c for c in _STRING_COLUMNS if c not in ("event_type",)]
-    parsed = [
-        f"{_text(c) if c in cols else 'CAST(NULL AS VARCHAR)'} AS {_q(c)}" for c in canonical_text
-    ]
-    parsed.append("'purchase' AS event_type")
-    parsed.append(f"{_timestamp(time_col, cols[time_col])} AS event_timestamp")
-    parsed.append(f"{_text(time_col)} IS NOT NULL AS _has_time")
-    parsed.append(f"{_number('amount', cols['amount'])} AS amount")
-    parsed.append(f"{_text('amount')} IS NOT NULL AS _has_amount")
-    if "quantity" in cols:
-        parsed.append(f"{_number('quantity', cols['quantity'])} AS _quantity")
-        parsed.append(f"{_text('quantity')} IS NOT NULL AS _has_quantity")
-    else:
-        parsed += ["CAST(NULL AS DOUBLE) AS _quantity", "false AS _has_quantity"]
+    canonical_text = [c for c in _STRING_COLUMNS if c != "event_type"]
+    parsed, wrong = _text_fields(canonical_text, kinds)
+    time_items, time_rules = _time(time_col, kinds[time_col], now_sql)
+    parsed += ["'purchase' AS event_type", *time_items]
+    parsed.append(f"{_number('amount', kinds['amount'])} AS amount")
+    parsed.append(f"{_present('amount', kinds['amount'])} AS _has_amount")
+    quantity = kinds.get("quantity")
+    parsed.append(f"{_number('quantity', quantity)} AS _quantity")
+    parsed.append(f"{_present('quantity', quantity)} AS _has_quantity")
     parsed.append("CAST(NULL AS DOUBLE) AS propensity")
-    rules = [
-        ("customer_id", "missing", "customer_id IS NULL"),
-        (time_col, "missing", "NOT _has_time"),
-        (time_col, "unparseable_timestamp", "_has_time AND event_timestamp IS NULL"),
-        (time_col, "future_timestamp", f"event_timestamp > {now_sql}"),
+    rules = _customer_rules(kinds, wrong)
+    rules += time_rules
+    rules += [
         ("amount", "missing", "NOT _has_amount"),
         ("amount", "not_numeric", "_has_amount AND (amount IS NULL OR NOT isfinite(amount))"),
         ("amount", "negative", "amount < 0"),
@@ -267,13 +463,14 @@ def _orders_plan(table: pa.Table, now_sql: str) -> _Plan:
             "_has_quantity AND (_quantity IS NULL OR NOT isfinite(_quantity))",
         ),
         ("quantity", "not_positive", "_quantity <= 0"),
+        *wrong.values(),
     ]
-    fields = {name: name for name in cols}
     key = (
         "concat_ws(chr(31), customer_id, CAST(epoch_us(event_timestamp) AS VARCHAR), "
         "CAST(amount AS VARCHAR), CAST(coalesce(_quantity, 1) AS VARCHAR))"
     )
-    return _Plan(parsed, rules, fields, key)
+    used = {*canonical_text, time_col, "amount", "quantity"} & set(kinds)
+    return _Plan(parsed, rules, used, key)
 
 
 def _canonical_select(plan: _Plan) -> str:
@@ -304,30 +501,29 @@ def _content_hash() -> str:
     return f"md5(concat_ws(chr(31), {', '.join(parts)}))"
 
 
-def _build_sql(plan: _Plan, with_consent: bool, withdrawn: bool) -> str:
+def _build_sql(plan: _Plan, flags: bool, withdrawn: bool) -> str:
     rules = list(plan.rules)
-    if with_consent:
-        rules.append(
-            (
-                "consent",
-                "not_boolean",
-                f"{_text('consent')} IS NOT NULL AND {_consent('consent')} IS NULL",
-            )
-        )
     # A cheap boolean for every row; the text listing the broken rules is only
     # built for the (usually few) bad rows.
     any_bad = " OR ".join(f"({cond})" for _, _, cond in rules)
     problems = ", ".join(
         f"CASE WHEN {cond} THEN {_lit(field + ':' + rule)} END" for field, rule, cond in rules
     )
+    if flags:
+        # The reader's findings (bytes not UTF-8, nested JSON values) come first.
+        any_bad = f"{FLAGS} IS NOT NULL OR {any_bad}"
+        problems = f"{FLAGS}, {problems}"
     where = ""
     if withdrawn:
+        # Withdrawn ids are stored trimmed: a row spelling the id with spaces
+        # around it belongs to the same customer (only those rows are trimmed).
+        customer = f"CASE WHEN _edge_ws THEN trim(customer_id, {_WS}) ELSE customer_id END"
         where = (
-            "WHERE customer_id IS NULL OR customer_id NOT IN (SELECT customer_id FROM withdrawn)"
+            f"WHERE customer_id IS NULL OR {customer} NOT IN (SELECT customer_id FROM withdrawn)"
         )
     return f"""
         WITH parsed AS (
-            SELECT {_POS}, {", ".join(plan.parsed)}
+            SELECT {_POS}, {f"{FLAGS}, " if flags else ""}{", ".join(plan.parsed)}
             FROM src
         ),
         canonical AS (
@@ -342,6 +538,29 @@ def _build_sql(plan: _Plan, with_consent: bool, withdrawn: bool) -> str:
     """
 
 
+def _translated_flags(
+    flags: pa.ChunkedArray | None, mapping: Mapping[str, str], used: Collection[str]
+) -> pa.Array | None:
+    """The reader's ``column:rule`` flags in field names, kept for the fields validation reads."""
+    if flags is None or flags.null_count == len(flags):
+        return None
+    out: list[str | None] = []
+    for text in flags.to_pylist():
+        kept = []
+        for item in (text or "").split(";") if text else []:
+            column, _, rule = item.rpartition(":")
+            name = mapping.get(column, column)
+            if name in used:
+                kept.append(f"{name}:{rule}")
+        out.append(";".join(kept) or None)
+    array = pa.array(out, pa.string())
+    return None if array.null_count == len(array) else array
+
+
+def _kinds(table: pa.Table) -> dict[str, str]:
+    return {f.name: _kind(f.type) for f in table.schema}
+
+
 def validate_events(
     table: pa.Table,
     *,
@@ -352,13 +571,16 @@ def validate_events(
     now: datetime | None = None,
     withdrawn: Collection[str] = (),
     row_offset: int = 0,
+    unparsed: Sequence[RowProblem] = (),
+    columns_required: bool = True,
 ) -> ValidationResult:
     """Split a source table into canonical events and quarantine records.
 
     Parameters
     ----------
     table : pa.Table
-        Rows as read from the source (see ``propensity.events._readers``).
+        Rows as read from the source (see ``propensity.events._readers``),
+        possibly with the reader's ``__source_row__`` and ``__flags__`` columns.
     source : str
         Name of the source file, recorded in quarantine records.
     mapping : dict, optional
@@ -373,7 +595,15 @@ def validate_events(
         Customers whose rows are dropped (counted, not quarantined).
     row_offset : int
         Source rows before ``table`` (when a file is validated batch by
-        batch), so reported row numbers are those of the whole file.
+        batch), so reported row numbers are those of the whole file; unused
+        when the table gives each row's source row.
+    unparsed : sequence of RowProblem
+        Rows of the source the reader could not parse: quarantined (or, when
+        they name a withdrawn customer, dropped) and counted as read.
+    columns_required : bool
+        Whether a required column absent from the table is an error (a file
+        with a header or schema) or only makes every row miss it (JSON Lines,
+        whose lines each name their own fields).
 
     Returns
     -------
@@ -382,7 +612,8 @@ def validate_events(
     Raises
     ------
     IngestError
-        If required columns are absent or the mapping clashes.
+        If required columns are absent, the mapping clashes or the time zone
+        is unknown.
 
     Examples
     --------
@@ -392,33 +623,56 @@ def validate_events(
     >>> result.rejected.column("rule").to_pylist()
     ['negative']
     """
-    original_names = table.column_names
-    renamed, back = _rename(table, mapping)
-    if _POS in renamed.column_names:
-        raise IngestError(f"column name {_POS} is reserved")
     reference = (now or datetime.now(UTC)) + FUTURE_TOLERANCE
     if reference.tzinfo is None:
         raise ValueError("now must be timezone-aware")
+    reader_columns = {c: table.column(c) for c in (SOURCE_ROW, FLAGS) if c in table.column_names}
+    table = table.drop_columns(list(reader_columns))
+    unparsed_records, unparsed_removed = _unparsed_records(unparsed, source, withdrawn)
+    if not table.num_columns and not table.num_rows:
+        # A JSON Lines source none of whose lines could be parsed.
+        return ValidationResult(
+            _OUT_SCHEMA.append(pa.field("__row__", pa.int64())).empty_table(),
+            unparsed_records,
+            unparsed_removed,
+            len(unparsed),
+        )
+    source_rows = reader_columns.get(SOURCE_ROW)
+    original_names = table.column_names
+    renamed, back = _rename(table, mapping)
+    if not columns_required:
+        for name in _absent_required(renamed.column_names, orders_only):
+            renamed = renamed.append_column(name, pa.nulls(renamed.num_rows, pa.string()))
+    if _POS in renamed.column_names:
+        raise IngestError(f"column name {_POS} is reserved")
     now_sql = f"TIMESTAMPTZ {_lit(reference.astimezone(UTC).isoformat())}"
-    plan = _orders_plan(renamed, now_sql) if orders_only else _events_plan(renamed, now_sql)
+    kinds = _kinds(renamed)
+    plan = _orders_plan(kinds, now_sql) if orders_only else _events_plan(kinds, now_sql)
+    has_consent = "consent" in kinds
+    if has_consent:
+        kind = kinds["consent"]
+        plan.parsed.append(f"{_consent('consent', kind)} AS _consent")
+        plan.parsed.append(f"{_present('consent', kind)} AS _has_consent")
+        plan.rules.append(("consent", "not_boolean", "_has_consent AND _consent IS NULL"))
+        plan.used.add("consent")
+    flags = _translated_flags(reader_columns.get(FLAGS), dict(mapping or {}), plan.used)
     con = duckdb.connect()
     try:
         con.execute(f"SET TimeZone = {_lit(timezone)}")
     except duckdb.Error:
         con.close()
-        raise ValueError(f"unknown time zone {timezone!r}") from None
+        raise IngestError(f"unknown time zone {timezone!r}") from None
     if withdrawn:
         con.register("withdrawn", pa.table({"customer_id": pa.array(list(withdrawn), pa.string())}))
-    has_consent = "consent" in renamed.column_names
-    if has_consent:
-        plan.parsed.append("consent")
-    sql = _build_sql(plan, has_consent, bool(withdrawn))
+    sql = _build_sql(plan, flags is not None, bool(withdrawn))
+    positions = pa.array(range(renamed.num_rows), pa.int64())
+    src = _prepared(renamed, plan.used, positions)
+    if flags is not None:
+        src = src.append_column(FLAGS, flags)
     valid_parts, bad_parts, kept = [], [], 0
     # Chunks bound DuckDB's working memory on large files.
-    for start in range(0, max(renamed.num_rows, 1), _CHUNK_ROWS):
-        chunk = renamed.slice(start, _CHUNK_ROWS)
-        positions = pa.array(range(start, start + chunk.num_rows), pa.int64())
-        con.register("src", chunk.append_column(_POS, positions))
+    for start in range(0, max(src.num_rows, 1), _CHUNK_ROWS):
+        con.register("src", src.slice(start, _CHUNK_ROWS))
         out = con.sql(sql).to_arrow_table()
         con.unregister("src")
         kept += out.num_rows
@@ -426,22 +680,51 @@ def validate_events(
         if pc.any(bad).as_py():
             bad_parts.append(out.filter(bad).select([_POS, "_problems"]))
             out = out.filter(pc.invert(bad))
+        rows = _row_numbers(out.column(_POS), source_rows, row_offset)
         valid_parts.append(
             out.select([f.name for f in ARROW_SCHEMA])
             .cast(_OUT_SCHEMA)
-            .append_column("__row__", pc.add(out.column(_POS), 1 + row_offset))
+            .append_column("__row__", rows)
         )
     con.close()
-    bad_rows = pa.concat_tables(bad_parts) if bad_parts else pa.table({_POS: [], "_problems": []})
-    rejected = _quarantine_records(
-        bad_rows, table, original_names, back, plan.fields, source, row_offset
+    bad_rows = (
+        pa.concat_tables(bad_parts)
+        if bad_parts
+        else pa.table({_POS: pa.array([], pa.int64()), "_problems": pa.array([], pa.string())})
     )
+    rejected = _quarantine_records(
+        bad_rows,
+        table,
+        original_names,
+        back,
+        source,
+        _row_numbers(bad_rows.column(_POS), source_rows, row_offset),
+    )
+    if unparsed_records.num_rows:
+        rejected = pa.concat_tables([rejected, unparsed_records]).sort_by("row_number")
     return ValidationResult(
         valid=pa.concat_tables(valid_parts),
         rejected=rejected,
-        consent_removed=table.num_rows - kept,
-        read=table.num_rows,
+        consent_removed=table.num_rows - kept + unparsed_removed,
+        read=table.num_rows + len(unparsed),
     )
+
+
+def _absent_required(names: Sequence[str], orders_only: bool) -> list[str]:
+    if orders_only:
+        times = [] if set(ORDER_TIME_COLUMNS) & set(names) else [ORDER_TIME_COLUMNS[0]]
+        return [c for c in ("customer_id", "amount") if c not in names] + times
+    return [c for c in ("customer_id", "event_type", "event_timestamp") if c not in names]
+
+
+def _row_numbers(
+    positions: pa.ChunkedArray | pa.Array, source_rows: pa.ChunkedArray | None, offset: int
+) -> pa.ChunkedArray | pa.Array:
+    """1-based source row numbers of table positions."""
+    positions = positions.cast(pa.int64())
+    if source_rows is None:
+        return pc.add(positions, 1 + offset)
+    return pc.add(pc.take(source_rows.combine_chunks(), positions), 1)
 
 
 def _quarantine_records(
@@ -449,24 +732,91 @@ def _quarantine_records(
     table: pa.Table,
     original_names: list[str],
     back: dict[str, str],
-    fields: dict[str, str],
     source: str,
-    row_offset: int,
+    row_numbers: pa.ChunkedArray | pa.Array,
 ) -> pa.Table:
     positions = bad.column(_POS).cast(pa.int64())
-    raw_rows = table.take(positions).to_pylist() if bad.num_rows else []
+    raw_rows = _as_text_safe(table.take(positions)).to_pylist() if bad.num_rows else []
     records: dict[str, list[Any]] = {name: [] for name in QUARANTINE_SCHEMA.names}
-    for pos, problems, raw in zip(
-        positions.to_pylist(), bad.column("_problems").to_pylist(), raw_rows, strict=True
+    for number, problems, raw in zip(
+        row_numbers.to_pylist(), bad.column("_problems").to_pylist(), raw_rows, strict=True
     ):
         field, rule = problems.split(";", 1)[0].split(":", 1)
-        column = back.get(fields.get(field, field), field)
+        column = back.get(field, field)
         value = raw.get(column) if column in original_names else None
         records["source_file"].append(source)
-        records["row_number"].append(pos + 1 + row_offset)
+        records["row_number"].append(number)
         records["field"].append(field)
         records["rule"].append(rule)
         records["value"].append(None if value is None else str(value))
         records["rules"].append(problems)
         records["raw"].append(json.dumps(raw, default=str, sort_keys=False))
+        records["source_sha256"].append(None)
     return pa.table(records, schema=QUARANTINE_SCHEMA)
+
+
+def _as_text_safe(table: pa.Table) -> pa.Table:
+    """Temporal columns as text, so a value beyond Python's dates can still be shown."""
+    for index, field in enumerate(table.schema):
+        kind = field.type
+        if pa.types.is_temporal(kind):
+            try:
+                column = table.column(index).cast(pa.string())
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                column = table.column(index).cast(pa.int64()).cast(pa.string())
+            table = table.set_column(index, field.name, column)
+    return table
+
+
+_TOKENS = re.compile(r"[\s,;|\"'{}\[\]:]+")
+
+
+def _unparsed_records(
+    problems: Sequence[RowProblem], source: str, withdrawn: Collection[str]
+) -> tuple[pa.Table, int]:
+    """Quarantine records of rows the reader could not parse, and how many were withdrawn.
+
+    A row that names a withdrawn customer (as one of its fields) is dropped,
+    not kept: the quarantine holds no data of such customers.
+    """
+    records: dict[str, list[Any]] = {name: [] for name in QUARANTINE_SCHEMA.names}
+    removed = 0
+    for problem in problems:
+        if withdrawn and any(t in withdrawn for t in _TOKENS.split(problem.text) if t):
+            removed += 1
+            continue
+        records["source_file"].append(source)
+        records["row_number"].append(problem.row + 1)
+        records["field"].append(ROW_FIELD)
+        records["rule"].append(problem.rule)
+        records["value"].append(problem.text)
+        records["rules"].append(f"{ROW_FIELD}:{problem.rule}")
+        # A JSON string, not an object: the row has no fields to name.
+        records["raw"].append(json.dumps(problem.text))
+        records["source_sha256"].append(None)
+    return pa.table(records, schema=QUARANTINE_SCHEMA), removed
+
+
+def withdrawn_customers(table: pa.Table, mapping: Mapping[str, str] | None = None) -> set[str]:
+    """Customers (ids trimmed) whose ``consent`` column is false in some row of ``table``.
+
+    Examples
+    --------
+    >>> withdrawn_customers(pa.table({"customer_id": ["C1", " C2"], "consent": [True, False]}))
+    {'C2'}
+    """
+    table = table.drop_columns([c for c in (SOURCE_ROW, FLAGS) if c in table.column_names])
+    table, _ = _rename(table, mapping)
+    if "consent" not in table.column_names or "customer_id" not in table.column_names:
+        return set()
+    kinds = _kinds(table)
+    customer = f"trim({_text('customer_id', kinds['customer_id'])}, {_WS})"
+    con = duckdb.connect()
+    positions = pa.array(range(table.num_rows), pa.int64())
+    con.register("src", _prepared(table, ("customer_id", "consent"), positions))
+    rows = con.execute(
+        f"SELECT DISTINCT {customer} FROM src "
+        f"WHERE {_consent('consent', kinds['consent'])} = false AND {customer} <> ''"
+    ).fetchall()
+    con.close()
+    return {r[0] for r in rows}
