@@ -74,9 +74,10 @@ class SuppressionList:
 
     @classmethod
     def of(cls, settings: Settings) -> SuppressionList:
-        """The list of a project (in ``settings.jobs_dir``), bound to the project's lake."""
+        """The list of a project (in ``settings.jobs_dir``), bound to its lake once it has entries."""
         erased = cls(settings.path(settings.jobs_dir))
-        erased.bind(settings.path(settings.lake_dir))
+        if erased.audit_path.exists():
+            erased.bind(settings.path(settings.lake_dir))
         return erased
 
     def bind(self, lake_root: str | Path) -> None:

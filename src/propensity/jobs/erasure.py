@@ -365,6 +365,7 @@ def forget(
         erased = suppression_list(settings)
         # Suppressed before anything is erased: an ingest from now on drops them.
         erased.add(ids, {"at": _now(), "actor": actor, "status": "started"})
+        erased.bind(settings.path(settings.lake_dir))  # every later ingest into the lake applies it
         # Online first: once a customer is gone from serving, the rest is offline cleanup.
         from propensity.features.store import FeatureStoreAdapter
 
