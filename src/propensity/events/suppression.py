@@ -74,7 +74,7 @@ class SuppressionList:
 
     @classmethod
     def of(cls, settings: Settings) -> SuppressionList:
-        """The list of a project (in ``settings.jobs_dir``), bound to its lake once it has entries."""
+        """The list of a project (``settings.jobs_dir``), bound to its lake once it has entries."""
         erased = cls(settings.path(settings.jobs_dir))
         if erased.audit_path.exists():
             erased.bind(settings.path(settings.lake_dir))
