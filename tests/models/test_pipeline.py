@@ -88,7 +88,7 @@ def test_errors_name_the_problem(splits):
     (X, y, _), (Xv, yv, _), _ = splits
     with pytest.raises(ValueError, match=r"lacks feature column\(s\) \['e'\]"):
         as_matrix(X.drop(columns="e"), list("abcde"))
-    with pytest.raises(ValueError, match="validation labels hold a single class"):
+    with pytest.raises(ValueError, match="validation labels hold one class"):
         CalibratedBooster().fit(X, y, eval_set=(Xv, np.zeros(len(yv))))
 
 

@@ -39,6 +39,8 @@ class LogisticBaseline(ClassifierMixin, BaseEstimator):
     ----------
     pipeline_ : sklearn.pipeline.Pipeline
     classes_ : ndarray
+    n_iter_ : ndarray
+        The solver's iterations (as ``LogisticRegression.n_iter_``).
     n_features_in_ : int
     feature_names_in_ : ndarray of str
         Only when fitted on a DataFrame with string column names.
@@ -69,6 +71,7 @@ class LogisticBaseline(ClassifierMixin, BaseEstimator):
         )
         self.pipeline_.fit(matrix, np.asarray(y))
         self.classes_ = self.pipeline_.classes_
+        self.n_iter_ = self.pipeline_[-1].n_iter_
         return self
 
     def __sklearn_tags__(self) -> Tags:
@@ -83,7 +86,8 @@ class LogisticBaseline(ClassifierMixin, BaseEstimator):
 
     def predict(self, X: pd.DataFrame | np.ndarray) -> np.ndarray:
         """The most probable class label of each row."""
-        return np.asarray(self.classes_[self.predict_proba(X).argmax(axis=1)])
+        proba = self.predict_proba(X)
+        return np.asarray(self.classes_[proba.argmax(axis=1)])
 
 
 class RecencyRule(BaseEstimator):

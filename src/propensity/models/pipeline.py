@@ -19,7 +19,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 from sklearn.model_selection import train_test_split
 from sklearn.utils import Tags
-from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import check_array, check_is_fitted, column_or_1d, validate_data
 
 from propensity.models.spec import CalibrationMethod, LightGBMParams
@@ -342,12 +342,15 @@ class CalibratedBooster(ClassifierMixin, BaseEstimator):
         y_arr = column_or_1d(y, warn=True)
         if reset:
             check_classification_targets(y_arr)
-            self.classes_ = np.unique(y_arr)
-            if self.classes_.size != 2:
+            kind = type_of_target(y_arr, input_name="y")
+            if kind == "multiclass":
                 raise ValueError(
-                    f"the {name} labels hold {self.classes_.size} class(es) "
-                    f"{self.classes_.tolist()[:5]}; CalibratedBooster needs exactly two"
+                    f"Only binary classification is supported. The type of the target is {kind}; "
+                    f"the {name} labels hold {np.unique(y_arr).tolist()[:5]}..."
                 )
+            self.classes_ = np.unique(y_arr)
+            if self.classes_.size < 2:
+                raise ValueError(f"the {name} labels hold one class; cannot fit a classifier")
         unknown = ~np.isin(y_arr, self.classes_)
         if unknown.any():
             raise ValueError(
@@ -356,7 +359,7 @@ class CalibratedBooster(ClassifierMixin, BaseEstimator):
             )
         y01 = (y_arr == self.classes_[1]).astype(np.float64)
         if np.unique(y01).size < 2:
-            raise ValueError(f"the {name} labels hold a single class; cannot fit a classifier")
+            raise ValueError(f"the {name} labels hold one class; cannot fit a classifier")
         return y01
 
     def _raw(self, X: np.ndarray, num_threads: int = 0) -> np.ndarray:
@@ -376,7 +379,8 @@ class CalibratedBooster(ClassifierMixin, BaseEstimator):
 
     def predict(self, X: pd.DataFrame | np.ndarray) -> np.ndarray:
         """The more probable class label of each row, shape ``(n,)``."""
-        return np.asarray(self.classes_[(self.predict_proba(X)[:, 1] > 0.5).astype(np.intp)])
+        positive = self.predict_proba(X)[:, 1] > 0.5
+        return np.asarray(self.classes_[positive.astype(np.intp)])
 
     def contributions(self, X: pd.DataFrame | np.ndarray, num_threads: int = 0) -> np.ndarray:
         """Per-feature contributions to the raw log-odds (TreeSHAP), shape ``(n, n_features + 1)``.
