@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -103,3 +105,28 @@ def test_baselines(splits):
     assert churn.predict(frame).tolist() == [1.0, 5.0, 31.0, 30.0]
     buy = RecencyRule(higher_is_positive=False).fit(frame)
     assert np.argmax(buy.predict(frame)) == 0  # the most recent buyer ranks first
+
+
+def test_model_pickled_before_the_sklearn_contract_still_loads(splits):
+    """A champion registered before ``classes_``/``n_features_in_`` existed keeps scoring."""
+    (X, y, _), (Xv, yv, _), (Xt, _, _) = splits
+    model = CalibratedBooster(LightGBMParams(n_estimators=20), 5, seed=0)
+    model.fit(X, y, eval_set=(Xv, yv))
+    state = dict(model.__dict__)
+    for new in ("classes_", "n_features_in_", "feature_names_in_", "validation_fraction"):
+        state.pop(new)
+    old = CalibratedBooster.__new__(CalibratedBooster)
+    old.__dict__.update(state)  # the attributes a pre-contract pickle holds
+    loaded = pickle.loads(pickle.dumps(old))
+    np.testing.assert_array_equal(loaded.predict_proba(Xt), model.predict_proba(Xt))
+    np.testing.assert_array_equal(loaded.predict(Xt), model.predict(Xt))
+    assert loaded.get_params()["validation_fraction"] == 0.2
+
+
+def test_without_eval_set_a_stratified_share_is_held_out(splits):
+    (X, y, _), _, (Xt, yt, _) = splits
+    model = CalibratedBooster(LightGBMParams(num_leaves=7), 20, seed=0).fit(X, y)
+    assert roc_auc_score(yt, model.predict_proba(Xt)[:, 1]) > 0.75
+    assert set(model.predict(Xt)) <= {0, 1}
+    with pytest.raises(ValueError, match="Only binary classification is supported"):
+        CalibratedBooster().fit(X, y % 2 + (X["a"] > 2))

@@ -104,7 +104,19 @@ def _feature_names(estimator: BaseEstimator, n_features: int) -> list[str]:
 
 @dataclass
 class Calibrator:
-    """Maps raw LightGBM probabilities to calibrated ones (isotonic, sigmoid or identity)."""
+    """Maps raw LightGBM probabilities to calibrated ones (isotonic, sigmoid or identity).
+
+    Kept instead of ``CalibratedClassifierCV(FrozenEstimator(booster))``, which was
+    measured on the same fits (synthetic 10% positives, 8k and 50k training rows):
+    its probabilities differ by up to 2.4e-3 (sigmoid) and 3.4e-4 (isotonic).
+    Its sigmoid is Platt's, fitted on smoothed targets; ours is a plain logistic
+    fit on the logit (log loss -0.00008 / 0.0000, ECE -0.001 / +0.0002 for
+    scikit-learn's, i.e. noise). Its isotonic returns exact 0 and 1 on the
+    extreme bins (348 of 4,000 test rows at 8k), an infinite log loss for any
+    miss; ours is bounded to [1e-6, 1 - 1e-6] (log loss 0.3225 vs 0.3432 with
+    scikit-learn's clipped at 1e-15). Switching would also change every
+    registered model's scores, so the hand-written calibrator stays.
+    """
 
     method: str
     model: Any = None
