@@ -276,8 +276,8 @@ def bench_bulk(project: Any, n_rows: int) -> dict[str, float]:
     t = time.perf_counter()
     for k in range(len(sample)):
         row = sample.iloc[k : k + 1]
-        scorer.churn.model.predict(row[scorer.churn.feature_names], num_threads=1)
-        scorer.purchase.model.predict(row[scorer.purchase.feature_names], num_threads=1)
+        scorer.churn.model.predict_proba(row[scorer.churn.feature_names], num_threads=1)
+        scorer.purchase.model.predict_proba(row[scorer.purchase.feature_names], num_threads=1)
         scorer.policy.model.action_uplift(row)
     per_row = (time.perf_counter() - t) / len(sample)
     peak = psutil.Process().memory_info().rss / 2**20

@@ -122,7 +122,7 @@ def main() -> None:
 
         t = time.perf_counter()
         model = CalibratedBooster(spec.lightgbm, spec.early_stopping_rounds, spec.calibration)
-        model.fit(train[names], train["label"], val[names], val["label"])
+        model.fit(train[names], train["label"], eval_set=(val[names], val["label"]))
         timings["fit (lightgbm + early stopping + calibration)"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -141,7 +141,10 @@ def main() -> None:
 
         t = time.perf_counter()
         y = test["label"].to_numpy()
-        scores = {"model": model.predict(test[names]), "logistic": logistic.predict(test[names])}
+        scores = {
+            "model": model.predict_proba(test[names])[:, 1],
+            "logistic": logistic.predict_proba(test[names])[:, 1],
+        }
         metrics = {k: ev.binary_metrics(y, v) for k, v in scores.items()}
         plots = Path(tmp) / "artifacts" / "plots"
         ev.save_figure(ev.roc_figure(y, scores), plots / "roc.png")

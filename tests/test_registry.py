@@ -19,7 +19,7 @@ def fitted() -> tuple[CalibratedBooster, pd.DataFrame]:
     y = (X["a"] - X["b"] + rng.normal(size=3000) > 1).astype(int)
     params = LightGBMParams(n_estimators=50, num_threads=1)
     model = CalibratedBooster(params, early_stopping_rounds=10).fit(
-        X[:2000], y[:2000], X[2000:], y[2000:]
+        X[:2000], y[:2000], eval_set=(X[2000:], y[2000:])
     )
     return model, X
 
@@ -59,12 +59,13 @@ def test_log_register_alias_and_load(tmp_path, fitted):
     assert proba.shape == (200,) and proba.dtype == np.float64
     assert ((proba >= 0) & (proba <= 1)).all()
     assert len(np.unique(proba)) > 2  # probabilities, not labels
-    np.testing.assert_allclose(proba, model.predict(sample))
+    np.testing.assert_allclose(proba, model.predict_proba(sample)[:, 1])
 
-    # the raw estimator for serving: booster, calibrator, one-thread predict, contributions
+    # the raw estimator for serving: booster, calibrator, one-thread predict_proba, contributions
     estimator = registry.load_estimator(uri, "churn")
     assert estimator.registry_version_ == 1
-    np.testing.assert_allclose(estimator.predict(sample.to_numpy(), num_threads=1), proba)
+    one_thread = estimator.predict_proba(sample.to_numpy(), num_threads=1)[:, 1]
+    np.testing.assert_allclose(one_thread, proba)
     contrib = estimator.contributions(sample.head(5), num_threads=1)
     assert contrib.shape == (5, 5)
     raw = estimator.booster_.predict(sample.head(5).to_numpy(), raw_score=True)

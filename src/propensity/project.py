@@ -513,7 +513,7 @@ class Project:
         spec = self._specs.get(result.run_id) or self.spec(result.model)
         frame = self.training_frame(spec, result.split.test)
         estimator = self._estimator(result)
-        frame["model"] = estimator.predict(frame[estimator.feature_names_])
+        frame["model"] = estimator.predict_proba(frame[estimator.feature_names_])[:, 1]
         rule = RecencyRule(higher_is_positive=spec.label.kind == "churn")
         frame["recency"] = rule.fit(frame).predict(frame)
         oracle = self._oracle(spec, frame)

@@ -30,6 +30,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
+from sklearn.base import ClassifierMixin
 
 __all__ = [
     "CHAMPION",
@@ -82,15 +83,22 @@ class ProbabilityModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined]
     """Pyfunc wrapper whose ``predict`` returns P(y=1) as float64.
 
     MLflow's LightGBM flavour predicts labels; serving and bulk scoring need
-    calibrated probabilities, so the fitted estimator's ``predict`` is called instead.
+    calibrated probabilities, so a classifier's ``predict_proba`` column 1 is
+    returned instead (another estimator's ``predict``, e.g. the uplift matrix).
     """
 
     def load_context(self, context: Any) -> None:
         self.estimator = joblib.load(context.artifacts["estimator"])
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> np.ndarray:
-        frame = pd.DataFrame(model_input)
-        return np.asarray(self.estimator.predict(frame), dtype=np.float64)
+        return _pyfunc_output(self.estimator, pd.DataFrame(model_input))
+
+
+def _pyfunc_output(estimator: Any, frame: pd.DataFrame) -> np.ndarray:
+    """What the pyfunc returns: P(y=1) of a classifier, else the estimator's ``predict``."""
+    if isinstance(estimator, ClassifierMixin):
+        return np.asarray(estimator.predict_proba(frame)[:, 1], dtype=np.float64)
+    return np.asarray(estimator.predict(frame), dtype=np.float64)
 
 
 @contextlib.contextmanager
@@ -182,7 +190,7 @@ def log_run(
     ...               input_example=X.head(5), register_as="churn")  # doctest: +SKIP
     """
     example = input_example.astype("float64")
-    output = np.asarray(estimator.predict(example), dtype=np.float64)
+    output = _pyfunc_output(estimator, example)
     signature = infer_signature(example, output)
     with _tracking(tracking_uri) as client, tempfile.TemporaryDirectory() as tmp:
         experiment_id = _experiment_id(client, experiment, tracking_uri)
@@ -366,13 +374,13 @@ def load_estimator(tracking_uri: str, model: str, version: int | str = CHAMPION)
 
     For the project's propensity models this is a
     :class:`~propensity.models.pipeline.CalibratedBooster`: ``booster_``,
-    ``calibrator_``, ``feature_names_``, ``predict(X, num_threads=1)`` and
+    ``calibrator_``, ``feature_names_``, ``predict_proba(X, num_threads=1)`` and
     ``contributions(X)``. The estimator is downloaded once per call; cache it.
 
     Examples
     --------
     >>> est = load_estimator(settings.tracking_uri, "churn")  # doctest: +SKIP
-    >>> est.predict(X, num_threads=1)  # doctest: +SKIP
+    >>> est.predict_proba(X, num_threads=1)[:, 1]  # doctest: +SKIP
     """
     with _tracking(tracking_uri) as client, tempfile.TemporaryDirectory() as tmp:
         mv = _model_version(client, model, version)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -32,7 +34,7 @@ def splits():
 def test_calibrated_probabilities_are_honest(splits, class_weight):
     (X, y, _), (Xv, yv, _), (Xt, yt, pt) = splits
     params = LightGBMParams(num_leaves=7, min_child_samples=50, class_weight=class_weight)
-    model = CalibratedBooster(params, early_stopping_rounds=20, seed=0).fit(X, y, Xv, yv)
+    model = CalibratedBooster(params, early_stopping_rounds=20, seed=0).fit(X, y, eval_set=(Xv, yv))
     proba = model.predict_proba(Xt)
     assert proba.shape == (len(Xt), 2)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0)
@@ -51,24 +53,24 @@ def test_calibrated_probabilities_are_honest(splits, class_weight):
 def test_balanced_weights_need_calibration(splits):
     (X, y, _), (Xv, yv, _), (Xt, yt, _) = splits
     params = LightGBMParams(num_leaves=7, class_weight="balanced")
-    raw = CalibratedBooster(params, 20, calibration="none", seed=0).fit(X, y, Xv, yv)
-    cal = CalibratedBooster(params, 20, calibration="auto", seed=0).fit(X, y, Xv, yv)
+    raw = CalibratedBooster(params, 20, calibration="none", seed=0).fit(X, y, eval_set=(Xv, yv))
+    cal = CalibratedBooster(params, 20, calibration="auto", seed=0).fit(X, y, eval_set=(Xv, yv))
     # re-weighting inflates raw probabilities; the calibrator brings them back
-    assert raw.predict(Xt).mean() > yt.mean() + 0.1
+    assert raw.predict_proba(Xt)[:, 1].mean() > yt.mean() + 0.1
     assert cal.calibration_ != "none"
-    assert abs(cal.predict(Xt).mean() - yt.mean()) < 0.02
+    assert abs(cal.predict_proba(Xt)[:, 1].mean() - yt.mean()) < 0.02
 
 
 def test_deterministic_row_and_column_order_invariant(splits):
     (X, y, _), (Xv, yv, _), (Xt, _, _) = splits
     params = LightGBMParams(num_leaves=7, n_estimators=50)
-    a = CalibratedBooster(params, 10, seed=5).fit(X, y, Xv, yv)
-    b = CalibratedBooster(params, 10, seed=5).fit(X, y, Xv, yv)
-    np.testing.assert_array_equal(a.predict(Xt), b.predict(Xt))
+    a = CalibratedBooster(params, 10, seed=5).fit(X, y, eval_set=(Xv, yv))
+    b = CalibratedBooster(params, 10, seed=5).fit(X, y, eval_set=(Xv, yv))
+    np.testing.assert_array_equal(a.predict_proba(Xt), b.predict_proba(Xt))
     perm = np.random.default_rng(0).permutation(len(Xt))
     shuffled = Xt.iloc[perm][list("edcba")]
-    np.testing.assert_array_equal(a.predict(shuffled), a.predict(Xt)[perm])
-    np.testing.assert_allclose(a.predict(Xt.to_numpy(), num_threads=1), a.predict(Xt))
+    np.testing.assert_array_equal(a.predict_proba(shuffled), a.predict_proba(Xt)[perm])
+    np.testing.assert_allclose(a.predict_proba(Xt.to_numpy(), num_threads=1), a.predict_proba(Xt))
     contrib = a.contributions(Xt.head(3))
     assert contrib.shape == (3, 6)
     assert list(a.feature_importance().index[:1]) == ["a"]
@@ -77,8 +79,8 @@ def test_deterministic_row_and_column_order_invariant(splits):
 def test_early_stopping_can_be_turned_off(splits):
     (X, y, _), (Xv, yv, _), _ = splits
     params = LightGBMParams(num_leaves=31, learning_rate=0.5, n_estimators=60)
-    stopped = CalibratedBooster(params, 3, seed=5).fit(X, y, Xv, yv)
-    full = CalibratedBooster(params, None, seed=5).fit(X, y, Xv, yv)
+    stopped = CalibratedBooster(params, 3, seed=5).fit(X, y, eval_set=(Xv, yv))
+    full = CalibratedBooster(params, None, seed=5).fit(X, y, eval_set=(Xv, yv))
     # A fast learning rate overfits early: early stopping keeps a prefix, None keeps all.
     assert stopped.best_iteration_ < 60
     assert full.best_iteration_ == full.booster_.current_iteration() == 60
@@ -88,14 +90,14 @@ def test_errors_name_the_problem(splits):
     (X, y, _), (Xv, yv, _), _ = splits
     with pytest.raises(ValueError, match=r"lacks feature column\(s\) \['e'\]"):
         as_matrix(X.drop(columns="e"), list("abcde"))
-    with pytest.raises(ValueError, match="validation labels hold a single class"):
-        CalibratedBooster().fit(X, y, Xv, np.zeros(len(yv)))
+    with pytest.raises(ValueError, match="validation labels hold one class"):
+        CalibratedBooster().fit(X, y, eval_set=(Xv, np.zeros(len(yv))))
 
 
 def test_baselines(splits):
     (X, y, _), _, (Xt, yt, _) = splits
     logistic = LogisticBaseline().fit(X, y)
-    p = logistic.predict(Xt)
+    p = logistic.predict_proba(Xt)[:, 1]
     assert ((p > 0) & (p < 1)).all() and roc_auc_score(yt, p) > 0.7
     frame = pd.DataFrame({"days_since_last": [1.0, 5.0, np.nan, 30.0]})
     churn = RecencyRule(higher_is_positive=True).fit(frame)
@@ -103,3 +105,28 @@ def test_baselines(splits):
     assert churn.predict(frame).tolist() == [1.0, 5.0, 31.0, 30.0]
     buy = RecencyRule(higher_is_positive=False).fit(frame)
     assert np.argmax(buy.predict(frame)) == 0  # the most recent buyer ranks first
+
+
+def test_model_pickled_before_the_sklearn_contract_still_loads(splits):
+    """A champion registered before ``classes_``/``n_features_in_`` existed keeps scoring."""
+    (X, y, _), (Xv, yv, _), (Xt, _, _) = splits
+    model = CalibratedBooster(LightGBMParams(n_estimators=20), 5, seed=0)
+    model.fit(X, y, eval_set=(Xv, yv))
+    state = dict(model.__dict__)
+    for new in ("classes_", "n_features_in_", "feature_names_in_", "validation_fraction"):
+        state.pop(new)
+    old = CalibratedBooster.__new__(CalibratedBooster)
+    old.__dict__.update(state)  # the attributes a pre-contract pickle holds
+    loaded = pickle.loads(pickle.dumps(old))
+    np.testing.assert_array_equal(loaded.predict_proba(Xt), model.predict_proba(Xt))
+    np.testing.assert_array_equal(loaded.predict(Xt), model.predict(Xt))
+    assert loaded.get_params()["validation_fraction"] == 0.2
+
+
+def test_without_eval_set_a_stratified_share_is_held_out(splits):
+    (X, y, _), _, (Xt, yt, _) = splits
+    model = CalibratedBooster(LightGBMParams(num_leaves=7), 20, seed=0).fit(X, y)
+    assert roc_auc_score(yt, model.predict_proba(Xt)[:, 1]) > 0.75
+    assert set(model.predict(Xt)) <= {0, 1}
+    with pytest.raises(ValueError, match="Only binary classification is supported"):
+        CalibratedBooster().fit(X, y % 2 + (X["a"] > 2))

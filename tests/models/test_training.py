@@ -115,11 +115,11 @@ def test_probabilities_in_unit_interval_and_row_order_invariant(project):
     estimator = registry.load_estimator(settings.tracking_uri, "churn")
     entity = population_frame(lake, project["churn"].split.test[-1])
     X = FeatureStoreAdapter(settings).historical(entity, "churn_v2")[estimator.feature_names_]
-    p = estimator.predict(X)
+    p = estimator.predict_proba(X)[:, 1]
     assert ((p >= 0) & (p <= 1)).all() and p.std() > 0.05
     perm = np.random.default_rng(0).permutation(len(X))
     shuffled = X.iloc[perm][list(reversed(X.columns))]  # rows and columns shuffled
-    np.testing.assert_array_equal(estimator.predict(shuffled), p[perm])
+    np.testing.assert_array_equal(estimator.predict_proba(shuffled)[:, 1], p[perm])
 
 
 def test_worse_challenger_is_not_promoted_then_manual_promote(project):

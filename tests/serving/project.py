@@ -122,7 +122,7 @@ def fit_model(
         calibration="sigmoid",
         seed=seed,
     )
-    return model.fit(X[:split], y[:split], X[split:], y[split:])
+    return model.fit(X[:split], y[:split], eval_set=(X[split:], y[split:]))
 
 
 def register(settings: Settings, name: str, model: Any, champion: bool = True) -> int:

@@ -351,7 +351,7 @@ def test_shap_reasons_method_serves_treeshap(project: Project) -> None:
     np.testing.assert_allclose(scorer.churn.contributions(X), shap, atol=1e-12)
     np.testing.assert_allclose(scorer.churn.contributions(X[:1]), shap[:1], atol=1e-12)
     proba, contributions = scorer.churn.predict_with_contributions(X)
-    np.testing.assert_allclose(proba, model.predict(X, num_threads=1), atol=1e-12)
+    np.testing.assert_allclose(proba, model.predict_proba(X, num_threads=1)[:, 1], atol=1e-12)
     top = scorer.score(ids[:1])[0]
     assert top is not None
     expected = np.argsort(-np.abs(shap[0, :-1]), kind="stable")[:3]

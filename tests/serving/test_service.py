@@ -53,7 +53,7 @@ def test_score_fields_and_probabilities_match_the_models(server: Server, project
     ):
         model = load_estimator(uri, name, body.model_versions[name])
         frame = adapter.online([customer], service)
-        expected = float(model.predict(frame[model.feature_names_], num_threads=1)[0])
+        expected = float(model.predict_proba(frame[model.feature_names_], num_threads=1)[0, 1])
         assert got == pytest.approx(expected, abs=1e-9)
         reasons = body.reasons[name]
         assert len(reasons) == 3

@@ -309,7 +309,9 @@ def drift_report(
         estimator = registry.load_estimator(settings.tracking_uri, model, version)
         columns = list(estimator.feature_names_)
         report.scores[model] = psi(
-            estimator.predict(ref[columns]), estimator.predict(cur[columns]), bins=bins
+            estimator.predict_proba(ref[columns])[:, 1],
+            estimator.predict_proba(cur[columns])[:, 1],
+            bins=bins,
         )
         report.champions[model] = int(version)
     if log:

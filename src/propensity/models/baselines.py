@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
+from sklearn.utils import Tags
+from sklearn.utils.validation import check_is_fitted
 
-from propensity.models.pipeline import as_matrix
+from propensity.models.pipeline import fit_matrix, predict_matrix
 
 __all__ = ["LogisticBaseline", "RecencyRule"]
 
 
-class LogisticBaseline:
+class LogisticBaseline(ClassifierMixin, BaseEstimator):
     """Logistic regression on the model's features.
 
     Parameters
@@ -35,14 +38,21 @@ class LogisticBaseline:
     Attributes
     ----------
     pipeline_ : sklearn.pipeline.Pipeline
-    feature_names_ : list of str
+    classes_ : ndarray
+    n_iter_ : ndarray
+        The solver's iterations (as ``LogisticRegression.n_iter_``).
+    n_features_in_ : int
+    feature_names_in_ : ndarray of str
+        Only when fitted on a DataFrame with string column names.
 
     Examples
     --------
     >>> X = pd.DataFrame({"x": [0.0, 1.0, 2.0, np.nan, 4.0, 5.0]})
     >>> model = LogisticBaseline().fit(X, [0, 0, 0, 1, 1, 1])
-    >>> model.predict(X).shape
-    (6,)
+    >>> model.predict_proba(X).shape
+    (6, 2)
+    >>> model.predict(X).tolist()
+    [0, 0, 0, 1, 1, 1]
     """
 
     def __init__(self, C: float = 1.0, max_iter: int = 1000, seed: int = 42) -> None:
@@ -50,27 +60,41 @@ class LogisticBaseline:
         self.max_iter = max_iter
         self.seed = seed
 
-    def fit(self, X: pd.DataFrame, y: np.ndarray | pd.Series) -> LogisticBaseline:
+    def fit(self, X: pd.DataFrame | np.ndarray, y: np.ndarray | pd.Series) -> LogisticBaseline:
         """Fit imputation, scaling and the regression on ``X, y``."""
-        self.feature_names_ = [str(c) for c in X.columns]
-        matrix = as_matrix(X, self.feature_names_)
+        matrix = fit_matrix(self, X)
         # a feature that is NaN everywhere carries nothing; keep_empty_features keeps shapes stable
         self.pipeline_: Pipeline = make_pipeline(
             SimpleImputer(strategy="median", add_indicator=True, keep_empty_features=True),
             StandardScaler(),
             LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.seed),
         )
-        self.pipeline_.fit(matrix, np.asarray(y, dtype=np.int64))
+        self.pipeline_.fit(matrix, np.asarray(y))
+        self.classes_ = self.pipeline_.classes_
+        self.n_iter_ = self.pipeline_[-1].n_iter_
         return self
 
-    def predict(self, X: pd.DataFrame) -> np.ndarray:
-        """P(y=1) for each row."""
-        proba = self.pipeline_.predict_proba(as_matrix(X, self.feature_names_))
-        return np.asarray(proba[:, 1], dtype=np.float64)
+    def __sklearn_tags__(self) -> Tags:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = True  # imputed, with an indicator column
+        return tags
+
+    def predict_proba(self, X: pd.DataFrame | np.ndarray) -> np.ndarray:
+        """Class probabilities, shape ``(n, n_classes)`` (column 1 is P(y=1) for 0/1 labels)."""
+        check_is_fitted(self)
+        return np.asarray(self.pipeline_.predict_proba(predict_matrix(self, X)), dtype=np.float64)
+
+    def predict(self, X: pd.DataFrame | np.ndarray) -> np.ndarray:
+        """The most probable class label of each row."""
+        proba = self.predict_proba(X)
+        return np.asarray(self.classes_[proba.argmax(axis=1)])
 
 
-class RecencyRule:
+class RecencyRule(BaseEstimator):
     """Rank customers by days since their last activity.
+
+    A scikit-learn estimator for ``get_params``/``clone``, but not a classifier:
+    ``predict`` is a ranking score, not a probability, read from one named column.
 
     Parameters
     ----------

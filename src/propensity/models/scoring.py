@@ -70,7 +70,9 @@ def score_customers(
     scores = pd.DataFrame(
         {
             "customer_id": frame["customer_id"].astype(str),
-            "score": estimator.predict(frame[estimator.feature_names_].astype("float64")),
+            "score": estimator.predict_proba(frame[estimator.feature_names_].astype("float64"))[
+                :, 1
+            ],
         }
     )
     scores = scores.sort_values("customer_id", kind="stable").reset_index(drop=True)

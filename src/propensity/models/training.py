@@ -308,7 +308,7 @@ def _champion_auc(
         # a champion on another feature service cannot score these rows: compare logged AUC
         logged = registry.version_info(settings.tracking_uri, name, version)["metrics"]
         return version, logged.get("test_roc_auc")
-    score = champion.predict(test[champion.feature_names_])
+    score = champion.predict_proba(test[champion.feature_names_])[:, 1]
     return version, ev.ranking_metrics(test["label"].to_numpy(), score)["roc_auc"]
 
 
@@ -413,7 +413,7 @@ def train_model(
     report(progress, f"{spec.name}: fit", next(step), _STAGES)
     model = CalibratedBooster(
         spec.lightgbm, spec.early_stopping_rounds, spec.calibration, seed=spec.seed
-    ).fit(train[features], train["label"], val[features], val["label"])
+    ).fit(train[features], train["label"], eval_set=(val[features], val["label"]))
 
     report(progress, f"{spec.name}: baselines", next(step), _STAGES)
     logistic = LogisticBaseline(seed=spec.seed).fit(train[features], train["label"])
@@ -422,8 +422,8 @@ def train_model(
     report(progress, f"{spec.name}: evaluate", next(step), _STAGES)
     y_test = test["label"].to_numpy()
     scores = {
-        "model": model.predict(test[features]),
-        "logistic": logistic.predict(test[features]),
+        "model": model.predict_proba(test[features])[:, 1],
+        "logistic": logistic.predict_proba(test[features])[:, 1],
         "recency": recency.predict(test),
     }
     metrics = {
@@ -431,7 +431,7 @@ def train_model(
         "logistic": ev.binary_metrics(y_test, scores["logistic"]),
         "recency": ev.ranking_metrics(y_test, scores["recency"]),
         "model_validation": ev.binary_metrics(
-            val["label"].to_numpy(), model.predict(val[features])
+            val["label"].to_numpy(), model.predict_proba(val[features])[:, 1]
         ),
     }
     oracle_note = "no truth dir given"

@@ -235,7 +235,7 @@ class BoosterBundle:
         if len(X) == 1 and num_threads == 1:
             raw = self._value_row(X[0])
             return np.clip(self.model.calibrator_.transform(raw), 0.0, 1.0)
-        return np.asarray(self.model.predict(X, num_threads=num_threads), dtype=np.float64)
+        return np.asarray(self.model.predict_proba(X, num_threads=num_threads)[:, 1])
 
     def _contributions(self, X: np.ndarray, num_threads: int) -> np.ndarray:
         one_row = len(X) == 1 and num_threads == 1
