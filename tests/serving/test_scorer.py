@@ -90,7 +90,7 @@ def test_scorer_with_next_best_action(project: Project) -> None:
     model = NBAModel(catalog, learner="t", params={"n_estimators": 10}).fit(X, arms, outcomes)
     policy = ArbitrationPolicy(model, "5")
     base = runtime.scorer
-    scorer = Scorer(runtime._reader(list(dict.fromkeys(
+    scorer = Scorer(online_reader(runtime.store, list(dict.fromkeys(
         base.churn.feature_names + base.purchase.feature_names + policy.feature_names
     ))), base.churn, base.purchase, policy)  # fmt: skip
     ids = project.customers[:20]

@@ -11,7 +11,11 @@ missing or wrong API key, 404 an unknown customer, 408 a request body not
 received within the body timeout, 413 a body over the size limit or a batch
 over the batch limit, 415 a body that is not ``application/json``, 422 a
 field missing, of the wrong type or out of range (the message names the
-field, and the index in a list), 503 models not loaded yet. The API key is
+field, and the index in a list), 503 models not loaded yet. ``GET /readyz``
+answers 200 when the service can score, else 503 with the reason (models not
+loaded, or an online store without materialized rows for a served view).
+``/audience`` still accepts the names it used before it spoke ``/score``'s
+vocabulary; such an answer carries a ``Deprecation`` header. The API key is
 compared in constant time and never logged or echoed. A client that hangs up
 before its body arrived is logged at DEBUG, without a traceback: it is not a
 server fault.
@@ -35,7 +39,12 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from propensity.serving.openapi import openapi_document
-from propensity.serving.schemas import AudienceRequest, BatchRequest, ScoreRequest
+from propensity.serving.schemas import (
+    DEPRECATED_FIELDS,
+    AudienceRequest,
+    BatchRequest,
+    ScoreRequest,
+)
 
 __all__ = ["build_app", "API_KEY_HEADER", "JSON_MEDIA_TYPE"]
 
@@ -43,6 +52,22 @@ API_KEY_HEADER = "x-api-key"
 JSON_MEDIA_TYPE = "application/json"
 _log = logging.getLogger(__name__)
 _M = TypeVar("_M", bound=BaseModel)
+#: ``Deprecation`` header (RFC 9745) of answers to requests using a deprecated
+#: ``/audience`` name: deprecated since 2026-12-02.
+DEPRECATION = "@1796169600"
+_warned: set[str] = set()  # deprecated names already logged by this process
+
+
+def _warn_deprecated(names: list[str]) -> None:
+    """Log each deprecated name once per process: callers are found, logs not flooded."""
+    for name in names:
+        if name not in _warned:
+            _warned.add(name)
+            _log.warning(
+                "/audience: field name %r is deprecated and goes in the next release; use %r",
+                name,
+                DEPRECATED_FIELDS[name],
+            )
 
 
 class _HTTPError(Exception):
@@ -134,6 +159,7 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "/score_batch": ("POST",),
     "/audience": ("POST",),
     "/docs.json": ("GET",),
+    "/readyz": ("GET",),
 }
 
 
@@ -145,7 +171,7 @@ def build_app(
     max_body_bytes: int = 1 << 20,
     body_timeout_seconds: float = 10.0,
 ) -> Starlette:
-    """Build the ``/score``, ``/score_batch``, ``/audience`` and ``/docs.json`` routes.
+    """Build the ``/score``, ``/score_batch``, ``/audience``, ``/docs.json`` and ``/readyz`` routes.
 
     Parameters
     ----------
@@ -170,7 +196,7 @@ def build_app(
     --------
     >>> app = build_app(lambda: None, api_key="secret")
     >>> sorted(r.path for r in app.routes)
-    ['/audience', '/docs.json', '/score', '/score_batch']
+    ['/audience', '/docs.json', '/readyz', '/score', '/score_batch']
     """
     if api_key is not None and not api_key.strip():
         raise ValueError("api_key is empty or blank; pass None to serve without authentication")
@@ -225,15 +251,32 @@ def build_app(
             raise _HTTPError(404, str(exc)) from None
         except ValueError as exc:
             raise _HTTPError(422, str(exc), "filters") from None
-        return _json(result)
+        response = _json(result)
+        deprecated = body.deprecated_names()
+        if deprecated:
+            _warn_deprecated(deprecated)
+            response.headers["deprecation"] = DEPRECATION
+        return response
 
     async def docs(request: Request) -> Response:
         return Response(document, media_type=JSON_MEDIA_TYPE)
+
+    async def readyz(request: Request) -> Response:
+        # Open without the key, like BentoML's probes; ahead of BentoML's own /readyz,
+        # which can only answer 503 without saying why.
+        current = runtime()
+        reason = "the service is starting" if current is None else None
+        if current is not None:
+            reason = await run_in_threadpool(current.not_ready)  # may ask the online store
+        if reason is not None:
+            return _json({"error": f"not ready: {reason}", "field": None}, 503)
+        return Response(b"ready", media_type="text/plain")
 
     handlers = {
         "/score": score,
         "/score_batch": score_batch,
         "/audience": audience,
         "/docs.json": docs,
+        "/readyz": readyz,
     }
     return Starlette(routes=[Route(p, handlers[p], methods=list(m)) for p, m in ROUTES.items()])
