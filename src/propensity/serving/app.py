@@ -11,11 +11,9 @@ missing or wrong API key, 404 an unknown customer, 408 a request body not
 received within the body timeout, 413 a body over the size limit or a batch
 over the batch limit, 415 a body that is not ``application/json``, 422 a
 field missing, of the wrong type or out of range (the message names the
-field, and the index in a list), 503 models not loaded yet. ``GET /readyz``
-answers 200 when the service can score, else 503 with the reason (models not
-loaded, or an online store without materialized rows for a served view).
-``/audience`` still accepts the names it used before it spoke ``/score``'s
-vocabulary; such an answer carries a ``Deprecation`` header. The API key is
+field, and the index in a list), 503 models not loaded yet. ``/audience``
+still accepts the names it used before it spoke ``/score``'s vocabulary; such
+an answer carries a ``Deprecation`` header. The API key is
 compared in constant time and never logged or echoed. A client that hangs up
 before its body arrived is logged at DEBUG, without a traceback: it is not a
 server fault.
@@ -159,7 +157,6 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "/score_batch": ("POST",),
     "/audience": ("POST",),
     "/docs.json": ("GET",),
-    "/readyz": ("GET",),
 }
 
 
@@ -171,7 +168,7 @@ def build_app(
     max_body_bytes: int = 1 << 20,
     body_timeout_seconds: float = 10.0,
 ) -> Starlette:
-    """Build the ``/score``, ``/score_batch``, ``/audience``, ``/docs.json`` and ``/readyz`` routes.
+    """Build the ``/score``, ``/score_batch``, ``/audience`` and ``/docs.json`` routes.
 
     Parameters
     ----------
@@ -196,7 +193,7 @@ def build_app(
     --------
     >>> app = build_app(lambda: None, api_key="secret")
     >>> sorted(r.path for r in app.routes)
-    ['/audience', '/docs.json', '/readyz', '/score', '/score_batch']
+    ['/audience', '/docs.json', '/score', '/score_batch']
     """
     if api_key is not None and not api_key.strip():
         raise ValueError("api_key is empty or blank; pass None to serve without authentication")
@@ -261,22 +258,10 @@ def build_app(
     async def docs(request: Request) -> Response:
         return Response(document, media_type=JSON_MEDIA_TYPE)
 
-    async def readyz(request: Request) -> Response:
-        # Open without the key, like BentoML's probes; ahead of BentoML's own /readyz,
-        # which can only answer 503 without saying why.
-        current = runtime()
-        reason = "the service is starting" if current is None else None
-        if current is not None:
-            reason = await run_in_threadpool(current.not_ready)  # may ask the online store
-        if reason is not None:
-            return _json({"error": f"not ready: {reason}", "field": None}, 503)
-        return Response(b"ready", media_type="text/plain")
-
     handlers = {
         "/score": score,
         "/score_batch": score_batch,
         "/audience": audience,
         "/docs.json": docs,
-        "/readyz": readyz,
     }
     return Starlette(routes=[Route(p, handlers[p], methods=list(m)) for p, m in ROUTES.items()])

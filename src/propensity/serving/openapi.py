@@ -98,8 +98,8 @@ def _readiness() -> dict[str, Any]:
     probe = _probe("Readiness", {"200": "Models loaded, online store materialized."}, _TEXT)
     probe["get"]["responses"]["503"] = {
         "description": "Not ready: models not loaded, or no materialized online rows for a "
-        "served feature view; `error` says which.",
-        "content": _json_content(ErrorResponse),
+        "served feature view; the body says which.",
+        "content": _TEXT,
     }
     return probe
 
