@@ -20,6 +20,7 @@ import pandas as pd
 from propensity.models.arbitration import (
     ActionCatalog,
     Arbitration,
+    ArbitrationPlan,
     ContactState,
     arbitrate,
     load_catalog,
@@ -101,6 +102,11 @@ class ArbitrationPolicy:
             dict.fromkeys(model_features + catalog_features(self.catalog))
         )
         self._position = {name: j for j, name in enumerate(self.feature_names)}
+        # Prepared once per loaded model: per call, only the arithmetic is left.
+        self._plan = ArbitrationPlan.of(self.catalog)
+        self._catalog_columns = [
+            (name, self._position[name]) for name in catalog_features(self.catalog)
+        ]
         self._model_columns = np.array([self._position[c] for c in model_features], dtype=np.intp)
         # A model fitted for another catalog orders its uplift otherwise: use its frame path.
         self._matrix_model = (
@@ -119,12 +125,12 @@ class ArbitrationPolicy:
         return np.asarray(self.model.action_uplift(frame)[self.catalog.names].to_numpy(np.float64))
 
     def _arbitrate(self, customer_ids: Sequence[str], X: np.ndarray, reasons: bool) -> Arbitration:
-        columns = {name: X[:, j] for name, j in self._position.items()}
+        columns = {name: X[:, j] for name, j in self._catalog_columns}
         return arbitrate(
             self.uplift(X),
             columns,
             [str(c) for c in customer_ids],
-            self.catalog,
+            self._plan,
             contacts=ContactState.from_features(columns, self.catalog.contact_policy),
             reasons=reasons,
         )
