@@ -203,7 +203,7 @@ class Runtime:
                 return None
             reason = (
                 f"the online store holds no materialized rows for feature view(s) "
-                f"{empty}{error}; run `propensity materialize`"
+                f"{empty}{error}; run `propensity features materialize`"
             )
         if reason != self._logged_reason:
             self._logged_reason = reason
