@@ -124,7 +124,7 @@ def test_policy_falls_back_to_the_frame_path_without_uplift_matrix() -> None:
 
     class Wrapped:  # same answers, but only the frame interface
         feature_names_ = model.feature_names_
-        catalog_ = CATALOG
+        catalog = CATALOG
 
         def action_uplift(self, X: pd.DataFrame) -> pd.DataFrame:
             return model.action_uplift(X)
@@ -235,7 +235,8 @@ def test_batch_equals_one_by_one_with_next_best_action(project: Project) -> None
     nba_features = FeatureStoreAdapter(project.settings).service_features("nba_v1")
     policy = ArbitrationPolicy(fit_nba(nba_features, seed=7, n_rows=1500), "9")
     names = base.churn.feature_names + base.purchase.feature_names + policy.feature_names
-    scorer = Scorer(runtime._reader(list(dict.fromkeys(names))), base.churn, base.purchase, policy)
+    reader = online_reader(runtime.store, list(dict.fromkeys(names)))
+    scorer = Scorer(reader, base.churn, base.purchase, policy)
     ids = [*project.customers[:100], "nobody"]  # 100 rows: the multi-core batch path
     batch = scorer.score(ids)
     single = [scorer.score([c])[0] for c in ids]

@@ -169,7 +169,7 @@ def test_batch_id_of_128_characters_is_accepted(server: Server) -> None:
 
 
 def test_audience_filters_and_k_are_capped(server: Server) -> None:
-    rule = {"field": "churn", "op": ">=", "value": 0.0}
+    rule = {"field": "churn_probability", "op": ">=", "value": 0.0}
     with server.client() as client:
         started = time.perf_counter()
         at_cap = client.post("/audience", json={"filters": [rule] * MAX_AUDIENCE_FILTERS})

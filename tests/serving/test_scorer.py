@@ -90,7 +90,7 @@ def test_scorer_with_next_best_action(project: Project) -> None:
     model = NBAModel(catalog, learner="t", params={"n_estimators": 10}).fit(X, arms, outcomes)
     policy = ArbitrationPolicy(model, "5")
     base = runtime.scorer
-    scorer = Scorer(runtime._reader(list(dict.fromkeys(
+    scorer = Scorer(online_reader(runtime.store, list(dict.fromkeys(
         base.churn.feature_names + base.purchase.feature_names + policy.feature_names
     ))), base.churn, base.purchase, policy)  # fmt: skip
     ids = project.customers[:20]
@@ -126,17 +126,61 @@ def test_select_audience_filters_sorts_and_counts() -> None:
             "score": "purchase_propensity",
             "k": 2,
             "filters": [
-                {"field": "churn", "op": ">=", "value": 0.6},
-                {"field": "action", "op": "==", "value": "discount"},
+                {"field": "churn_probability", "op": ">=", "value": 0.6},
+                {"field": "next_best_action.action", "op": "==", "value": "discount"},
             ],
         }
     )
     out = select_audience(scores, request)
     assert out["matched"] == 3
     assert [m["customer_id"] for m in out["customers"]] == ["b", "e"]
-    by_value = AudienceRequest(score="expected_value", k=5)
+    assert out["customers"][0] == {
+        "customer_id": "b",
+        "churn_probability": 0.7,
+        "purchase_propensity": 0.5,
+        "next_best_action": {"action": "discount", "expected_value": 2.0},
+    }
+    assert out["customers"][1]["next_best_action"]["expected_value"] is None  # NaN
+    by_value = AudienceRequest(score="next_best_action.expected_value", k=5)
     ranked = [m["customer_id"] for m in select_audience(scores, by_value)["customers"]]
     assert ranked == ["d", "b", "a", "c", "e"]  # NaN last
+
+
+def test_select_audience_deprecated_names_select_the_same_customers() -> None:
+    table = pd.DataFrame(
+        {
+            "customer_id": ["a", "b", "c"],
+            "churn": [0.9, 0.7, 0.2],
+            "purchase_propensity": [0.1, 0.5, 0.4],
+            "action": ["discount", "no_action", "discount"],
+            "expected_value": [1.0, 0.0, 3.0],
+        }
+    )
+    scores = {"table": table, "snapshot": "s", "model_versions": {}}
+    pairs = [("churn", "churn_probability"), ("expected_value", "next_best_action.expected_value")]
+    for old, new in pairs:
+        rule = {"field": "action", "op": "==", "value": "discount"}
+        legacy = AudienceRequest.model_validate({"score": old, "filters": [rule]})
+        current = AudienceRequest.model_validate(
+            {"score": new, "filters": [{**rule, "field": "next_best_action.action"}]}
+        )
+        assert legacy.deprecated_names() == [old, "action"]
+        assert current.deprecated_names() == []
+        a, b = select_audience(scores, legacy), select_audience(scores, current)
+        assert [m["customer_id"] for m in a["customers"]] == [
+            m["customer_id"] for m in b["customers"]
+        ]
+        # Old clients still find their fields; new answers carry only the new ones.
+        first = a["customers"][0]
+        assert first["churn"] == first["churn_probability"]
+        assert first["action"] == first["next_best_action"]["action"]
+        assert first["expected_value"] == first["next_best_action"]["expected_value"]
+        assert set(b["customers"][0]) == {
+            "customer_id",
+            "churn_probability",
+            "purchase_propensity",
+            "next_best_action",
+        }
 
 
 def test_serving_settings_come_from_the_one_settings_tree(tmp_path) -> None:

@@ -190,36 +190,71 @@ def test_audience_filters_and_ordering(server: Server, project: Project) -> None
     request = {
         "score": "purchase_propensity",
         "k": 10,
-        "filters": [{"field": "churn", "op": ">=", "value": 0.5}],
+        "filters": [{"field": "churn_probability", "op": ">=", "value": 0.5}],
     }
     with server.client() as client:
         response = client.post("/audience", json=request)
-        everyone = client.post("/audience", json={"score": "churn", "k": MAX_AUDIENCE_K})
+        everyone = client.post(
+            "/audience", json={"score": "churn_probability", "k": MAX_AUDIENCE_K}
+        )
     assert response.status_code == 200
+    assert "deprecation" not in response.headers
     body = AudienceResponse.model_validate(response.json())
     assert body.snapshot.startswith("2026-06-01")
     scores = [m.purchase_propensity for m in body.customers]
     assert scores == sorted(scores, reverse=True)
-    assert all(m.churn >= 0.5 for m in body.customers)
+    assert all(m.churn_probability >= 0.5 for m in body.customers)
+    assert all("churn" not in m for m in response.json()["customers"])  # no deprecated field
     # Bulk over the whole offline snapshot, not only the online customers.
     table = pd.DataFrame(everyone.json()["customers"])
     assert len(table) == len(project.customers)
-    assert body.matched == int((table["churn"] >= 0.5).sum())
-    top = table[table["churn"] >= 0.5].sort_values("purchase_propensity", ascending=False)
+    assert body.matched == int((table["churn_probability"] >= 0.5).sum())
+    top = table[table["churn_probability"] >= 0.5].sort_values(
+        "purchase_propensity", ascending=False
+    )
     assert [m.customer_id for m in body.customers] == top["customer_id"].head(10).tolist()
-    # Bulk and online agree for a customer present in both.
+    # Bulk and online agree for a customer present in both, under the same name.
     customer = body.customers[0].customer_id
     with server.client() as client:
         online = client.post("/score", json={"customer_id": customer}).json()
-    assert online["churn_probability"] == pytest.approx(body.customers[0].churn, abs=1e-9)
+    assert online["churn_probability"] == pytest.approx(
+        body.customers[0].churn_probability, abs=1e-9
+    )
+
+
+def test_audience_accepts_the_deprecated_names_for_one_release(server: Server) -> None:
+    new = {
+        "score": "churn_probability",
+        "k": 20,
+        "filters": [{"field": "purchase_propensity", "op": ">=", "value": 0.2}],
+    }
+    old = {**new, "score": "churn"}
+    with server.client() as client:
+        current = client.post("/audience", json=new)
+        legacy = [client.post("/audience", json=old) for _ in range(2)]
+    assert current.status_code == 200 and "deprecation" not in current.headers
+    for response in legacy:
+        assert response.status_code == 200
+        assert response.headers["deprecation"].startswith("@")
+        AudienceResponse.model_validate(response.json())
+    ranked = [m["customer_id"] for m in current.json()["customers"]]
+    members = legacy[0].json()["customers"]
+    assert [m["customer_id"] for m in members] == ranked
+    # The old member fields ride along, equal to the new ones.
+    assert all(m["churn"] == m["churn_probability"] for m in members)
+    assert all(m["action"] is None and m["next_best_action"] is None for m in members)
+    # Logged once per name, not once per request.
+    time.sleep(0.2)
+    assert server.log.read_text().count("field name 'churn' is deprecated") == 1
 
 
 def test_audience_rejects_a_filter_that_cannot_apply(server: Server) -> None:
-    bad = {"filters": [{"field": "action", "op": ">=", "value": "discount"}]}
-    with server.client() as client:
-        response = client.post("/audience", json=bad)
-    assert response.status_code == 422
-    assert "action" in response.json()["error"]
+    for field in ("next_best_action.action", "action"):
+        bad = {"filters": [{"field": field, "op": ">=", "value": "discount"}]}
+        with server.client() as client:
+            response = client.post("/audience", json=bad)
+        assert response.status_code == 422
+        assert f"filters[0]: field {field!r}" in response.json()["error"]
 
 
 def test_hot_reload_under_traffic(server: Server, project: Project) -> None:

@@ -366,6 +366,24 @@ class FeatureStoreAdapter:
             )
         return FeastReader(self.store, refs, ttls=ttls, columns=columns)
 
+    def materialized_views(self, views: Iterable[str] | None = None) -> set[str]:
+        """Those of ``views`` (default: every batch view) holding rows in the online store.
+
+        Read from the plugin's materialization marks, or, in a store written
+        before marks existed, from its rows. Needs no applied registry. The
+        scoring service is not ready while a view it reads is missing here:
+        it would answer 404 for every customer.
+
+        Examples
+        --------
+        >>> adapter.materialized_views(["session", "lifecycle"])  # doctest: +SKIP
+        {'session', 'lifecycle'}
+        """
+        chosen = list(views) if views is not None else list(VIEWS)
+        if self.settings.online_store.kind == "redis":
+            return BulkRedisOnlineStore().materialized_views(self.repo_config(), chosen)
+        return BulkSqliteOnlineStore.materialized_views(self._sqlite_path, self.project, chosen)
+
     def forget(self, customer_ids: Sequence[str]) -> ForgetReport:
         """Delete customers' rows from the online stores (the erasure job's online step).
 

@@ -11,7 +11,9 @@ missing or wrong API key, 404 an unknown customer, 408 a request body not
 received within the body timeout, 413 a body over the size limit or a batch
 over the batch limit, 415 a body that is not ``application/json``, 422 a
 field missing, of the wrong type or out of range (the message names the
-field, and the index in a list), 503 models not loaded yet. The API key is
+field, and the index in a list), 503 models not loaded yet. ``/audience``
+still accepts the names it used before it spoke ``/score``'s vocabulary; such
+an answer carries a ``Deprecation`` header. The API key is
 compared in constant time and never logged or echoed. A client that hangs up
 before its body arrived is logged at DEBUG, without a traceback: it is not a
 server fault.
@@ -35,7 +37,12 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from propensity.serving.openapi import openapi_document
-from propensity.serving.schemas import AudienceRequest, BatchRequest, ScoreRequest
+from propensity.serving.schemas import (
+    DEPRECATED_FIELDS,
+    AudienceRequest,
+    BatchRequest,
+    ScoreRequest,
+)
 
 __all__ = ["build_app", "API_KEY_HEADER", "JSON_MEDIA_TYPE"]
 
@@ -43,6 +50,22 @@ API_KEY_HEADER = "x-api-key"
 JSON_MEDIA_TYPE = "application/json"
 _log = logging.getLogger(__name__)
 _M = TypeVar("_M", bound=BaseModel)
+#: ``Deprecation`` header (RFC 9745) of answers to requests using a deprecated
+#: ``/audience`` name: deprecated since 2026-12-02.
+DEPRECATION = "@1796169600"
+_warned: set[str] = set()  # deprecated names already logged by this process
+
+
+def _warn_deprecated(names: list[str]) -> None:
+    """Log each deprecated name once per process: callers are found, logs not flooded."""
+    for name in names:
+        if name not in _warned:
+            _warned.add(name)
+            _log.warning(
+                "/audience: field name %r is deprecated and goes in the next release; use %r",
+                name,
+                DEPRECATED_FIELDS[name],
+            )
 
 
 class _HTTPError(Exception):
@@ -225,7 +248,12 @@ def build_app(
             raise _HTTPError(404, str(exc)) from None
         except ValueError as exc:
             raise _HTTPError(422, str(exc), "filters") from None
-        return _json(result)
+        response = _json(result)
+        deprecated = body.deprecated_names()
+        if deprecated:
+            _warn_deprecated(deprecated)
+            response.headers["deprecation"] = DEPRECATION
+        return response
 
     async def docs(request: Request) -> Response:
         return Response(document, media_type=JSON_MEDIA_TYPE)

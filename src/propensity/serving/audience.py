@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 from propensity.config import Settings
 from propensity.models.arbitration import COMPARISONS
 from propensity.progress import ProgressCallback, report
-from propensity.serving.schemas import AudienceRequest
+from propensity.serving.champions import ModelSource, RegistrySource, load_champions
+from propensity.serving.schemas import AudienceRequest, canonical_field
 from propensity.serving.scorer import NBA, ModelBundle, NBAPolicy, Scorer
 
 __all__ = ["latest_snapshot", "score_frame", "snapshot_scores", "select_audience", "score_all"]
@@ -97,11 +98,6 @@ def latest_snapshot(
     return snapshot, out.sort_values("customer_id", kind="stable").reset_index(drop=True)
 
 
-def _bulk(bundle: ModelBundle) -> ModelBundle:
-    with_threads = getattr(bundle, "with_threads", None)
-    return with_threads(0) if with_threads is not None else bundle
-
-
 def score_frame(
     frame: pd.DataFrame,
     churn: ModelBundle,
@@ -125,23 +121,17 @@ def score_frame(
     out = pd.DataFrame({"customer_id": ids})
     for column, bundle in (("churn", churn), ("purchase_propensity", purchase)):
         X = np.ascontiguousarray(frame[bundle.feature_names].to_numpy(np.float64))
-        out[column] = np.clip(_bulk(bundle).predict_proba(X), 0.0, 1.0)
+        out[column] = np.clip(bundle.with_threads(0).predict_proba(X), 0.0, 1.0)
         report(progress, "bulk scoring", 1 if column == "churn" else 2, 3)
     actions = np.full(len(frame), None, dtype=object)
     values = np.full(len(frame), np.nan)
     if policy is not None:
         X = np.ascontiguousarray(frame[policy.feature_names].to_numpy(np.float64))
-        # Bulk needs only the action and its value: skip reasons and alternatives when the
-        # policy can (ArbitrationPolicy.best_actions), chunked to bound memory.
-        best = getattr(policy, "best_actions", None)
+        # Bulk needs only the action and its value (no reasons or alternatives),
+        # chunked to bound memory.
         for lo in range(0, len(frame), _NBA_CHUNK):
             hi = min(lo + _NBA_CHUNK, len(frame))
-            if best is not None:
-                actions[lo:hi], values[lo:hi] = best(ids[lo:hi].tolist(), X[lo:hi])
-                continue
-            decisions = policy.decide(ids[lo:hi].tolist(), X[lo:hi])
-            actions[lo:hi] = [d["action"] for d in decisions]
-            values[lo:hi] = [d["expected_value"] for d in decisions]
+            actions[lo:hi], values[lo:hi] = policy.best_actions(ids[lo:hi].tolist(), X[lo:hi])
     out["action"] = actions
     out["expected_value"] = values
     report(progress, "bulk scoring", 3, 3)
@@ -151,7 +141,7 @@ def score_frame(
 def _scorer_features(scorer: Scorer) -> list[str]:
     names = scorer.churn.feature_names + scorer.purchase.feature_names
     if scorer.policy is not None:
-        names += scorer.policy.feature_names
+        names = names + scorer.policy.feature_names
     return list(dict.fromkeys(names))
 
 
@@ -183,28 +173,45 @@ def snapshot_scores(
     return result
 
 
+#: Column of the bulk score table (:func:`score_frame`) behind each audience field.
+_COLUMN = {
+    "churn_probability": "churn",
+    "purchase_propensity": "purchase_propensity",
+    "next_best_action.expected_value": "expected_value",
+    "next_best_action.action": "action",
+}
+
+
 def select_audience(scores: Mapping[str, Any], request: AudienceRequest) -> dict[str, Any]:
     """Top-``k`` customers of a bulk score table by one score, among those passing the filters.
 
+    Fields are named as ``/score`` names them (``churn_probability``,
+    ``next_best_action.action``...); a request that uses a deprecated name
+    (:data:`~propensity.serving.schemas.DEPRECATED_FIELDS`) gets the old
+    member fields as well.
+
     Examples
     --------
-    >>> rule = {"field": "churn", "op": ">=", "value": 0.6}
-    >>> req = AudienceRequest(score="churn", k=10, filters=[rule])
+    >>> rule = {"field": "churn_probability", "op": ">=", "value": 0.6}
+    >>> req = AudienceRequest(score="churn_probability", k=10, filters=[rule])
     >>> select_audience(snapshot_scores(settings, scorer), req)["matched"]  # doctest: +SKIP
     123
     """
     table: pd.DataFrame = scores["table"]
     mask = np.ones(len(table), dtype=bool)
-    for rule in request.filters:
-        column = table[rule.field]
-        if rule.field == "action":
+    for k, rule in enumerate(request.filters):
+        name = canonical_field(rule.field)
+        column = table[_COLUMN[name]]
+        if name == "next_best_action.action":
             if rule.op not in ("==", "!="):
-                raise ValueError(f"filters: field 'action' supports == and !=, not {rule.op!r}")
+                raise ValueError(
+                    f"filters[{k}]: field {rule.field!r} supports == and !=, not {rule.op!r}"
+                )
             value: Any = str(rule.value)
         else:
             if isinstance(rule.value, str):
                 raise ValueError(
-                    f"filters: field {rule.field!r} needs a number, got {rule.value!r}"
+                    f"filters[{k}]: field {rule.field!r} needs a number, got {rule.value!r}"
                 )
             value = float(rule.value)
         mask &= (
@@ -212,25 +219,33 @@ def select_audience(scores: Mapping[str, Any], request: AudienceRequest) -> dict
         )
     selected = table.loc[mask]
     ranked = selected.sort_values(
-        [request.score, "customer_id"], ascending=[False, True], kind="stable", na_position="last"
+        [_COLUMN[canonical_field(request.score)], "customer_id"],
+        ascending=[False, True],
+        kind="stable",
+        na_position="last",
     ).head(request.k)
-    members = [
-        {
+    legacy = bool(request.deprecated_names())
+    members = []
+    for cid, churn, purchase, action, value in zip(
+        ranked["customer_id"],
+        ranked["churn"],
+        ranked["purchase_propensity"],
+        ranked["action"],
+        ranked["expected_value"],
+        strict=True,
+    ):
+        expected = None if value != value else float(value)  # NaN is unequal to itself
+        member: dict[str, Any] = {
             "customer_id": cid,
-            "churn": float(churn),
+            "churn_probability": float(churn),
             "purchase_propensity": float(purchase),
-            "action": action,
-            "expected_value": float(value),
+            "next_best_action": (
+                None if action is None else {"action": action, "expected_value": expected}
+            ),
         }
-        for cid, churn, purchase, action, value in zip(
-            ranked["customer_id"],
-            ranked["churn"],
-            ranked["purchase_propensity"],
-            ranked["action"],
-            ranked["expected_value"],
-            strict=True,
-        )
-    ]
+        if legacy:
+            member.update(churn=float(churn), action=action, expected_value=expected)
+        members.append(member)
     return {
         "snapshot": scores["snapshot"],
         "model_versions": scores["model_versions"],
@@ -240,7 +255,11 @@ def select_audience(scores: Mapping[str, Any], request: AudienceRequest) -> dict
 
 
 def score_all(
-    settings: Settings, out: str | Path, progress: ProgressCallback | None = None
+    settings: Settings,
+    out: str | Path,
+    progress: ProgressCallback | None = None,
+    *,
+    source: ModelSource | None = None,
 ) -> dict[str, Any]:
     """Score every customer of the latest snapshot with the champions; write Parquet.
 
@@ -254,6 +273,8 @@ def score_all(
     out : path
         Output Parquet file.
     progress : callable, optional
+    source : ModelSource, optional
+        Where the champions come from; default the project's MLflow registry.
 
     Returns
     -------
@@ -265,22 +286,16 @@ def score_all(
     >>> score_all(load_settings(), "data/scores.parquet")["rows"]  # doctest: +SKIP
     20000
     """
-    from propensity.serving.runtime import RegistrySource, Runtime
-
     began = time.perf_counter()
-    runtime = Runtime(
-        settings, source=RegistrySource(settings.tracking_uri), reader_factory=_NoReader
-    )
-    runtime.reload()
-    scorer = runtime.scorer
-    assert scorer is not None
-    snapshot, frame = latest_snapshot(settings, _scorer_features(scorer))
+    champions = load_champions(source or RegistrySource(settings.tracking_uri))
+    snapshot, frame = latest_snapshot(settings, champions.feature_names)
     report(progress, "bulk scoring", 0, 3)
-    table = score_frame(frame, scorer.churn, scorer.purchase, scorer.policy, progress)
+    table = score_frame(frame, champions.churn, champions.purchase, champions.policy, progress)
+    versions = {name: str(v) for name, v in champions.versions.items() if v is not None}
     arrow = pa.Table.from_pandas(table, preserve_index=False)
     meta = {
         b"snapshot": snapshot.isoformat().encode(),
-        b"model_versions": repr(sorted(scorer.versions.items())).encode(),
+        b"model_versions": repr(sorted(versions.items())).encode(),
     }
     arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), **meta})
     path = Path(out)
@@ -291,18 +306,8 @@ def score_all(
     return {
         "rows": len(table),
         "snapshot": snapshot.isoformat(),
-        "model_versions": scorer.versions,
+        "model_versions": versions,
         "seconds": time.perf_counter() - began,
         "path": str(path),
-        "nba": NBA in scorer.versions,
+        "nba": NBA in versions,
     }
-
-
-class _NoReader:
-    """Bulk scoring reads the offline snapshot, never the online store."""
-
-    def __init__(self, feature_names: list[str]) -> None:
-        self.feature_names = feature_names
-
-    def read(self, customer_ids: Any) -> Any:
-        raise RuntimeError("bulk scoring does not read online features")

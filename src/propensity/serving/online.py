@@ -6,7 +6,7 @@ staleness) belongs to the online-store plugins of
 :meth:`~propensity.features.store.FeatureStoreAdapter.reader`; this module
 adds what only serving knows: the clock and the features computed at request
 time from the others (on-demand features), and hands the scorer a
-:class:`~propensity.serving.scorer.FeatureBatch`.
+:class:`~propensity.features.online.OnlineRows`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from propensity.features.online import MatrixReader
-from propensity.serving.scorer import FeatureBatch
+from propensity.features.online import MatrixReader, OnlineRows
 
 __all__ = ["OnlineReader"]
 
@@ -60,13 +59,12 @@ class OnlineReader:
         if missing:
             raise ValueError(f"request-time feature(s) {missing} have no column in the read")
 
-    def read(self, customer_ids: Sequence[str]) -> FeatureBatch:
+    def read(self, customer_ids: Sequence[str]) -> OnlineRows:
         now = self.clock()
         got = self.rows.read(customer_ids, now)
-        matrix = got.matrix
+        matrix = got.matrix  # the read's own array: request-time columns are filled in place
         if self.derived and len(matrix):
             columns = {name: matrix[:, j] for name, j in self._column.items()}
             for name, fn in self.derived.items():
                 matrix[:, self._column[name]] = fn(columns, now)
-        timestamps = np.where(np.isfinite(got.oldest), got.oldest, np.nan)
-        return FeatureBatch(matrix=matrix, timestamps=timestamps, found=got.found, stale=got.stale)
+        return got

@@ -94,6 +94,16 @@ def _probe(summary: str, statuses: dict[str, str], media: dict[str, Any]) -> dic
     return {"get": {"summary": summary, "responses": responses}}
 
 
+def _readiness() -> dict[str, Any]:
+    probe = _probe("Readiness", {"200": "Models loaded, online store materialized."}, _TEXT)
+    probe["get"]["responses"]["503"] = {
+        "description": "Not ready: models not loaded, or no materialized online rows for a "
+        "served feature view; the body says which.",
+        "content": _TEXT,
+    }
+    return probe
+
+
 def openapi_document(*, batch_limit: int, auth: bool) -> dict[str, Any]:
     """The OpenAPI 3.1 document of the service as configured.
 
@@ -124,6 +134,17 @@ def openapi_document(*, batch_limit: int, auth: bool) -> dict[str, Any]:
     components: dict[str, Any] = {"schemas": schemas.get("$defs", {})}
     batch = components["schemas"][BatchRequest.__name__]
     batch["properties"]["customer_ids"]["maxItems"] = batch_limit
+    audience = _scoring(
+        "audience", "Select an audience", AudienceRequest, AudienceResponse, (404,), auth, False
+    )
+    audience["post"]["responses"]["200"]["headers"] = {
+        "Deprecation": {
+            "description": "Present when the request used a deprecated field name "
+            "(churn, expected_value, action): deprecated since this date (RFC 9745).",
+            "required": False,
+            "schema": {"type": "string", "pattern": r"^@\d+$"},
+        }
+    }
     if auth:
         components["securitySchemes"] = {
             "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}
@@ -135,22 +156,10 @@ def openapi_document(*, batch_limit: int, auth: bool) -> dict[str, Any]:
         "/score_batch": _scoring(
             "score_batch", "Score many customers", BatchRequest, BatchResponse, (), auth, timed=True
         ),
-        "/audience": _scoring(
-            "audience",
-            "Select an audience",
-            AudienceRequest,
-            AudienceResponse,
-            (404,),
-            auth,
-            timed=False,
-        ),
+        "/audience": audience,
         "/healthz": _probe("Liveness", {"200": "The process is up."}, _TEXT),
         "/livez": _probe("Liveness", {"200": "The process is up."}, _TEXT),
-        "/readyz": _probe(
-            "Readiness",
-            {"200": "Models and feature store loaded.", "503": "Not ready yet."},
-            _TEXT,
-        ),
+        "/readyz": _readiness(),
         "/metrics": _probe("Prometheus metrics", {"200": "Text exposition format."}, _TEXT),
         # BentoML's own pages: the API explorer and its service schema.
         "/": _probe(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -20,13 +20,33 @@ import pandas as pd
 from propensity.models.arbitration import (
     ActionCatalog,
     Arbitration,
+    ArbitrationPlan,
     ContactState,
     arbitrate,
     load_catalog,
 )
 from propensity.serving.scorer import MULTI_THREAD_ROWS, predict_rows
 
-__all__ = ["ArbitrationPolicy", "catalog_features"]
+__all__ = ["ArbitrationPolicy", "MatrixUpliftModel", "UpliftModel", "catalog_features"]
+
+
+class UpliftModel(Protocol):
+    """A fitted uplift model: its features, its catalog and uplift per action as a frame."""
+
+    feature_names_: list[str]
+    catalog: ActionCatalog
+
+    def action_uplift(self, X: pd.DataFrame) -> pd.DataFrame: ...
+
+
+@runtime_checkable
+class MatrixUpliftModel(UpliftModel, Protocol):
+    """An uplift model with a numpy path (:meth:`propensity.models.nba.NBAModel.uplift_matrix`).
+
+    Runtime-checkable: the policy takes the numpy path only for a model that has one.
+    """
+
+    def uplift_matrix(self, X: np.ndarray, num_threads: int = 1) -> np.ndarray: ...
 
 
 def catalog_features(catalog: ActionCatalog) -> list[str]:
@@ -48,31 +68,19 @@ def catalog_features(catalog: ActionCatalog) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _catalog_of(model: Any, catalog: ActionCatalog | str | Path | None) -> ActionCatalog:
-    if isinstance(catalog, ActionCatalog):
-        return catalog
-    if catalog is not None:
-        return load_catalog(catalog)
-    for attr in ("catalog_", "catalog"):
-        found = getattr(model, attr, None)
-        if isinstance(found, ActionCatalog):
-            return found
-    raise ValueError("the next-best-action model carries no action catalog; pass one")
-
-
 class ArbitrationPolicy:
     """Uplift per action and arbitration for a batch of feature rows.
 
     Parameters
     ----------
-    model : object
-        Fitted uplift model with ``feature_names_`` and either
-        ``uplift_matrix(X, num_threads)`` (numpy, catalog order: the fast
-        path) or ``action_uplift(features) -> DataFrame``.
+    model : UpliftModel
+        Fitted uplift model; one with ``uplift_matrix`` (a
+        :class:`MatrixUpliftModel`) is served through numpy, others through
+        ``action_uplift``.
     version : str
         Registered version.
     catalog : ActionCatalog or path, optional
-        Defaults to the catalog the model carries (``catalog_``).
+        Defaults to the catalog the model carries (``catalog``).
 
     Examples
     --------
@@ -82,37 +90,47 @@ class ArbitrationPolicy:
     """
 
     def __init__(
-        self, model: Any, version: str, catalog: ActionCatalog | str | Path | None = None
+        self, model: UpliftModel, version: str, catalog: ActionCatalog | str | Path | None = None
     ) -> None:
         self.model = model
         self.version = str(version)
-        self.catalog = _catalog_of(model, catalog)
-        model_features = [str(c) for c in getattr(model, "feature_names_", [])]
+        if catalog is None:
+            catalog = model.catalog
+        self.catalog = catalog if isinstance(catalog, ActionCatalog) else load_catalog(catalog)
+        model_features = [str(c) for c in model.feature_names_]
         self.feature_names: list[str] = list(
             dict.fromkeys(model_features + catalog_features(self.catalog))
         )
         self._position = {name: j for j, name in enumerate(self.feature_names)}
+        # Prepared once per loaded model: per call, only the arithmetic is left.
+        self._plan = ArbitrationPlan.of(self.catalog)
+        self._catalog_columns = [
+            (name, self._position[name]) for name in catalog_features(self.catalog)
+        ]
         self._model_columns = np.array([self._position[c] for c in model_features], dtype=np.intp)
-        own = getattr(getattr(model, "catalog", None), "names", None)
         # A model fitted for another catalog orders its uplift otherwise: use its frame path.
-        self._numpy = hasattr(model, "uplift_matrix") and own == self.catalog.names
+        self._matrix_model = (
+            model
+            if isinstance(model, MatrixUpliftModel) and model.catalog.names == self.catalog.names
+            else None
+        )
 
     def uplift(self, X: np.ndarray) -> np.ndarray:
         """Uplift of each catalog action, shape ``(n, n_actions)``, catalog order."""
-        if self._numpy:
+        if self._matrix_model is not None:
             threads = 0 if len(X) >= MULTI_THREAD_ROWS else 1
             X_model = np.ascontiguousarray(X[:, self._model_columns])
-            return predict_rows(self.model.uplift_matrix, X_model, threads)
+            return predict_rows(self._matrix_model.uplift_matrix, X_model, threads)
         frame = pd.DataFrame(X, columns=self.feature_names)
         return np.asarray(self.model.action_uplift(frame)[self.catalog.names].to_numpy(np.float64))
 
     def _arbitrate(self, customer_ids: Sequence[str], X: np.ndarray, reasons: bool) -> Arbitration:
-        columns = {name: X[:, j] for name, j in self._position.items()}
+        columns = {name: X[:, j] for name, j in self._catalog_columns}
         return arbitrate(
             self.uplift(X),
             columns,
             [str(c) for c in customer_ids],
-            self.catalog,
+            self._plan,
             contacts=ContactState.from_features(columns, self.catalog.contact_policy),
             reasons=reasons,
         )

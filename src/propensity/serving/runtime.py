@@ -13,22 +13,20 @@ import gc
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from propensity.config import Serving, Settings
+from propensity.features.definitions import FEATURES, ON_DEMAND_FEATURES, request_features
+from propensity.serving.audience import select_audience, snapshot_scores
+from propensity.serving.champions import ModelSource, RegistrySource, load_champions
 from propensity.serving.online import OnlineReader
-from propensity.serving.scorer import (
-    CHURN,
-    NBA,
-    PURCHASE,
-    BoosterBundle,
-    FeatureReader,
-    NBAPolicy,
-    Scorer,
-    thread_pool,
-)
+from propensity.serving.schemas import AudienceRequest
+from propensity.serving.scorer import Scorer, thread_pool
+
+if TYPE_CHECKING:
+    from propensity.features.store import FeatureStoreAdapter
 
 __all__ = [
     "freeze_heap",
@@ -36,49 +34,13 @@ __all__ = [
     "RegistrySource",
     "Runtime",
     "online_reader",
+    "served_views",
 ]
 
 _log = logging.getLogger(__name__)
 
 
-class ModelSource(Protocol):
-    """Where champions come from: their versions, and the fitted objects."""
-
-    def champion_versions(self) -> dict[str, int | None]: ...
-
-    def load(self, model: str, version: int) -> Any: ...
-
-
-class RegistrySource:
-    """The MLflow registry of a project (through :mod:`propensity.registry`)."""
-
-    def __init__(self, tracking_uri: str, models: tuple[str, ...] = (CHURN, PURCHASE, NBA)):
-        self.tracking_uri = tracking_uri
-        self.models = models
-
-    def champion_versions(self) -> dict[str, int | None]:
-        from propensity.registry import champion_version
-
-        return {m: champion_version(self.tracking_uri, m) for m in self.models}
-
-    def load(self, model: str, version: int) -> Any:
-        from propensity.registry import load_estimator
-
-        return load_estimator(self.tracking_uri, model, version)
-
-
-def _as_policy(obj: Any, version: int) -> NBAPolicy:
-    """Adapt the registered next-best-action object to the scorer's interface."""
-    if hasattr(obj, "decide") and hasattr(obj, "feature_names"):
-        return obj
-    from propensity.serving.policy import ArbitrationPolicy
-
-    return ArbitrationPolicy(obj, str(version))
-
-
 def _days_since_last_seen(columns: dict[str, np.ndarray], now: float) -> np.ndarray:
-    from propensity.features.definitions import request_features
-
     last = columns["last_event_epoch"]
     values = request_features({"request_time": [now] * len(last), "last_event_epoch": list(last)})
     return np.array(values["days_since_last_seen"], dtype=np.float64)
@@ -89,17 +51,8 @@ _DERIVED: dict[str, tuple[str, Callable[[dict[str, np.ndarray], float], np.ndarr
 }
 
 
-def online_reader(adapter: Any, feature_names: list[str], direct: bool = True) -> FeatureReader:
-    """A reader of ``feature_names`` from the project's Feast online store.
-
-    Regular features are read from their view by the online-store plugin
-    (:meth:`~propensity.features.store.FeatureStoreAdapter.reader`: SQLite
-    read directly, one query per view; ``direct=False``, or Redis, through
-    Feast); on-demand ones are computed here with the feature repo's own
-    transformation (cheaper than Feast's on-demand path, same values).
-    """
-    from propensity.features.definitions import FEATURES, ON_DEMAND_FEATURES
-
+def _base_features(feature_names: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """The stored features behind ``feature_names``, and the request-time ones among them."""
     view_of = {f.name: f.view for f in FEATURES}
     base: list[str] = []
     derived = {}
@@ -114,7 +67,34 @@ def online_reader(adapter: Any, feature_names: list[str], direct: bool = True) -
             base.append(name)
         else:
             raise ValueError(f"feature {name!r} is not defined in the feature registry")
-    base = list(dict.fromkeys(base))
+    return list(dict.fromkeys(base)), derived
+
+
+def served_views(feature_names: list[str]) -> list[str]:
+    """The feature views the online reader of ``feature_names`` reads, in first-use order.
+
+    Examples
+    --------
+    >>> served_views(["sessions_7d", "days_since_last_seen"])
+    ['session', 'lifecycle']
+    """
+    view_of = {f.name: f.view for f in FEATURES}
+    return list(dict.fromkeys(view_of[n] for n in _base_features(feature_names)[0]))
+
+
+def online_reader(
+    adapter: FeatureStoreAdapter, feature_names: list[str], direct: bool = True
+) -> OnlineReader:
+    """A reader of ``feature_names`` from the project's Feast online store.
+
+    Regular features are read from their view by the online-store plugin
+    (:meth:`~propensity.features.store.FeatureStoreAdapter.reader`: SQLite
+    read directly, one query per view; ``direct=False``, or Redis, through
+    Feast); on-demand ones are computed here with the feature repo's own
+    transformation (cheaper than Feast's on-demand path, same values).
+    """
+    view_of = {f.name: f.view for f in FEATURES}
+    base, derived = _base_features(feature_names)
     refs = [f"{view_of[n]}:{n}" for n in base]
     rows = adapter.reader(
         refs, columns=list(derived), direct=direct, executor=thread_pool("sqlite")
@@ -147,9 +127,6 @@ class Runtime:
         The serving options; default ``settings.serving``.
     source : ModelSource, optional
         Defaults to the project's MLflow registry.
-    reader_factory : callable, optional
-        ``fn(feature_names) -> FeatureReader``; defaults to the project's Feast
-        online store.
     on_swap : callable, optional
         Called after each new scorer is swapped in (the service passes
         :func:`freeze_heap`).
@@ -157,6 +134,8 @@ class Runtime:
     Examples
     --------
     >>> runtime = Runtime(load_settings()).start()  # doctest: +SKIP
+    >>> runtime.not_ready() is None  # doctest: +SKIP
+    True
     >>> runtime.scorer.score(["C0000001"])  # doctest: +SKIP
     """
 
@@ -166,36 +145,75 @@ class Runtime:
         config: Serving | None = None,
         *,
         source: ModelSource | None = None,
-        reader_factory: Callable[[list[str]], FeatureReader] | None = None,
         on_swap: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.on_swap = on_swap
         self.config = config or settings.serving
         self.source = source or RegistrySource(settings.tracking_uri)
-        self._reader_factory = reader_factory
-        self._store: Any = None
+        self._store: FeatureStoreAdapter | None = None
         self.scorer: Scorer | None = None
         self.versions: dict[str, int | None] = {}
         self.last_error: str | None = None
+        self._views: list[str] = []
+        self._stocked = False
+        self._logged_reason: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._audience_cache: dict[tuple[Any, ...], Any] = {}
 
     @property
-    def ready(self) -> bool:
-        """Models and the feature store are loaded."""
-        return self.scorer is not None
-
-    def _reader(self, feature_names: list[str]) -> FeatureReader:
-        if self._reader_factory is not None:
-            return self._reader_factory(feature_names)
+    def store(self) -> FeatureStoreAdapter:
+        """The project's feature store, opened on first use."""
         if self._store is None:
-            from propensity.features.store import FeatureStoreAdapter
+            from propensity.features.store import FeatureStoreAdapter  # feast: only when used
 
             self._store = FeatureStoreAdapter(self.settings)
-        return online_reader(self._store, feature_names)
+        return self._store
+
+    def not_ready(self) -> str | None:
+        """Why the service cannot answer yet, or ``None`` when it can.
+
+        Not ready until the champions are loaded, and while the online store
+        holds no materialized rows for a view the champions read: such a
+        service would answer 404 for every customer. The store is asked on
+        each call until it has them all (after that, once is enough: a
+        materialized view is never emptied by the pipeline), and each new
+        reason is logged once.
+        """
+        scorer = self.scorer
+        if scorer is None:
+            reason = "models are not loaded" + (f": {self.last_error}" if self.last_error else "")
+        elif self._stocked:
+            return None
+        else:
+            try:
+                stocked = self.store.materialized_views(self._views)
+            except Exception as exc:  # an unreachable store is a reason, not a crash
+                stocked, error = set(), f" ({type(exc).__name__}: {exc})"
+            else:
+                error = ""
+            empty = [v for v in self._views if v not in stocked]
+            if not empty:
+                self._stocked = True
+                if self._logged_reason is not None:
+                    _log.info("online store now holds every served feature view: ready")
+                self._logged_reason = None
+                return None
+            reason = (
+                f"the online store holds no materialized rows for feature view(s) "
+                f"{empty}{error}; run `propensity features materialize`"
+            )
+        if reason != self._logged_reason:
+            self._logged_reason = reason
+            _log.warning("not ready: %s", reason)
+        return reason
+
+    @property
+    def ready(self) -> bool:
+        """Models are loaded and the online store holds every view they read."""
+        return self.not_ready() is None
 
     def reload(self) -> bool:
         """Load the champions if any alias moved; True when a new scorer was swapped in."""
@@ -203,30 +221,14 @@ class Runtime:
             versions = self.source.champion_versions()
             if versions == self.versions and self.scorer is not None:
                 return False
-            for name in (CHURN, PURCHASE):
-                if versions.get(name) is None:
-                    raise LookupError(f"model {name!r} has no champion version in the registry")
-            churn, purchase = (
-                BoosterBundle(
-                    name,
-                    str(versions[name]),
-                    self.source.load(name, int(versions[name] or 0)),
-                    reasons=self.config.reasons_method,
-                )
-                for name in (CHURN, PURCHASE)
-            )
-            policy = None
-            nba_version = versions.get(NBA)
-            if nba_version is not None:
-                policy = _as_policy(self.source.load(NBA, nba_version), nba_version)
-            names = list(
-                dict.fromkeys(
-                    churn.feature_names
-                    + purchase.feature_names
-                    + (policy.feature_names if policy else [])
-                )
-            )
-            scorer = Scorer(self._reader(names), churn, purchase, policy)
+            champions = load_champions(self.source, versions, self.config.reasons_method)
+            names = champions.feature_names
+            reader = online_reader(self.store, names)
+            scorer = Scorer(reader, champions.churn, champions.purchase, champions.policy)
+            views = served_views(names)
+            if not set(views) <= set(self._views):
+                self._stocked = False  # a new view must be checked in the store
+            self._views = views
             self.scorer = scorer  # the swap: one reference assignment
             self.versions = versions
             self.last_error = None
@@ -259,10 +261,8 @@ class Runtime:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def audience(self, request: Any) -> dict[str, Any]:
+    def audience(self, request: AudienceRequest) -> dict[str, Any]:
         """Answer an ``AudienceRequest`` from the latest offline snapshot."""
-        from propensity.serving.audience import select_audience, snapshot_scores
-
         scorer = self.scorer
         if scorer is None:
             raise LookupError("models are not loaded")

@@ -23,17 +23,43 @@ __all__ = [
     "NextBestAction",
     "ScoreResponse",
     "BatchResponse",
+    "AudienceAction",
     "AudienceMember",
     "AudienceResponse",
     "ErrorResponse",
     "CustomerId",
     "SCORE_FIELDS",
+    "FILTER_FIELDS",
+    "DEPRECATED_FIELDS",
+    "canonical_field",
     "MAX_AUDIENCE_K",
     "MAX_AUDIENCE_FILTERS",
 ]
 
-#: Columns of the bulk score table an audience can rank by or filter on.
-SCORE_FIELDS = ("churn", "purchase_propensity", "expected_value")
+#: Scores an audience can rank by or filter on, named as ``/score`` names them.
+SCORE_FIELDS = ("churn_probability", "purchase_propensity", "next_best_action.expected_value")
+#: Fields an audience filter can test: the scores and the arbitrated action.
+FILTER_FIELDS = (*SCORE_FIELDS, "next_best_action.action")
+#: Names ``/audience`` used before it spoke ``/score``'s vocabulary, and their
+#: replacements. Still accepted for one release (the answer then carries a
+#: ``Deprecation`` header and the old member fields too); removed after it.
+DEPRECATED_FIELDS = {
+    "churn": "churn_probability",
+    "expected_value": "next_best_action.expected_value",
+    "action": "next_best_action.action",
+}
+
+
+def canonical_field(name: str) -> str:
+    """The current name of an audience field, whichever name the request used.
+
+    Examples
+    --------
+    >>> canonical_field("churn"), canonical_field("purchase_propensity")
+    ('churn_probability', 'purchase_propensity')
+    """
+    return DEPRECATED_FIELDS.get(name, name)
+
 
 #: Largest audience one ``/audience`` call returns (about 10 MB of JSON).
 MAX_AUDIENCE_K = 100_000
@@ -75,10 +101,27 @@ class BatchRequest(_Request):
     )
 
 
-class AudienceFilter(_Request):
-    """One condition on the bulk scores, e.g. ``churn >= 0.6`` or ``action == discount``."""
+_DEPRECATED_NOTE = (
+    " The names churn, expected_value and action are deprecated aliases of "
+    "churn_probability, next_best_action.expected_value and next_best_action.action, "
+    "accepted for one release."
+)
 
-    field: Literal["churn", "purchase_propensity", "expected_value", "action"]
+
+class AudienceFilter(_Request):
+    """One condition on the bulk scores, e.g. ``churn_probability >= 0.6``."""
+
+    field: Literal[
+        "churn_probability",
+        "purchase_propensity",
+        "next_best_action.expected_value",
+        "next_best_action.action",
+        "churn",
+        "expected_value",
+        "action",
+    ] = Field(
+        description="A score or the arbitrated action, named as /score names it." + _DEPRECATED_NOTE
+    )
     op: Literal[">=", ">", "<=", "<", "==", "!="]
     value: float | str
 
@@ -86,9 +129,20 @@ class AudienceFilter(_Request):
 class AudienceRequest(_Request):
     """``POST /audience``: the top-``k`` customers by ``score`` among those passing ``filters``."""
 
-    score: Literal["churn", "purchase_propensity", "expected_value"] = "churn"
+    score: Literal[
+        "churn_probability",
+        "purchase_propensity",
+        "next_best_action.expected_value",
+        "churn",
+        "expected_value",
+    ] = Field("churn_probability", description="The score to rank by." + _DEPRECATED_NOTE)
     k: int = Field(100, ge=1, le=MAX_AUDIENCE_K)
     filters: list[AudienceFilter] = Field([], max_length=MAX_AUDIENCE_FILTERS)
+
+    def deprecated_names(self) -> list[str]:
+        """The deprecated field names this request uses, each once, in order."""
+        names = [self.score, *(rule.field for rule in self.filters)]
+        return list(dict.fromkeys(n for n in names if n in DEPRECATED_FIELDS))
 
 
 class Reason(_Response):
@@ -142,14 +196,28 @@ class BatchResponse(_Response):
     unknown: list[str]
 
 
+class AudienceAction(_Response):
+    """The arbitrated action of an audience member and its expected value (bulk: no reasons)."""
+
+    action: str = Field(description="A catalog action, or no_action.")
+    expected_value: float | None = Field(description="Expected incremental value of the action.")
+
+
 class AudienceMember(_Response):
-    """One selected customer; ``action`` is null when no next-best-action model is served."""
+    """One selected customer, its scores named as in ``/score``.
+
+    ``next_best_action`` is null when no next-best-action model is served. The
+    deprecated fields are present only in the answer to a request that used a
+    deprecated name.
+    """
 
     customer_id: str
-    churn: float
-    purchase_propensity: float
-    action: str | None
-    expected_value: float | None
+    churn_probability: float = Field(ge=0, le=1)
+    purchase_propensity: float = Field(ge=0, le=1)
+    next_best_action: AudienceAction | None
+    churn: float | None = Field(None, deprecated="use churn_probability")
+    action: str | None = Field(None, deprecated="use next_best_action.action")
+    expected_value: float | None = Field(None, deprecated="use next_best_action.expected_value")
 
 
 class AudienceResponse(_Response):

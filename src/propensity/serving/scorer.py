@@ -36,11 +36,11 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
+from propensity.features.online import OnlineRows
 from propensity.models._lightgbm import SingleRowPredictor
 from propensity.models.attribution import PathAttribution
 
 __all__ = [
-    "FeatureBatch",
     "FeatureReader",
     "ModelBundle",
     "NBAPolicy",
@@ -64,38 +64,14 @@ MULTI_THREAD_ROWS = 64
 _OVERLAP_ROWS = 64
 
 
-@dataclass(frozen=True)
-class FeatureBatch:
-    """Online features of some customers, aligned with the requested ids.
-
-    Attributes
-    ----------
-    matrix : ndarray, shape (n, n_features)
-        float64; NaN where a value is missing (or the customer is unknown).
-    timestamps : ndarray, shape (n,)
-        Epoch seconds of the oldest feature row of each customer; NaN when none.
-    found : ndarray of bool, shape (n,)
-        The online store holds at least one feature row for the customer.
-    stale : ndarray of bool, shape (n,)
-        Some feature row is older than its feature view's TTL.
-    """
-
-    matrix: np.ndarray
-    timestamps: np.ndarray
-    found: np.ndarray
-    stale: np.ndarray
-
-
-@runtime_checkable
 class FeatureReader(Protocol):
     """Reads online features; ``feature_names`` gives the matrix columns."""
 
     feature_names: list[str]
 
-    def read(self, customer_ids: Sequence[str]) -> FeatureBatch: ...
+    def read(self, customer_ids: Sequence[str]) -> OnlineRows: ...
 
 
-@runtime_checkable
 class ModelBundle(Protocol):
     """A fitted binary model ready to serve."""
 
@@ -109,6 +85,10 @@ class ModelBundle(Protocol):
 
     def predict_with_contributions(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
+    def with_threads(self, num_threads: int) -> ModelBundle:
+        """The same model predicting on ``num_threads`` threads (0: all cores, for bulk)."""
+        ...
+
 
 @runtime_checkable
 class NBAPolicy(Protocol):
@@ -116,13 +96,20 @@ class NBAPolicy(Protocol):
 
     ``decide`` returns one dict per row with ``action``, ``expected_value``,
     ``reason``, ``holdout`` and ``alternatives`` (ranked dicts with
-    ``action``, ``expected_value``, ``eligible``, ``reason``).
+    ``action``, ``expected_value``, ``eligible``, ``reason``);
+    ``best_actions`` only the action and its value (bulk scoring).
+    Runtime-checkable: the registry may hold a ready policy or an uplift
+    model (:func:`propensity.serving.champions.as_policy` tells them apart).
     """
 
     version: str
     feature_names: list[str]
 
     def decide(self, customer_ids: Sequence[str], X: np.ndarray) -> list[dict[str, Any]]: ...
+
+    def best_actions(
+        self, customer_ids: Sequence[str], X: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 _CORES = os.cpu_count() or 1  # read once: os.cpu_count() costs ~20 µs a call

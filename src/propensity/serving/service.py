@@ -7,8 +7,9 @@ Run it with ``bentoml serve propensity.serving.service:Scoring --port 3000``
   mounted in the service (see :mod:`propensity.serving.app`); about a
   millisecond faster per call than ``@bentoml.api`` methods;
 * ``GET /docs.json``: the OpenAPI document of every route (from the mounted app);
-* ``GET /healthz`` / ``/livez`` (liveness), ``GET /readyz`` (503 until the
-  champions and the feature store are loaded), ``GET /metrics`` (Prometheus),
+* ``GET /healthz`` / ``/livez`` (liveness), ``GET /readyz`` (503, the reason
+  in the body, until the champions are loaded and the online store holds
+  materialized rows for every view they read), ``GET /metrics`` (Prometheus),
   all served by BentoML and open without the API key so probes and scrapers
   need no secret.
 
@@ -31,6 +32,7 @@ import bentoml
 from bentoml._internal.server.http import instruments
 from pydantic import ValidationError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
 from propensity.config import ENV_PREFIX, PROJECT_FILE, ConfigError, Settings, load_settings
@@ -168,7 +170,13 @@ class Scoring:
         _CURRENT.runtime = self.runtime
 
     def __is_ready__(self) -> bool:
-        return self.runtime.ready
+        # BentoML's /readyz answers 503 with a fixed text when this returns False, and
+        # lets an HTTPException through as the response: raising it puts the reason
+        # (models not loaded, online store empty) in the probe's body.
+        reason = self.runtime.not_ready()
+        if reason is not None:
+            raise HTTPException(503, detail=f"not ready: {reason}")
+        return True
 
     @bentoml.on_shutdown
     def _shutdown(self) -> None:

@@ -32,24 +32,35 @@ _DOUBLE_TAG = 0x29  # the tag byte of a ValueProto double
 
 @dataclass(frozen=True)
 class OnlineRows:
-    """What an online read returns, aligned with the requested ids.
+    """Online features of some customers, aligned with the requested ids.
+
+    What every reader returns, and what the scoring core reads
+    (:class:`propensity.serving.scorer.FeatureReader`): one type from the
+    store to the response.
 
     Attributes
     ----------
     matrix : ndarray, shape (n, n_features)
         float64; NaN where a value is missing (or the customer is unknown).
-    oldest : ndarray, shape (n,)
-        Epoch seconds of the oldest feature row of each customer; inf when none.
-    found : ndarray of bool
+    timestamps : ndarray, shape (n,)
+        Epoch seconds of the oldest feature row of each customer; NaN when none.
+    found : ndarray of bool, shape (n,)
         The store holds at least one feature row for the customer.
-    stale : ndarray of bool
+    stale : ndarray of bool, shape (n,)
         Some feature row is older than its view's TTL.
     """
 
     matrix: np.ndarray
-    oldest: np.ndarray
+    timestamps: np.ndarray
     found: np.ndarray
     stale: np.ndarray
+
+    @classmethod
+    def from_oldest(
+        cls, matrix: np.ndarray, oldest: np.ndarray, found: np.ndarray, stale: np.ndarray
+    ) -> OnlineRows:
+        """From the readers' running minimum, where inf stands for "no timestamp"."""
+        return cls(matrix, np.where(np.isfinite(oldest), oldest, np.nan), found, stale)
 
 
 def _proto_value(value: Any) -> float:
@@ -175,7 +186,7 @@ class FeastReader(MatrixReader):
                         oldest[i] = seconds
                     if now - seconds > ttl:
                         stale[i] = True
-        return OnlineRows(matrix, oldest, found, stale)
+        return OnlineRows.from_oldest(matrix, oldest, found, stale)
 
 
 #: Batches from this size read one row per view, views in parallel, instead of one per value.
@@ -474,6 +485,6 @@ class SqliteReader(MatrixReader):
             if rows:
                 self._fill(rows, row_of, matrix, oldest, found, stale, now)
         if len(unique) == len(ids):
-            return OnlineRows(matrix, oldest, found, stale)
+            return OnlineRows.from_oldest(matrix, oldest, found, stale)
         index = np.array([row_of[key] for key in entity_keys(ids, self.entity_key)], dtype=np.intp)
-        return OnlineRows(matrix[index], oldest[index], found[index], stale[index])
+        return OnlineRows.from_oldest(matrix[index], oldest[index], found[index], stale[index])

@@ -16,6 +16,8 @@ On top it has
 * :meth:`BulkRedisOnlineStore.bulk_writer`, the Arrow path of
   :func:`~propensity.features.online.write_many`: one ``HSET`` per customer
   carrying every view of the chunk, pipelined;
+* :meth:`BulkRedisOnlineStore.materialized_views`, which views hold rows
+  (the scoring service's readiness);
 * :meth:`BulkRedisOnlineStore.delete_entities`: ``DEL`` of the customers' hashes;
 * the materialization marks, hash ``_materialized:<project>``, so an
   incremental write into a fresh Redis writes everything.
@@ -39,6 +41,10 @@ from ._bulk import BulkWrites, Chunk, ViewPlan, _utc
 from ._codec import redis_field, timestamp_protos
 
 __all__ = ["BulkRedisOnlineStore", "BulkRedisOnlineStoreConfig", "marks_key"]
+
+
+#: Project hashes :meth:`BulkRedisOnlineStore.materialized_views` looks into without marks.
+_PROBE_KEYS = 200
 
 
 def marks_key(project: str) -> bytes:
@@ -74,6 +80,33 @@ class BulkRedisOnlineStore(BulkWrites, RedisOnlineStore):
         project = config.project.encode("utf8")
         try:
             return int(client.delete(*[k + project for k in keys]))
+        finally:
+            client.close()
+            self._client = None
+
+    def materialized_views(self, config: RepoConfig, views: Sequence[str]) -> set[str]:
+        """Those of ``views`` that hold materialized rows in this Redis.
+
+        A view counts when it has a materialization mark, or, for a store
+        written without marks, when one of the first project hashes a
+        ``SCAN`` meets carries the view's ``_ts:<view>`` field (a bounded
+        look: a probe must not walk a whole production database).
+        """
+        client = self._get_client(config.online_store)
+        project = config.project.encode("utf8")
+        try:
+            marked = client.hkeys(marks_key(config.project))
+            found = {raw.decode() for raw in marked} & set(views)
+            missing = [v for v in views if v not in found]
+            if missing:
+                for looked, key in enumerate(client.scan_iter(match=b"*" + project, count=500)):
+                    if looked >= _PROBE_KEYS or not missing:
+                        break
+                    for view in list(missing):
+                        if client.hexists(key, f"_ts:{view}"):
+                            found.add(view)
+                            missing.remove(view)
+            return found
         finally:
             client.close()
             self._client = None

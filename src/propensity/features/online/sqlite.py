@@ -18,6 +18,8 @@ and feature), so everything Feast does (``get_online_features``, ``push``,
   in a temp table, expanded into Feast's rows by one ``INSERT ... SELECT`` in C;
 * :meth:`BulkSqliteOnlineStore.reader`, the vectorized read of
   :class:`~propensity.features.online.SqliteReader`;
+* :meth:`BulkSqliteOnlineStore.materialized_views`, which views hold rows
+  (the scoring service's readiness);
 * :meth:`BulkSqliteOnlineStore.delete_entities`, erasure that leaves no copy
   of the deleted keys in the database file;
 * the materialization marks, table ``_materialized_<project>`` (outside
@@ -147,6 +149,37 @@ class BulkSqliteOnlineStore(BulkWrites, SqliteOnlineStore):
             columns=columns,
             executor=executor,
         )
+
+    @staticmethod
+    def materialized_views(path: str | Path, project: str, views: Sequence[str]) -> set[str]:
+        """Those of ``views`` whose table holds materialized rows.
+
+        A view counts when it has a materialization mark, or, for a store
+        written without marks (before they existed, or by Feast's stock
+        ``materialize``), when its ``<project>_<view>`` table is not empty.
+        A missing file holds none.
+        """
+        path = Path(path)
+        if not path.exists():
+            return set()
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master")}
+            found: set[str] = set()
+            marks = marks_table(project)
+            if marks in tables:
+                found.update(row[0] for row in con.execute(f"SELECT view FROM {_quote(marks)}"))
+            for view in views:
+                table = f"{project}_{view}"
+                if (
+                    view not in found
+                    and table in tables
+                    and con.execute(f"SELECT 1 FROM {_quote(table)} LIMIT 1").fetchone()
+                ):
+                    found.add(view)
+            return found & set(views)
+        finally:
+            con.close()
 
     @staticmethod
     def delete_entities(path: str | Path, project: str, keys: Sequence[bytes]) -> tuple[int, bool]:

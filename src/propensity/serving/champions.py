@@ -1,0 +1,115 @@
+"""The champions a service or a bulk run scores with: where they come from, loaded once.
+
+Both the running service (:class:`~propensity.serving.runtime.Runtime`) and
+bulk scoring (:func:`~propensity.serving.audience.score_all`) load the
+``champion`` version of each model through :func:`load_champions`, so the
+two never disagree on which objects serve, and neither imports the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from propensity.serving.policy import ArbitrationPolicy
+from propensity.serving.scorer import (
+    CHURN,
+    NBA,
+    PURCHASE,
+    BoosterBundle,
+    ModelBundle,
+    NBAPolicy,
+    ReasonsMethod,
+)
+
+__all__ = ["Champions", "ModelSource", "RegistrySource", "as_policy", "load_champions"]
+
+
+class ModelSource(Protocol):
+    """Where champions come from: their versions, and the fitted objects."""
+
+    def champion_versions(self) -> dict[str, int | None]: ...
+
+    def load(self, model: str, version: int) -> Any: ...
+
+
+class RegistrySource:
+    """The MLflow registry of a project (through :mod:`propensity.registry`)."""
+
+    def __init__(self, tracking_uri: str, models: tuple[str, ...] = (CHURN, PURCHASE, NBA)):
+        self.tracking_uri = tracking_uri
+        self.models = models
+
+    def champion_versions(self) -> dict[str, int | None]:
+        # mlflow loads on first use, never when the service module is imported.
+        from propensity.registry import champion_version
+
+        return {m: champion_version(self.tracking_uri, m) for m in self.models}
+
+    def load(self, model: str, version: int) -> Any:
+        from propensity.registry import load_estimator
+
+        return load_estimator(self.tracking_uri, model, version)
+
+
+def as_policy(obj: object, version: int | str) -> NBAPolicy:
+    """The registered next-best-action object as an :class:`NBAPolicy`.
+
+    An object that already is one serves as it is; a fitted uplift model
+    (:class:`propensity.models.nba.NBAModel`) gets catalog arbitration.
+    """
+    if isinstance(obj, NBAPolicy):  # a registry may hold either kind: checked at run time
+        return obj
+    return ArbitrationPolicy(obj, str(version))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Champions:
+    """The loaded champions and their registered versions."""
+
+    versions: dict[str, int | None]
+    churn: ModelBundle
+    purchase: ModelBundle
+    policy: NBAPolicy | None
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Every feature any champion reads, each once, in model order."""
+        names = self.churn.feature_names + self.purchase.feature_names
+        if self.policy is not None:
+            names = names + self.policy.feature_names
+        return list(dict.fromkeys(names))
+
+
+def load_champions(
+    source: ModelSource,
+    versions: dict[str, int | None] | None = None,
+    reasons: ReasonsMethod = "path",
+) -> Champions:
+    """Load the champion of each model (``versions``: default the source's current ones).
+
+    Raises
+    ------
+    LookupError
+        Churn or purchase propensity has no champion (next-best-action is optional).
+
+    Examples
+    --------
+    >>> champions = load_champions(RegistrySource("sqlite:///mlflow.db"))  # doctest: +SKIP
+    >>> champions.versions  # doctest: +SKIP
+    {'churn': 3, 'purchase_propensity': 2, 'next_best_action': None}
+    """
+    versions = source.champion_versions() if versions is None else versions
+    loaded: dict[str, ModelBundle] = {}
+    for name in (CHURN, PURCHASE):
+        version = versions.get(name)
+        if version is None:
+            raise LookupError(f"model {name!r} has no champion version in the registry")
+        loaded[name] = BoosterBundle(
+            name, str(version), source.load(name, int(version)), reasons=reasons
+        )
+    nba_version = versions.get(NBA)
+    policy = None
+    if nba_version is not None:
+        policy = as_policy(source.load(NBA, nba_version), nba_version)
+    return Champions(dict(versions), loaded[CHURN], loaded[PURCHASE], policy)
