@@ -1,4 +1,10 @@
-"""Bulk scoring: every known customer at an as-of date, with the champion model."""
+"""Bulk scoring: every known customer with a registered propensity model.
+
+:func:`score_customers` reads the features at an as-of date through Feast's
+historical retrieval (:func:`~propensity.pipeline.dataset.scoring_frame`), so
+bulk scores equal what training would have seen at that cutoff, and predicts
+with the model's own numpy path.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,8 @@ import pandas as pd
 
 from propensity import registry
 from propensity.config import Settings
-from propensity.events.lake import EventLake
-from propensity.labels import data_window, population_frame, to_cutoff
-from propensity.models.spec import load_spec
+from propensity.models.spec import load_spec, registered_name
+from propensity.pipeline.dataset import scoring_frame
 
 __all__ = ["score_customers", "write_scores"]
 
@@ -23,10 +28,6 @@ def score_customers(
     version: int | str = registry.CHAMPION,
 ) -> pd.DataFrame:
     """Score every customer known before ``as_of`` with a registered model.
-
-    Features come from the Feast adapter's historical retrieval at ``as_of`` (the
-    feature snapshot is built first if missing), so bulk scores equal what training
-    would have seen at that cutoff.
 
     Parameters
     ----------
@@ -49,24 +50,14 @@ def score_customers(
     >>> scores = score_customers(load_settings(), "churn")  # doctest: +SKIP
     >>> scores.sort_values("score").tail(3)  # doctest: +SKIP
     """
-    from propensity.models.training import ensure_snapshots, feature_adapter
-
-    name = "purchase_propensity" if model == "purchase" else model
-    lake = EventLake(settings.path(settings.lake_dir))
-    when = (
-        to_cutoff(as_of)
-        if as_of is not None
-        else data_window(lake).end.floor("D") + pd.Timedelta(days=1)
-    )
+    name = registered_name(model)
     info = registry.version_info(settings.tracking_uri, name, version)
     service = (
         info["tags"].get("feature_service")
         or load_spec(name, settings.path(settings.models_dir)).feature_service
     )
     estimator = registry.load_estimator(settings.tracking_uri, name, info["version"])
-    population = population_frame(lake, when)
-    ensure_snapshots(settings, [when])
-    frame = feature_adapter(settings).historical(population, service)
+    when, frame = scoring_frame(settings, service, as_of)
     scores = pd.DataFrame(
         {
             "customer_id": frame["customer_id"].astype(str),
