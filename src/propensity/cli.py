@@ -248,26 +248,24 @@ def score(
     config: ConfigOption = None,
 ) -> None:
     """Score every customer and write the scores to a file."""
-    settings = _settings(config)
-    if all_:
-        from propensity.serving.audience import score_all
+    from propensity.pipeline.score import score_all, score_customers, write_scores
 
-        with rich_progress(console) as progress:
-            summary = score_all(settings, out, progress=progress)
-        console.print(f"scored {summary['rows']:,} customers → {out}")
-        return
-    if model not in ("churn", "purchase"):
+    settings = _settings(config)
+    if not all_ and model not in ("churn", "purchase"):
         _fail("name a model (churn or purchase) or pass --all")
         return
-    from propensity.pipeline.score import score_customers, write_scores
-
     try:
-        scores = score_customers(settings, model, as_of=as_of)
+        if all_:
+            with rich_progress(console) as progress:
+                rows = score_all(settings, out, progress=progress)["rows"]
+        else:
+            scores = score_customers(settings, str(model), as_of=as_of)
+            write_scores(scores, out)
+            rows = len(scores)
     except (ValueError, LookupError) as exc:
         _fail(str(exc))
         return
-    write_scores(scores, out)
-    console.print(f"scored {len(scores):,} customers → {out}")
+    console.print(f"scored {rows:,} customers → {out}")
 
 
 @app.command()

@@ -204,11 +204,13 @@ def test_train_nba_on_simulated_events(simulated) -> None:
     estimator = registry.load_estimator(settings.tracking_uri, MODEL_NAME, 1)
     X = _exposure_features(settings, result.model.feature_names_)
     np.testing.assert_allclose(estimator.predict(X), result.model.predict(X))
-    pyfunc = registry.load_champion(settings.tracking_uri, MODEL_NAME, 1)
-    out = np.asarray(pyfunc.predict(X.astype("float64")))
-    assert out.shape == (len(X), 4)
     import mlflow
 
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.tracking_uri)
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/1")
+    out = np.asarray(pyfunc.predict(X.astype("float64")))
+    assert out.shape == (len(X), 4)
     artifacts = {
         a.path for a in mlflow.MlflowClient(settings.tracking_uri).list_artifacts(info["run_id"])
     }
@@ -271,7 +273,7 @@ def test_policy_summary_table() -> None:
 
 
 def test_exposure_truth_requires_a_row_per_exposure(tmp_path: Path) -> None:
-    from propensity.models._nba_log import exposure_truth
+    from propensity.pipeline.dataset import exposure_truth
 
     (tmp_path / "truth").mkdir()
     pd.DataFrame({"event_id": ["e1", "e2"], "p_purchase_control": [0.1, 0.2]}).to_parquet(

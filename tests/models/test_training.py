@@ -26,7 +26,7 @@ from propensity.models.spec import SplitSpec, load_spec
 from propensity.pipeline.binary import train_model
 from propensity.pipeline.dataset import split_cutoffs
 from propensity.pipeline.gates import propensity_checks
-from propensity.pipeline.score import score_customers, write_scores
+from propensity.pipeline.score import score_all, score_customers, write_scores
 from propensity.pipeline.train import promote
 
 REPO = Path(__file__).resolve().parents[2]
@@ -206,3 +206,17 @@ def test_orders_only_log_trains_and_scores(project, tmp_path):
     scores = score_customers(settings, "purchase", version=result.version)
     assert scores["customer_id"].nunique() == orders["customer_id"].nunique()
     assert scores["score"].between(0, 1).all()
+
+
+def test_score_all_scores_the_latest_snapshot_as_each_model_does(project, tmp_path):
+    settings = project["settings"]
+    summary = score_all(settings, tmp_path / "all.parquet")
+    table = pd.read_parquet(tmp_path / "all.parquet")
+    assert summary["rows"] == len(table) > 0 and not summary["nba"]
+    assert table["action"].isna().all()  # no next-best-action champion in this project
+    for column, model in (("churn", "churn"), ("purchase_propensity", "purchase")):
+        one = score_customers(settings, model, as_of=summary["snapshot"])
+        assert str(one.attrs["version"]) == summary["model_versions"][column]
+        both = table.merge(one, on="customer_id")
+        assert len(both) == len(one) == len(table)
+        np.testing.assert_allclose(both[column], both["score"], rtol=0, atol=1e-12)

@@ -16,12 +16,17 @@ One :func:`retrain` call, safe to run from cron or a Kubernetes CronJob:
 4. rebuild the feature tables, write the new snapshot to the online store
    (incremental: only rows after the last materialized time);
 5. measure drift of the current champions (:func:`~propensity.jobs.drift.drift_report`);
-6. train a challenger for every model, each evaluated together with the
-   champion on the challenger's (most recent labeled) test window;
+6. train a challenger for every model through
+   :func:`propensity.pipeline.train.train` (registered, gated, never promoted
+   there), each evaluated together with the champion on the challenger's (most
+   recent labeled) test window;
 7. move ``champion`` for each challenger that passes its spec's gates *and*
    the run's gates (data validation, drift), then record every decision —
    promoted or not, with the reasons — as a run of the MLflow experiment
    ``retrain`` and in the returned report.
+
+Each stage is recorded, with the run's pid, in ``retrain_status.json`` in the
+jobs folder (:func:`read_status`, ``propensity retrain --status``).
 
 A run killed at any point leaves the champions and the lake intact: the lake
 commits atomically, aliases move only in step 7, and the state file is
@@ -54,11 +59,14 @@ from propensity.config import Settings, load_settings
 from propensity.events._readers import SUFFIXES, IngestError
 from propensity.events.ingest import IngestReport, ingest
 from propensity.events.lake import MANIFEST_NAME, EventLake
-from propensity.jobs.drift import DriftReport, drift_report
+from propensity.events.suppression import Screen
+from propensity.features.snapshots import build_features
+from propensity.jobs.drift import DEFAULT_MODELS, DriftReport, drift_report
 from propensity.jobs.erasure import scrub_copy, suppression_list
 from propensity.jobs.lock import LockBusyError, job_dir, jobs_lock
 from propensity.models.spec import REGISTERED_MODELS
 from propensity.pipeline.binary import TrainingResult
+from propensity.pipeline.dataset import feature_adapter
 from propensity.pipeline.gates import Check
 from propensity.pipeline.train import train
 from propensity.progress import ProgressCallback, report
@@ -349,8 +357,6 @@ def _suppress(settings: Settings) -> int:
     Ingest drops them; a sweep of the lake also erases any that an older
     release (or a direct lake write) let in.
     """
-    from propensity.events.suppression import Screen
-
     screen = Screen(suppression_list(settings))
     lake = EventLake(settings.path(settings.lake_dir))
     if not lake.files():
@@ -367,10 +373,7 @@ def _suppress(settings: Settings) -> int:
 
 
 def _materialize(settings: Settings) -> None:
-    from propensity.features.store import FeatureStoreAdapter
-
-    adapter = FeatureStoreAdapter(settings)
-    adapter.ensure_applied()
+    adapter = feature_adapter(settings)
     # The adapter's one path: each customer written atomically across views; incremental,
     # so only rows after each view's last materialized end (the new snapshot) are written.
     adapter.materialize(incremental=True)
@@ -555,8 +558,6 @@ def retrain(
                 )
 
             stage = _enter(folder, "features", began)
-            from propensity.features.snapshots import build_features
-
             report(progress, "retrain: features", 1, _STEPS)
             build_features(settings)
             stage = _enter(folder, "materialize", began)
@@ -704,8 +705,6 @@ def _validation(result: RetrainReport, policy: RetrainPolicy) -> list[Check]:
 
 
 def _drift(settings: Settings, policy: RetrainPolicy, result: RetrainReport) -> DriftReport | None:
-    from propensity.jobs.drift import DEFAULT_MODELS
-
     models = [m for m in policy.models if m in DEFAULT_MODELS]
     if not any(registry.champion_version(settings.tracking_uri, m) is not None for m in models):
         return None

@@ -9,7 +9,8 @@ snapshots they need are built (:func:`ensure_snapshots`).
 * next-best-action: logged exposures with outcomes → features at each
   exposure's midnight (:func:`nba_dataset`);
 * bulk scoring: the population at an as-of date → features
-  (:func:`scoring_frame`).
+  (:func:`scoring_frame`), or every customer of the latest offline snapshot read
+  straight from the feature tables (:func:`latest_snapshot`, the fast path).
 """
 
 from __future__ import annotations
@@ -19,11 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from propensity.config import Settings
 from propensity.events.lake import EventLake
+from propensity.features.definitions import FEATURES, request_features
+from propensity.features.snapshots import TIMESTAMP, build_features, feature_table_path
 from propensity.labels import (
     SplitSpec,
     choose_cutoffs,
@@ -46,6 +52,7 @@ __all__ = [
     "feature_adapter",
     "historical_features",
     "labeled_frame",
+    "latest_snapshot",
     "nba_dataset",
     "propensity_dataset",
     "scoring_frame",
@@ -119,8 +126,6 @@ def ensure_snapshots(
     Feast joins each row to the latest snapshot at or before its timestamp, so a row
     off the snapshot grid would silently get days-old features. Returns those built.
     """
-    from propensity.features.snapshots import build_features, feature_table_path
-
     path = feature_table_path(settings.path(settings.features_dir), view)
     have: set[pd.Timestamp] = set()
     if path.exists():
@@ -134,7 +139,7 @@ def ensure_snapshots(
 
 def feature_adapter(settings: Settings) -> Any:
     """The project's Feast adapter, its repo applied by the adapter's one rule."""
-    from propensity.features.store import FeatureStoreAdapter
+    from propensity.features.store import FeatureStoreAdapter  # Feast: loaded on first use
 
     adapter = FeatureStoreAdapter(settings)
     adapter.ensure_applied()
@@ -366,3 +371,66 @@ def scoring_frame(
     ensure_snapshots(settings, [when])
     frame, _ = historical_features(settings, population, service)
     return when, frame
+
+
+def latest_snapshot(
+    settings: Settings, feature_names: list[str]
+) -> tuple[pd.Timestamp, pd.DataFrame]:
+    """Features of every customer at the latest snapshot in the offline feature tables.
+
+    On-demand features are computed as offline training computes them (the
+    request time is the snapshot time).
+
+    Returns
+    -------
+    snapshot : Timestamp
+    frame : DataFrame
+        ``customer_id`` then ``feature_names`` (float64), one row per customer.
+
+    Examples
+    --------
+    >>> when, frame = latest_snapshot(settings, ["sessions_7d"])  # doctest: +SKIP
+    """
+    view_of = {f.name: f.view for f in FEATURES}
+    wanted = list(feature_names)
+    needs_last = "days_since_last_seen" in wanted
+    base = [n for n in wanted if n != "days_since_last_seen"]
+    if needs_last and "last_event_epoch" not in base:
+        base.append("last_event_epoch")
+    unknown = [n for n in base if n not in view_of]
+    if unknown:
+        raise ValueError(f"features {unknown} are not defined in the feature registry")
+    features_dir = settings.path(settings.features_dir)
+    by_view: dict[str, list[str]] = {}
+    for name in base:
+        by_view.setdefault(view_of[name], []).append(name)
+    latest = None
+    tables = {}
+    for view, names in by_view.items():
+        path = feature_table_path(features_dir, view)
+        if not path.exists():
+            raise LookupError(f"feature table missing: {path}; build features first")
+        table = pq.read_table(path, columns=["customer_id", TIMESTAMP, *names])
+        tables[view] = table
+        top = pc.max(table[TIMESTAMP]).as_py()
+        latest = top if latest is None or (top is not None and top > latest) else latest
+    if latest is None:
+        raise LookupError(f"the feature tables under {features_dir} are empty")
+    frame: pd.DataFrame | None = None
+    for table in tables.values():
+        rows = table.filter(pc.equal(table[TIMESTAMP], pa.scalar(latest, table[TIMESTAMP].type)))
+        part = rows.drop_columns([TIMESTAMP]).to_pandas()
+        frame = part if frame is None else frame.merge(part, on="customer_id", how="outer")
+    assert frame is not None
+    snapshot = pd.Timestamp(latest)
+    snapshot = snapshot.tz_localize("UTC") if snapshot.tzinfo is None else snapshot
+    if needs_last:
+        seconds = snapshot.timestamp()
+        last = frame["last_event_epoch"].to_numpy(np.float64)
+        values = request_features(
+            {"request_time": [seconds] * len(frame), "last_event_epoch": last.tolist()}
+        )
+        frame["days_since_last_seen"] = np.array(values["days_since_last_seen"], dtype=np.float64)
+    out = frame[["customer_id", *wanted]].copy()
+    out[wanted] = out[wanted].astype(np.float64)
+    return snapshot, out.sort_values("customer_id", kind="stable").reset_index(drop=True)

@@ -84,15 +84,8 @@ def propensity_checks(
               f"ECE {ece:.4f} <= {gates.max_ece}"),
     ]  # fmt: skip
     if champion_auc is not None:
-        floor = champion_auc - gates.max_auc_drop
         checks.append(
-            Check(
-                "max_auc_drop",
-                auc >= floor,
-                auc,
-                floor,
-                f"AUC {auc:.4f} >= champion {champion_auc:.4f} - {gates.max_auc_drop}",
-            )
+            _against_champion("max_auc_drop", "AUC", auc, champion_auc, gates.max_auc_drop)
         )
     return tuple(checks)
 
@@ -116,18 +109,28 @@ def nba_checks(
               f"learned DR value {learned:.4f} >= best single action {best} {single:.4f}"),
     ]  # fmt: skip
     if champion_value is not None:
-        floor = champion_value - training.max_value_drop
         checks.append(
-            Check(
+            _against_champion(
                 "max_value_drop",
-                learned >= floor,
+                "learned DR value",
                 learned,
-                floor,
-                f"learned DR value {learned:.4f} >= champion {champion_value:.4f} "
-                f"- {training.max_value_drop}",
+                champion_value,
+                training.max_value_drop,
             )
         )
     return tuple(checks)
+
+
+def _against_champion(name: str, label: str, value: float, champion: float, drop: float) -> Check:
+    """The challenger may trail the champion (on the same rows) by at most ``drop``."""
+    floor = champion - drop
+    return Check(
+        name,
+        value >= floor,
+        value,
+        floor,
+        f"{label} {value:.4f} >= champion {champion:.4f} - {drop}",
+    )
 
 
 def settle(

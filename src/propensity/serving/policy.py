@@ -22,30 +22,12 @@ from propensity.models.arbitration import (
     Arbitration,
     ContactState,
     arbitrate,
+    catalog_features,
     load_catalog,
 )
 from propensity.serving.scorer import MULTI_THREAD_ROWS, predict_rows
 
 __all__ = ["ArbitrationPolicy", "catalog_features"]
-
-
-def catalog_features(catalog: ActionCatalog) -> list[str]:
-    """Feature columns the catalog's eligibility rules and contact policy read.
-
-    Examples
-    --------
-    >>> catalog_features(load_catalog("models/actions.yaml"))[:2]  # doctest: +SKIP
-    ['exposures_7d', 'exposures_30d']
-    """
-    policy = catalog.contact_policy
-    names = [
-        policy.contacts_7d_feature,
-        policy.contacts_30d_feature,
-        policy.days_since_last_feature,
-    ]
-    for spec in catalog.actions.values():
-        names += [rule.feature for rule in spec.eligibility]
-    return list(dict.fromkeys(names))
 
 
 def _catalog_of(model: Any, catalog: ActionCatalog | str | Path | None) -> ActionCatalog:
