@@ -65,6 +65,9 @@ def test_create_writes_a_self_contained_project(tmp_path):
     assert project.root == root
     assert (root / "models" / "churn.yaml").exists()
     assert (root / "models" / "actions.yaml").exists()
+    # next-best-action has its own spec; the catalog no longer holds its training settings
+    assert (root / "models" / "next_best_action.yaml").exists()
+    assert "training" not in yaml.safe_load((root / "models" / "actions.yaml").read_text())
     assert (root / "feature_repo" / "repo.py").exists()
     data = yaml.safe_load((root / "propensity.yaml").read_text())
     assert data["lake_dir"] == "data/lake" and data["horizons"] == {"churn_days": 45}
