@@ -19,9 +19,11 @@ from matplotlib.figure import Figure
 import propensity
 from propensity import plots
 from propensity.events.lake import EventLake
-from propensity.models.nba import NBAResult
-from propensity.models.training import GateDecision, TimeSplit, TrainingResult
 from propensity.models.uplift import qini_score
+from propensity.pipeline.binary import TrainingResult
+from propensity.pipeline.dataset import TimeSplit
+from propensity.pipeline.gates import GateResult
+from propensity.pipeline.nba import NBAResult
 from propensity.project import Project
 
 
@@ -63,6 +65,9 @@ def test_create_writes_a_self_contained_project(tmp_path):
     assert project.root == root
     assert (root / "models" / "churn.yaml").exists()
     assert (root / "models" / "actions.yaml").exists()
+    # next-best-action has its own spec; the catalog no longer holds its training settings
+    assert (root / "models" / "next_best_action.yaml").exists()
+    assert "training" not in yaml.safe_load((root / "models" / "actions.yaml").read_text())
     assert (root / "feature_repo" / "repo.py").exists()
     data = yaml.safe_load((root / "propensity.yaml").read_text())
     assert data["lake_dir"] == "data/lake" and data["horizons"] == {"churn_days": 45}
@@ -135,7 +140,7 @@ def _result(name: str, auc: dict[str, float]) -> TrainingResult:
         run_id="r",
         version=1,
         promoted=False,
-        gates=GateDecision(False, ()),
+        gates=GateResult(),
         split=TimeSplit(cut, cut, cut),
         rows={"train": 1, "validation": 1, "test": 1},
         metrics=metrics,
@@ -157,7 +162,7 @@ def test_policy_table_reads_the_nba_report():
     report = {
         "policies": {"learned": {"dr": 1.5, "true": None}, "random": {"dr": 0.2, "true": 0.1}}
     }
-    result = NBAResult(report, None, None, False, [], model=None)  # type: ignore[arg-type]
+    result = NBAResult(report, None, None, False, GateResult(), model=None)  # type: ignore[arg-type]
     table = Project.policy_table(result)
     assert table.loc["learned", "dr"] == 1.5 and np.isnan(table.loc["learned", "true"])
     assert table["dr"].dtype == np.float64

@@ -42,7 +42,7 @@ def test_log_register_alias_and_load(tmp_path, fitted):
     assert (tmp_path / "mlartifacts").is_dir()
     assert registry.champion_version(uri, "churn") is None
     with pytest.raises(registry.RegistryError, match="champion"):
-        registry.load_champion(uri, "churn")
+        registry.load_estimator(uri, "churn")
 
     registry.set_champion(uri, "churn", 1)
     assert registry.champion_version(uri, "churn") == 1
@@ -53,7 +53,7 @@ def test_log_register_alias_and_load(tmp_path, fitted):
     assert info["tags"]["feature_service"] == "churn_v1"
 
     # JSON-like float64 input (NaN included) is accepted and yields probabilities
-    pyfunc = registry.load_champion(uri, "churn")
+    pyfunc = _pyfunc(uri, "models:/churn@champion")
     sample = X.head(200).astype("float64")
     proba = np.asarray(pyfunc.predict(sample))
     assert proba.shape == (200,) and proba.dtype == np.float64
@@ -119,3 +119,12 @@ def test_version_status_from_pending_to_a_decision(tmp_path, fitted):
     assert registry.abandon_pending(uri, ["churn", "never_registered"]) == [("churn", third)]
     assert registry.version_status(uri, "churn", third) == "abandoned"
     assert registry.abandon_pending(uri, ["churn"]) == []
+
+
+def _pyfunc(uri: str, ref: str):  # type: ignore[no-untyped-def]
+    """The registered version as MLflow's pyfunc flavor, as an MLflow user loads it."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow.pyfunc.load_model(ref)

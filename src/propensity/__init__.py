@@ -34,11 +34,12 @@ _LAZY: dict[str, str] = {
     "choose_cutoffs": "propensity.labels",
     "load_spec": "propensity.models.spec",
     "ModelSpec": "propensity.models.spec",
-    "train_model": "propensity.models.training",
-    "TrainingResult": "propensity.models.training",
-    "score_customers": "propensity.models.scoring",
-    "train_nba": "propensity.models.nba",
-    "NBAResult": "propensity.models.nba",
+    "train": "propensity.pipeline.train",
+    "train_model": "propensity.pipeline.binary",
+    "TrainingResult": "propensity.pipeline.binary",
+    "score_customers": "propensity.pipeline.score",
+    "train_nba": "propensity.pipeline.nba",
+    "NBAResult": "propensity.pipeline.nba",
 }
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "choose_cutoffs",
     "load_spec",
     "ModelSpec",
+    "train",
     "train_model",
     "TrainingResult",
     "score_customers",
@@ -74,10 +76,11 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from propensity.features.snapshots import build_features
     from propensity.features.store import FeatureStoreAdapter
     from propensity.labels import choose_cutoffs, entity_frame
-    from propensity.models.nba import NBAResult, train_nba
-    from propensity.models.scoring import score_customers
     from propensity.models.spec import ModelSpec, load_spec
-    from propensity.models.training import TrainingResult, train_model
+    from propensity.pipeline.binary import TrainingResult, train_model
+    from propensity.pipeline.nba import NBAResult, train_nba
+    from propensity.pipeline.score import score_customers
+    from propensity.pipeline.train import train
     from propensity.project import NBAEvaluation, Project
 
 

@@ -154,8 +154,8 @@ def features_apply(config: ConfigOption = None) -> None:
     from propensity.features.store import FeatureStoreAdapter
 
     with console.status("feast apply"):
-        FeatureStoreAdapter(_settings(config)).apply()
-    console.print("feature repo applied")
+        applied = FeatureStoreAdapter(_settings(config)).ensure_applied()
+    console.print("feature repo applied" if applied else "feature repo already up to date")
 
 
 @features_app.command("materialize")
@@ -179,7 +179,6 @@ Horizon = Annotated[int | None, typer.Option(help="Label horizon in days.", min=
 TruthDir = Annotated[
     Path | None, typer.Option(help="Simulator output folder: report the oracle beside the model.")
 ]
-_SPECS = {"churn": "churn", "purchase": "purchase_propensity"}
 
 
 @app.command()
@@ -191,30 +190,30 @@ def train(
     config: ConfigOption = None,
 ) -> None:
     """Train, evaluate and register a model; promote it when its gates pass."""
-    from propensity.models.nba import train_nba
-    from propensity.models.training import train_model
+    from propensity.models.spec import SpecError, registered_name
+    from propensity.pipeline.train import train as train_one
 
     settings = _settings(config)
     names = ["churn", "purchase", "nba"] if model == "all" else [model]
     for name in names:
-        if name not in (*_SPECS, "nba"):
+        try:
+            registered_name(name)
+        except SpecError:
             _fail(f"unknown model {name!r}: choose churn, purchase, nba or all")
     with rich_progress(console) as progress:
         for name in names:
             try:
-                if name == "nba":
-                    result: object = train_nba(settings, truth_dir=truth, progress=progress)
-                else:
-                    result = train_model(
-                        settings,
-                        _SPECS[name],
-                        as_of=as_of,
-                        horizon_days=horizon_days,
-                        truth_dir=truth,
-                        progress=progress,
-                    )
+                result = train_one(
+                    settings,
+                    name,
+                    as_of=as_of,
+                    horizon_days=horizon_days,
+                    truth_dir=truth,
+                    progress=progress,
+                )
             except (ValueError, LookupError) as exc:
                 _fail(str(exc))
+                return
             console.print(result)
 
 
@@ -226,7 +225,7 @@ def promote(
 ) -> None:
     """Move the `champion` alias of MODEL to VERSION."""
     from propensity.models.spec import SpecError, registered_name
-    from propensity.models.training import promote as promote_version
+    from propensity.pipeline.train import promote as promote_version
     from propensity.registry import RegistryError
 
     settings = _settings(config)
@@ -249,26 +248,24 @@ def score(
     config: ConfigOption = None,
 ) -> None:
     """Score every customer and write the scores to a file."""
-    settings = _settings(config)
-    if all_:
-        from propensity.serving.audience import score_all
+    from propensity.pipeline.score import score_all, score_customers, write_scores
 
-        with rich_progress(console) as progress:
-            summary = score_all(settings, out, progress=progress)
-        console.print(f"scored {summary['rows']:,} customers → {out}")
-        return
-    if model not in _SPECS:
+    settings = _settings(config)
+    if not all_ and model not in ("churn", "purchase"):
         _fail("name a model (churn or purchase) or pass --all")
         return
-    from propensity.models.scoring import score_customers, write_scores
-
     try:
-        scores = score_customers(settings, _SPECS[model], as_of=as_of)
+        if all_:
+            with rich_progress(console) as progress:
+                rows = score_all(settings, out, progress=progress)["rows"]
+        else:
+            scores = score_customers(settings, str(model), as_of=as_of)
+            write_scores(scores, out)
+            rows = len(scores)
     except (ValueError, LookupError) as exc:
         _fail(str(exc))
         return
-    write_scores(scores, out)
-    console.print(f"scored {len(scores):,} customers → {out}")
+    console.print(f"scored {rows:,} customers → {out}")
 
 
 @app.command()
@@ -292,14 +289,28 @@ def serve(
 @app.command()
 def retrain(
     force: Annotated[bool, typer.Option(help="Retrain even when nothing changed.")] = False,
+    status: Annotated[
+        bool, typer.Option("--status", help="Print the stage the last run reached, and stop.")
+    ] = False,
     config: ConfigOption = None,
 ) -> None:
     """Ingest landing files, refresh features, train challengers, promote those that pass."""
     from propensity.jobs.lock import LockBusyError
-    from propensity.jobs.retrain import RetrainError
+    from propensity.jobs.retrain import RetrainError, read_status
     from propensity.jobs.retrain import retrain as run_retrain
 
     settings = _settings(config)
+    if status:
+        last = read_status(settings)
+        if last is None:
+            console.print("no retrain run recorded yet")
+        else:
+            console.print(
+                f"stage {last['stage']} (pid {last['pid']}, started {last['started']}, "
+                f"updated {last['updated']})",
+                markup=False,
+            )
+        return
     try:
         with rich_progress(console) as progress:
             result = run_retrain(settings, progress=progress, force=force)

@@ -17,14 +17,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import duckdb
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from propensity.events.lake import EventLake
-from propensity.models.spec import LabelSpec, SplitSpec
 
 __all__ = [
+    "LabelSpec",
+    "SplitSpec",
     "LabelWindowError",
     "DataWindow",
     "data_window",
@@ -39,6 +42,46 @@ __all__ = [
 #: Event types that make a customer "active" for the churn label.
 ACTIVITY_EVENTS: tuple[str, ...] = ("session_start", "purchase")
 _EPOCH_MONDAY = pd.Timestamp("1970-01-05", tz="UTC")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LabelSpec(_Strict):
+    """The outcome and its horizon.
+
+    ``churn``: active (session_start or purchase) in ``[T - activity_lookback_days, T)``
+    and neither in ``[T, T + horizon_days)``. ``purchase``: at least one purchase in
+    ``[T, T + horizon_days)``.
+    """
+
+    kind: Literal["churn", "purchase"]
+    horizon_days: int = Field(gt=0)
+    activity_lookback_days: int = Field(default=30, gt=0)
+
+
+class SplitSpec(_Strict):
+    """Weekly cutoffs and the time-based split into train / validation / test."""
+
+    cutoff_step_days: int = Field(default=7, gt=0)
+    n_cutoffs: int = Field(default=12, ge=3)
+    validation_cutoffs: int = Field(default=1, ge=1)
+    test_cutoffs: int = Field(default=1, ge=1)
+    #: Days of history a customer base needs before the first cutoff is useful.
+    min_history_days: int = Field(default=28, ge=0)
+    #: Keep only train and validation cutoffs whose label window closes by the first
+    #: test cutoff, as it would in production on the test date.
+    purge: bool = True
+
+    @model_validator(mode="after")
+    def _enough_train(self) -> SplitSpec:
+        if self.validation_cutoffs + self.test_cutoffs >= self.n_cutoffs:
+            raise ValueError(
+                f"n_cutoffs={self.n_cutoffs} leaves no train cutoff after "
+                f"validation_cutoffs={self.validation_cutoffs} and test_cutoffs={self.test_cutoffs}"
+            )
+        return self
 
 
 class LabelWindowError(ValueError):

@@ -27,16 +27,15 @@ if TYPE_CHECKING:
 
     from propensity.events.ingest import IngestReport
     from propensity.features.snapshots import BuildReport
-    from propensity.models.nba import NBAResult
     from propensity.models.spec import ModelSpec
-    from propensity.models.training import TrainingResult
+    from propensity.pipeline.binary import TrainingResult
+    from propensity.pipeline.nba import NBAResult
     from propensity.progress import ProgressCallback
 
 __all__ = ["Project", "NBAEvaluation", "SIMULATION_DIR"]
 
 #: Where :meth:`Project.simulate` writes events and ground truth (as the quickstart does).
 SIMULATION_DIR = Path("data/simulated")
-_SPEC_NAMES = {"purchase": "purchase_propensity"}
 _SCORERS = ("model", "logistic", "recency", "oracle")
 _METRICS = ("roc_auc", "pr_auc", "lift_at_10", "capture_at_10", "log_loss", "brier", "ece")
 
@@ -340,7 +339,7 @@ class Project:
         """Compute the feature snapshots and register the Feast repo.
 
         Delegates to :func:`propensity.features.snapshots.build_features` and
-        :meth:`FeatureStoreAdapter.apply`; with ``materialize`` the latest snapshot is
+        :meth:`FeatureStoreAdapter.ensure_applied`; with ``materialize`` the latest snapshot is
         also written to the online store.
 
         Examples
@@ -349,11 +348,10 @@ class Project:
         >>> report.rows  # doctest: +SKIP
         """
         from propensity.features.snapshots import build_features
-        from propensity.features.store import FeatureStoreAdapter
+        from propensity.pipeline.dataset import feature_adapter
 
         report = build_features(self.settings, snapshot_times)
-        adapter = FeatureStoreAdapter(self.settings)
-        adapter.apply()
+        adapter = feature_adapter(self.settings)
         if materialize:
             adapter.materialize()
         return report
@@ -394,7 +392,7 @@ class Project:
 
         Labels come from :func:`propensity.labels.entity_frame`; features from the
         model's Feast feature service through historical retrieval (missing snapshots
-        are built first), exactly as :func:`~propensity.models.training.train_model`
+        are built first), exactly as :func:`~propensity.pipeline.binary.train_model`
         builds them.
 
         Parameters
@@ -416,14 +414,12 @@ class Project:
         >>> frame = project.training_frame("churn", ["2026-03-02", "2026-03-09"])  # doctest: +SKIP
         >>> frame.groupby("event_timestamp")["label"].mean()  # doctest: +SKIP
         """
-        from propensity.labels import entity_frame, to_cutoff
-        from propensity.models.training import ensure_snapshots, training_frame
+        from propensity.labels import to_cutoff
+        from propensity.pipeline.dataset import labeled_frame
 
         spec = self._spec(model)
         cuts = self.cutoffs(spec) if cutoffs is None else sorted({to_cutoff(c) for c in cutoffs})
-        entity = entity_frame(self._lake(), cuts, spec.label, spec.population)
-        ensure_snapshots(self.settings, cuts)
-        frame, features = training_frame(self.settings, spec, entity)
+        frame, features, _ = labeled_frame(self.settings, spec, cuts)
         frame.attrs["features"] = features
         return frame
 
@@ -432,7 +428,7 @@ class Project:
     def train(self, model: str | ModelSpec, **options: Any) -> TrainingResult:
         """Train, evaluate, log and (when the gates pass) promote a model.
 
-        Delegates to :func:`propensity.models.training.train_model`; the simulator's
+        Delegates to :func:`propensity.pipeline.binary.train_model`; the simulator's
         truth, when present, is passed as ``truth_dir`` so the oracle is reported.
 
         Parameters
@@ -440,14 +436,14 @@ class Project:
         model : str or ModelSpec
             ``churn``, ``purchase`` or a spec (e.g. an edited copy of :meth:`spec`).
         **options
-            ``as_of``, ``horizon_days``, ``truth_dir``, ``auto_promote``, ``progress``.
+            ``as_of``, ``horizon_days``, ``truth_dir``, ``promote``, ``progress``.
 
         Examples
         --------
         >>> churn = project.train("churn")  # doctest: +SKIP
         >>> print(churn.summary())  # doctest: +SKIP
         """
-        from propensity.models.training import train_model
+        from propensity.pipeline.binary import train_model
 
         spec = self._spec(model).with_horizon(options.pop("horizon_days", None))
         options.setdefault("truth_dir", self.truth_dir)
@@ -622,22 +618,22 @@ class Project:
     def score(self, model: str, as_of: Any = None, **options: Any) -> pd.DataFrame:
         """Score every known customer with the champion model.
 
-        Delegates to :func:`propensity.models.scoring.score_customers`.
+        Delegates to :func:`propensity.pipeline.score.score_customers`.
 
         Examples
         --------
         >>> project.score("churn").nlargest(5, "score")  # doctest: +SKIP
         """
-        from propensity.models.scoring import score_customers
+        from propensity.pipeline.score import score_customers
 
-        return score_customers(self.settings, _SPEC_NAMES.get(model, model), as_of, **options)
+        return score_customers(self.settings, model, as_of, **options)
 
     # -- next-best-action -------------------------------------------------------------------
 
     def train_nba(self, **options: Any) -> NBAResult:
         """Train, evaluate and register the next-best-action model.
 
-        Delegates to :func:`propensity.models.nba.train_nba`; the simulator's truth,
+        Delegates to :func:`propensity.pipeline.nba.train_nba`; the simulator's truth,
         when present, adds the oracle policy.
 
         Examples
@@ -645,7 +641,7 @@ class Project:
         >>> nba = project.train_nba()  # doctest: +SKIP
         >>> nba.report["policies"]["learned"]["dr"]  # doctest: +SKIP
         """
-        from propensity.models.nba import train_nba
+        from propensity.pipeline.nba import train_nba
 
         options.setdefault("truth_dir", self.truth_dir)
         return train_nba(self.settings, **options)
@@ -675,16 +671,16 @@ class Project:
         >>> evaluation = project.evaluate_nba(nba)  # doctest: +SKIP
         >>> evaluation.uplift.mean()  # doctest: +SKIP
         """
-        from propensity.models._nba_log import exposure_log, exposure_truth, features_at
         from propensity.models.arbitration import load_catalog
         from propensity.models.nba_report import evaluate_policy
+        from propensity.pipeline.dataset import nba_dataset
 
         catalog = load_catalog(self.settings.path(self.settings.models_dir) / "actions.yaml")
-        log, _ = exposure_log(self._lake(), catalog, self.settings.horizons)
-        test_days = {pd.Timestamp(d, tz="UTC") for d in result.report["test_days"]}
-        log = log[log["day"].isin(test_days)].reset_index(drop=True)
-        log, _ = features_at(self.settings, log, result.report["feature_service"])
-        truth = None if self.truth_dir is None else exposure_truth(self.truth_dir, log)
+        test_days = [pd.Timestamp(d, tz="UTC") for d in result.report["test_days"]]
+        data = nba_dataset(
+            self.settings, catalog, result.report["feature_service"], self.truth_dir, test_days
+        )
+        log, truth = data.log, data.truth
         seed = int(result.model.random_state)
         evaluation = evaluate_policy(result.model, log, truth=truth, n_boot=n_boot, seed=seed)
         uplift = result.model.action_uplift(log[result.model.feature_names_])

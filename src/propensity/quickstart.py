@@ -69,20 +69,16 @@ def run_quickstart(
     summary["features"] = _features(settings, progress)
     out.print(summary["features"])
 
-    out.rule("4/6 churn and purchase models")
-    from propensity.models.training import train_model
+    from propensity.pipeline.train import train
 
-    for spec in ("churn", "purchase_propensity"):
-        result = train_model(settings, spec, truth_dir=sim_dir, progress=progress)
-        summary[spec] = result
-        out.print(result.summary())
-
-    out.rule("5/6 next-best-action")
-    from propensity.models.nba import train_nba
-
-    nba = train_nba(settings, truth_dir=sim_dir, progress=progress)
-    summary["next_best_action"] = nba
-    out.print(nba.summary())
+    for title, names in (
+        ("4/6 churn and purchase models", ("churn", "purchase_propensity")),
+        ("5/6 next-best-action", ("next_best_action",)),
+    ):
+        out.rule(title)
+        for name in names:
+            summary[name] = train(settings, name, truth_dir=sim_dir, progress=progress)
+            out.print(summary[name].summary())
 
     out.rule("6/6 scoring API")
     summary["scores"] = _score_over_http(settings, port, out)
@@ -121,11 +117,10 @@ def _ingest(settings: Settings, sim_dir: Path, progress: ProgressCallback | None
 
 def _features(settings: Settings, progress: ProgressCallback | None) -> str:
     from propensity.features.snapshots import build_features
-    from propensity.features.store import FeatureStoreAdapter
+    from propensity.pipeline.dataset import feature_adapter
 
     report = build_features(settings)
-    adapter = FeatureStoreAdapter(settings)
-    adapter.apply()
+    adapter = feature_adapter(settings)
     written = adapter.materialize(progress=progress)
     customers = max((w.entities_written for w in written), default=0)
     seconds = max((w.seconds for w in written), default=0.0)

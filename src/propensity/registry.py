@@ -43,7 +43,6 @@ __all__ = [
     "version_status",
     "abandon_pending",
     "champion_version",
-    "load_champion",
     "load_estimator",
     "version_info",
     "git_commit",
@@ -266,7 +265,7 @@ def set_status(tracking_uri: str, model: str, version: int, status: str, reason:
 
     Examples
     --------
-    >>> set_status(settings.tracking_uri, "churn", 4, "rejected", "FAIL: roc_auc")  # doctest: +SKIP
+    >>> set_status(settings.tracking_uri, "churn", 4, "rejected", "fail: AUC")  # doctest: +SKIP
     """
     with _tracking(tracking_uri) as client:
         _model_version(client, model, version)
@@ -348,25 +347,6 @@ def version_info(tracking_uri: str, model: str, version: int | str = CHAMPION) -
             "params": dict(run.data.params),
             "tags": dict(run.data.tags),
         }
-
-
-def load_champion(tracking_uri: str, model: str, version: int | str = CHAMPION) -> Any:
-    """Load a model version (default: the champion) as an MLflow pyfunc model.
-
-    Its ``predict(DataFrame of float64)`` returns P(y=1).
-
-    Examples
-    --------
-    >>> load_champion(settings.tracking_uri, "churn").predict(X)  # doctest: +SKIP
-    """
-    with _tracking(tracking_uri) as client:
-        _model_version(client, model, version)
-        ref = (
-            f"models:/{model}@{version}"
-            if not str(version).isdigit()
-            else f"models:/{model}/{version}"
-        )
-        return mlflow.pyfunc.load_model(ref)
 
 
 def load_estimator(tracking_uri: str, model: str, version: int | str = CHAMPION) -> Any:

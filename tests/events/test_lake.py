@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import duckdb
@@ -145,8 +143,15 @@ def test_manifest_lists_rows_and_time_range(tmp_path: Path) -> None:
 
 _WRITER = textwrap.dedent(
     """
-    import sys
+    import os, signal, sys
     from propensity.events.ingest import ingest
+    from propensity.events.lake import EventLake
+    if sys.argv[4:] == ["--die-before-commit"]:
+        # The process dies (SIGKILL, no clean-up) after the part files were moved into
+        # the lake and before the manifest commit: the worst moment for a crash.
+        def die(self, files):
+            os.kill(os.getpid(), signal.SIGKILL)
+        EventLake._commit = die
     report = ingest([sys.argv[1]], sys.argv[2], sys.argv[3])
     print(report.accepted)
     """
@@ -160,22 +165,11 @@ def test_killed_ingest_leaves_lake_unchanged_and_next_ingest_completes(tmp_path:
     before = lake.read().sort_values("event_id").reset_index(drop=True)
     source = tmp_path / "new.parquet"
     pq.write_table(make_events(20_000, seed=3, start="2024-02-15", prefix="NEW"), source)
-    env = {**os.environ, "LAKE_TEST_PAUSE_SECONDS": "30"}
     argv = [sys.executable, "-c", _WRITER, str(source), str(lake.root), str(tmp_path / "q")]
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        # Kill once the writer has moved a first new part file into the lake.
-        while not set(lake.root.glob("event_month=*/*.parquet")) - set(before_files):
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "writer never produced a part file"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    killed = subprocess.run([*argv, "--die-before-commit"], capture_output=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    # The writer died with its new part files in the month folders, uncommitted.
+    assert set(lake.root.glob("event_month=*/*.parquet")) - set(before_files)
 
     assert lake.files() == before_files
     assert lake.count() == 500

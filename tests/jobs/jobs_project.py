@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,10 +46,10 @@ def fast_specs(models_dir: Path, **gates: float) -> None:
         spec["shap_sample"] = 0
         spec["gates"].update({"min_rows": 200, "max_ece": 0.08, "max_auc_drop": 0.05, **gates})
         (models_dir / f"{name}.yaml").write_text(yaml.safe_dump(spec))
-    actions = yaml.safe_load((REPO / "models" / "actions.yaml").read_text())
-    actions["training"].update(n_boot=10, min_test_rows=50)
-    actions["training"]["params"] = {"n_estimators": 40, "num_threads": 1}
-    (models_dir / "actions.yaml").write_text(yaml.safe_dump(actions))
+    shutil.copy(REPO / "models" / "actions.yaml", models_dir / "actions.yaml")
+    nba = yaml.safe_load((REPO / "models" / "next_best_action.yaml").read_text())
+    nba.update(n_boot=10, min_test_rows=50, params={"n_estimators": 40, "num_threads": 1})
+    (models_dir / "next_best_action.yaml").write_text(yaml.safe_dump(nba))
 
 
 def make_project(root: Path) -> Settings:
@@ -76,3 +79,19 @@ def drop(settings: Settings, table: pa.Table, name: str) -> Path:
     path = landing / name
     pq.write_table(table, path)
     return path
+
+
+def wait_for_stage(
+    settings: Settings, run: subprocess.Popen, stage: str, log: Path, timeout: float = 120
+) -> None:
+    """Wait until the retrain run ``run`` records ``stage`` in its status file."""
+    from propensity.jobs.retrain import read_status
+
+    deadline = time.monotonic() + timeout
+    while True:
+        status = read_status(settings)
+        if status and status["pid"] == run.pid and status["stage"] == stage:
+            return
+        assert run.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"the run never reached stage {stage!r}: {status}"
+        time.sleep(0.05)

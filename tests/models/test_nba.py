@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import joblib
@@ -10,7 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from propensity.models.nba import NBAModel, NBATraining, fit_tabular
+from propensity.models.nba import NBAModel, fit_tabular
+from propensity.models.spec import NBATraining, SpecError, load_nba_training
 
 ARMS = np.array(["control", "email", "coupon"])
 
@@ -107,6 +109,21 @@ def test_fit_tabular_without_propensity_and_errors(tmp_path: Path) -> None:
         fit_tabular(tmp_path / "b.csv", "arm", "bought", out_dir=tmp_path / "x")
 
 
+def test_nba_training_reads_its_spec_file_or_the_old_catalog_section(tmp_path: Path) -> None:
+    assert load_nba_training(tmp_path) == NBATraining()  # no file: defaults
+    (tmp_path / "actions.yaml").write_text(_PURCHASE_CATALOG)
+    with pytest.warns(DeprecationWarning, match="training:"):
+        assert load_nba_training(tmp_path).min_test_rows == 100
+    (tmp_path / "next_best_action.yaml").write_text("learner: t\nn_boot: 7\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the spec file wins, without a warning
+        training = load_nba_training(tmp_path)
+    assert (training.learner, training.n_boot, training.min_test_rows) == ("t", 7, 500)
+    (tmp_path / "next_best_action.yaml").write_text("lerner: t\n")
+    with pytest.raises(SpecError, match="unknown key 'lerner'"):
+        load_nba_training(tmp_path)
+
+
 # -- event-log path: real simulator, lake, Feast and MLflow on SQLite -----------------------------
 
 _PURCHASE_CATALOG = """
@@ -147,11 +164,14 @@ def simulated(tmp_path_factory: pytest.TempPathFactory):
 @pytest.mark.slow
 def test_train_nba_on_simulated_events(simulated) -> None:
     from propensity import registry
-    from propensity.models.nba import MODEL_NAME, train_nba
+    from propensity.models.nba import MODEL_NAME
+    from propensity.pipeline.nba import train_nba
 
     settings, sim_dir = simulated
     seen: list[tuple[str, float, float]] = []
-    result = train_nba(settings, truth_dir=sim_dir, progress=lambda *a: seen.append(a))
+    # This project keeps its training settings in actions.yaml, as before next_best_action.yaml.
+    with pytest.warns(DeprecationWarning, match="next_best_action.yaml"):
+        result = train_nba(settings, truth_dir=sim_dir, progress=lambda *a: seen.append(a))
     report = result.report
     policies = report["policies"]
     # On the later, held-out waves the learned policy's TRUE value beats random assignment
@@ -184,11 +204,13 @@ def test_train_nba_on_simulated_events(simulated) -> None:
     estimator = registry.load_estimator(settings.tracking_uri, MODEL_NAME, 1)
     X = _exposure_features(settings, result.model.feature_names_)
     np.testing.assert_allclose(estimator.predict(X), result.model.predict(X))
-    pyfunc = registry.load_champion(settings.tracking_uri, MODEL_NAME, 1)
-    out = np.asarray(pyfunc.predict(X.astype("float64")))
-    assert out.shape == (len(X), 4)
     import mlflow
 
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.tracking_uri)
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/1")
+    out = np.asarray(pyfunc.predict(X.astype("float64")))
+    assert out.shape == (len(X), 4)
     artifacts = {
         a.path for a in mlflow.MlflowClient(settings.tracking_uri).list_artifacts(info["run_id"])
     }
@@ -251,7 +273,7 @@ def test_policy_summary_table() -> None:
 
 
 def test_exposure_truth_requires_a_row_per_exposure(tmp_path: Path) -> None:
-    from propensity.models._nba_log import exposure_truth
+    from propensity.pipeline.dataset import exposure_truth
 
     (tmp_path / "truth").mkdir()
     pd.DataFrame({"event_id": ["e1", "e2"], "p_purchase_control": [0.1, 0.2]}).to_parquet(

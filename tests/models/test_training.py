@@ -22,14 +22,12 @@ from propensity.events.lake import EventLake
 from propensity.events.simulator import SimulationConfig, simulate, write_simulation
 from propensity.features.snapshots import build_features
 from propensity.labels import LabelWindowError, data_window, population_frame
-from propensity.models.scoring import score_customers, write_scores
 from propensity.models.spec import SplitSpec, load_spec
-from propensity.models.training import (
-    evaluate_gates,
-    promote,
-    split_cutoffs,
-    train_model,
-)
+from propensity.pipeline.binary import train_model
+from propensity.pipeline.dataset import split_cutoffs
+from propensity.pipeline.gates import propensity_checks
+from propensity.pipeline.score import score_all, score_customers, write_scores
+from propensity.pipeline.train import promote
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -68,12 +66,20 @@ def test_split_has_no_overlap_and_tests_after_training():
 def test_gates():
     gates = load_spec("churn", REPO / "models").gates
     good = {"roc_auc": 0.8, "ece": 0.01, "rows": 5000.0}
-    assert evaluate_gates(good, gates)[0]
-    assert evaluate_gates(good, gates, champion_auc=0.804)[0]
-    passed, reasons = evaluate_gates(good, gates, champion_auc=0.81)
-    assert not passed and any(r.startswith("FAIL") and "champion" in r for r in reasons)
-    assert not evaluate_gates({**good, "ece": 0.2}, gates)[0]
-    assert not evaluate_gates({**good, "rows": 10.0}, gates)[0]
+
+    def passed(metrics, champion_auc=None):  # type: ignore[no-untyped-def]
+        return all(c.passed for c in propensity_checks(metrics, gates, champion_auc))
+
+    assert passed(good) and passed(good, champion_auc=0.804)
+    checks = propensity_checks(good, gates, champion_auc=0.81)
+    failed = [c for c in checks if not c.passed]
+    assert [c.name for c in failed] == ["max_auc_drop"]
+    assert failed[0].observed == 0.8 and failed[0].threshold == pytest.approx(0.805)
+    assert "champion" in failed[0].text
+    assert [c.name for c in propensity_checks({**good, "ece": 0.2}, gates) if not c.passed] == [
+        "max_ece"
+    ]
+    assert not passed({**good, "rows": 10.0})
 
 
 @pytest.mark.parametrize("name", ["churn", "purchase"])
@@ -135,7 +141,7 @@ def test_worse_challenger_is_not_promoted_then_manual_promote(project):
     result = train_model(settings, weak)
     assert result.version == 2 and not result.promoted
     assert result.gates.champion_version == 1
-    assert any("FAIL" in r and "champion" in r for r in result.gates.reasons)
+    assert any(c.name == "max_auc_drop" for c in result.gates.failures)
     assert registry.champion_version(settings.tracking_uri, "churn") == 1
     promote(settings, "churn", 2)
     assert registry.champion_version(settings.tracking_uri, "churn") == 2
@@ -200,3 +206,17 @@ def test_orders_only_log_trains_and_scores(project, tmp_path):
     scores = score_customers(settings, "purchase", version=result.version)
     assert scores["customer_id"].nunique() == orders["customer_id"].nunique()
     assert scores["score"].between(0, 1).all()
+
+
+def test_score_all_scores_the_latest_snapshot_as_each_model_does(project, tmp_path):
+    settings = project["settings"]
+    summary = score_all(settings, tmp_path / "all.parquet")
+    table = pd.read_parquet(tmp_path / "all.parquet")
+    assert summary["rows"] == len(table) > 0 and not summary["nba"]
+    assert table["action"].isna().all()  # no next-best-action champion in this project
+    for column, model in (("churn", "churn"), ("purchase_propensity", "purchase")):
+        one = score_customers(settings, model, as_of=summary["snapshot"])
+        assert str(one.attrs["version"]) == summary["model_versions"][column]
+        both = table.merge(one, on="customer_id")
+        assert len(both) == len(one) == len(table)
+        np.testing.assert_allclose(both[column], both["score"], rtol=0, atol=1e-12)

@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -45,10 +44,6 @@ __all__ = ["EventLake", "EmptyLakeError", "StagedAppend", "MANIFEST_NAME"]
 MANIFEST_NAME = "_manifest.json"
 _LOCK_NAME = "_lock"
 _STAGING = "_staging"
-# Test hook: seconds to sleep after each part file is moved into place, so a
-# test can kill a writer between the data files and the manifest commit.
-# Not a PROPENSITY_* name: those are parsed (and checked) as project settings.
-_PAUSE_ENV = "LAKE_TEST_PAUSE_SECONDS"
 # Every canonical column is nullable on disk: the required ones are enforced by
 # validation, and Parquet writers do not all keep Arrow's nullability flag.
 _DISK_SCHEMA = pa.schema([pa.field(f.name, f.type) for f in ARROW_SCHEMA])
@@ -246,7 +241,6 @@ class EventLake:
         The manifest is not touched: until the caller commits, the moved files
         are orphans that readers ignore and the next writer removes.
         """
-        pause = float(os.environ.get(_PAUSE_ENV, "0") or 0)
         entries = []
         for path, rows, lo, hi in sorted(parts, key=lambda p: p[0].parent.name):
             final = self.root / path.parent.name / path.name
@@ -260,8 +254,6 @@ class EventLake:
                     "max_timestamp": _iso(hi),
                 }
             )
-            if pause:
-                time.sleep(pause)
         return entries
 
     def _write_parts(self, con: duckdb.DuckDBPyConnection, relation: str) -> list[dict[str, Any]]:

@@ -16,12 +16,17 @@ One :func:`retrain` call, safe to run from cron or a Kubernetes CronJob:
 4. rebuild the feature tables, write the new snapshot to the online store
    (incremental: only rows after the last materialized time);
 5. measure drift of the current champions (:func:`~propensity.jobs.drift.drift_report`);
-6. train a challenger for every model, each evaluated together with the
-   champion on the challenger's (most recent labeled) test window;
+6. train a challenger for every model through
+   :func:`propensity.pipeline.train.train` (registered, gated, never promoted
+   there), each evaluated together with the champion on the challenger's (most
+   recent labeled) test window;
 7. move ``champion`` for each challenger that passes its spec's gates *and*
    the run's gates (data validation, drift), then record every decision —
    promoted or not, with the reasons — as a run of the MLflow experiment
    ``retrain`` and in the returned report.
+
+Each stage is recorded, with the run's pid, in ``retrain_status.json`` in the
+jobs folder (:func:`read_status`, ``propensity retrain --status``).
 
 A run killed at any point leaves the champions and the lake intact: the lake
 commits atomically, aliases move only in step 7, and the state file is
@@ -34,7 +39,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import inspect
 import json
 import os
 import shutil
@@ -55,10 +59,16 @@ from propensity.config import Settings, load_settings
 from propensity.events._readers import SUFFIXES, IngestError
 from propensity.events.ingest import IngestReport, ingest
 from propensity.events.lake import MANIFEST_NAME, EventLake
-from propensity.jobs.drift import DriftReport, drift_report
+from propensity.events.suppression import Screen
+from propensity.features.snapshots import build_features
+from propensity.jobs.drift import DEFAULT_MODELS, DriftReport, drift_report
 from propensity.jobs.erasure import scrub_copy, suppression_list
 from propensity.jobs.lock import LockBusyError, job_dir, jobs_lock
 from propensity.models.spec import REGISTERED_MODELS
+from propensity.pipeline.binary import TrainingResult
+from propensity.pipeline.dataset import feature_adapter
+from propensity.pipeline.gates import Check
+from propensity.pipeline.train import train
 from propensity.progress import ProgressCallback, report
 
 __all__ = [
@@ -69,16 +79,16 @@ __all__ = [
     "retrain",
     "RETRAIN_EXPERIMENT",
     "STATE_FILE",
+    "STATUS_FILE",
+    "read_status",
 ]
 
 RETRAIN_EXPERIMENT = "retrain"
 STATE_FILE = "retrain_state.json"
 NBA = "next_best_action"
 PROCESSED = "processed"
-# Test hook: the name of a stage at which the job writes ``paused-<stage>`` in the
-# jobs folder and sleeps, so a test can kill it there. Not a PROPENSITY_ variable:
-# load_settings rejects unknown ones.
-_PAUSE_ENV = "RETRAIN_TEST_PAUSE"
+#: The running (or last) run's stage, pid and times, in the jobs folder (``retrain --status``).
+STATUS_FILE = "retrain_status.json"
 _STEPS = 7
 
 
@@ -121,7 +131,8 @@ class ModelDecision:
 
     model: str
     promoted: bool
-    reasons: list[str]
+    #: Every gate checked: the model's own, then the run's (data validation, drift).
+    reasons: list[Check]
     challenger_version: int | None = None
     champion_before: int | None = None
     champion_after: int | None = None
@@ -137,7 +148,7 @@ class ModelDecision:
             verdict = f"kept {was}; challenger v{self.challenger_version} rejected"
         else:
             verdict = f"kept {was}; no challenger"
-        failed = [r for r in self.reasons if r.startswith(("FAIL", "blocked", "error"))]
+        failed = [c for c in self.reasons if not c.passed]
         return f"{self.model}: {verdict}" + (f" — {failed[0]}" if failed else "")
 
 
@@ -158,7 +169,9 @@ class RetrainReport:
     abandoned_versions: list[tuple[str, int]] = field(default_factory=list)
     new_rows: int = 0
     validation_passed: bool = True
-    validation_reasons: list[str] = field(default_factory=list)
+    validation_reasons: list[Check] = field(default_factory=list)
+    #: Things an operator should know that gate nothing (e.g. drift not measured).
+    notes: list[str] = field(default_factory=list)
     drift: DriftReport | None = None
     decisions: dict[str, ModelDecision] = field(default_factory=dict)
     fingerprint: str = ""
@@ -196,6 +209,7 @@ class RetrainReport:
         for model, version in self.abandoned_versions:
             lines.append(f"  marked abandoned: {model} version {version} (its run was stopped)")
         lines += [f"  validation: {r}" for r in self.validation_reasons]
+        lines += [f"  note: {n}" for n in self.notes]
         if self.drift is not None:
             lines += ["  " + row for row in self.drift.summary().splitlines()]
         lines += ["  " + d.line() for d in self.decisions.values()]
@@ -255,10 +269,33 @@ def _fingerprint(settings: Settings, models: Sequence[str]) -> str:
     return digest.hexdigest()[:20]
 
 
-def _checkpoint(folder: Path, stage: str) -> None:
-    if os.environ.get(_PAUSE_ENV) == stage:
-        (folder / f"paused-{stage}").write_text(str(os.getpid()))
-        time.sleep(3600)
+def _enter(folder: Path, stage: str, started: str) -> str:
+    """Record the stage this run is in (what an operator, or a test, watches); return it."""
+    body = {"stage": stage, "pid": os.getpid(), "started": started, "updated": _now()}
+    _write_state(folder / STATUS_FILE, body)
+    return stage
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def read_status(settings: Settings) -> dict[str, Any] | None:
+    """The last stage a retrain run recorded (``None`` if none ran).
+
+    ``stage`` is the step in progress, ``done`` or ``failed during <step>``; a
+    stage other than those with no live ``pid`` means the run was killed there.
+
+    Examples
+    --------
+    >>> read_status(load_settings())  # doctest: +SKIP
+    {'stage': 'done', 'pid': 4242, 'started': '2026-03-02T03:00:00+00:00', ...}
+    """
+    path = job_dir(settings) / STATUS_FILE
+    if not path.exists():
+        return None
+    status: dict[str, Any] = json.loads(path.read_text())
+    return status
 
 
 # -- steps ----------------------------------------------------------------------------------------
@@ -320,8 +357,6 @@ def _suppress(settings: Settings) -> int:
     Ingest drops them; a sweep of the lake also erases any that an older
     release (or a direct lake write) let in.
     """
-    from propensity.events.suppression import Screen
-
     screen = Screen(suppression_list(settings))
     lake = EventLake(settings.path(settings.lake_dir))
     if not lake.files():
@@ -338,59 +373,26 @@ def _suppress(settings: Settings) -> int:
 
 
 def _materialize(settings: Settings) -> None:
-    from propensity.features.store import FeatureStoreAdapter
-
-    adapter = FeatureStoreAdapter(settings)
-    adapter.ensure_applied()
+    adapter = feature_adapter(settings)
     # The adapter's one path: each customer written atomically across views; incremental,
     # so only rows after each view's last materialized end (the new snapshot) are written.
     adapter.materialize(incremental=True)
 
 
-def _train_propensity(settings: Settings, name: str, progress: ProgressCallback | None) -> Any:
-    from propensity.models.training import train_model
-
-    return train_model(settings, name, progress=progress, auto_promote=False)
-
-
 def _challenge(
-    settings: Settings, name: str, progress: ProgressCallback | None, run_gates: list[str]
+    settings: Settings, name: str, progress: ProgressCallback | None, run_gates: list[Check]
 ) -> ModelDecision:
-    """Train and evaluate one challenger; ``champion_after`` is set when it may be promoted."""
+    """Train and gate one challenger, never promoting it: ``champion_after`` is set
+    when it may be promoted (its gates and the run's passed)."""
     before = registry.champion_version(settings.tracking_uri, name)
-    if name == NBA:
-        from propensity.models.nba import train_nba
-
-        # A train_nba without ``auto_promote`` promotes by itself when its gates pass:
-        # only let it register when the run's gates pass too.
-        if "auto_promote" in inspect.signature(train_nba).parameters:
-            options: dict[str, Any] = {"auto_promote": False}
-        else:
-            options = {"register": not run_gates}
-        nba = train_nba(settings, progress=progress, **options)
-        reasons = [*nba.report.get("gates", [])] or ["not registered: the run's gates failed"]
-        decision = ModelDecision(
-            name, False, reasons + run_gates, nba.version, before, before, nba.run_id
-        )
-        if nba.promoted:  # promoted by train_nba itself (only when the run's gates passed)
-            decision.promoted, decision.champion_after = True, nba.version
-        elif nba.version is not None and not nba.gate_failures and not run_gates:
-            decision.champion_after = nba.version
-        return decision
-    result = _train_propensity(settings, name, progress)
-    decision = ModelDecision(
-        name,
-        False,
-        list(result.gates.reasons) + run_gates,
-        result.version,
-        before,
-        before,
-        result.run_id,
-        {k: float(v) for k, v in result.metrics.get("model", {}).items()},
-    )
-    if result.gates.champion_auc is not None:
-        decision.metrics["champion_roc_auc"] = float(result.gates.champion_auc)
-    if result.gates.passed and result.version is not None and not run_gates:
+    result = train(settings, name, progress=progress, promote=False)
+    checks = [*result.gates.checks, *run_gates]
+    decision = ModelDecision(name, False, checks, result.version, before, before, result.run_id)
+    if isinstance(result, TrainingResult):
+        decision.metrics = {k: float(v) for k, v in result.metrics.get("model", {}).items()}
+        if result.gates.champion_value is not None:
+            decision.metrics["champion_roc_auc"] = float(result.gates.champion_value)
+    if result.version is not None and all(c.passed for c in checks):
         decision.champion_after = result.version
     return decision
 
@@ -402,7 +404,7 @@ def _close_undecided(settings: Settings, result: RetrainReport, why: str) -> Non
         if version is None or decision.promoted:
             continue
         if registry.version_status(settings.tracking_uri, decision.model, version) == "pending":
-            reasons = [r for r in decision.reasons if not r.startswith("pass")]
+            reasons = [str(c) for c in decision.reasons if not c.passed]
             registry.set_status(
                 settings.tracking_uri,
                 decision.model,
@@ -497,16 +499,16 @@ def retrain(
     state_path = folder / STATE_FILE
     with jobs_lock(settings, "retrain"):
         result = RetrainReport(status="running", reason="")
-        stage = "locked"
+        began = _now()
+        stage = _enter(folder, "locked", began)
         try:
-            _checkpoint(folder, stage)
             # Versions a killed run registered but never decided on.
             result.abandoned_versions = registry.abandon_pending(
                 settings.tracking_uri, REGISTERED_MODELS
             )
             state = _read_state(state_path)
             report(progress, "retrain: ingest", 0, _STEPS)
-            stage = "ingest"
+            stage = _enter(folder, "ingest", began)
             landing = settings.path(settings.landing_dir)
             pending = _pending(landing)
             hashes = {p: _sha256(p) for p in pending}
@@ -534,22 +536,9 @@ def retrain(
                     if result.ingest is not None and result.ingest.suppressed:
                         # The raw copy still holds the erased customers' rows.
                         scrub_copy(settings, target)
-            _checkpoint(folder, "ingested")
 
-            if result.rejected_files:
-                result.validation_reasons.append(
-                    f"FAIL: {len(result.rejected_files)} landing file(s) unreadable and quarantined"
-                )
-            if result.ingest is not None and result.ingest.read:
-                share = result.ingest.quarantined / result.ingest.read
-                ok = share <= policy.max_quarantine_share
-                result.validation_reasons.append(
-                    f"{'pass' if ok else 'FAIL'}: quarantined {result.ingest.quarantined} of "
-                    f"{result.ingest.read} rows ({share:.2%}) <= {policy.max_quarantine_share:.2%}"
-                )
-            result.validation_passed = not any(
-                r.startswith("FAIL") for r in result.validation_reasons
-            )
+            result.validation_reasons = _validation(result, policy)
+            result.validation_passed = all(c.passed for c in result.validation_reasons)
 
             lake = EventLake(settings.path(settings.lake_dir))
             result.fingerprint = _fingerprint(settings, policy.models)
@@ -560,6 +549,7 @@ def retrain(
                 result.seconds = time.perf_counter() - started
                 if result.rejected_files:
                     result.run_id = _record(settings, result)
+                _enter(folder, "done", began)
                 return result
             if not lake.count():
                 raise RetrainError(
@@ -567,17 +557,14 @@ def retrain(
                     f"{landing} could be ingested"
                 )
 
-            stage = "features"
-            from propensity.features.snapshots import build_features
-
+            stage = _enter(folder, "features", began)
             report(progress, "retrain: features", 1, _STEPS)
             build_features(settings)
-            _checkpoint(folder, "features")
-            stage = "materialize"
+            stage = _enter(folder, "materialize", began)
             report(progress, "retrain: online store", 2, _STEPS)
             _materialize(settings)
 
-            stage = "drift"
+            stage = _enter(folder, "drift", began)
             report(progress, "retrain: drift", 3, _STEPS)
             result.drift = _drift(settings, policy, result)
             missing = [
@@ -611,24 +598,31 @@ def retrain(
                 )
 
             if result.status != "refreshed":
-                stage = "train"
-                run_gates = [] if result.validation_passed else ["blocked: data validation failed"]
+                run_gates = [] if result.validation_passed else [_BLOCKED_BY_VALIDATION]
                 if policy.block_promotion_psi is not None and psi > policy.block_promotion_psi:
                     run_gates.append(
-                        f"blocked: drift score PSI {psi:.3f} > {policy.block_promotion_psi}"
+                        Check(
+                            "drift",
+                            False,
+                            psi,
+                            policy.block_promotion_psi,
+                            f"blocked: drift score PSI {psi:.3f} > {policy.block_promotion_psi}",
+                        )
                     )
                 failures = []
                 for k, name in enumerate(policy.models):
                     report(progress, f"retrain: train {name}", 4 + k / len(policy.models), _STEPS)
+                    stage = _enter(folder, f"train {name}", began)
                     try:
                         result.decisions[name] = _challenge(settings, name, progress, run_gates)
                     except Exception as exc:  # one model failing must not stop the others
                         failures.append(f"{name}: {type(exc).__name__}: {exc}")
                         before = registry.champion_version(settings.tracking_uri, name)
+                        error = f"error: {type(exc).__name__}: {exc}"
                         result.decisions[name] = ModelDecision(
                             name,
                             False,
-                            [f"error: {type(exc).__name__}: {exc}"],
+                            [Check("trained", False, text=error)],
                             None,
                             before,
                             before,
@@ -636,9 +630,8 @@ def retrain(
                 result.status = "trained"
                 if failures:
                     raise RetrainError("training failed for " + "; ".join(failures))
-                _checkpoint(folder, "trained")
                 # Aliases move only now, after every challenger was trained and gated.
-                stage = "promote"
+                stage = _enter(folder, "promote", began)
                 report(progress, "retrain: promote", 5, _STEPS)
                 for decision in result.decisions.values():
                     version = decision.champion_after
@@ -662,11 +655,14 @@ def retrain(
             result.run_id = _record(settings, result)
             # Written last: a run killed before this point is redone by the next one.
             _write_state(state_path, state)
+            _enter(folder, "done", began)
             report(progress, "retrain: record", _STEPS, _STEPS)
             return result
         except Exception as exc:
             result.seconds = time.perf_counter() - started
             message = f"retrain failed during {stage}: {type(exc).__name__}: {exc}"
+            with contextlib.suppress(OSError):  # the failure itself must surface
+                _enter(folder, f"failed during {stage}", began)
             with contextlib.suppress(Exception):  # the failure itself must surface
                 _close_undecided(settings, result, f"the run failed: {message}")
             try:
@@ -676,9 +672,39 @@ def retrain(
             raise RetrainError(message + "; the champions keep serving") from exc
 
 
-def _drift(settings: Settings, policy: RetrainPolicy, result: RetrainReport) -> DriftReport | None:
-    from propensity.jobs.drift import DEFAULT_MODELS
+_BLOCKED_BY_VALIDATION = Check("data_validation", False, text="blocked: data validation failed")
 
+
+def _validation(result: RetrainReport, policy: RetrainPolicy) -> list[Check]:
+    """The run's data gates: no unreadable landing file, few rows quarantined."""
+    checks = []
+    if result.rejected_files:
+        n = len(result.rejected_files)
+        checks.append(
+            Check(
+                "landing_files",
+                False,
+                n,
+                0,
+                f"{n} landing file(s) unreadable and quarantined",
+            )
+        )
+    if result.ingest is not None and result.ingest.read:
+        share = result.ingest.quarantined / result.ingest.read
+        checks.append(
+            Check(
+                "max_quarantine_share",
+                share <= policy.max_quarantine_share,
+                share,
+                policy.max_quarantine_share,
+                f"quarantined {result.ingest.quarantined} of {result.ingest.read} rows "
+                f"({share:.2%}) <= {policy.max_quarantine_share:.2%}",
+            )
+        )
+    return checks
+
+
+def _drift(settings: Settings, policy: RetrainPolicy, result: RetrainReport) -> DriftReport | None:
     models = [m for m in policy.models if m in DEFAULT_MODELS]
     if not any(registry.champion_version(settings.tracking_uri, m) is not None for m in models):
         return None
@@ -686,16 +712,20 @@ def _drift(settings: Settings, policy: RetrainPolicy, result: RetrainReport) -> 
         return drift_report(settings, models=models, threshold=policy.drift_threshold)
     except ValueError as exc:
         # e.g. the champion's training snapshots were dropped: measured next time instead
-        result.validation_reasons.append(f"note: drift not measured: {exc}")
+        result.notes.append(f"drift not measured: {exc}")
         return None
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    """``python -m propensity.jobs.retrain [--config FILE] [--force]``; returns the exit code."""
+    """``python -m propensity.jobs.retrain [--config FILE] [--force] [--status]``; the exit code."""
     parser = argparse.ArgumentParser(prog="python -m propensity.jobs.retrain")
     parser.add_argument("--config", default=None, help="propensity.yaml or its folder")
     parser.add_argument("--force", action="store_true", help="train even if nothing is new")
+    parser.add_argument("--status", action="store_true", help="print the last run's stage")
     args = parser.parse_args(argv)
+    if args.status:
+        print(json.dumps(read_status(load_settings(args.config)), indent=1))
+        return 0
     try:
         result = retrain(load_settings(args.config), force=args.force)
     except LockBusyError as exc:

@@ -36,6 +36,7 @@ __all__ = [
     "ContactPolicy",
     "ActionCatalog",
     "load_catalog",
+    "catalog_features",
     "in_holdout",
     "ContactState",
     "eligible_mask",
@@ -180,6 +181,25 @@ def load_catalog(path: str | Path) -> ActionCatalog:
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
         )
         raise ValueError(f"{file}: invalid action catalog: {problems}") from None
+
+
+def catalog_features(catalog: ActionCatalog) -> list[str]:
+    """Feature columns the catalog's eligibility rules and contact policy read.
+
+    Examples
+    --------
+    >>> catalog_features(load_catalog("models/actions.yaml"))[:2]  # doctest: +SKIP
+    ['exposures_7d', 'exposures_30d']
+    """
+    policy = catalog.contact_policy
+    names = [
+        policy.contacts_7d_feature,
+        policy.contacts_30d_feature,
+        policy.days_since_last_feature,
+    ]
+    for spec in catalog.actions.values():
+        names += [rule.feature for rule in spec.eligibility]
+    return list(dict.fromkeys(names))
 
 
 def in_holdout(customer_ids: Any, share: float, salt: str = "nba-holdout") -> np.ndarray:

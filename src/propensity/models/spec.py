@@ -1,17 +1,22 @@
 """Model specifications: what to predict, for whom, from which features, and when to promote.
 
 A spec is declarative YAML under the project's ``models/`` folder (``churn.yaml``,
-``purchase_propensity.yaml``) validated into :class:`ModelSpec`. Unknown keys are
-errors that name the key, so a typo never silently falls back to a default.
+``purchase_propensity.yaml`` validated into :class:`ModelSpec`;
+``next_best_action.yaml`` into :class:`NBATraining`). Unknown keys are errors that
+name the key, so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+# The label definition belongs to the labels stage; a spec only refers to it.
+from propensity.labels import LabelSpec, SplitSpec
 
 __all__ = [
     "CalibrationMethod",
@@ -19,9 +24,12 @@ __all__ = [
     "LabelSpec",
     "LightGBMParams",
     "ModelSpec",
+    "NBATraining",
+    "NBA_SPEC_FILE",
     "SpecError",
     "SplitSpec",
     "load_spec",
+    "load_nba_training",
     "MODEL_NAMES",
     "REGISTERED_MODELS",
     "registered_name",
@@ -32,6 +40,9 @@ MODEL_NAMES: dict[str, str] = {
     "churn": "churn.yaml",
     "purchase_propensity": "purchase_propensity.yaml",
 }
+#: The next-best-action spec file (its action catalog stays in ``actions.yaml``).
+NBA_SPEC_FILE = "next_best_action.yaml"
+_CATALOG_FILE = "actions.yaml"
 _ALIASES = {"purchase": "purchase_propensity"}
 #: Every registered model and the short names each command accepts for it.
 REGISTERED_MODELS: dict[str, tuple[str, ...]] = {
@@ -67,19 +78,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class LabelSpec(_Strict):
-    """The outcome and its horizon.
-
-    ``churn``: active (session_start or purchase) in ``[T - activity_lookback_days, T)``
-    and neither in ``[T, T + horizon_days)``. ``purchase``: at least one purchase in
-    ``[T, T + horizon_days)``.
-    """
-
-    kind: Literal["churn", "purchase"]
-    horizon_days: int = Field(gt=0)
-    activity_lookback_days: int = Field(default=30, gt=0)
-
-
 class LightGBMParams(_Strict):
     """LightGBM hyper-parameters (the subset this project tunes)."""
 
@@ -96,29 +94,6 @@ class LightGBMParams(_Strict):
     #: probabilities, so keep ``calibration`` on when this is set.
     class_weight: Literal["balanced", "none"] = "balanced"
     num_threads: int = Field(default=0, ge=0)
-
-
-class SplitSpec(_Strict):
-    """Weekly cutoffs and the time-based split into train / validation / test."""
-
-    cutoff_step_days: int = Field(default=7, gt=0)
-    n_cutoffs: int = Field(default=12, ge=3)
-    validation_cutoffs: int = Field(default=1, ge=1)
-    test_cutoffs: int = Field(default=1, ge=1)
-    #: Days of history a customer base needs before the first cutoff is useful.
-    min_history_days: int = Field(default=28, ge=0)
-    #: Keep only train and validation cutoffs whose label window closes by the first
-    #: test cutoff, as it would in production on the test date.
-    purge: bool = True
-
-    @model_validator(mode="after")
-    def _enough_train(self) -> SplitSpec:
-        if self.validation_cutoffs + self.test_cutoffs >= self.n_cutoffs:
-            raise ValueError(
-                f"n_cutoffs={self.n_cutoffs} leaves no train cutoff after "
-                f"validation_cutoffs={self.validation_cutoffs} and test_cutoffs={self.test_cutoffs}"
-            )
-        return self
 
 
 class Gates(_Strict):
@@ -211,13 +186,68 @@ def load_spec(name_or_path: str | Path, models_dir: str | Path | None = None) ->
             raise SpecError(f"unknown model {str(name_or_path)!r}; expected one of {known}")
     if not path.exists():
         raise SpecError(f"model spec {path} does not exist")
+    data = _read_yaml(path)
+    try:
+        return ModelSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_describe(exc, str(path))) from None
+
+
+class NBATraining(_Strict):
+    """How uplift models are trained, evaluated and gated (``models/next_best_action.yaml``)."""
+
+    name: str = Field(default="next_best_action", min_length=1)
+    description: str = ""
+    feature_service: str = Field(default="nba_v1", min_length=1)
+    learner: Literal["t", "x", "dr"] = "x"
+    params: dict[str, Any] = Field(default_factory=dict)
+    train_fraction: float = Field(default=0.7, gt=0, lt=1)
+    n_boot: int = Field(default=300, ge=0)
+    seed: int = 42
+    #: Apply contact caps when evaluating policies (eligibility rules always apply).
+    evaluate_with_contact_policy: bool = False
+    min_test_rows: int = Field(default=500, ge=0)
+    #: A challenger's DR value may trail the champion's (same test rows) by at most this.
+    max_value_drop: float = Field(default=0.0, ge=0)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data: Any = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise SpecError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path} must hold a mapping")
+    return data
+
+
+def load_nba_training(models_dir: str | Path | None = None) -> NBATraining:
+    """Read ``next_best_action.yaml`` from ``models_dir`` (defaults if there is none).
+
+    A project from before that file existed kept these settings as the
+    ``training:`` section of ``actions.yaml``: it is still read, with a
+    :class:`DeprecationWarning`.
+
+    Examples
+    --------
+    >>> load_nba_training("models").learner  # doctest: +SKIP
+    'x'
+    """
+    folder = Path(models_dir or "models")
+    path = folder / NBA_SPEC_FILE
+    if path.exists():
+        data, source = _read_yaml(path), str(path)
+    else:
+        legacy = folder / _CATALOG_FILE
+        data = (_read_yaml(legacy).get("training") or {}) if legacy.exists() else {}
+        source = f"{legacy} (training:)"
+        if data:
+            warnings.warn(
+                f"{legacy}: the 'training:' section is deprecated; move it to {path}",
+                DeprecationWarning,
+                stacklevel=2,
+            )
     try:
-        return ModelSpec.model_validate(data)
+        return NBATraining.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(_describe(exc, str(path))) from None
+        raise SpecError(_describe(exc, source)) from None

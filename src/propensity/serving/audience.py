@@ -9,93 +9,22 @@ versions, snapshot), and each audience is a mask, a sort and a slice.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from propensity.config import Settings
 from propensity.models.arbitration import COMPARISONS
+from propensity.pipeline.dataset import latest_snapshot
 from propensity.progress import ProgressCallback, report
-from propensity.serving.champions import ModelSource, RegistrySource, load_champions
 from propensity.serving.schemas import AudienceRequest, canonical_field
-from propensity.serving.scorer import NBA, ModelBundle, NBAPolicy, Scorer
+from propensity.serving.scorer import ModelBundle, NBAPolicy, Scorer
 
-__all__ = ["latest_snapshot", "score_frame", "snapshot_scores", "select_audience", "score_all"]
+__all__ = ["latest_snapshot", "score_frame", "snapshot_scores", "select_audience"]
 
 _NBA_CHUNK = 200_000
-
-
-def latest_snapshot(
-    settings: Settings, feature_names: list[str]
-) -> tuple[pd.Timestamp, pd.DataFrame]:
-    """Features of every customer at the latest snapshot in the offline feature tables.
-
-    On-demand features are computed as offline training computes them (the
-    request time is the snapshot time).
-
-    Returns
-    -------
-    snapshot : Timestamp
-    frame : DataFrame
-        ``customer_id`` then ``feature_names`` (float64), one row per customer.
-
-    Examples
-    --------
-    >>> when, frame = latest_snapshot(settings, ["sessions_7d"])  # doctest: +SKIP
-    """
-    from propensity.features.definitions import FEATURES, request_features
-    from propensity.features.snapshots import TIMESTAMP, feature_table_path
-
-    view_of = {f.name: f.view for f in FEATURES}
-    wanted = list(feature_names)
-    needs_last = "days_since_last_seen" in wanted
-    base = [n for n in wanted if n != "days_since_last_seen"]
-    if needs_last and "last_event_epoch" not in base:
-        base.append("last_event_epoch")
-    unknown = [n for n in base if n not in view_of]
-    if unknown:
-        raise ValueError(f"features {unknown} are not defined in the feature registry")
-    features_dir = settings.path(settings.features_dir)
-    by_view: dict[str, list[str]] = {}
-    for name in base:
-        by_view.setdefault(view_of[name], []).append(name)
-    latest = None
-    tables = {}
-    for view, names in by_view.items():
-        path = feature_table_path(features_dir, view)
-        if not path.exists():
-            raise LookupError(f"feature table missing: {path}; build features first")
-        table = pq.read_table(path, columns=["customer_id", TIMESTAMP, *names])
-        tables[view] = table
-        top = pc.max(table[TIMESTAMP]).as_py()
-        latest = top if latest is None or (top is not None and top > latest) else latest
-    if latest is None:
-        raise LookupError(f"the feature tables under {features_dir} are empty")
-    frame: pd.DataFrame | None = None
-    for table in tables.values():
-        rows = table.filter(pc.equal(table[TIMESTAMP], pa.scalar(latest, table[TIMESTAMP].type)))
-        part = rows.drop_columns([TIMESTAMP]).to_pandas()
-        frame = part if frame is None else frame.merge(part, on="customer_id", how="outer")
-    assert frame is not None
-    snapshot = pd.Timestamp(latest)
-    snapshot = snapshot.tz_localize("UTC") if snapshot.tzinfo is None else snapshot
-    if needs_last:
-        seconds = snapshot.timestamp()
-        last = frame["last_event_epoch"].to_numpy(np.float64)
-        values = request_features(
-            {"request_time": [seconds] * len(frame), "last_event_epoch": last.tolist()}
-        )
-        frame["days_since_last_seen"] = np.array(values["days_since_last_seen"], dtype=np.float64)
-    out = frame[["customer_id", *wanted]].copy()
-    out[wanted] = out[wanted].astype(np.float64)
-    return snapshot, out.sort_values("customer_id", kind="stable").reset_index(drop=True)
 
 
 def score_frame(
@@ -251,63 +180,4 @@ def select_audience(scores: Mapping[str, Any], request: AudienceRequest) -> dict
         "model_versions": scores["model_versions"],
         "matched": int(mask.sum()),
         "customers": members,
-    }
-
-
-def score_all(
-    settings: Settings,
-    out: str | Path,
-    progress: ProgressCallback | None = None,
-    *,
-    source: ModelSource | None = None,
-) -> dict[str, Any]:
-    """Score every customer of the latest snapshot with the champions; write Parquet.
-
-    The file holds ``customer_id``, ``churn``, ``purchase_propensity``,
-    ``action``, ``expected_value``; its metadata records the snapshot and the
-    model versions.
-
-    Parameters
-    ----------
-    settings : Settings
-    out : path
-        Output Parquet file.
-    progress : callable, optional
-    source : ModelSource, optional
-        Where the champions come from; default the project's MLflow registry.
-
-    Returns
-    -------
-    dict
-        ``rows``, ``snapshot``, ``model_versions``, ``seconds`` and ``path``.
-
-    Examples
-    --------
-    >>> score_all(load_settings(), "data/scores.parquet")["rows"]  # doctest: +SKIP
-    20000
-    """
-    began = time.perf_counter()
-    champions = load_champions(source or RegistrySource(settings.tracking_uri))
-    snapshot, frame = latest_snapshot(settings, champions.feature_names)
-    report(progress, "bulk scoring", 0, 3)
-    table = score_frame(frame, champions.churn, champions.purchase, champions.policy, progress)
-    versions = {name: str(v) for name, v in champions.versions.items() if v is not None}
-    arrow = pa.Table.from_pandas(table, preserve_index=False)
-    meta = {
-        b"snapshot": snapshot.isoformat().encode(),
-        b"model_versions": repr(sorted(versions.items())).encode(),
-    }
-    arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), **meta})
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(arrow, tmp)
-    tmp.replace(path)
-    return {
-        "rows": len(table),
-        "snapshot": snapshot.isoformat(),
-        "model_versions": versions,
-        "seconds": time.perf_counter() - began,
-        "path": str(path),
-        "nba": NBA in versions,
     }

@@ -23,6 +23,7 @@ from propensity.models.arbitration import (
     ArbitrationPlan,
     ContactState,
     arbitrate,
+    catalog_features,
     load_catalog,
 )
 from propensity.serving.scorer import MULTI_THREAD_ROWS, predict_rows
@@ -47,25 +48,6 @@ class MatrixUpliftModel(UpliftModel, Protocol):
     """
 
     def uplift_matrix(self, X: np.ndarray, num_threads: int = 1) -> np.ndarray: ...
-
-
-def catalog_features(catalog: ActionCatalog) -> list[str]:
-    """Feature columns the catalog's eligibility rules and contact policy read.
-
-    Examples
-    --------
-    >>> catalog_features(load_catalog("models/actions.yaml"))[:2]  # doctest: +SKIP
-    ['exposures_7d', 'exposures_30d']
-    """
-    policy = catalog.contact_policy
-    names = [
-        policy.contacts_7d_feature,
-        policy.contacts_30d_feature,
-        policy.days_since_last_feature,
-    ]
-    for spec in catalog.actions.values():
-        names += [rule.feature for rule in spec.eligibility]
-    return list(dict.fromkeys(names))
 
 
 class ArbitrationPolicy:

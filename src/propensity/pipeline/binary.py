@@ -1,9 +1,11 @@
 """Train, evaluate, log and promote a propensity model (churn, purchase).
 
-``spec → cutoffs → entity frame → training frame (Feast) → time split → fit →
-evaluate (model, baselines, oracle) → MLflow run → registered version → gates →
-champion alias``. Every step is a function of the lake, the feature store and the
-spec, so a run is reproducible from what MLflow records.
+``spec → dataset (cutoffs → entity frame → Feast features → time split;
+:func:`~propensity.pipeline.dataset.propensity_dataset`) → fit → evaluate (model,
+baselines, oracle) → MLflow run → registered version → gates → the one promotion
+rule`` (:func:`~propensity.pipeline.gates.settle`). Every step is a function of the
+lake, the feature store and the spec, so a run is reproducible from what MLflow
+records.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import hashlib
 import json
 import tempfile
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,57 +25,17 @@ import pyarrow.parquet as pq
 from propensity import evaluation as ev
 from propensity import registry
 from propensity.config import Settings
-from propensity.events.lake import MANIFEST_NAME, EventLake
-from propensity.labels import choose_cutoffs, data_window, entity_frame
+from propensity.events.lake import MANIFEST_NAME
 from propensity.models.baselines import LogisticBaseline, RecencyRule
 from propensity.models.pipeline import CalibratedBooster
-from propensity.models.spec import Gates, ModelSpec, SplitSpec, load_spec
+from propensity.models.spec import ModelSpec, load_spec
+from propensity.pipeline.dataset import TimeSplit, propensity_dataset
+from propensity.pipeline.gates import GateResult, propensity_checks, settle
 from propensity.progress import ProgressCallback, report
 
-__all__ = [
-    "GateDecision",
-    "TimeSplit",
-    "TrainingResult",
-    "evaluate_gates",
-    "split_cutoffs",
-    "train_model",
-    "train_all",
-    "promote",
-    "KEYS",
-    "ensure_snapshots",
-    "feature_adapter",
-    "training_frame",
-]
+__all__ = ["TrainingResult", "train_model"]
 
-#: Identify a training row: the customer and the cutoff.
-KEYS = ("customer_id", "event_timestamp")
 _STAGES = 8
-
-
-@dataclass(frozen=True)
-class TimeSplit:
-    """Cutoffs of each part of a time-based split (``purged`` were left out)."""
-
-    train: tuple[pd.Timestamp, ...]
-    validation: tuple[pd.Timestamp, ...]
-    test: tuple[pd.Timestamp, ...]
-    purged: tuple[pd.Timestamp, ...] = ()
-
-    def as_dict(self) -> dict[str, list[str]]:
-        """ISO dates of every part, for logging."""
-        parts = {"train": self.train, "validation": self.validation, "test": self.test}
-        parts["purged"] = self.purged
-        return {k: [str(c.date()) for c in v] for k, v in parts.items()}
-
-
-@dataclass(frozen=True)
-class GateDecision:
-    """Whether a challenger may become champion, and why."""
-
-    passed: bool
-    reasons: tuple[str, ...]
-    champion_version: int | None = None
-    champion_auc: float | None = None
 
 
 @dataclass
@@ -90,7 +51,7 @@ class TrainingResult:
     run_id: str
     version: int | None
     promoted: bool
-    gates: GateDecision
+    gates: GateResult
     split: TimeSplit
     rows: dict[str, int]
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -120,140 +81,14 @@ class TrainingResult:
                     f"  {name:<9} AUC {m[name]['roc_auc']:.4f}  PR-AUC {m[name]['pr_auc']:.4f}"
                     + (f"  ECE {m[name]['ece']:.4f}" if "ece" in m[name] else "")
                 )
-        lines += [f"  gate: {r}" for r in self.gates.reasons]
+        lines += [f"  gate: {c}" for c in self.gates.checks]
         return "\n".join(lines)
-
-
-def split_cutoffs(
-    cutoffs: Sequence[pd.Timestamp], split: SplitSpec, horizon_days: int
-) -> TimeSplit:
-    """Split cutoffs in time: train on the earliest, validate and test on the latest.
-
-    With ``split.purge`` a train or validation cutoff is kept only if its label
-    window closes by the first test cutoff: on the test date a model in production
-    could not know any later outcome, so the evaluation must not either.
-
-    Examples
-    --------
-    >>> cuts = list(pd.date_range("2024-01-01", periods=10, freq="7D", tz="UTC"))
-    >>> s = split_cutoffs(cuts, SplitSpec(n_cutoffs=10), 14)
-    >>> [len(s.train), len(s.validation), len(s.test), len(s.purged)]
-    [7, 1, 1, 1]
-    """
-    cuts = sorted(pd.Timestamp(c) for c in cutoffs)
-    horizon = pd.Timedelta(days=horizon_days)
-    test = cuts[-split.test_cutoffs :]
-    rest = cuts[: -split.test_cutoffs]
-    if split.purge:
-        rest = [c for c in rest if c + horizon <= test[0]]
-    validation = rest[-split.validation_cutoffs :]
-    train = rest[: -split.validation_cutoffs] if len(rest) > split.validation_cutoffs else []
-    if not train or len(validation) < split.validation_cutoffs:
-        raise ValueError(
-            f"{len(cuts)} cutoffs ({cuts[0].date()} .. {cuts[-1].date()}) leave "
-            f"{len(train)} train and {len(validation)} validation cutoffs with a "
-            f"{horizon_days}-day horizon; need more history or a larger split.n_cutoffs"
-        )
-    purged = tuple(c for c in cuts if c not in set(train) | set(validation) | set(test))
-    return TimeSplit(tuple(train), tuple(validation), tuple(test), purged)
-
-
-def evaluate_gates(
-    metrics: dict[str, float], gates: Gates, champion_auc: float | None = None
-) -> tuple[bool, list[str]]:
-    """Check a challenger's test metrics against the promotion gates.
-
-    Returns
-    -------
-    (passed, reasons)
-        ``reasons`` lists every check, passed or failed, in words.
-
-    Examples
-    --------
-    >>> evaluate_gates({"roc_auc": 0.8, "ece": 0.01, "rows": 5000}, Gates(), 0.803)[0]
-    True
-    """
-    checks = [
-        (metrics["rows"] >= gates.min_rows, f"test rows {metrics['rows']:.0f} >= {gates.min_rows}"),
-        (metrics["roc_auc"] >= gates.min_auc, f"AUC {metrics['roc_auc']:.4f} >= {gates.min_auc}"),
-        (metrics["ece"] <= gates.max_ece, f"ECE {metrics['ece']:.4f} <= {gates.max_ece}"),
-    ]
-    if champion_auc is not None:
-        floor = champion_auc - gates.max_auc_drop
-        checks.append(
-            (
-                metrics["roc_auc"] >= floor,
-                f"AUC {metrics['roc_auc']:.4f} >= champion {champion_auc:.4f} "
-                f"- {gates.max_auc_drop}",
-            )
-        )
-    return all(ok for ok, _ in checks), [("pass: " if ok else "FAIL: ") + t for ok, t in checks]
 
 
 def _resolve_spec(settings: Settings, spec: ModelSpec | str) -> ModelSpec:
     return (
         spec if isinstance(spec, ModelSpec) else load_spec(spec, settings.path(settings.models_dir))
     )
-
-
-def ensure_snapshots(settings: Settings, cutoffs: Sequence[pd.Timestamp]) -> list[pd.Timestamp]:
-    """Build feature snapshots that are missing at the cutoffs; return those built.
-
-    Feast joins each row to the latest snapshot at or before its timestamp, so a cutoff
-    off the snapshot grid would silently get days-old features.
-    """
-    from propensity.features.snapshots import build_features, feature_table_path
-
-    path = feature_table_path(settings.path(settings.features_dir), "session")
-    have: set[pd.Timestamp] = set()
-    if path.exists():
-        stamps = pq.read_table(path, columns=["event_timestamp"])["event_timestamp"]
-        have = {pd.Timestamp(t).tz_convert("UTC") for t in pd.unique(stamps.to_pandas())}
-    missing = sorted(set(cutoffs) - have)
-    if missing:
-        build_features(settings, missing)
-    return missing
-
-
-def feature_adapter(settings: Settings) -> Any:
-    """The project's Feast adapter with its repo applied (idempotent)."""
-    from propensity.features.store import FeatureStoreAdapter
-
-    adapter = FeatureStoreAdapter(settings)
-    if not (settings.path(settings.features_dir) / "feast_registry.db").exists():
-        adapter.apply()
-    return adapter
-
-
-def training_frame(
-    settings: Settings, spec: ModelSpec, entity: pd.DataFrame
-) -> tuple[pd.DataFrame, list[str]]:
-    """Point-in-time features of ``spec``'s service joined to ``entity`` rows, via Feast.
-
-    Returns the frame and the model's feature names (the service's features less
-    ``spec.exclude_features``).
-    """
-    adapter = feature_adapter(settings)
-    try:
-        names = list(adapter.service_features(spec.feature_service))
-        frame = adapter.historical(entity, spec.feature_service)
-    except Exception as exc:  # a stale registry misses a new service: apply once, retry
-        if "not found" not in str(exc).lower() and "FeatureService" not in type(exc).__name__:
-            raise
-        adapter.apply()
-        names = list(adapter.service_features(spec.feature_service))
-        frame = adapter.historical(entity, spec.feature_service)
-    unknown = sorted(set(spec.exclude_features) - set(names))
-    if unknown:
-        raise ValueError(
-            f"exclude_features {unknown} of spec {spec.name} are not in {spec.feature_service}"
-        )
-    names = [n for n in names if n not in set(spec.exclude_features)]
-    bad = [n for n in names if not pd.api.types.is_numeric_dtype(frame[n])]
-    if bad:
-        raise TypeError(f"feature service {spec.feature_service} returned non-numeric {bad}")
-    frame[names] = frame[names].astype("float64")
-    return frame, names
 
 
 def _fingerprint(frame: pd.DataFrame) -> str:
@@ -354,7 +189,7 @@ def train_model(
     horizon_days: int | None = None,
     truth_dir: str | Path | None = None,
     progress: ProgressCallback | None = None,
-    auto_promote: bool = True,
+    promote: bool = True,
 ) -> TrainingResult:
     """Train one propensity model end to end and log it to MLflow.
 
@@ -374,8 +209,10 @@ def train_model(
         probabilities (the oracle) and the gap is reported.
     progress : callable, optional
         ``progress(description, completed, total)`` after each stage.
-    auto_promote : bool
-        Move the ``champion`` alias when the gates pass.
+    promote : bool
+        Move the ``champion`` alias when the gates pass (see
+        :func:`~propensity.pipeline.gates.settle`); otherwise a passing version stays
+        ``pending`` for the caller to decide.
 
     Returns
     -------
@@ -390,25 +227,10 @@ def train_model(
     horizon = spec.label.horizon_days
     step = iter(range(1, _STAGES + 1))
     report(progress, f"{spec.name}: labels", next(step), _STAGES)
-    lake = EventLake(settings.path(settings.lake_dir))
-    cutoffs = choose_cutoffs(data_window(lake), horizon, spec.split, as_of=as_of)
-    split = split_cutoffs(cutoffs, spec.split, horizon)
-    used = [*split.train, *split.validation, *split.test]
-    entity = entity_frame(lake, used, spec.label, spec.population)
-
     report(progress, f"{spec.name}: features", next(step), _STAGES)
-    built = ensure_snapshots(settings, used)
-    frame, features = training_frame(settings, spec, entity)
-    parts = {
-        name: frame[frame["event_timestamp"].isin(list(cuts))].reset_index(drop=True)
-        for name, cuts in (
-            ("train", split.train),
-            ("validation", split.validation),
-            ("test", split.test),
-        )
-    }
-    rows = {k: len(v) for k, v in parts.items()}
-    train, val, test = parts["train"], parts["validation"], parts["test"]
+    data = propensity_dataset(settings, spec, as_of)
+    frame, features, split, rows = data.frame, data.features, data.split, data.rows
+    train, val, test = data.train, data.validation, data.test
 
     report(progress, f"{spec.name}: fit", next(step), _STAGES)
     model = CalibratedBooster(
@@ -443,8 +265,10 @@ def train_model(
 
     report(progress, f"{spec.name}: gates", next(step), _STAGES)
     champion, champion_auc = _champion_auc(settings, spec.name, test)
-    passed, reasons = evaluate_gates(metrics["model"], spec.gates, champion_auc)
-    gates = GateDecision(passed, tuple(reasons), champion, champion_auc)
+    gates = GateResult(
+        propensity_checks(metrics["model"], spec.gates, champion_auc), champion, champion_auc
+    )
+    passed = gates.passed
 
     report(progress, f"{spec.name}: log to MLflow", next(step), _STAGES)
     manifest = settings.path(settings.lake_dir) / MANIFEST_NAME
@@ -458,7 +282,7 @@ def train_model(
         "git_commit": registry.git_commit(settings.root) or "none",
         "seed": str(spec.seed),
         "cutoffs": json.dumps(split.as_dict()),
-        "snapshots_built": ",".join(str(c.date()) for c in built),
+        "snapshots_built": ",".join(str(c.date()) for c in data.built),
         "gates_passed": str(passed),
         "oracle": oracle_note,
     }
@@ -478,7 +302,7 @@ def train_model(
         (out / "report" / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (out / "report" / "spec.json").write_text(spec.model_dump_json(indent=2))
         (out / "report" / "gates.json").write_text(
-            json.dumps({"passed": passed, "checks": reasons})
+            json.dumps({"passed": passed, "checks": [str(c) for c in gates.checks]})
         )
         logged = registry.log_run(
             settings.tracking_uri,
@@ -494,12 +318,7 @@ def train_model(
         )
 
     report(progress, f"{spec.name}: promote", next(step), _STAGES)
-    promoted = bool(passed and auto_promote and logged.version is not None)
-    if promoted and logged.version is not None:
-        registry.set_champion(settings.tracking_uri, spec.name, logged.version)
-    elif not passed and logged.version is not None:
-        failed = "; ".join(r for r in reasons if r.startswith("FAIL"))
-        registry.set_status(settings.tracking_uri, spec.name, logged.version, "rejected", failed)
+    promoted = settle(settings, spec.name, logged.version, gates.checks, promote=promote)
     return TrainingResult(
         model=spec.name,
         run_id=logged.run_id,
@@ -513,40 +332,3 @@ def train_model(
         best_iteration=model.best_iteration_,
         feature_names=features,
     )
-
-
-def train_all(
-    settings: Settings,
-    *,
-    as_of: str | pd.Timestamp | None = None,
-    horizon_days: int | None = None,
-    truth_dir: str | Path | None = None,
-    progress: ProgressCallback | None = None,
-) -> dict[str, TrainingResult]:
-    """Train every propensity model (churn, purchase_propensity) with the same options.
-
-    Examples
-    --------
-    >>> results = train_all(load_settings())  # doctest: +SKIP
-    """
-    return {
-        name: train_model(
-            settings,
-            name,
-            as_of=as_of,
-            horizon_days=horizon_days,
-            truth_dir=truth_dir,
-            progress=progress,
-        )
-        for name in ("churn", "purchase_propensity")
-    }
-
-
-def promote(settings: Settings, model: str, version: int) -> None:
-    """Make ``version`` the champion of ``model`` by hand (bypasses the gates).
-
-    Examples
-    --------
-    >>> promote(load_settings(), "churn", 3)  # doctest: +SKIP
-    """
-    registry.set_champion(settings.tracking_uri, model, version)
