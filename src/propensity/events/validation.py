@@ -16,10 +16,12 @@ or ends with whitespace (or a control character) is rejected (rule
 Integers in a text field (Parquet, JSON) are read as their decimal text; any
 other non-text type there is ``wrong_type``.
 
-Time: text timestamps must have the shape ``YYYY-MM-DD`` optionally followed
-by ``[T ]HH:MM[:SS[.fraction]]`` and ``Z`` or an offset ``±HH[:MM]`` (at most
-14 hours); DuckDB's own parser alone also takes ``epoch``, ``infinity``, zone
-names and one-digit months. Text and naive timestamps are read in
+Time: without a ``timestamp_format``, text timestamps must have the shape
+``YYYY-MM-DD`` optionally followed by ``[T ]HH:MM[:SS[.fraction]]`` and ``Z``
+or an offset ``±HH[:MM]`` (at most 14 hours); a format given (strptime codes,
+``epoch_s``, ``epoch_ms``) replaces that rule (see
+:mod:`propensity.events.timestamps`), and the quarantine record's ``reason``
+names the format expected. Text and naive timestamps are read in
 ``timezone``; values carrying an offset or an aware Arrow type are converted
 to UTC. Times before 1970-01-01 UTC are implausible for behavioral events.
 
@@ -30,7 +32,8 @@ Their ``order_id`` is derived from the row's content.
 
 Rows without an ``event_id`` get one derived from their canonical content
 (an MD5 hex digest), so identical rows share an id and re-ingesting a file is
-a no-op.
+a no-op. With ``keep_identical_rows`` the source row number enters the
+derived ids (``order_id`` too), so identical rows of a file stay apart.
 """
 
 from __future__ import annotations
