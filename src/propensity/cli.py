@@ -97,6 +97,20 @@ def ingest(
     consent: Annotated[
         Path | None, typer.Option(help="File of customers who withdrew consent.")
     ] = None,
+    timestamp_format: Annotated[
+        str | None,
+        typer.Option(
+            help="How timestamps are written: strptime codes (%Y%m%d, '%d/%m/%Y %H:%M') "
+            "or epoch_s / epoch_ms (also for numeric columns). Default: ISO 8601."
+        ),
+    ] = None,
+    keep_identical_rows: Annotated[
+        bool,
+        typer.Option(
+            help="Keep identical rows of a file apart (their row number enters the derived id) "
+            "instead of storing them once."
+        ),
+    ] = False,
     config: ConfigOption = None,
 ) -> None:
     """Validate event files and add them to the event lake."""
@@ -118,6 +132,8 @@ def ingest(
                 consent_file=consent,
                 suppression=suppression_list(settings),
                 timezone=settings.timezone,
+                timestamp_format=timestamp_format,
+                keep_identical_rows=keep_identical_rows,
                 progress=progress,
             )
     except IngestError as exc:

@@ -30,6 +30,10 @@ from propensity.events.validation import RULES
 NOW = datetime(2024, 6, 1, tzinfo=UTC)
 STAMPS = [
     "2024-01-05",
+    "20240105",
+    "05/01/2024 10:00",
+    "1704448800",
+    "1704448800000",
     "2024-01-05T10:00:00Z",
     "2024-01-05 10:00:00.25+05:30",
     "2024-01-05T10:00-0800",
@@ -150,10 +154,16 @@ def _parquet(path: Path, data: list[dict[str, Any]], typed: dict[str, str]) -> N
     pq.write_table(pa.table(columns), path)
 
 
-def _check(source: Path, rows_in: int) -> None:
+#: Timestamp formats a run may be given: the ISO default, strptime codes, epoch units.
+FORMATS = [None, "%Y%m%d", "%d/%m/%Y %H:%M", "epoch_s", "epoch_ms"]
+
+
+def _check(source: Path, rows_in: int, fmt: str | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         lake = EventLake(Path(tmp) / "lake")
-        report = ingest([source], lake, Path(tmp) / "q", now=NOW, batch_rows=3)
+        report = ingest(
+            [source], lake, Path(tmp) / "q", now=NOW, batch_rows=3, timestamp_format=fmt
+        )
         quarantine = pq.read_table(report.quarantine_path).to_pylist() if report.quarantined else []
         stored = lake.read(["product_id"])["product_id"].tolist()
 
@@ -161,7 +171,7 @@ def _check(source: Path, rows_in: int) -> None:
     assert report.read == report.accepted + report.duplicates + report.quarantined
     assert (report.duplicates, report.consent_removed) == (0, 0)
     for record in quarantine:
-        assert record["field"] and record["rule"] in RULES, record
+        assert record["field"] and record["rule"] in RULES and record["reason"], record
         assert 1 <= record["row_number"] <= rows_in, record
     where = [int(p[1:]) for p in stored] + [r["row_number"] for r in quarantine]
     assert sorted(where) == list(range(1, rows_in + 1)), (stored, quarantine)
@@ -172,14 +182,15 @@ def _check(source: Path, rows_in: int) -> None:
     data=rows,
     kind=st.sampled_from(["csv", "jsonl"]),
     changes=st.lists(corruption, max_size=3),
+    fmt=st.sampled_from(FORMATS),
 )
 def test_every_text_row_lands_once_whatever_its_bytes(
-    data: list[dict[str, Any]], kind: str, changes: list[Any]
+    data: list[dict[str, Any]], kind: str, changes: list[Any], fmt: str | None
 ) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / f"events.{kind}"
         (_csv if kind == "csv" else _jsonl)(source, data, changes)
-        _check(source, len(data))
+        _check(source, len(data), fmt)
 
 
 @settings(max_examples=30, deadline=None)
@@ -192,11 +203,12 @@ def test_every_text_row_lands_once_whatever_its_bytes(
             "customer_id": st.sampled_from(["text", "float"]),
         }
     ),
+    fmt=st.sampled_from(FORMATS),
 )
 def test_every_parquet_row_lands_once_whatever_its_types(
-    data: list[dict[str, Any]], typed: dict[str, str]
+    data: list[dict[str, Any]], typed: dict[str, str], fmt: str | None
 ) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "events.parquet"
         _parquet(source, data, typed)
-        _check(source, len(data))
+        _check(source, len(data), fmt)

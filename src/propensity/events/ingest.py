@@ -52,6 +52,7 @@ from propensity.events._readers import (
 from propensity.events.lake import EventLake
 from propensity.events.schema import ARROW_SCHEMA
 from propensity.events.suppression import Screen, SuppressionList
+from propensity.events.timestamps import check_format, expected, guess_format
 from propensity.events.validation import (
     ORDER_TIME_COLUMNS,
     QUARANTINE_SCHEMA,
@@ -78,6 +79,8 @@ class FileCounts:
     quarantined: int = 0
     consent_removed: int = 0
     conflicts: int = 0
+    identical_rows: int = 0  # of duplicates: identical to an earlier row of this file
+    timestamp_failures: int = 0  # rows quarantined for their time field's format or type
 
 
 @dataclass
@@ -88,7 +91,11 @@ class IngestReport:
     overall and for every entry of ``files``; ``conflicts`` (an event_id
     seen again with other content) are among the quarantined rows, and
     ``already_quarantined`` counts quarantined rows whose record an earlier
-    run had stored (not written again).
+    run had stored (not written again). ``identical_rows`` are among the
+    duplicates: rows identical to an earlier row of the same file, merged into
+    it (a source without ``event_id``/``order_id`` gives them one derived id;
+    ``keep_identical_rows`` keeps them apart). ``hints`` suggest a
+    ``--timestamp-format`` for files most of whose timestamps were rejected.
     """
 
     read: int = 0
@@ -97,12 +104,14 @@ class IngestReport:
     quarantined: int = 0
     consent_removed: int = 0
     conflicts: int = 0
+    identical_rows: int = 0
     already_quarantined: int = 0
     erased_from_lake: int = 0
     suppressed: int = 0  # of consent_removed: rows of customers on the suppression list
     quarantined_by_reason: dict[str, int] = field(default_factory=dict)
     quarantine_path: Path | None = None
     files: dict[str, FileCounts] = field(default_factory=dict)
+    hints: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """Plain-text summary, one line per file and a total.
@@ -135,6 +144,11 @@ class IngestReport:
         notes = [f"quarantined {r}: {n:,}" for r, n in sorted(self.quarantined_by_reason.items())]
         if self.conflicts:
             notes.append(f"conflicts (event_id seen with other content): {self.conflicts:,}")
+        if self.identical_rows:
+            notes.append(
+                f"of duplicates, identical rows merged within a file: {self.identical_rows:,} "
+                "(give an order_id or event_id, or use --keep-identical-rows, to keep them)"
+            )
         if self.already_quarantined:
             notes.append(
                 f"already in the quarantine, not stored again: {self.already_quarantined:,}"
@@ -145,7 +159,7 @@ class IngestReport:
             notes.append(f"dropped (customers erased earlier): {self.suppressed:,}")
         if self.quarantine_path is not None:
             notes.append(f"quarantine: {self.quarantine_path}")
-        return notes
+        return notes + [f"hint: {hint}" for hint in self.hints]
 
     def to_rich(self) -> object:
         """The summary as a ``rich.table.Table`` for terminal display."""
@@ -333,6 +347,7 @@ def _conflict_records(conflicts: pa.Table, files: list[Path]) -> dict[int, pa.Ta
         records["rules"].append("event_id:conflicting_duplicate")
         records["raw"].append(json.dumps(row, default=str))
         records["source_sha256"].append(None)
+        records["reason"].append(RULES["conflicting_duplicate"])
     out = {}
     for index, records in by_file.items():
         records["source_file"] = [str(files[index])] * len(records["row_number"])
@@ -360,6 +375,8 @@ def ingest(
     consent_file: str | Path | None = None,
     suppression: SuppressionList | None = None,
     timezone: str = "UTC",
+    timestamp_format: str | None = None,
+    keep_identical_rows: bool = False,
     now: datetime | None = None,
     progress: ProgressCallback | None = None,
     batch_rows: int = BATCH_ROWS,
@@ -390,6 +407,16 @@ def ingest(
         passes none still applies it.
     timezone : str
         IANA zone in which naive timestamps are read.
+    timestamp_format : str, optional
+        How text timestamps are written, as strptime codes (``%Y%m%d``,
+        ``%d/%m/%Y %H:%M``), or ``epoch_s`` / ``epoch_ms`` for seconds or
+        milliseconds since 1970 (text or numeric columns). Default: ISO 8601.
+        When most timestamps of a file are rejected, ``hints`` of the report
+        suggests a format guessed from them.
+    keep_identical_rows : bool
+        Keep identical rows of a file apart (the source row number enters
+        their derived ids) instead of storing them once; re-ingesting the
+        same file still adds nothing.
     now : datetime, optional
         Reference time for rejecting future timestamps (default: the clock).
     progress : callable, optional
@@ -420,6 +447,7 @@ def ingest(
     store = lake if isinstance(lake, EventLake) else EventLake(Path(lake))
     mapping = dict(mapping or {})
     check_mapping(mapping)
+    check_format(timestamp_format)
     files = expand_paths([paths] if isinstance(paths, str | Path) else paths)
     text_columns = _text_columns(mapping)
     # Consent first, over all files: a consent value in the last file can
@@ -443,6 +471,7 @@ def ingest(
                 # JSON Lines has no header: a line lacking a field misses it.
                 declared = source_columns(path) is not None
                 seen: set[str] = set()
+                samples: list[str] = []
                 for batch in iter_source(path, text_columns, batch_rows=batch_rows):
                     if batch.table.num_rows:
                         seen.update(batch.table.column_names)
@@ -458,12 +487,15 @@ def ingest(
                             row_offset=batch.first_row,
                             unparsed=batch.problems,
                             columns_required=declared,
+                            timestamp_format=timestamp_format,
+                            keep_identical_rows=keep_identical_rows,
                         )
                     except IngestError as exc:
                         raise IngestError(f"{path}: {exc}") from None
                     counts.read += checked.read
                     counts.quarantined += checked.rejected.num_rows
                     counts.consent_removed += checked.consent_removed
+                    counts.timestamp_failures += _time_failures(checked.rejected, samples)
                     quarantine.write(path, checked.rejected)
                     valid = checked.valid
                     if valid.num_rows:
@@ -473,7 +505,12 @@ def ingest(
                 if seen and not declared:
                     # JSON Lines: its keys are only known once it is read.
                     _check_sources(path, mapping, seen - set(RESERVED_COLUMNS))
-            added = stage.commit(returning=[_FILE], progress=progress)
+                hint = _format_hint(path, counts, samples, timestamp_format)
+                if hint:
+                    result.hints.append(hint)
+            added = stage.commit(returning=[_FILE], progress=progress, repeats_within=_FILE)
+            for index, repeats in stage.repeats.items():
+                result.files[str(files[index])].identical_rows = repeats
             conflicts = stage.conflicts
         if conflicts is not None and conflicts.num_rows:
             for index, records in sorted(_conflict_records(conflicts, files).items()):
@@ -504,10 +541,44 @@ def ingest(
         result.quarantined += counts.quarantined
         result.consent_removed += counts.consent_removed
         result.conflicts += counts.conflicts
+        result.identical_rows += counts.identical_rows
     result.quarantined_by_reason = dict(quarantine.by_reason)
     result.suppressed = screen.rows
     result.already_quarantined = quarantine.already
     return result
+
+
+_TIME_FIELDS = frozenset({"event_timestamp", *ORDER_TIME_COLUMNS})
+_TIME_RULES = ("unparseable_timestamp", "wrong_type")
+_SAMPLE = 200
+
+
+def _time_failures(rejected: pa.Table, samples: list[str]) -> int:
+    """Rejected rows whose time field has the wrong format or type; keep a sample of values."""
+    if not rejected.num_rows:
+        return 0
+    mask = pc.and_(
+        pc.is_in(rejected.column("field"), pa.array(sorted(_TIME_FIELDS))),
+        pc.is_in(rejected.column("rule"), pa.array(_TIME_RULES)),
+    )
+    failed = rejected.filter(mask)
+    if len(samples) < _SAMPLE:
+        values = failed.column("value").slice(0, _SAMPLE - len(samples)).to_pylist()
+        samples.extend(v for v in values if v is not None)
+    return failed.num_rows
+
+
+def _format_hint(path: Path, counts: FileCounts, samples: list[str], fmt: str | None) -> str | None:
+    """A suggestion of ``--timestamp-format`` when most of a file's timestamps failed."""
+    if not counts.read or counts.timestamp_failures * 2 <= counts.read:
+        return None
+    failed = f"{path.name}: {counts.timestamp_failures:,} of {counts.read:,} timestamps rejected"
+    failed += f" ({expected(fmt)}, e.g. {samples[0]!r})" if samples else f" ({expected(fmt)})"
+    guesses = [g for g in guess_format(samples) if g != fmt]
+    if not guesses:
+        return f"{failed}; give their format with --timestamp-format (strptime codes)"
+    also = f" (or {', '.join(repr(g) for g in guesses[1:])})" if len(guesses) > 1 else ""
+    return f"{failed}; they look like --timestamp-format {guesses[0]!r}{also}"
 
 
 def _per_file(added: pa.Table) -> dict[int, int]:

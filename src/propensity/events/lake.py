@@ -470,6 +470,11 @@ class StagedAppend:
     one, else the first staged one) is a conflict: after :meth:`commit`,
     :attr:`conflicts` holds those rows (canonical and extra columns). Content
     is only compared for dropped rows, so rows that are new cost nothing more.
+
+    With ``repeats_within=column``, :attr:`repeats` then counts, by value of
+    that extra column, the dropped rows identical to an earlier staged row
+    with the same value (the same source file, say): same ``event_id``, same
+    content.
     """
 
     def __init__(self, lake: EventLake, folder: Path, manifest: dict[str, Any]) -> None:
@@ -481,6 +486,7 @@ class StagedAppend:
         self._committed = False
         self.rows_staged = 0
         self.conflicts: pa.Table | None = None
+        self.repeats: dict[Any, int] = {}
 
     def write(self, table: pa.Table) -> None:
         """Stage canonical events (plus extra columns, the same in every call).
@@ -542,6 +548,7 @@ class StagedAppend:
         self,
         returning: Sequence[str] | None = None,
         progress: Callable[[str, float, float], None] | None = None,
+        repeats_within: str | None = None,
     ) -> pa.Table:
         """Dedupe the staged rows, store the new ones, commit; return the rows added.
 
@@ -552,6 +559,9 @@ class StagedAppend:
             extra columns).
         progress : callable, optional
             Called as ``progress("store", months_done, months)``.
+        repeats_within : str, optional
+            An extra column: fill :attr:`repeats` with the identical repeats
+            of a row among the staged rows of the same value of it.
 
         Returns
         -------
@@ -575,6 +585,8 @@ class StagedAppend:
                 {n: pa.array([], pa.string() if n == "event_id" else pa.null()) for n in names}
             )
         unknown = [n for n in names if n not in side_schema.names]
+        if repeats_within is not None and repeats_within not in extra:
+            unknown.append(repeats_within)
         if unknown:
             raise ValueError(f"cannot return columns {unknown}: only {['event_id', *extra]}")
         months = [self._months[k] for k in sorted(self._months)]
@@ -582,7 +594,7 @@ class StagedAppend:
         conflicts: list[pa.Table] = []
         parts: list[tuple[Path, int, Any, Any]] = []
         with _connect() as con:
-            repeated = self._find_repeated(con, months)
+            repeated = self._find_repeated(con, months, repeats_within)
             for done, month in enumerate(months):
                 _report(progress, "store", done, len(months))
                 dropped, conflicting = self._dropped_rows(con, month, repeated)
@@ -592,6 +604,8 @@ class StagedAppend:
                 added.append(side.filter(keep) if len(dropped) else side)
                 if len(conflicting):
                     conflicts.append(_rows_of(month, conflicting, extra))
+                if repeated and repeats_within is not None:
+                    self._count_repeats(con, month, repeats_within, conflicting)
                 if not len(dropped):
                     parts.append(month.part.summary())
                 elif len(dropped) < month.part.rows:
@@ -606,13 +620,16 @@ class StagedAppend:
             return pa.schema([side_schema.field(n) for n in names]).empty_table()
         return pa.concat_tables(added)
 
-    def _find_repeated(self, con: duckdb.DuckDBPyConnection, months: list[_StagedMonth]) -> bool:
+    def _find_repeated(
+        self, con: duckdb.DuckDBPyConnection, months: list[_StagedMonth], within: str | None
+    ) -> bool:
         """Find staged rows repeating an earlier staged ``event_id``; True if any.
 
         Grouping by a 64-bit hash keeps the full pass cheap in memory; only
         rows whose hash repeats (real repeats and rare collisions) are then
         compared by their text ``event_id``. Table ``first_content`` then
-        holds the content of each repeated id's first row.
+        holds the content of each repeated id's first row; table ``repeated``
+        says of each repeat whether an earlier row has its value of ``within``.
         """
         if not months:
             return False
@@ -623,9 +640,13 @@ class StagedAppend:
         )
         if not con.execute("SELECT count(*) FROM repeated_hashes").fetchall()[0][0]:
             return False
+        group = "" if within is None else f", {_quote_ident(within)}"
+        same = "false"
+        if within is not None:
+            same = f"row_number() OVER (PARTITION BY event_id{group} ORDER BY {_SEQ}) > 1"
         con.execute(
-            f"CREATE TEMP TABLE repeated AS SELECT {_SEQ} FROM ("
-            f"SELECT event_id, {_SEQ} FROM {scan} "
+            f"CREATE TEMP TABLE repeated AS SELECT {_SEQ}, {same} AS same_group FROM ("
+            f"SELECT event_id, {_SEQ}{group} FROM {scan} "
             "WHERE hash(event_id) IN (SELECT h FROM repeated_hashes)) "
             f"QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY {_SEQ}) > 1"
         )
@@ -640,6 +661,28 @@ class StagedAppend:
             f"QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY {_SEQ}) = 1"
         )
         return True
+
+    def _count_repeats(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        month: _StagedMonth,
+        column: str,
+        conflicting: np.ndarray,
+    ) -> None:
+        """Add the month's identical repeats within each value of ``column`` to :attr:`repeats`."""
+        side = f"read_parquet({_quote(str(month.side_path))}, file_row_number=true)"
+        group = _quote_ident(column)
+        con.register(
+            "conflicting", pa.table({"file_row_number": pa.array(conflicting, pa.int64())})
+        )
+        rows = con.execute(
+            f"SELECT {group}, count(*) FROM {side} "
+            f"WHERE {_SEQ} IN (SELECT {_SEQ} FROM repeated WHERE same_group) "
+            "AND file_row_number NOT IN (SELECT file_row_number FROM conflicting) GROUP BY 1"
+        ).fetchall()
+        con.unregister("conflicting")
+        for value, n in rows:
+            self.repeats[value] = self.repeats.get(value, 0) + int(n)
 
     def _dropped_rows(
         self, con: duckdb.DuckDBPyConnection, month: _StagedMonth, repeated: bool

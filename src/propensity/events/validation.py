@@ -16,10 +16,12 @@ or ends with whitespace (or a control character) is rejected (rule
 Integers in a text field (Parquet, JSON) are read as their decimal text; any
 other non-text type there is ``wrong_type``.
 
-Time: text timestamps must have the shape ``YYYY-MM-DD`` optionally followed
-by ``[T ]HH:MM[:SS[.fraction]]`` and ``Z`` or an offset ``±HH[:MM]`` (at most
-14 hours); DuckDB's own parser alone also takes ``epoch``, ``infinity``, zone
-names and one-digit months. Text and naive timestamps are read in
+Time: without a ``timestamp_format``, text timestamps must have the shape
+``YYYY-MM-DD`` optionally followed by ``[T ]HH:MM[:SS[.fraction]]`` and ``Z``
+or an offset ``±HH[:MM]`` (at most 14 hours); a format given (strptime codes,
+``epoch_s``, ``epoch_ms``) replaces that rule (see
+:mod:`propensity.events.timestamps`), and the quarantine record's ``reason``
+names the format expected. Text and naive timestamps are read in
 ``timezone``; values carrying an offset or an aware Arrow type are converted
 to UTC. Times before 1970-01-01 UTC are implausible for behavioral events.
 
@@ -30,7 +32,8 @@ Their ``order_id`` is derived from the row's content.
 
 Rows without an ``event_id`` get one derived from their canonical content
 (an MD5 hex digest), so identical rows share an id and re-ingesting a file is
-a no-op.
+a no-op. With ``keep_identical_rows`` the source row number enters the
+derived ids (``order_id`` too), so identical rows of a file stay apart.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from propensity.events import timestamps
 from propensity.events._readers import FLAGS, SOURCE_ROW, IngestError, RowProblem
 from propensity.events.schema import ARROW_SCHEMA, EVENT_TYPES, NUMERIC_COLUMNS
 
@@ -74,8 +78,9 @@ RULES: dict[str, str] = {
         "(a float, boolean, list or object; integers are read as text ids)"
     ),
     "unparseable_timestamp": (
-        "the timestamp is not ISO 8601: YYYY-MM-DD, optionally followed by "
-        "[T ]HH:MM[:SS[.fraction]] and Z or an offset ±HH[:MM] of at most 14 hours"
+        "the timestamp does not have the expected format: the one given "
+        "(strptime codes, epoch_s or epoch_ms), else ISO 8601: YYYY-MM-DD, optionally "
+        "followed by [T ]HH:MM[:SS[.fraction]] and Z or an offset ±HH[:MM] of at most 14 hours"
     ),
     "implausible_timestamp": "the timestamp is before 1970-01-01 UTC or beyond the range of dates",
     "future_timestamp": "the timestamp is later than now (plus a small tolerance)",
@@ -103,6 +108,8 @@ QUARANTINE_SCHEMA = pa.schema(
         # Content hash of the source file: with row_number and rule it keys a
         # record, so re-ingesting a file does not quarantine its rows twice.
         ("source_sha256", pa.string()),
+        # The first rule in words; for a timestamp, the format that was expected.
+        ("reason", pa.string()),
     ]
 )
 
@@ -123,10 +130,10 @@ _STRING_COLUMNS = tuple(f.name for f in ARROW_SCHEMA if pa.types.is_string(f.typ
 _TRUE = ("true", "t", "yes", "y", "1", "1.0")
 _FALSE = ("false", "f", "no", "n", "0", "0.0")
 _POS = "__pos__"
+_SRC_ROW = "__source_row_number__"
 _CHUNK_ROWS = 2_000_000
 _OUT_SCHEMA = pa.schema([pa.field(f.name, f.type) for f in ARROW_SCHEMA])
 _WS = "' ' || chr(9) || chr(10) || chr(11) || chr(12) || chr(13)"
-_TIME = r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-](0\d|1[0-4])(:?[0-5]\d)?)?)?"
 _EARLIEST = f"TIMESTAMPTZ '{EARLIEST_TIMESTAMP.isoformat()}'"
 
 
@@ -304,29 +311,28 @@ def _consent(col: str, kind: str | None) -> str:
     return f"CASE WHEN {value} IN ({trues}) THEN true WHEN {value} IN ({falses}) THEN false END"
 
 
-def _time(col: str, kind: str | None, now_sql: str) -> tuple[list[str], list[tuple[str, str, str]]]:
+def _time(
+    col: str, kind: str | None, now_sql: str, fmt: str | None
+) -> tuple[list[str], list[tuple[str, str, str]]]:
     """Parsed items (``event_timestamp``, ``_has_time``) and rules of the time column."""
     q = _q(col)
-    pattern = _lit(_TIME)
+    value = "CAST(NULL AS TIMESTAMPTZ)"
     if kind == "text":
-        # The shape check first: DuckDB's parser also takes "epoch", "infinity",
-        # zone names, one-digit months and offsets beyond 14 hours.
-        value = (
-            f"CASE WHEN regexp_full_match({q}, {pattern}) THEN TRY_CAST({q} AS TIMESTAMPTZ) "
-            f"WHEN regexp_full_match(trim({q}, {_WS}), {pattern}) "
-            f"THEN TRY_CAST(trim({q}, {_WS}) AS TIMESTAMPTZ) END"
-        )
+        value = timestamps.text_sql(q, f"trim({q}, {_WS})", fmt)
+    elif kind in ("int", "float"):
+        value = timestamps.number_sql(q, kind, fmt) or value
     elif kind == "timestamp":
         # Aware values keep their instant; naive ones are read in the session zone.
         # TRY_: a second or millisecond value beyond DuckDB's range becomes null.
         value = f"TRY_CAST({q} AS TIMESTAMPTZ)"
     elif kind == "date":
         value = f"TRY_CAST(TRY_CAST({q} AS TIMESTAMP) AS TIMESTAMPTZ)"
-    else:
-        value = "CAST(NULL AS TIMESTAMPTZ)"
     parsed = [f"{value} AS event_timestamp", f"{_present(col, kind)} AS _has_time"]
     rules = [(col, "missing", "NOT _has_time")]
-    if kind == "text":
+    read_as_text = kind == "text" or (
+        kind in ("int", "float") and timestamps.number_sql(q, kind, fmt) is not None
+    )
+    if read_as_text:
         rules.append((col, "unparseable_timestamp", "_has_time AND event_timestamp IS NULL"))
         rules.append((col, "implausible_timestamp", f"event_timestamp < {_EARLIEST}"))
     elif kind in ("timestamp", "date"):
@@ -343,12 +349,26 @@ def _time(col: str, kind: str | None, now_sql: str) -> tuple[list[str], list[tup
     return parsed, rules
 
 
+def _time_reasons(col: str, kind: str | None, fmt: str | None) -> dict[tuple[str, str], str]:
+    """Reasons naming the expected format, for the time column's quarantine records."""
+    reasons = {(col, "unparseable_timestamp"): timestamps.expected(fmt)}
+    if kind in ("int", "float"):
+        if fmt is None:
+            hint = "a number needs --timestamp-format epoch_s or epoch_ms"
+        else:
+            hint = f"{fmt} reads text or integer digits, not a float"
+        reasons[(col, "wrong_type")] = f"{timestamps.expected(fmt)}; {hint}"
+    return reasons
+
+
 @dataclass
 class _Plan:
     parsed: list[str]  # "expr AS name" items of the parsing step
     rules: list[tuple[str, str, str]]  # (field, rule, condition) in reporting order
     used: set[str]  # source columns (after renaming) the plan reads
     order_key: str | None  # SQL for a derived order_id, orders-only mode
+    reasons: dict[tuple[str, str], str]  # (field, rule) -> reason, beyond RULES
+    row_in_id: bool = False  # derived ids include the source row number
 
 
 def _wrong_text(kind: str | None) -> bool:
@@ -408,7 +428,7 @@ def _numbers(
     return parsed, rules
 
 
-def _events_plan(kinds: Mapping[str, str], now_sql: str) -> _Plan:
+def _events_plan(kinds: Mapping[str, str], now_sql: str, fmt: str | None) -> _Plan:
     missing = [c for c in ("customer_id", "event_type", "event_timestamp") if c not in kinds]
     if missing:
         raise IngestError(
@@ -416,7 +436,7 @@ def _events_plan(kinds: Mapping[str, str], now_sql: str) -> _Plan:
             "(map source names with a column mapping)"
         )
     parsed, wrong = _text_fields(_STRING_COLUMNS, kinds)
-    time_items, time_rules = _time("event_timestamp", kinds["event_timestamp"], now_sql)
+    time_items, time_rules = _time("event_timestamp", kinds["event_timestamp"], now_sql, fmt)
     number_items, number_rules = _numbers(NUMERIC_COLUMNS, kinds)
     types = ", ".join(_lit(t) for t in EVENT_TYPES)
     rules = _customer_rules(kinds, wrong)
@@ -427,10 +447,11 @@ def _events_plan(kinds: Mapping[str, str], now_sql: str) -> _Plan:
     rules.append(("event_type", "unknown_event_type", f"event_type NOT IN ({types})"))
     rules += [*wrong.values(), *number_rules]
     used = {*_STRING_COLUMNS, "event_timestamp", *NUMERIC_COLUMNS} & set(kinds)
-    return _Plan([*parsed, *time_items, *number_items], rules, used, None)
+    reasons = _time_reasons("event_timestamp", kinds["event_timestamp"], fmt)
+    return _Plan([*parsed, *time_items, *number_items], rules, used, None, reasons)
 
 
-def _orders_plan(kinds: Mapping[str, str], now_sql: str) -> _Plan:
+def _orders_plan(kinds: Mapping[str, str], now_sql: str, fmt: str | None) -> _Plan:
     time_col = next((c for c in ORDER_TIME_COLUMNS if c in kinds), None)
     missing = [c for c in ("customer_id", "amount") if c not in kinds]
     if time_col is None:
@@ -443,7 +464,7 @@ def _orders_plan(kinds: Mapping[str, str], now_sql: str) -> _Plan:
     assert time_col is not None
     canonical_text = [c for c in _STRING_COLUMNS if c != "event_type"]
     parsed, wrong = _text_fields(canonical_text, kinds)
-    time_items, time_rules = _time(time_col, kinds[time_col], now_sql)
+    time_items, time_rules = _time(time_col, kinds[time_col], now_sql, fmt)
     parsed += ["'purchase' AS event_type", *time_items]
     parsed.append(f"{_number('amount', kinds['amount'])} AS amount")
     parsed.append(f"{_present('amount', kinds['amount'])} AS _has_amount")
@@ -470,7 +491,7 @@ def _orders_plan(kinds: Mapping[str, str], now_sql: str) -> _Plan:
         "CAST(amount AS VARCHAR), CAST(coalesce(_quantity, 1) AS VARCHAR))"
     )
     used = {*canonical_text, time_col, "amount", "quantity"} & set(kinds)
-    return _Plan(parsed, rules, used, key)
+    return _Plan(parsed, rules, used, key, _time_reasons(time_col, kinds[time_col], fmt))
 
 
 def _canonical_select(plan: _Plan) -> str:
@@ -482,14 +503,19 @@ def _canonical_select(plan: _Plan) -> str:
         elif plan.order_key is not None and name == "price":
             items.append("amount / coalesce(_quantity, 1) AS price")
         elif plan.order_key is not None and name == "order_id":
-            items.append(f"coalesce(order_id, 'O' || left(md5({plan.order_key}), 16)) AS order_id")
+            key = plan.order_key
+            if plan.row_in_id:
+                key = f"concat_ws(chr(31), {key}, CAST({_SRC_ROW} AS VARCHAR))"
+            items.append(f"coalesce(order_id, 'O' || left(md5({key}), 16)) AS order_id")
         elif name != "event_id":
             items.append(_q(name))
     return ", ".join(items)
 
 
-def _content_hash() -> str:
-    parts = []
+def _content_hash(row_in_id: bool) -> str:
+    # With the source row number in it, identical rows of a file get distinct
+    # ids that a re-ingest of the same file derives again.
+    parts = [f"CAST({_SRC_ROW} AS VARCHAR)"] if row_in_id else []
     for field in ARROW_SCHEMA:
         if field.name == "event_id":
             continue
@@ -521,19 +547,21 @@ def _build_sql(plan: _Plan, flags: bool, withdrawn: bool) -> str:
         where = (
             f"WHERE customer_id IS NULL OR {customer} NOT IN (SELECT customer_id FROM withdrawn)"
         )
+    carried = f"{FLAGS}, " if flags else ""
+    carried += f"{_SRC_ROW}, " if plan.row_in_id else ""
     return f"""
         WITH parsed AS (
-            SELECT {_POS}, {f"{FLAGS}, " if flags else ""}{", ".join(plan.parsed)}
+            SELECT {_POS}, {carried}{", ".join(plan.parsed)}
             FROM src
         ),
         canonical AS (
-            SELECT {_POS}, {_canonical_select(plan)},
+            SELECT {_POS}, {f"{_SRC_ROW}, " if plan.row_in_id else ""}{_canonical_select(plan)},
                    event_id AS _given_id,
                    CASE WHEN coalesce({any_bad}, false)
                         THEN concat_ws(';', {problems}) END AS _problems
             FROM parsed {where}
         )
-        SELECT coalesce(_given_id, {_content_hash()}) AS event_id, *
+        SELECT coalesce(_given_id, {_content_hash(plan.row_in_id)}) AS event_id, *
         FROM canonical
     """
 
@@ -573,6 +601,8 @@ def validate_events(
     row_offset: int = 0,
     unparsed: Sequence[RowProblem] = (),
     columns_required: bool = True,
+    timestamp_format: str | None = None,
+    keep_identical_rows: bool = False,
 ) -> ValidationResult:
     """Split a source table into canonical events and quarantine records.
 
@@ -604,6 +634,16 @@ def validate_events(
         Whether a required column absent from the table is an error (a file
         with a header or schema) or only makes every row miss it (JSON Lines,
         whose lines each name their own fields).
+    timestamp_format : str, optional
+        How text (and integer) timestamps are written: strptime codes such
+        as ``%Y%m%d``, or ``epoch_s`` / ``epoch_ms`` (also for numeric
+        columns). Default: ISO 8601 text only (see
+        :mod:`propensity.events.timestamps`).
+    keep_identical_rows : bool
+        Make the source row number part of derived ids (``event_id``, and
+        the derived ``order_id`` of orders-only rows), so identical rows of a
+        file are all kept; default: identical rows share an id and are
+        stored once.
 
     Returns
     -------
@@ -612,8 +652,8 @@ def validate_events(
     Raises
     ------
     IngestError
-        If required columns are absent, the mapping clashes or the time zone
-        is unknown.
+        If required columns are absent, the mapping clashes, the time zone
+        is unknown or the timestamp format is not usable.
 
     Examples
     --------
@@ -626,6 +666,7 @@ def validate_events(
     reference = (now or datetime.now(UTC)) + FUTURE_TOLERANCE
     if reference.tzinfo is None:
         raise ValueError("now must be timezone-aware")
+    timestamps.check_format(timestamp_format)
     reader_columns = {c: table.column(c) for c in (SOURCE_ROW, FLAGS) if c in table.column_names}
     table = table.drop_columns(list(reader_columns))
     unparsed_records, unparsed_removed = _unparsed_records(unparsed, source, withdrawn)
@@ -643,11 +684,14 @@ def validate_events(
     if not columns_required:
         for name in _absent_required(renamed.column_names, orders_only):
             renamed = renamed.append_column(name, pa.nulls(renamed.num_rows, pa.string()))
-    if _POS in renamed.column_names:
-        raise IngestError(f"column name {_POS} is reserved")
+    for reserved in (_POS, _SRC_ROW):
+        if reserved in renamed.column_names:
+            raise IngestError(f"column name {reserved} is reserved")
     now_sql = f"TIMESTAMPTZ {_lit(reference.astimezone(UTC).isoformat())}"
     kinds = _kinds(renamed)
-    plan = _orders_plan(kinds, now_sql) if orders_only else _events_plan(kinds, now_sql)
+    planner = _orders_plan if orders_only else _events_plan
+    plan = planner(kinds, now_sql, timestamp_format)
+    plan.row_in_id = keep_identical_rows
     has_consent = "consent" in kinds
     if has_consent:
         kind = kinds["consent"]
@@ -669,6 +713,8 @@ def validate_events(
     src = _prepared(renamed, plan.used, positions)
     if flags is not None:
         src = src.append_column(FLAGS, flags)
+    if keep_identical_rows:
+        src = src.append_column(_SRC_ROW, _row_numbers(positions, source_rows, row_offset))
     valid_parts, bad_parts, kept = [], [], 0
     # Chunks bound DuckDB's working memory on large files.
     for start in range(0, max(src.num_rows, 1), _CHUNK_ROWS):
@@ -699,6 +745,7 @@ def validate_events(
         back,
         source,
         _row_numbers(bad_rows.column(_POS), source_rows, row_offset),
+        plan.reasons,
     )
     if unparsed_records.num_rows:
         rejected = pa.concat_tables([rejected, unparsed_records]).sort_by("row_number")
@@ -734,6 +781,7 @@ def _quarantine_records(
     back: dict[str, str],
     source: str,
     row_numbers: pa.ChunkedArray | pa.Array,
+    reasons: Mapping[tuple[str, str], str],
 ) -> pa.Table:
     positions = bad.column(_POS).cast(pa.int64())
     raw_rows = _as_text_safe(table.take(positions)).to_pylist() if bad.num_rows else []
@@ -752,6 +800,7 @@ def _quarantine_records(
         records["rules"].append(problems)
         records["raw"].append(json.dumps(raw, default=str, sort_keys=False))
         records["source_sha256"].append(None)
+        records["reason"].append(reasons.get((field, rule), RULES.get(rule)))
     return pa.table(records, schema=QUARANTINE_SCHEMA)
 
 
@@ -794,6 +843,7 @@ def _unparsed_records(
         # A JSON string, not an object: the row has no fields to name.
         records["raw"].append(json.dumps(problem.text))
         records["source_sha256"].append(None)
+        records["reason"].append(RULES.get(problem.rule))
     return pa.table(records, schema=QUARANTINE_SCHEMA), removed
 
 
