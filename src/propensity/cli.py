@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 from typing import Annotated
@@ -11,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from propensity.config import ConfigError, Settings, load_settings
+from propensity.config import PROJECT_FILE, ConfigError, Settings, load_settings
 from propensity.progress import rich_progress
 
 __all__ = ["app"]
@@ -46,6 +48,18 @@ def _settings(config: Path | None) -> Settings:
         raise  # unreachable; keeps type checkers happy
 
 
+@contextlib.contextmanager
+def _needs_project(settings: Settings) -> Iterator[None]:
+    """Missing project parts (feature repo, lake, tables) end in one line with a hint."""
+    try:
+        yield
+    except (FileNotFoundError, LookupError) as exc:
+        hint = ""
+        if not (settings.root / PROJECT_FILE).exists():
+            hint = f" ({settings.root} holds no {PROJECT_FILE}: start one with `propensity init`)"
+        _fail(f"{exc}{hint}")
+
+
 def _fail(message: str, code: int = 2) -> None:
     # soft_wrap: one line however long, so scripts can grep it.
     console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
@@ -62,6 +76,23 @@ def _parse_mapping(pairs: list[str]) -> dict[str, str]:
             _fail(f"--map renames {source!r} twice: to {mapping[source]!r} and {target!r}")
         mapping[source] = target
     return mapping
+
+
+@app.command()
+def init(
+    folder: Annotated[Path, typer.Argument(help="The new project's folder (created if absent).")],
+) -> None:
+    """Start a project in FOLDER: propensity.yaml, model specs (models/), Feast repo."""
+    from propensity.project import Project
+
+    try:
+        project = Project.create(folder)
+    except (FileExistsError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    console.print(
+        f"created {project.root / PROJECT_FILE}, models/ and feature_repo/; next: "
+        f"propensity ingest FILE... --config {folder}, then propensity features build"
+    )
 
 
 @app.command()
@@ -156,7 +187,7 @@ def features_build(config: ConfigOption = None) -> None:
     from propensity.features.snapshots import build_features
 
     settings = _settings(config)
-    with console.status("building feature snapshots") as status:
+    with _needs_project(settings), console.status("building feature snapshots") as status:
         report = build_features(settings, progress=lambda message: status.update(message))
     console.print(
         f"{report.rows:,} rows over {len(report.snapshots)} snapshots "
@@ -169,8 +200,9 @@ def features_apply(config: ConfigOption = None) -> None:
     """Register the Feast feature repo (entities, views, services)."""
     from propensity.features.store import FeatureStoreAdapter
 
-    with console.status("feast apply"):
-        applied = FeatureStoreAdapter(_settings(config)).ensure_applied()
+    settings = _settings(config)
+    with _needs_project(settings), console.status("feast apply"):
+        applied = FeatureStoreAdapter(settings).ensure_applied()
     console.print("feature repo applied" if applied else "feature repo already up to date")
 
 
@@ -180,7 +212,7 @@ def features_materialize(config: ConfigOption = None) -> None:
     from propensity.features.store import FeatureStoreAdapter
 
     settings = _settings(config)
-    with rich_progress(console) as progress:
+    with _needs_project(settings), rich_progress(console) as progress:
         written = FeatureStoreAdapter(settings).materialize(progress=progress)
     for view in written:
         console.print(
