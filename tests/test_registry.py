@@ -128,3 +128,22 @@ def _pyfunc(uri: str, ref: str):  # type: ignore[no-untyped-def]
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return mlflow.pyfunc.load_model(ref)
+
+
+def test_a_missing_champion_says_why_and_how_to_promote(tmp_path, fitted):
+    model, X = fitted
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(registry.RegistryError, match="no version is registered yet"):
+        registry.load_estimator(uri, "churn")
+    assert "no version is registered yet" in registry.why_no_champion(uri, "churn")
+    run = registry.log_run(uri, "churn", estimator=model, input_example=X.head(3),
+                           register_as="churn")  # fmt: skip
+    assert run.version is not None
+    registry.set_status(uri, "churn", run.version, "rejected", "fail: AUC 0.61 >= 0.65")
+    message = f"version {run.version} is rejected \\(fail: AUC 0.61 >= 0.65\\)"
+    with pytest.raises(registry.RegistryError, match=message):
+        registry.load_estimator(uri, "churn")
+    with pytest.raises(
+        registry.RegistryError, match=f"propensity promote churn --version {run.version}"
+    ):
+        registry.version_info(uri, "churn")

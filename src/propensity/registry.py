@@ -43,6 +43,7 @@ __all__ = [
     "version_status",
     "abandon_pending",
     "champion_version",
+    "why_no_champion",
     "load_estimator",
     "version_info",
     "git_commit",
@@ -244,7 +245,40 @@ def _model_version(client: MlflowClient, model: str, version: int | str) -> Any:
             return client.get_model_version_by_alias(model, version)
         return client.get_model_version(model, str(version))
     except MlflowException as exc:
-        raise RegistryError(f"model {model!r} has no version or alias {version!r}") from exc
+        message = f"model {model!r} has no version or alias {version!r}"
+        if version == CHAMPION:
+            message = _why_no_champion(client, model)
+        raise RegistryError(message) from exc
+
+
+def why_no_champion(tracking_uri: str, model: str) -> str:
+    """Why ``model`` has no champion and what to do, in one sentence.
+
+    Examples
+    --------
+    >>> why_no_champion(settings.tracking_uri, "churn")  # doctest: +SKIP
+    "model 'churn' has no champion: its latest version 2 is rejected (fail: …); …"
+    """
+    with _tracking(tracking_uri) as client:
+        return _why_no_champion(client, model)
+
+
+def _why_no_champion(client: MlflowClient, model: str) -> str:
+    """Say why a model has no champion and what to do, from its latest version's status."""
+    try:
+        versions = list(client.search_model_versions(f"name = '{model}'"))
+    except MlflowException:
+        versions = []
+    if not versions:
+        return f"model {model!r} has no champion: no version is registered yet (train it first)"
+    latest = max(versions, key=lambda mv: int(mv.version))
+    status = latest.tags.get(STATUS_TAG, "registered")
+    reason = latest.tags.get(_REASON_TAG)
+    because = f" ({reason})" if reason else ""
+    return (
+        f"model {model!r} has no champion: its latest version {latest.version} is {status}"
+        f"{because}; to serve it anyway: propensity promote {model} --version {latest.version}"
+    )
 
 
 def set_champion(tracking_uri: str, model: str, version: int) -> None:

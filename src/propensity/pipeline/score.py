@@ -113,7 +113,7 @@ def _champions(settings: Settings) -> dict[str, tuple[int, Any]]:
     for name in REGISTERED_MODELS:
         version = registry.champion_version(settings.tracking_uri, name)
         if version is None and name != _NBA:
-            raise LookupError(f"model {name!r} has no champion version in the registry")
+            raise LookupError(registry.why_no_champion(settings.tracking_uri, name))
         if version is not None:
             found[name] = (version, registry.load_estimator(settings.tracking_uri, name, version))
     return found
