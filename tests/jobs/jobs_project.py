@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -95,3 +98,48 @@ def wait_for_stage(
         assert run.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() < deadline, f"the run never reached stage {stage!r}: {status}"
         time.sleep(0.05)
+
+
+MODELS = ("churn", "purchase_propensity", "next_best_action")
+
+
+def champion_versions(settings: Settings) -> dict[str, int | None]:
+    """The champion version of every registered model (None where there is none)."""
+    from propensity import registry
+
+    return {m: registry.champion_version(settings.tracking_uri, m) for m in MODELS}
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without PROPENSITY_* variables, for child processes."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PROPENSITY_")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def served_versions(url: str, customer: str) -> dict[str, str] | None:
+    """The model versions a live server answers with, or None while it cannot answer."""
+    try:
+        response = httpx.post(f"{url}/score", json={"customer_id": customer}, timeout=10)
+    except httpx.HTTPError:
+        return None
+    return response.json()["model_versions"] if response.status_code == 200 else None
+
+
+def wait_until_served(
+    url: str, server: subprocess.Popen, customer: str, expected: dict[str, str]
+) -> dict[str, str] | None:
+    """Poll ``/score`` (up to 120 s) until it names the ``expected`` versions; the last answer."""
+    served = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        served = served_versions(url, customer)
+        if served and all(served.get(m) == v for m, v in expected.items()):
+            break
+        assert server.poll() is None, "the server exited"
+        time.sleep(0.5)
+    return served

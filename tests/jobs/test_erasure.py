@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import sqlite3
 import stat
 import subprocess
@@ -23,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from jobs_project import Periods, drop, make_project
+from jobs_project import Periods, drop, free_port, make_project
 
 from propensity.config import OnlineStore, Settings
 from propensity.events.ingest import IngestError, ingest
@@ -199,16 +198,10 @@ def test_an_ingest_that_passes_no_list_still_applies_the_lakes(store, tmp_path):
         ingest([path], EventLake(lake_root), tmp_path / "q")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.redis
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
 def test_forget_removes_redis_rows(store, tmp_path: Path):
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         ["redis-server", "--port", str(port), "--save", "", "--dir", str(tmp_path)],
         stdout=subprocess.DEVNULL,

@@ -20,16 +20,23 @@ small data, in one shared project:
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 
-import httpx
 import pyarrow.parquet as pq
 import pytest
-from jobs_project import Periods, drop, make_project, wait_for_stage
+from jobs_project import (
+    MODELS,
+    Periods,
+    champion_versions,
+    clean_env,
+    drop,
+    free_port,
+    make_project,
+    wait_for_stage,
+    wait_until_served,
+)
 
 from propensity import registry
 from propensity.events.ingest import ingest
@@ -41,29 +48,12 @@ from propensity.pipeline.binary import train_model
 from propensity.pipeline.nba import train_nba
 from propensity.serving.process import stop, wait_ready
 
-MODELS = ("churn", "purchase_propensity", "next_best_action")
 pytestmark = pytest.mark.slow
-
-
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("PROPENSITY_")}
-
-
-def _champions(settings) -> dict[str, int | None]:  # type: ignore[no-untyped-def]
-    return {m: registry.champion_version(settings.tracking_uri, m) for m in MODELS}
 
 
 def _cli(settings, *args: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
     command = [sys.executable, "-m", "propensity.cli", *args, "--config", str(settings.root)]
-    return subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +90,7 @@ def test_quickstart_shape_has_every_champion_and_promote_accepts_short_names(pro
         done = _cli(settings, "promote", "nba", "--version", str(nba.version))
         assert done.returncode == 0, done.stdout + done.stderr
         assert "next_best_action version" in done.stdout
-    champions = _champions(settings)
+    champions = champion_versions(settings)
     assert None not in champions.values(), champions
     assert registry.version_status(settings.tracking_uri, "next_best_action", nba.version) == (
         "champion"
@@ -109,7 +99,7 @@ def test_quickstart_shape_has_every_champion_and_promote_accepts_short_names(pro
 
 def test_first_retrain_after_the_quickstart_trains_every_model(project):
     settings = project["settings"]
-    before = _champions(settings)
+    before = champion_versions(settings)
     result = retrain(settings)  # raised RetrainError (IndexError in NBA) before the fix
     assert result.status == "trained", result.summary()
     assert set(result.decisions) == set(MODELS)
@@ -119,16 +109,16 @@ def test_first_retrain_after_the_quickstart_trains_every_model(project):
         status = registry.version_status(settings.tracking_uri, name, decision.challenger_version)
         assert status == ("champion" if decision.promoted else "rejected"), (name, status)
         if not decision.promoted:
-            assert _champions(settings)[name] == before[name]
+            assert champion_versions(settings)[name] == before[name]
     assert retrain(settings).status == "up_to_date"
 
 
 def test_new_landing_data_is_promoted_and_served(project, periods):
     settings = project["settings"]
-    port = _free_port()
+    port = free_port()
     from propensity.serving.service import serve
 
-    server = serve(settings, port=port, wait=False, reload_seconds=1, env=_env())
+    server = serve(settings, port=port, wait=False, reload_seconds=1, env=clean_env())
     url = f"http://127.0.0.1:{port}"
     customer = periods.second["customer_id"][0].as_py()
     try:
@@ -138,15 +128,7 @@ def test_new_landing_data_is_promoted_and_served(project, periods):
         assert result.status == "trained" and result.ingested_files, result.summary()
         assert result.promoted, result.summary()
         expected = {m: str(result.decisions[m].champion_after) for m in result.promoted}
-        served: dict[str, str] | None = None
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            response = httpx.post(f"{url}/score", json={"customer_id": customer}, timeout=10)
-            served = response.json().get("model_versions") if response.is_success else None
-            if served and all(served.get(m) == v for m, v in expected.items()):
-                break
-            assert server.poll() is None, "the server exited"
-            time.sleep(0.5)
+        served = wait_until_served(url, server, customer, expected)
         assert served and all(served.get(m) == v for m, v in expected.items()), served
     finally:
         stop(server)
@@ -154,7 +136,7 @@ def test_new_landing_data_is_promoted_and_served(project, periods):
 
 def test_poison_landing_files_are_quarantined_and_the_run_completes(project):
     settings = project["settings"]
-    before = _champions(settings)
+    before = champion_versions(settings)
     landing = settings.path(settings.landing_dir)
     header = "customer_id,event_type,event_timestamp,price\n"
     (landing / "header-only.csv").write_text(header)
@@ -179,7 +161,7 @@ def test_poison_landing_files_are_quarantined_and_the_run_completes(project):
     reasons = list((settings.path(settings.quarantine_dir) / "files").glob("*garbage*.reason.txt"))
     assert reasons and "garbage.parquet" in reasons[0].read_text()
     assert not any(p.exists() for p in (landing / "all-bad.csv", landing / "header-only.csv"))
-    assert _champions(settings) == before
+    assert champion_versions(settings) == before
 
 
 def test_killed_run_leaves_no_undecided_challenger(project, tmp_path):
@@ -194,7 +176,7 @@ def test_killed_run_leaves_no_undecided_challenger(project, tmp_path):
     ]
     log = tmp_path / "run.log"
     with log.open("wb") as out:
-        run = subprocess.Popen(command, env=_env(), stdout=out, stderr=subprocess.STDOUT)
+        run = subprocess.Popen(command, env=clean_env(), stdout=out, stderr=subprocess.STDOUT)
     try:
         # Killed while training the last model: the others are registered, undecided.
         wait_for_stage(settings, run, f"train {MODELS[-1]}", log, timeout=300)

@@ -15,20 +15,26 @@ signal. The tests of this module share one project and run in file order:
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
-from jobs_project import Periods, drop, make_project, wait_for_stage
+from jobs_project import (
+    MODELS,
+    Periods,
+    champion_versions,
+    clean_env,
+    drop,
+    free_port,
+    make_project,
+    wait_for_stage,
+    wait_until_served,
+)
 
 from propensity import registry
-from propensity.config import Settings
 from propensity.events.lake import EventLake
 from propensity.jobs.lock import LockBusyError, job_dir
 from propensity.jobs.retrain import (
@@ -40,16 +46,7 @@ from propensity.jobs.retrain import (
 )
 from propensity.serving.process import stop
 
-MODELS = ("churn", "purchase_propensity", "next_best_action")
 pytestmark = pytest.mark.slow
-
-
-def _champions(settings: Settings) -> dict[str, int | None]:
-    return {m: registry.champion_version(settings.tracking_uri, m) for m in MODELS}
-
-
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("PROPENSITY_")}
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +66,7 @@ def test_first_run_ingests_trains_and_promotes(project, periods):
     assert not (landing / "events-period1.parquet").exists()
     assert (landing / "processed" / "events-period1.parquet").exists()
     assert set(first.decisions) == set(MODELS)
-    champions = _champions(settings)
+    champions = champion_versions(settings)
     for name in ("churn", "purchase_propensity"):
         decision = first.decisions[name]
         assert decision.promoted, decision.reasons
@@ -86,19 +83,19 @@ def test_first_run_ingests_trains_and_promotes(project, periods):
 
 def test_rerun_after_success_does_nothing(project):
     settings = project["settings"]
-    before = _champions(settings)
+    before = champion_versions(settings)
     versions = registry.version_info(settings.tracking_uri, "churn")["version"]
     started = time.perf_counter()
     again = retrain(settings)
     assert again.status == "up_to_date" and not again.decisions
     assert time.perf_counter() - started < 15  # no feature build, no training
-    assert _champions(settings) == before
+    assert champion_versions(settings) == before
     assert registry.version_info(settings.tracking_uri, "churn")["version"] == versions
 
 
 def test_corrupt_file_is_quarantined_and_champions_kept(project):
     settings = project["settings"]
-    before = _champions(settings)
+    before = champion_versions(settings)
     landing = settings.path(settings.landing_dir)
     (landing / "broken.parquet").write_bytes(b"PAR1 this is not parquet at all")
     result = retrain(settings)
@@ -108,41 +105,27 @@ def test_corrupt_file_is_quarantined_and_champions_kept(project):
     kept = list((settings.path(settings.quarantine_dir) / "files").glob("*broken.parquet*"))
     assert len(kept) == 2  # the file and its .reason.txt
     assert "broken.parquet" in next(p for p in kept if p.suffix == ".txt").read_text()
-    assert _champions(settings) == before
+    assert champion_versions(settings) == before
     assert result.status == "up_to_date"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _served_versions(url: str, customer: str) -> dict[str, str] | None:
-    try:
-        response = httpx.post(f"{url}/score", json={"customer_id": customer}, timeout=10)
-    except httpx.HTTPError:
-        return None
-    return response.json()["model_versions"] if response.status_code == 200 else None
 
 
 def test_killed_run_recovers_concurrent_run_refused_and_server_picks_up(project, periods, tmp_path):
     settings = project["settings"]
     lake = EventLake(settings.path(settings.lake_dir))
-    rows_before, before = lake.count(), _champions(settings)
+    rows_before, before = lake.count(), champion_versions(settings)
     drop(settings, periods.second, "events-period2.parquet")
 
     # Run A in a real subprocess, killed once it has ingested and built the features.
     log = tmp_path / "run_a.log"
     command = [sys.executable, "-m", "propensity.jobs.retrain", "--config", str(settings.root)]
     with log.open("wb") as out:
-        run_a = subprocess.Popen(command, env=_env(), stdout=out, stderr=subprocess.STDOUT)
+        run_a = subprocess.Popen(command, env=clean_env(), stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_for_stage(settings, run_a, "materialize", log)
         # A concurrent run B is refused at once and changes nothing.
         with pytest.raises(LockBusyError, match=f"pid {run_a.pid}"):
             retrain(settings)
-        busy = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=120)
+        busy = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=120)
         assert busy.returncode == 75 and "another retrain run is in progress" in busy.stderr
     finally:
         run_a.send_signal(signal.SIGKILL)
@@ -152,13 +135,13 @@ def test_killed_run_recovers_concurrent_run_refused_and_server_picks_up(project,
     # Killed after ingesting: the lake holds the second period, committed and readable.
     assert lake.count() == rows_before + periods.second.num_rows
     assert len(lake.read(["event_id"])) == lake.count()
-    assert _champions(settings) == before
+    assert champion_versions(settings) == before
 
     # A server is serving the first champions before the next run.
-    port = _free_port()
+    port = free_port()
     from propensity.serving.service import serve
 
-    server = serve(settings, port=port, wait=False, reload_seconds=1, env=_env())
+    server = serve(settings, port=port, wait=False, reload_seconds=1, env=clean_env())
     url = f"http://127.0.0.1:{port}"
     customer = periods.first["customer_id"][0].as_py()
     try:
@@ -175,14 +158,7 @@ def test_killed_run_recovers_concurrent_run_refused_and_server_picks_up(project,
         assert record["tags"]["promoted"] == ",".join(promoted)
 
         expected = {m: str(result.decisions[m].champion_after) for m in promoted}
-        deadline = time.monotonic() + 120
-        served = None
-        while time.monotonic() < deadline:
-            served = _served_versions(url, customer)
-            if served and all(served.get(m) == v for m, v in expected.items()):
-                break
-            assert server.poll() is None, "the server exited"
-            time.sleep(0.5)
+        served = wait_until_served(url, server, customer, expected)
         assert served and all(served.get(m) == v for m, v in expected.items()), served
     finally:
         stop(server)
@@ -192,14 +168,14 @@ def test_killed_run_recovers_concurrent_run_refused_and_server_picks_up(project,
 
 def test_drift_threshold_blocks_promotion(project):
     settings = project["settings"]
-    before = _champions(settings)
+    before = champion_versions(settings)
     policy = RetrainPolicy(models=("churn",), block_promotion_psi=1e-6)
     result = retrain(settings, policy=policy, force=True)
     decision = result.decisions["churn"]
     assert result.drift is not None and result.drift.max_score_psi > 1e-6
     assert decision.challenger_version is not None and not decision.promoted
     assert any(c.name == "drift" and not c.passed for c in decision.reasons)
-    assert _champions(settings) == before
+    assert champion_versions(settings) == before
     record = registry.find_records(settings.tracking_uri, RETRAIN_EXPERIMENT)[0]
     assert "kept" in record["tags"]["decision.churn"]
     assert "blocked: drift" in record["tags"]["decision.churn"]
@@ -229,7 +205,7 @@ def test_failure_is_recorded_raised_and_champions_kept(project):
     from propensity.jobs.retrain import RetrainError
 
     settings = project["settings"]
-    before = _champions(settings)
+    before = champion_versions(settings)
     state = (job_dir(settings) / STATE_FILE).read_text()
     spec = settings.path(settings.models_dir) / "churn.yaml"
     good = spec.read_text()
@@ -239,7 +215,7 @@ def test_failure_is_recorded_raised_and_champions_kept(project):
             retrain(settings, policy=RetrainPolicy(models=("churn",)))
     finally:
         spec.write_text(good)
-    assert _champions(settings) == before
+    assert champion_versions(settings) == before
     assert (job_dir(settings) / STATE_FILE).read_text() == state  # the next run redoes it
     record = registry.find_records(settings.tracking_uri, RETRAIN_EXPERIMENT)[0]
     assert record["tags"]["status"] == "failed"

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,7 +13,7 @@ from propensity.serving.process import stop, wait_ready
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from project import Project, build_project  # noqa: E402
+from project import Project, build_project, start_service  # noqa: E402
 
 API_KEY = "test-key-7c0ffee5ecret"
 #: The test server's deadline for receiving a request body (seconds).
@@ -25,12 +23,6 @@ BODY_TIMEOUT = 1.5
 @pytest.fixture(scope="session")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
     return build_project(tmp_path_factory.mktemp("serving") / "project")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -48,24 +40,16 @@ class Server:
 def server(project: Project, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The real BentoML service in a subprocess (one per test session: BentoML's metrics
     registry is per process)."""
-    port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROPENSITY_")}
-    env.update(
-        PROPENSITY_CONFIG=str(project.settings.root / "propensity.yaml"),
+    url, process = start_service(
+        project,
+        log,
+        tmp_path_factory.mktemp("bentoml_home"),
         PROPENSITY_SERVING__API_KEY=API_KEY,
         PROPENSITY_SERVING__RELOAD_SECONDS="0.5",
         PROPENSITY_SERVING__BATCH_LIMIT="50",
         PROPENSITY_SERVING__BODY_TIMEOUT_SECONDS=str(BODY_TIMEOUT),
-        BENTOML_HOME=str(tmp_path_factory.mktemp("bentoml_home")),
     )
-    command = [
-        sys.executable, "-m", "bentoml", "serve", "propensity.serving.service:Scoring",
-        "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     try:
         try:
             wait_ready(url, process, timeout=90)

@@ -8,6 +8,10 @@ real calibrated LightGBM models registered in MLflow on SQLite with the
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -197,3 +201,33 @@ def build_project(
         model = fit_nba(adapter.service_features("nba_v1"), seed=3, n_estimators=trees)
         versions["next_best_action"] = [register(settings, "next_best_action", model)]
     return Project(settings, ids, churn_features, purchase_features, versions)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_service(
+    project: Project, log: Path, bentoml_home: Path, **env: str
+) -> tuple[str, subprocess.Popen[bytes]]:
+    """``bentoml serve`` the project's service in a subprocess; its URL and process.
+
+    ``env`` adds ``PROPENSITY_*`` (or other) variables; the caller's own
+    ``PROPENSITY_*`` variables are dropped so only the project file and ``env`` count.
+    """
+    port = free_port()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PROPENSITY_")}
+    environ.update(
+        PROPENSITY_CONFIG=str(project.settings.root / "propensity.yaml"),
+        BENTOML_HOME=str(bentoml_home),
+        **env,
+    )
+    command = [
+        sys.executable, "-m", "bentoml", "serve", "propensity.serving.service:Scoring",
+        "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, env=environ, stdout=out, stderr=subprocess.STDOUT)
+    return f"http://127.0.0.1:{port}", process

@@ -11,15 +11,14 @@ import os
 import shutil
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import API_KEY, _free_port
-from project import Project
+from conftest import API_KEY
+from project import Project, start_service
 
 from propensity.config import OnlineStore
 from propensity.features.definitions import VIEWS
@@ -78,23 +77,15 @@ def test_empty_redis_store_is_not_ready_until_materialized(
     settings = project.settings.model_copy(
         update={"online_store": OnlineStore(kind="redis", redis_url=redis_url)}
     )
-    port = _free_port()
     log = tmp_path / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROPENSITY_")}
-    env.update(
-        PROPENSITY_CONFIG=str(project.settings.root / "propensity.yaml"),
+    url, process = start_service(
+        project,
+        log,
+        tmp_path / "bentoml_home",
         PROPENSITY_SERVING__API_KEY=API_KEY,
         PROPENSITY_ONLINE_STORE__KIND="redis",
         PROPENSITY_ONLINE_STORE__REDIS_URL=redis_url,
-        BENTOML_HOME=str(tmp_path / "bentoml_home"),
     )
-    command = [
-        sys.executable, "-m", "bentoml", "serve", "propensity.serving.service:Scoring",
-        "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     customer = project.customers[0]
     try:
         _wait_listening(url, process, log)

@@ -14,8 +14,8 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import API_KEY, Server, _free_port
-from project import OFFLINE_ONLY, SERVICES, Project, fit_model, register
+from conftest import API_KEY, Server
+from project import OFFLINE_ONLY, SERVICES, Project, fit_model, free_port, register
 
 from propensity.features.store import FeatureStoreAdapter
 from propensity.models.attribution import PathAttribution
@@ -298,7 +298,7 @@ def test_hot_reload_under_traffic(server: Server, project: Project) -> None:
 def test_serve_command_stops_its_server_on_sigterm(project: Project, tmp_path: Path) -> None:
     import psutil
 
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROPENSITY_")}
     env.update(
         PROPENSITY_CONFIG=str(project.settings.root / "propensity.yaml"),
@@ -330,7 +330,7 @@ def test_quickstart_scores_over_http_and_explains_stale_answers(project: Project
     from propensity.quickstart import _score_over_http
 
     console = Console(record=True, width=120)
-    answers = _score_over_http(project.settings, _free_port(), console)
+    answers = _score_over_http(project.settings, free_port(), console)
     assert [a["customer_id"] for a in answers] == project.customers[:3]
     assert all(a["stale"] for a in answers)  # the test snapshot is months old
     text = console.export_text()
@@ -346,7 +346,7 @@ def test_serve_refuses_an_empty_api_key(project: Project, tmp_path: Path, key: s
         PROPENSITY_SERVING__API_KEY=key,
         BENTOML_HOME=str(tmp_path / "bentoml_home"),
     )
-    command = [sys.executable, "-m", "propensity.cli", "serve", "--port", str(_free_port())]
+    command = [sys.executable, "-m", "propensity.cli", "serve", "--port", str(free_port())]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     output = " ".join((done.stdout + done.stderr).split())
@@ -356,7 +356,7 @@ def test_serve_refuses_an_empty_api_key(project: Project, tmp_path: Path, key: s
 
 def test_serve_keeps_secrets_off_disk_and_out_of_logs(project: Project, tmp_path: Path) -> None:
     password = "redis-pa55-" + os.urandom(4).hex()
-    port = _free_port()
+    port = free_port()
     temp = tmp_path / "tmp"
     temp.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROPENSITY_")}

@@ -62,6 +62,22 @@ _COLUMNS = ", ".join(f'"{f.name}"' for f in ARROW_SCHEMA)
 _CONTENT = "hash(" + ", ".join(f'"{f.name}"' for f in ARROW_SCHEMA if f.name != "event_id") + ")"
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created with its folder) while inside.
+
+    The kernel releases it when the holder dies, so a killed writer never leaves
+    a stale lock behind.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class EmptyLakeError(LookupError):
     """The lake holds no committed files yet."""
 
@@ -195,17 +211,8 @@ class EventLake:
 
     # -- writing -------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        # flock is released by the kernel when the holder dies, so a killed
-        # writer never leaves a stale lock behind.
-        with open(self.root / _LOCK_NAME, "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return exclusive_lock(self.root / _LOCK_NAME)
 
     def _commit(self, files: list[dict[str, Any]]) -> None:
         manifest = {

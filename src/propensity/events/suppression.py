@@ -22,13 +22,12 @@ file so that no plain digest stays on disk.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import secrets
 import stat
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from propensity.events._readers import IngestError
+from propensity.events.lake import exclusive_lock
 
 if TYPE_CHECKING:
     from propensity.config import Settings
@@ -239,15 +239,8 @@ class SuppressionList:
             os.replace(tmp, self.audit_path)
         return plain
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / _LOCK, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return exclusive_lock(self.folder / _LOCK)
 
     # -- matching ------------------------------------------------------------
 
