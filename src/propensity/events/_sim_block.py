@@ -6,11 +6,13 @@ over campaign waves and over the days of a label horizon.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import date
 
 import numpy as np
 
+from propensity.events import _sim_intent as intent
 from propensity.events import _sim_latent as lat
 from propensity.events.schema import EVENT_TYPES
 
@@ -56,6 +58,7 @@ class BlockSettings:
     eligibility_days: int
     truth_every: int
     product_prices: np.ndarray
+    cart_returns: bool = False
 
     @property
     def length(self) -> int:
@@ -72,7 +75,7 @@ class BlockResult:
     exposures: dict[str, np.ndarray]
     sessions: int = 0
     orders: int = 0
-    extra: dict[str, np.ndarray] = field(default_factory=dict)
+    abandonments: intent.Abandonments | None = None
 
 
 def _dormancy(hazard: np.ndarray, traits: lat.Traits, rows: np.ndarray) -> np.ndarray:
@@ -301,7 +304,8 @@ def _events(
     phase: np.ndarray,
     signed: np.ndarray,
     exposures: dict[str, np.ndarray],
-) -> tuple[dict[str, np.ndarray], int, int]:
+    intent_rng: np.random.Generator,
+) -> tuple[dict[str, np.ndarray], int, int, intent.Abandonments | None]:
     """Expand daily counts into event rows (columns of codes; strings come later)."""
     blocks: list[dict[str, np.ndarray]] = []
 
@@ -352,7 +356,8 @@ def _events(
     session_block("search", (rng.random(n_s) < 0.2).astype(np.int64), 5, 600)
     atc = np.where(converts, items, rng.random(n_s) < np.minimum(2.5 * p_buy, 0.9))
     atc = atc.astype(np.int64)
-    session_block("add_to_cart", atc, 900, 1_200)
+    cart = session_block("add_to_cart", atc, 900, 1_200)
+    cart_ts, cart_product = blocks[-1]["ts"], blocks[-1]["product"]
     session_block(
         "remove_from_cart", ((atc > 0) & (rng.random(n_s) < 0.1)).astype(int), 1_200, 1_500
     )
@@ -362,10 +367,17 @@ def _events(
     purchase = blocks[-1]
     order_rank = np.cumsum(converts) - 1
     purchase["order"] = order_rank[line]
-    level = np.exp(traits.value_level - 0.4 * traits.price_sensitivity)[s_cust[line]]
-    noise = np.exp(rng.normal(0.0, 0.1, line.size))
-    purchase["price"] = np.round(s.product_prices[purchase["product"]] * level * noise, 2)
-    purchase["quantity"] = (1 + rng.poisson(0.25, line.size)).astype(np.float64)
+    _price_lines(rng, s, traits, purchase, s_cust[line])
+    abandoned = None
+    n_orders = int(converts.sum())
+    if s.cart_returns:
+        abandoned = intent.abandonments(
+            intent_rng, cart, cart_ts, s_cust, p_buy, converts, s.days * 86_400 * 1_000_000
+        )
+        n_orders += _return_visits(
+            intent_rng, s, traits, abandoned, cart, cart_product, n_s, n_orders, add
+        )
+        n_s += int(abandoned.returned.sum())
     # Feature use: sessions touch features among the ones adopted so far.
     adopted = np.floor(paths.adoption[s_cust, s_day] + 0.5).astype(np.int64)
     fu = session_block("feature_use", rng.poisson(0.25 * np.sqrt(adopted)), 30, 1_500)
@@ -433,7 +445,80 @@ def _events(
         propensity=exposures["propensity"],
         exposure=np.arange(x_ts.size),
     )
-    return _concat(blocks), n_s, int(converts.sum())
+    return _concat(blocks), n_s, n_orders, abandoned
+
+
+def _price_lines(
+    rng: np.random.Generator,
+    s: BlockSettings,
+    traits: lat.Traits,
+    lines: dict[str, np.ndarray],
+    customer: np.ndarray,
+) -> None:
+    """Unit price and quantity of purchase lines, from the product and the buyer."""
+    level = np.exp(traits.value_level - 0.4 * traits.price_sensitivity)[customer]
+    noise = np.exp(rng.normal(0.0, 0.1, customer.size))
+    lines["price"] = np.round(s.product_prices[lines["product"]] * level * noise, 2)
+    lines["quantity"] = (1 + rng.poisson(0.25, customer.size)).astype(np.float64)
+
+
+def _return_visits(
+    rng: np.random.Generator,
+    s: BlockSettings,
+    traits: lat.Traits,
+    abandoned: intent.Abandonments,
+    cart_session: np.ndarray,
+    cart_product: np.ndarray,
+    first_session: int,
+    first_order: int,
+    add: Callable[..., None],
+) -> int:
+    """Events of the return visits: a session that views and buys the abandoned cart."""
+    back = np.flatnonzero(abandoned.returned)
+    customer, at = abandoned.customer[back], abandoned.returned_at[back]
+    session = first_session + np.arange(back.size)
+    channel = traits.app_user[customer].astype(np.int64)
+    device = np.where(
+        channel == 1, np.where(traits.device[customer] == 2, 2, 1), traits.device[customer]
+    )
+    add(customer, at, "session_start", session=session, channel=channel, device=device)
+    # Every cart line of the abandoned session is viewed again, then bought.
+    rank = np.full(first_session, -1)
+    rank[abandoned.session[back]] = np.arange(back.size)
+    line_of = rank[cart_session]
+    lines = np.flatnonzero(line_of >= 0)
+    visit = line_of[lines]
+    product = cart_product[lines]
+    common = {
+        "session": session[visit],
+        "channel": channel[visit],
+        "device": device[visit],
+        "product": product,
+        "category": product // PRODUCTS_PER_CATEGORY,
+    }
+    add(
+        customer[visit],
+        at[visit] + rng.integers(10, 300, visit.size) * 1_000_000,
+        "product_view",
+        **common,
+    )
+    add(
+        customer,
+        at + 400 * 1_000_000,
+        "checkout_start",
+        session=session,
+        channel=channel,
+        device=device,
+    )
+    bought = {**common, "order": first_order + visit}
+    _price_lines(rng, s, traits, bought, customer[visit])
+    add(
+        customer[visit],
+        at[visit] + rng.integers(600, 660, visit.size) * 1_000_000,
+        "purchase",
+        **bought,
+    )
+    return int(back.size)
 
 
 def _concat(blocks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -458,6 +543,8 @@ def _concat(blocks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 def simulate_block(rng: np.random.Generator, s: BlockSettings, n: int) -> BlockResult:
     """Simulate ``n`` customers end to end."""
+    # Spawned before any draw and never drawn from otherwise: intent leaves the rest unchanged.
+    intent_rng = rng.spawn(1)[0]
     traits = lat.draw_traits(rng, n, s.days, s.initial_share, s.history_days)
     paths = lat.build_paths(traits, s.start, s.length, s.hazard_base)
     potential = rng.poisson(paths.rate[:, : s.days])
@@ -491,7 +578,7 @@ def simulate_block(rng: np.random.Generator, s: BlockSettings, n: int) -> BlockR
         sessions[touched] = sub + rng.poisson(np.maximum(m - 1.0, 0.0) * base)
     sessions = sessions * signed
     daily = _daily_truth(s, traits, paths, (hz_mult, cv_mult, vi_mult), last, exposures)
-    events, n_sessions, n_orders = _events(
-        rng, s, traits, paths, cv_mult, sessions, phase, signed, exposures
+    events, n_sessions, n_orders, abandoned = _events(
+        rng, s, traits, paths, cv_mult, sessions, phase, signed, exposures, intent_rng
     )
-    return BlockResult(traits, events, daily, exposures, n_sessions, n_orders)
+    return BlockResult(traits, events, daily, exposures, n_sessions, n_orders, abandoned)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,8 @@ class SimulationConfig(BaseModel):
     eligibility_days: int = Field(default=30, gt=0)
     #: Keep the daily truth only every n-th day (1 = every day).
     truth_every_days: int = Field(default=1, gt=0)
+    #: In-session intent: abandoned carts come back to buy within hours (see ``_sim_intent``).
+    cart_returns: bool = False
 
 
 @dataclass
@@ -115,6 +117,8 @@ class Truth:
     customers: pd.DataFrame
     customer_daily: pd.DataFrame
     exposures: pd.DataFrame
+    #: One row per abandoned cart (only with ``cart_returns``): its true return probability.
+    cart_abandonments: pd.DataFrame = field(default_factory=lambda: _abandonment_frame([]))
 
 
 @dataclass
@@ -147,6 +151,7 @@ def _settings(config: SimulationConfig) -> blk.BlockSettings:
         eligibility_days=config.eligibility_days,
         truth_every=config.truth_every_days,
         product_prices=_product_prices(config.seed),
+        cart_returns=config.cart_returns,
     )
 
 
@@ -206,6 +211,7 @@ class _BlockOutput:
     customers: pd.DataFrame
     daily: pa.Table
     exposures: dict[str, np.ndarray]
+    abandonments: pd.DataFrame
 
 
 def _blocks(
@@ -232,6 +238,7 @@ def _blocks(
             if b + _WORKERS < len(firsts):
                 pending[b + _WORKERS] = pool.submit(run, b + _WORKERS)
             n = res.traits.signup_day.size
+            abandoned = _abandonments(res, first + 1, start_us, counters.sessions)
             table, exposure_ids = _event_table(res, first + 1, start_us, names, counters)
             res.exposures["customer"] = res.exposures["customer"] + first
             res.exposures["event"] = exposure_ids
@@ -240,6 +247,7 @@ def _blocks(
                 customers=_customer_frame(res.traits, first, config.start),
                 daily=_daily_table(res.daily, first, n, config.start),
                 exposures=res.exposures,
+                abandonments=abandoned,
             )
             del res
             yield out
@@ -278,15 +286,18 @@ def simulate(
     customers: list[pd.DataFrame] = []
     daily: list[pa.Table] = []
     exposures: list[dict[str, np.ndarray]] = []
+    abandoned: list[pd.DataFrame] = []
     for out in _blocks(config, progress):
         tables.append(out.events)
         customers.append(out.customers)
         daily.append(out.daily)
         exposures.append(out.exposures)
+        abandoned.append(out.abandonments)
     truth = Truth(
         customers=pd.concat(customers, ignore_index=True),
         customer_daily=_daily_frame(pa.concat_tables(daily)),
         exposures=_exposure_frame(exposures, config.start),
+        cart_abandonments=_abandonment_frame(abandoned),
     )
     return Simulation(pa.concat_tables(tables), truth, config)
 
@@ -326,6 +337,7 @@ def simulate_to(
     out = _prepare(out_dir)
     customers: list[pd.DataFrame] = []
     exposures: list[dict[str, np.ndarray]] = []
+    abandoned: list[pd.DataFrame] = []
     with (
         _PartWriter(out / "events") as events,
         _DailyWriter(out / "truth" / "customer_daily.parquet") as daily,
@@ -335,10 +347,12 @@ def simulate_to(
             daily.write(block.daily)
             customers.append(block.customers)
             exposures.append(block.exposures)
+            abandoned.append(block.abandonments)
             del block
     frame = _exposure_frame(exposures, config.start)
     _write_frame(pd.concat(customers, ignore_index=True), out / "truth" / "customers.parquet")
     _write_frame(frame, out / "truth" / "exposures.parquet")
+    _write_frame(_abandonment_frame(abandoned), out / "truth" / "cart_abandonments.parquet")
     return _write_meta(out, config, events.rows, len(frame))
 
 
@@ -401,6 +415,44 @@ def _exposure_frame(parts: list[dict[str, np.ndarray]], start: date) -> pd.DataF
         for a in ACTIONS:
             frame[f"p_{outcome}_{a}"] = cols[f"p_{outcome}_{a}"]
     return frame.sort_values(["exposure_timestamp", "customer_id"], ignore_index=True)
+
+
+def _abandonments(
+    res: blk.BlockResult, first_customer: int, start_us: int, first_session: int
+) -> pd.DataFrame:
+    """The block's abandoned carts with global ids and UTC times."""
+    a = res.abandonments
+    if a is None:
+        return _abandonment_frame([])
+
+    def times(us: np.ndarray) -> pd.Series:
+        stamps = pd.Series(pd.to_datetime(start_us + us, unit="us", utc=True))
+        return stamps.where(us >= 0)
+
+    return pd.DataFrame(
+        {
+            "customer_id": _strings("C", first_customer + a.customer, 7),
+            "session_id": _strings("S", first_session + a.session, 9),
+            "abandoned_at": times(a.abandoned_at),
+            "p_return": a.p_return,
+            "returned_at": times(a.returned_at),
+        }
+    )
+
+
+def _abandonment_frame(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    columns = {
+        "customer_id": "object",
+        "session_id": "object",
+        "abandoned_at": "datetime64[us, UTC]",
+        "p_return": "float64",
+        "returned_at": "datetime64[us, UTC]",
+    }
+    frames = [p for p in parts if len(p)]
+    if not frames:
+        return pd.DataFrame({k: pd.Series(dtype=v) for k, v in columns.items()})
+    frame = pd.concat(frames, ignore_index=True).astype(columns)
+    return frame.sort_values(["abandoned_at", "customer_id"], ignore_index=True)
 
 
 def _strings(prefix: str, numbers: np.ndarray, digits: int) -> np.ndarray:
@@ -512,6 +564,7 @@ def write_simulation(sim: Simulation, out_dir: str | Path) -> None:
     daily = daily.set_column(1, "date", daily["date"].cast(pa.date32()))
     pq.write_table(daily, out / "truth" / "customer_daily.parquet")
     _write_frame(sim.truth.exposures, out / "truth" / "exposures.parquet")
+    _write_frame(sim.truth.cart_abandonments, out / "truth" / "cart_abandonments.parquet")
     _write_meta(out, sim.config, sim.events.num_rows, len(sim.truth.exposures))
 
 
@@ -528,8 +581,13 @@ def load_truth(out_dir: str | Path) -> Truth:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist: run write_simulation first")
     daily = pq.read_table(folder / "customer_daily.parquet").to_pandas(date_as_object=False)
+    carts = folder / "cart_abandonments.parquet"
     return Truth(
         customers=pq.read_table(folder / "customers.parquet").to_pandas(),
         customer_daily=daily,
         exposures=pq.read_table(folder / "exposures.parquet").to_pandas(),
+        # Written by every version that simulates intent; older folders have none.
+        cart_abandonments=(
+            pq.read_table(carts).to_pandas() if carts.exists() else _abandonment_frame([])
+        ),
     )
