@@ -22,7 +22,9 @@ intervals live here too, since they score exactly these predictions.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -313,11 +315,15 @@ class _MetaLearner(BaseEstimator):
 
     def _build_predictor(self, cache_dir: str | Path | None = None, compiled: bool = False) -> None:
         """The numpy predict path, built once after fit (as scikit-learn's HGB builds its own)."""
+        models = self._fitted_models()
+        native: list[Any] = [None] * len(models)
+        if compiled:
+            # Each compile is mostly a C compiler process: run them side by side.
+            with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+                boosters = [m.booster_ for m in models]
+                native = list(pool.map(lambda b: compile_trees(b, None, cache_dir), boosters))
         self._predictors_ = {
-            id(m): estimator_predict(
-                m, compile_trees(m.booster_, None, cache_dir) if compiled else None
-            )
-            for m in self._fitted_models()
+            id(m): estimator_predict(m, c) for m, c in zip(models, native, strict=True)
         }
         own = self.propensity_model_.columns_
         # The propensity model reads the numeric columns, a subset of feature_names_.
