@@ -154,6 +154,7 @@ class Settings(BaseSettings):
     models_dir: Path = Path("models")
     landing_dir: Path = Path("data/landing")
     jobs_dir: Path = Path("data/jobs")
+    compiled_dir: Path = Path("data/compiled")
     mlflow_tracking_uri: str = "sqlite:///data/mlflow.db"
     timezone: str = "UTC"
     horizons: Horizons = Horizons()

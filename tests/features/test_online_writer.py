@@ -508,3 +508,49 @@ def test_delete_entities_leaves_no_key_bytes_in_the_file(
     assert not any(k in data for k in gone)
     assert _online(store, ["C0000001", "C0000003"])["n_orders"][0] is None
     assert _online(store, ["C0000003"])["n_orders"][0] is not None
+
+
+def _layout(store: FeatureStore, table: str) -> str:
+    path = store.config.repo_path / "online.db"  # type: ignore[operator]
+    with sqlite3.connect(path) as conn:
+        return str(
+            conn.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0]
+        )
+
+
+def test_a_store_in_feasts_rowid_layout_is_read_then_clustered(
+    tmp_path: Path, snapshot_file: Path
+) -> None:
+    from propensity.features.online import SqliteReader
+
+    stock = _store(tmp_path, "stock", snapshot_file, "sqlite", "proj")
+    stock.materialize(T0 - timedelta(days=1), T2, feature_views=["activity"])
+    feast_ddl = _layout(stock, "proj_activity")
+    assert "WITHOUT ROWID" not in feast_ddl.upper()
+    plugin = _store(tmp_path, "plugin", snapshot_file, "sqlite", "proj")
+    assert "WITHOUT ROWID" in _layout(plugin, "proj_activity")  # applied: clustered from the start
+    # A store written before the clustered layout: Feast's own table and rows.
+    plugin_db = plugin.config.repo_path / "online.db"  # type: ignore[operator]
+    with sqlite3.connect(plugin_db) as conn:
+        conn.execute("DROP TABLE proj_activity")
+        conn.execute(feast_ddl)
+        conn.execute("CREATE INDEX proj_activity_ek ON proj_activity (entity_key)")
+        conn.execute("ATTACH ? AS old", (str(stock.config.repo_path / "online.db"),))  # type: ignore[operator]
+        conn.execute("INSERT INTO proj_activity SELECT * FROM old.proj_activity")
+    assert "WITHOUT ROWID" not in _layout(plugin, "proj_activity").upper()
+
+    ids = [f"C{c:07d}" for c in range(0, 300, 3)] + ["C9999999"]
+    refs = [f"activity:{f}" for f in [*FLOATS, *INTS]]
+    reader = SqliteReader(plugin_db, refs, project="proj")
+    before = reader.read(ids, time.time())
+    assert before.found[:-1].all() and not before.found[-1]
+    assert _online(plugin, ids) == _online(stock, ids)  # Feast's reader, old layout
+
+    report = write_online(plugin, "activity", snapshot_file, end=T2, chunk_rows=64)
+    assert report.entities_written == 300
+    assert "WITHOUT ROWID" in _layout(plugin, "proj_activity")  # rebuilt on write
+    after = SqliteReader(plugin_db, refs, project="proj").read(ids, time.time())
+    np.testing.assert_array_equal(after.matrix, before.matrix)
+    np.testing.assert_array_equal(after.found, before.found)
+    assert _online(plugin, ids) == _online(stock, ids)  # Feast's reader, new layout
+    assert _sqlite_rows(plugin, "proj_activity") == _sqlite_rows(stock, "proj_activity")

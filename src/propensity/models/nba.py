@@ -91,6 +91,17 @@ class NBAModel:
 
     learners_: dict[str, Any]
 
+    def compile(self, cache_dir: str | Path | None = None) -> NBAModel:
+        """Compile every learner's boosters to native code (:meth:`uplift_matrix`'s path).
+
+        Examples
+        --------
+        >>> model.compile("data/compiled").uplift_matrix(X[:1])  # doctest: +SKIP
+        """
+        for learner in self.learners_.values():
+            learner.compile(cache_dir)
+        return self
+
     def _columns(self, outcome: str) -> dict[str, int]:
         return {a: i for i, a in enumerate(self.learners_[outcome].actions_)}
 

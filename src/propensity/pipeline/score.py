@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from propensity import registry
 from propensity.config import Settings
+from propensity.models._compiled import compile_model
 from propensity.models.arbitration import ContactState, arbitrate, catalog_features
 from propensity.models.spec import REGISTERED_MODELS, load_spec, registered_name
 from propensity.pipeline.dataset import latest_snapshot, scoring_frame
@@ -108,14 +109,18 @@ def write_scores(scores: pd.DataFrame, path: str | Path) -> Path:
 
 
 def _champions(settings: Settings) -> dict[str, tuple[int, Any]]:
-    """Version and estimator of each champion; churn and purchase must have one."""
+    """Version and estimator of each champion, compiled as the service compiles them.
+
+    Churn and purchase must have one.
+    """
     found = {}
     for name in REGISTERED_MODELS:
         version = registry.champion_version(settings.tracking_uri, name)
         if version is None and name != _NBA:
             raise LookupError(registry.why_no_champion(settings.tracking_uri, name))
         if version is not None:
-            found[name] = (version, registry.load_estimator(settings.tracking_uri, name, version))
+            model = registry.load_estimator(settings.tracking_uri, name, version)
+            found[name] = (version, compile_model(model, settings.path(settings.compiled_dir)))
     return found
 
 

@@ -9,8 +9,10 @@ two never disagree on which objects serve, and neither imports the other.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
+from propensity.models._compiled import compile_model
 from propensity.serving.policy import ArbitrationPolicy
 from propensity.serving.scorer import (
     CHURN,
@@ -22,7 +24,13 @@ from propensity.serving.scorer import (
     ReasonsMethod,
 )
 
-__all__ = ["Champions", "ModelSource", "RegistrySource", "as_policy", "load_champions"]
+__all__ = [
+    "Champions",
+    "ModelSource",
+    "RegistrySource",
+    "as_policy",
+    "load_champions",
+]
 
 
 class ModelSource(Protocol):
@@ -85,8 +93,13 @@ def load_champions(
     source: ModelSource,
     versions: dict[str, int | None] | None = None,
     reasons: ReasonsMethod = "path",
+    cache_dir: str | Path | None = None,
 ) -> Champions:
     """Load the champion of each model (``versions``: default the source's current ones).
+
+    Every tree model is compiled to native code (cached in ``cache_dir``,
+    see :func:`~propensity.models._compiled.compile_model`); one that cannot be compiled serves with
+    LightGBM's own predict.
 
     Raises
     ------
@@ -105,11 +118,10 @@ def load_champions(
         version = versions.get(name)
         if version is None:
             raise LookupError(f"model {name!r} has no champion version in the registry")
-        loaded[name] = BoosterBundle(
-            name, str(version), source.load(name, int(version)), reasons=reasons
-        )
+        model = compile_model(source.load(name, int(version)), cache_dir)
+        loaded[name] = BoosterBundle(name, str(version), model, reasons=reasons)
     nba_version = versions.get(NBA)
     policy = None
     if nba_version is not None:
-        policy = as_policy(source.load(NBA, nba_version), nba_version)
+        policy = as_policy(compile_model(source.load(NBA, nba_version), cache_dir), nba_version)
     return Champions(dict(versions), loaded[CHURN], loaded[PURCHASE], policy)

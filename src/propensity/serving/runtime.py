@@ -221,7 +221,12 @@ class Runtime:
             versions = self.source.champion_versions()
             if versions == self.versions and self.scorer is not None:
                 return False
-            champions = load_champions(self.source, versions, self.config.reasons_method)
+            champions = load_champions(
+                self.source,
+                versions,
+                self.config.reasons_method,
+                cache_dir=self.settings.path(self.settings.compiled_dir),
+            )
             names = champions.feature_names
             reader = online_reader(self.store, names)
             scorer = Scorer(reader, champions.churn, champions.purchase, champions.policy)

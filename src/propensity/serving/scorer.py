@@ -16,8 +16,10 @@ swaps the reference, so a request in flight finishes on the models it
 started with.
 
 Speed (``/score`` budget: 3 ms p50 including HTTP): one SQLite query per
-request (:mod:`propensity.serving.online`); LightGBM's single-row C path for every
-one-row prediction (:mod:`propensity.models._lightgbm`); batches are
+request (:mod:`propensity.serving.online`); the models compiled to native code
+when they were loaded (:mod:`propensity.models._compiled`), else LightGBM's
+single-row C path for every one-row prediction (:mod:`propensity.models._lightgbm`);
+leaves for the reasons from LightGBM's single-row C path; batches are
 scored with one call per model over all rows, split across cores by
 :func:`predict_rows`; no pandas anywhere on the request path.
 """
@@ -207,7 +209,12 @@ class BoosterBundle:
         self.reasons = reasons
         self.feature_names: list[str] = [str(c) for c in model.feature_names_]
         booster, iteration = model.booster_, model.best_iteration_
-        self._value_row = SingleRowPredictor(booster, iteration)
+        compiled = getattr(model, "compiled_", None)  # set by the model's compile()
+        self._value_row: Callable[[np.ndarray], np.ndarray] = (
+            SingleRowPredictor(booster, iteration)
+            if compiled is None
+            else lambda row: np.array([compiled.predict_row(row)])
+        )
         if reasons == "path":
             self._attribution = PathAttribution(booster, iteration)
             self._contrib_row = SingleRowPredictor(booster, iteration, output="leaf")

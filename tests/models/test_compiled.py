@@ -1,0 +1,167 @@
+"""Compiled trees score exactly as LightGBM does, for every model kind the service loads."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+import pytest
+
+from propensity.models import _compiled
+from propensity.models._compiled import compile_model, compile_trees
+from propensity.models.pipeline import CalibratedBooster
+from propensity.models.spec import LightGBMParams
+from propensity.models.uplift import LEARNERS
+from propensity.serving.scorer import BoosterBundle
+
+TOLERANCE = 1e-9
+ARMS = ["control", "a", "b"]
+
+
+def _features(n: int, seed: int) -> pd.DataFrame:
+    """Four columns with NaN (one never missing in training) and ties at zero."""
+    rng = np.random.default_rng(seed)
+    X = pd.DataFrame(rng.normal(size=(n, 4)), columns=["x0", "x1", "x2", "x3"])
+    X.loc[rng.random(n) < 0.2, "x0"] = np.nan
+    X.loc[rng.random(n) < 0.1, "x2"] = 0.0
+    return X
+
+
+def _probe(n: int = 400) -> np.ndarray:
+    """Rows the models never saw: NaN in every column (x3 had none in training), zeros."""
+    X = _features(n, seed=99).to_numpy(np.float64)
+    rng = np.random.default_rng(5)
+    X[rng.random(X.shape) < 0.15] = np.nan
+    X[0, :] = np.nan
+    X[1, :] = 0.0
+    return X
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory):
+    return tmp_path_factory.mktemp("compiled")
+
+
+@pytest.fixture(scope="module")
+def churn_like() -> CalibratedBooster:
+    X = _features(3000, seed=0)
+    rng = np.random.default_rng(1)
+    y = (np.nan_to_num(X["x0"]) + X["x1"] + rng.normal(size=len(X)) > 0.5).astype(int)
+    model = CalibratedBooster(LightGBMParams(n_estimators=60, num_leaves=7), calibration="sigmoid")
+    return model.fit(X[:2400], y[:2400], eval_set=(X[2400:], y[2400:]))
+
+
+def _rows_and_batches(predict, X: np.ndarray) -> list[np.ndarray]:
+    """A prediction function's output one row at a time, single-threaded and on every core."""
+    one = np.concatenate([np.atleast_1d(predict(X[i : i + 1], 1)) for i in range(50)])
+    return [one, predict(X, 1)[:50], predict(X, 0)[:50]]
+
+
+def test_binary_raw_score_and_probability_equal_lightgbm(churn_like, cache) -> None:
+    X = _probe()
+    booster, trees = churn_like.booster_, churn_like.best_iteration_
+    compiled = compile_trees(booster, trees, cache)
+    assert compiled is not None
+    for raw in (True, False):
+        expected = booster.predict(X, num_iteration=trees, raw_score=raw)[:50]
+        for got in _rows_and_batches(lambda A, t, raw=raw: compiled.predict(A, t, raw), X):
+            np.testing.assert_allclose(got, expected, rtol=0, atol=TOLERANCE)
+    plain = churn_like.predict_proba(X)
+    fast = pickle.loads(pickle.dumps(churn_like)).compile(cache).predict_proba(X)
+    np.testing.assert_allclose(fast, plain, rtol=0, atol=TOLERANCE)
+
+
+def test_categorical_features_compile_exactly(cache) -> None:
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(2000, 3))
+    X[:, 2] = rng.integers(0, 6, len(X))
+    X[rng.random(len(X)) < 0.1, 2] = np.nan
+    y = (X[:, 0] + (X[:, 2] % 2) + rng.normal(size=len(X)) > 0.5).astype(float)
+    data = lgb.Dataset(X, y, categorical_feature=[2])
+    booster = lgb.train({"objective": "binary", "verbose": -1, "num_leaves": 7}, data, 30)
+    compiled = compile_trees(booster, None, cache)
+    assert compiled is not None
+    probe = np.column_stack([rng.normal(size=(300, 2)), rng.integers(-1, 8, 300)]).astype(float)
+    probe[::7, 2] = np.nan
+    expected = booster.predict(probe, raw_score=True)
+    np.testing.assert_allclose(compiled.predict(probe, 0, raw_score=True), expected, atol=TOLERANCE)
+    for i in range(20):
+        assert abs(compiled.predict_row(probe[i], raw_score=True) - expected[i]) <= TOLERANCE
+
+
+@pytest.mark.parametrize("kind", sorted(LEARNERS))
+def test_every_uplift_learner_compiles_to_the_same_uplift(kind: str, cache) -> None:
+    X = _features(3000, seed=2)
+    rng = np.random.default_rng(4)
+    treatment = rng.choice(ARMS, size=len(X), p=[0.4, 0.3, 0.3])
+    y = (rng.random(len(X)) < 0.3 + 0.2 * (treatment == "a") * (X["x1"] > 0)).astype(int)
+    learner = LEARNERS[kind](params={"n_estimators": 30, "min_child_samples": 50}).fit(
+        X, treatment, y
+    )
+    probe = _probe()
+    plain = [learner.uplift_matrix(probe[i : i + 1]) for i in range(30)]
+    plain_batch = learner.uplift_matrix(probe, num_threads=0)
+    assert learner.compile(cache) is learner
+    for i in range(30):
+        np.testing.assert_allclose(learner.uplift_matrix(probe[i : i + 1]), plain[i], atol=1e-12)
+    np.testing.assert_allclose(learner.uplift_matrix(probe, 0), plain_batch, atol=TOLERANCE)
+    np.testing.assert_allclose(learner.uplift_matrix(probe, 1), plain_batch, atol=TOLERANCE)
+    # and every booster's raw score, classifier or regressor, on its own
+    for model in learner._fitted_models():
+        compiled = compile_trees(model.booster_, None, cache)
+        assert compiled is not None
+        expected = model.booster_.predict(probe, raw_score=True)
+        np.testing.assert_allclose(compiled.predict(probe, 0, True), expected, atol=TOLERANCE)
+
+
+def test_reasons_are_unchanged_by_compiling(churn_like, cache) -> None:
+    X = _probe(200)
+    plain = BoosterBundle("churn", "1", pickle.loads(pickle.dumps(churn_like)))
+    fast = BoosterBundle("churn", "1", pickle.loads(pickle.dumps(churn_like)).compile(cache))
+    for rows in (X[:1], X[1:2], X):
+        p_plain, c_plain = plain.predict_with_contributions(rows)
+        p_fast, c_fast = fast.predict_with_contributions(rows)
+        np.testing.assert_array_equal(c_fast, c_plain)
+        np.testing.assert_allclose(p_fast, p_plain, atol=TOLERANCE)
+        np.testing.assert_allclose(fast.predict_proba(rows), plain.predict_proba(rows), atol=1e-9)
+
+
+def test_the_cache_is_reused_and_keyed_by_content(churn_like, cache) -> None:
+    booster = churn_like.booster_
+    first = compile_trees(booster, churn_like.best_iteration_, cache)
+    assert first is not None
+    built = sorted((cache / "compiled-trees").glob("*.so"))
+    stamps = {p: p.stat().st_mtime_ns for p in built}
+    again = compile_trees(lgb.Booster(model_str=booster.model_to_string()), None, cache)
+    assert again is not None and again.library == first.library  # same trees, same file
+    assert {p: p.stat().st_mtime_ns for p in built} == stamps  # nothing rebuilt
+    fewer = compile_trees(booster, churn_like.best_iteration_ - 1, cache)
+    assert fewer is not None and fewer.library != first.library
+
+
+def test_a_failed_compile_falls_back_to_lightgbm_and_says_so_once(
+    churn_like, tmp_path, caplog
+) -> None:
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")
+    _compiled._warned.clear()
+    model = pickle.loads(pickle.dumps(churn_like))
+    with caplog.at_level(logging.WARNING, logger=_compiled.__name__):
+        assert compile_model(model, blocked) is model
+        model.compile(blocked)
+    assert model.compiled_ is None
+    warnings = [r for r in caplog.records if "LightGBM's own predict" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    np.testing.assert_array_equal(model.predict_proba(_probe()), churn_like.predict_proba(_probe()))
+
+
+def test_a_compiled_model_pickles_without_its_library(churn_like, cache) -> None:
+    model = pickle.loads(pickle.dumps(churn_like)).compile(cache)
+    assert model.compiled_ is not None
+    copy = pickle.loads(pickle.dumps(model))
+    assert not hasattr(copy, "compiled_")
+    probe = _probe()
+    np.testing.assert_allclose(copy.predict_proba(probe), model.predict_proba(probe), atol=1e-9)
