@@ -338,6 +338,7 @@ def _ingest(
                 settings.path(settings.quarantine_dir),
                 suppression=suppression_list(settings),
                 timezone=settings.timezone,
+                timestamp_format=settings.events.timestamp_format,
             )
             return result, remaining
         except IngestError as exc:

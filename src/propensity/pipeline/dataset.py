@@ -238,7 +238,8 @@ class Dataset:
     test: pd.DataFrame
     #: Feature snapshots this assembly had to build.
     built: list[pd.Timestamp]
-    #: The final fit's rows: every labelled cutoff, held-out customers excluded.
+    #: The final fit's rows: every labelled cutoff (held-out customers' only where
+    #: their label windows closed before the latest cutoff).
     refit: pd.DataFrame | None = None
     #: The final fit's calibration rows: the held-out customers at the latest cutoff.
     refit_calibration: pd.DataFrame | None = None
@@ -279,8 +280,9 @@ def propensity_dataset(
     labelled cutoff is ``as_of - horizon`` (:func:`~propensity.labels.choose_cutoffs`).
     Selection: train on the earliest cutoffs, validate on the next, test on the latest;
     the validation rows are the held-out customers' (:func:`holdout_customers`), whose
-    rows never enter a fit. Refit: every labelled cutoff, the held-out customers'
-    rows at the latest cutoff calibrating it.
+    rows enter a fit only where their label windows closed before the validation
+    cutoff. Refit: every labelled cutoff, the held-out customers' rows at the latest
+    cutoff calibrating it (and their rows with windows closed before it training).
     """
     lake = _lake(settings)
     horizon = spec.label.horizon_days
@@ -289,20 +291,28 @@ def propensity_dataset(
     frame, features, built = labeled_frame(settings, spec, list(split.refit))
     held = holdout_customers(frame["customer_id"], spec.split.validation_customers)
 
+    stamps = frame["event_timestamp"]
+    ends = stamps + pd.Timedelta(days=horizon)
+
     def part(cuts: Sequence[pd.Timestamp], mask: np.ndarray | None = None) -> pd.DataFrame:
-        rows = frame["event_timestamp"].isin(list(cuts)).to_numpy()
+        rows = stamps.isin(list(cuts)).to_numpy()
         return frame[rows if mask is None else rows & mask].reset_index(drop=True)
+
+    def fit_rows(scored_at: pd.Timestamp) -> np.ndarray:
+        # a held-out customer's row may train when its label window closed before the
+        # rows it is scored on begin: nothing it teaches is about those labels
+        return np.asarray(~held | (ends <= scored_at).to_numpy())
 
     return Dataset(
         spec,
         split,
         frame,
         features,
-        train=part(split.train, ~held),
+        train=part(split.train, fit_rows(split.validation[0])),
         validation=part(split.validation, held),
         test=part(split.test),
         built=built,
-        refit=part(split.refit, ~held),
+        refit=part(split.refit, fit_rows(split.refit[-1])),
         refit_calibration=part(split.refit[-1:], held),
     )
 
