@@ -349,6 +349,7 @@ def retrain(
     status: Annotated[
         bool, typer.Option("--status", help="Print the stage the last run reached, and stop.")
     ] = False,
+    as_of: AsOf = None,
     config: ConfigOption = None,
 ) -> None:
     """Ingest landing files, refresh features, train challengers, promote those that pass."""
@@ -370,7 +371,7 @@ def retrain(
         return
     try:
         with rich_progress(console) as progress:
-            result = run_retrain(settings, progress=progress, force=force)
+            result = run_retrain(settings, progress=progress, force=force, as_of=as_of)
     except LockBusyError as exc:
         _fail(str(exc), 75)
         return

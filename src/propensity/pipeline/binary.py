@@ -156,17 +156,22 @@ def _find_key(data: Any, key: str) -> Any:
 
 
 def _champion_auc(
-    settings: Settings, name: str, test: pd.DataFrame
+    settings: Settings, name: str, test: pd.DataFrame, horizon_days: int
 ) -> tuple[int | None, float | None]:
     version = registry.champion_version(settings.tracking_uri, name)
     if version is None:
         return None, None
     champion = registry.load_estimator(settings.tracking_uri, name, version)
+    info = registry.version_info(settings.tracking_uri, name, version)
     missing = [c for c in champion.feature_names_ if c not in test.columns]
-    if missing:
-        # a champion on another feature service cannot score these rows: compare logged AUC
-        logged = registry.version_info(settings.tracking_uri, name, version)["metrics"]
-        return version, logged.get("test_roc_auc")
+    # a refit champion trained on labels of these test rows' window would score them in
+    # sample; like a champion on another feature service, it is judged by its logged AUC
+    seen = [
+        pd.Timestamp(c, tz="UTC") for c in info["params"].get("refit_cutoffs", "").split(",") if c
+    ]
+    first = pd.Timestamp(test["event_timestamp"].min())
+    if missing or any(c + pd.Timedelta(days=horizon_days) > first for c in seen):
+        return version, info["metrics"].get("test_roc_auc")
     score = champion.predict_proba(test[champion.feature_names_])[:, 1]
     return version, ev.ranking_metrics(test["label"].to_numpy(), score)["roc_auc"]
 
@@ -322,7 +327,7 @@ def train_model(
     ).fit(refit[features], refit["label"], eval_set=(refit_cal[features], refit_cal["label"]))
 
     report(progress, f"{spec.name}: gates", next(step), _STAGES)
-    champion, champion_auc = _champion_auc(settings, spec.name, test)
+    champion, champion_auc = _champion_auc(settings, spec.name, test, horizon)
     gates = GateResult(
         propensity_checks(metrics["model"], spec.gates, champion_auc), champion, champion_auc
     )
