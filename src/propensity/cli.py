@@ -132,7 +132,8 @@ def ingest(
         str | None,
         typer.Option(
             help="How timestamps are written: strptime codes (%Y%m%d, '%d/%m/%Y %H:%M') "
-            "or epoch_s / epoch_ms (also for numeric columns). Default: ISO 8601."
+            "or epoch_s / epoch_ms (also for numeric columns). Default: the project's "
+            "events.timestamp_format, else ISO 8601."
         ),
     ] = None,
     keep_identical_rows: Annotated[
@@ -163,7 +164,8 @@ def ingest(
                 consent_file=consent,
                 suppression=suppression_list(settings),
                 timezone=settings.timezone,
-                timestamp_format=timestamp_format,
+                # the flag overrides the project's events.timestamp_format
+                timestamp_format=timestamp_format or settings.events.timestamp_format,
                 keep_identical_rows=keep_identical_rows,
                 progress=progress,
             )
@@ -222,7 +224,14 @@ def features_materialize(config: ConfigOption = None) -> None:
 
 
 Model = Annotated[str, typer.Argument(help="churn, purchase, nba or all.")]
-AsOf = Annotated[str | None, typer.Option(help="Train or score as of this date (YYYY-MM-DD).")]
+AsOf = Annotated[
+    str | None,
+    typer.Option(
+        help="The date the data runs to (YYYY-MM-DD; default: the data end). train: the "
+        "latest labelled cutoff is this date minus the horizon; score: features from "
+        "events before it."
+    ),
+]
 Horizon = Annotated[int | None, typer.Option(help="Label horizon in days.", min=1)]
 TruthDir = Annotated[
     Path | None, typer.Option(help="Simulator output folder: report the oracle beside the model.")
@@ -340,6 +349,7 @@ def retrain(
     status: Annotated[
         bool, typer.Option("--status", help="Print the stage the last run reached, and stop.")
     ] = False,
+    as_of: AsOf = None,
     config: ConfigOption = None,
 ) -> None:
     """Ingest landing files, refresh features, train challengers, promote those that pass."""
@@ -361,7 +371,7 @@ def retrain(
         return
     try:
         with rich_progress(console) as progress:
-            result = run_retrain(settings, progress=progress, force=force)
+            result = run_retrain(settings, progress=progress, force=force, as_of=as_of)
     except LockBusyError as exc:
         _fail(str(exc), 75)
         return

@@ -28,6 +28,7 @@ from pydantic_settings import (
 
 __all__ = [
     "ConfigError",
+    "Events",
     "Horizons",
     "OnlineStore",
     "Serving",
@@ -65,6 +66,29 @@ class Horizons(_Strict):
     churn_days: int = Field(default=30, gt=0)
     purchase_days: int = Field(default=14, gt=0)
     activity_lookback_days: int = Field(default=30, gt=0)
+
+
+class Events(_Strict):
+    """How event files are read (``events:`` in ``propensity.yaml``, ``PROPENSITY_EVENTS__*``).
+
+    Attributes
+    ----------
+    timestamp_format : str, optional
+        The format of text (or integer) timestamps: strptime codes (``%Y%m%d``) or
+        ``epoch_s`` / ``epoch_ms``; ``None`` reads ISO 8601. Every ingest uses it
+        (the CLI, ``Project.ingest``, the retrain job); ``--timestamp-format``
+        overrides it for one command.
+    """
+
+    timestamp_format: str | None = None
+
+    @field_validator("timestamp_format")
+    @classmethod
+    def _known_format(cls, value: str | None) -> str | None:
+        from propensity.events.timestamps import check_format
+
+        check_format(value)
+        return value
 
 
 class OnlineStore(_Strict):
@@ -158,6 +182,7 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str = "sqlite:///data/mlflow.db"
     timezone: str = "UTC"
     horizons: Horizons = Horizons()
+    events: Events = Events()
     online_store: OnlineStore = OnlineStore()
     serving: Serving = Serving()
     seed: int = 42

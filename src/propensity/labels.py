@@ -33,7 +33,9 @@ __all__ = [
     "data_window",
     "to_cutoff",
     "check_label_window",
+    "data_runs_to",
     "choose_cutoffs",
+    "latest_cutoff",
     "entity_frame",
     "population_frame",
     "ACTIVITY_EVENTS",
@@ -73,6 +75,10 @@ class SplitSpec(_Strict):
     #: Keep only train and validation cutoffs whose label window closes by the first
     #: test cutoff, as it would in production on the test date.
     purge: bool = True
+    #: Share of customers (chosen by a hash of the id) held out of fitting: the
+    #: validation rows are theirs, so early stopping and calibration never score a
+    #: customer whose overlapping label window the booster has already learned.
+    validation_customers: float = Field(default=0.25, gt=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _enough_train(self) -> SplitSpec:
@@ -138,8 +144,21 @@ def data_window(lake: EventLake) -> DataWindow:
     return DataWindow(pd.Timestamp(start).tz_convert("UTC"), pd.Timestamp(end).tz_convert("UTC"))
 
 
+def data_runs_to(data_end: pd.Timestamp) -> pd.Timestamp:
+    """The midnight after the lake's last event: its last day is taken as complete.
+
+    Examples
+    --------
+    >>> data_runs_to(pd.Timestamp("2024-06-29 23:58", tz="UTC")).date()
+    datetime.date(2024, 6, 30)
+    """
+    return data_end.floor("D") + pd.Timedelta(days=1)
+
+
 def check_label_window(cutoff: pd.Timestamp, horizon_days: int, data_end: pd.Timestamp) -> None:
-    """Raise :class:`LabelWindowError` unless ``[cutoff, cutoff + horizon)`` closes by ``data_end``.
+    """Raise :class:`LabelWindowError` unless ``[cutoff, cutoff + horizon)`` closes by the data end.
+
+    The last day holding events counts as complete (:func:`data_runs_to`).
 
     Examples
     --------
@@ -147,13 +166,48 @@ def check_label_window(cutoff: pd.Timestamp, horizon_days: int, data_end: pd.Tim
     >>> check_label_window(pd.Timestamp("2024-05-31", tz="UTC"), 30, end)
     """
     closes = cutoff + pd.Timedelta(days=horizon_days)
-    if closes > data_end:
-        latest = (data_end - pd.Timedelta(days=horizon_days)).floor("D")
+    if closes > data_runs_to(data_end):
         raise LabelWindowError(
-            f"as-of {cutoff.date()} with horizon {horizon_days} days needs events until "
-            f"{closes.date()}, but the data ends at {data_end.isoformat()}; use --as-of "
-            f"{latest.date()} or earlier, or a shorter --horizon-days"
+            f"cutoff {cutoff.date()} with horizon {horizon_days} days needs events until "
+            f"{closes.date()}, but the data ends at {data_end.isoformat()}; the latest "
+            f"--as-of (the date the data runs to) is {data_runs_to(data_end).date()}"
         )
+
+
+def latest_cutoff(window: DataWindow, horizon_days: int, as_of: object = None) -> pd.Timestamp:
+    """The latest labelled cutoff when the data runs to ``as_of``: ``as_of - horizon``.
+
+    ``as_of`` is the date the data runs to (the same meaning for ``train``, ``score``
+    and the retrain job): events before it count, so every label window
+    ``[T, T + horizon)`` with ``T <= as_of - horizon`` has closed. It defaults to the
+    midnight after the lake's last day (:func:`data_runs_to`). A date after the data
+    end is an error; so is one leaving no room for a label window, with a hint for a
+    date given in the old meaning (the latest labelled cutoff itself).
+
+    Examples
+    --------
+    >>> w = DataWindow(pd.Timestamp("2024-01-01", tz="UTC"), pd.Timestamp("2024-06-29", tz="UTC"))
+    >>> latest_cutoff(w, 30, "2024-05-31").date()
+    datetime.date(2024, 5, 1)
+    """
+    horizon = pd.Timedelta(days=horizon_days)
+    if as_of is None:
+        return data_runs_to(window.end) - horizon
+    date = to_cutoff(as_of)
+    if date > data_runs_to(window.end):
+        raise LabelWindowError(
+            f"--as-of {date.date()} is after the data ends ({window.end.isoformat()}): as-of is "
+            f"the date the data runs to; use {data_runs_to(window.end).date()} or earlier"
+        )
+    last = date - horizon
+    if last < window.start.floor("D"):
+        raise LabelWindowError(
+            f"--as-of {date.date()} minus the {horizon_days}-day horizon is {last.date()}, "
+            f"before the first event ({window.start.date()}): no label window fits. as-of is "
+            "the date the data runs to (the latest labelled cutoff is as-of minus the horizon); "
+            f"for the latest labelled cutoff {date.date()} pass --as-of {(date + horizon).date()}"
+        )
+    return last
 
 
 def choose_cutoffs(
@@ -164,7 +218,7 @@ def choose_cutoffs(
     as_of: str | pd.Timestamp | None = None,
     weekday: int = 0,
 ) -> list[pd.Timestamp]:
-    """Weekly cutoffs whose label windows all close before the data ends, oldest first.
+    """Weekly cutoffs whose label windows all close by ``as_of``, oldest first.
 
     Parameters
     ----------
@@ -175,10 +229,10 @@ def choose_cutoffs(
     split : SplitSpec
         ``n_cutoffs``, ``cutoff_step_days`` and ``min_history_days``.
     as_of : date, optional
-        The latest cutoff. Defaults to the latest date of the weekly grid (the
-        ``weekday`` of every week, Monday = 0, the feature snapshots' grid) whose label
-        window closes by the data end. A given ``as_of`` whose window cannot close
-        is an error naming the as-of, the horizon and the data end.
+        The date the data runs to (see :func:`latest_cutoff`): the latest cutoff is
+        ``as_of - horizon_days``. By default the data end, and the latest cutoff is
+        aligned to the weekly grid (the ``weekday`` of every week, Monday = 0, the
+        feature snapshots' grid).
     weekday : int
         Weekday of the default grid.
 
@@ -194,14 +248,14 @@ def choose_cutoffs(
     >>> cuts = choose_cutoffs(w, 30, SplitSpec(n_cutoffs=4))
     >>> [str(c.date()) for c in cuts]
     ['2024-05-06', '2024-05-13', '2024-05-20', '2024-05-27']
+    >>> [str(c.date()) for c in choose_cutoffs(w, 30, SplitSpec(n_cutoffs=3), as_of="2024-06-29")]
+    ['2024-05-16', '2024-05-23', '2024-05-30']
     """
-    if as_of is not None:
-        last = to_cutoff(as_of)
-        check_label_window(last, horizon_days, window.end)
-    else:
-        last = (window.end - pd.Timedelta(days=horizon_days)).floor("D")
+    last = latest_cutoff(window, horizon_days, as_of)
+    if as_of is None:
         offset = (last - _EPOCH_MONDAY).days - weekday
         last = last - pd.Timedelta(days=offset % 7)
+    check_label_window(last, horizon_days, window.end)
     first_allowed = window.start.floor("D") + pd.Timedelta(days=split.min_history_days)
     cutoffs = [last - pd.Timedelta(days=k * split.cutoff_step_days) for k in range(split.n_cutoffs)]
     cutoffs = sorted(c for c in cutoffs if c >= first_allowed)

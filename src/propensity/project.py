@@ -260,8 +260,9 @@ class Project:
         paths : path or sequence of paths
             CSV, Parquet or JSON Lines files, or folders of them.
         **options
-            ``mapping``, ``orders_only``, ``consent_file``, ``progress``... as for
-            :func:`~propensity.events.ingest.ingest`.
+            ``mapping``, ``orders_only``, ``consent_file``, ``timestamp_format``
+            (default: the project's ``events.timestamp_format``), ``progress``... as
+            for :func:`~propensity.events.ingest.ingest`.
 
         Examples
         --------
@@ -271,6 +272,7 @@ class Project:
         from propensity.events.suppression import SuppressionList
 
         options.setdefault("timezone", self.settings.timezone)
+        options.setdefault("timestamp_format", self.settings.events.timestamp_format)
         options.setdefault("suppression", SuppressionList.of(self.settings))
         return ingest(
             paths, self._lake(), self.settings.path(self.settings.quarantine_dir), **options

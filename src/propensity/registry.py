@@ -94,6 +94,15 @@ class ProbabilityModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined]
         return _pyfunc_output(self.estimator, pd.DataFrame(model_input))
 
 
+_MODEL_CODE = """\
+import mlflow
+
+from propensity.registry import ProbabilityModel
+
+mlflow.models.set_model(ProbabilityModel())
+"""
+
+
 def _pyfunc_output(estimator: Any, frame: pd.DataFrame) -> np.ndarray:
     """What the pyfunc returns: P(y=1) of a classifier, else the estimator's ``predict``."""
     if isinstance(estimator, ClassifierMixin):
@@ -196,6 +205,10 @@ def log_run(
         experiment_id = _experiment_id(client, experiment, tracking_uri)
         est_path = Path(tmp) / "estimator.joblib"
         joblib.dump(estimator, est_path)
+        # MLflow's models-from-code: the pyfunc is defined by a file, not a cloudpickled
+        # object (which MLflow warns may execute arbitrary code when loaded).
+        code_path = Path(tmp) / "probability_model.py"
+        code_path.write_text(_MODEL_CODE)
         with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
             if params:
                 mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
@@ -217,7 +230,7 @@ def log_run(
                 mlflow.log_artifacts(str(artifacts_dir))
             info = mlflow.pyfunc.log_model(
                 name="model",
-                python_model=ProbabilityModel(),
+                python_model=str(code_path),
                 artifacts={"estimator": str(est_path)},
                 signature=signature,
                 input_example=example,

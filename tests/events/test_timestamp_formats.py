@@ -222,3 +222,41 @@ def test_cli_options(tmp_path: Path) -> None:
     bad = run("--timestamp-format", "%Q")
     assert bad.returncode == 2 and "'%Q' is not usable" in bad.stderr + bad.stdout
     assert "Traceback" not in bad.stderr
+
+
+def test_project_setting_is_used_by_cli_project_and_overridden_by_the_flag(tmp_path: Path) -> None:
+    from propensity.config import ConfigError, load_settings
+    from propensity.project import Project
+
+    (tmp_path / "o.csv").write_text(ORDERS)
+    (tmp_path / "propensity.yaml").write_text("events:\n  timestamp_format: '%Y%m%d'\n")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "propensity.cli", "ingest", "o.csv", "--orders-only", *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+
+    from_setting = run()
+    assert from_setting.returncode == 0, from_setting.stderr
+    assert "looks like" not in from_setting.stdout  # no hint: every date was read
+    lake = EventLake(tmp_path / "data" / "lake")
+    read_by_cli = len(lake.read(["event_timestamp"]))
+    assert read_by_cli > 0
+    # the flag wins over the setting: ISO-only dates now fail and nothing is added
+    overridden = run("--timestamp-format", "%d/%m/%Y")
+    assert overridden.returncode == 0, overridden.stderr
+    assert len(lake.read(["event_timestamp"])) == read_by_cli
+    # Project.ingest reads the same setting (a second project, same file)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "propensity.yaml").write_text("events:\n  timestamp_format: '%Y%m%d'\n")
+    report = Project.open(other / "propensity.yaml").ingest(tmp_path / "o.csv", orders_only=True)
+    assert report.accepted == read_by_cli
+    (other / "propensity.yaml").write_text("events:\n  timestamp_format: '%Q'\n")
+    with pytest.raises(ConfigError, match="'%Q' is not usable"):
+        load_settings(other / "propensity.yaml")

@@ -148,12 +148,45 @@ def test_worse_challenger_is_not_promoted_then_manual_promote(project):
     promote(settings, "churn", 1)
 
 
-def test_window_that_cannot_close_is_refused(project):
+def test_as_of_after_the_data_or_before_any_window_is_refused(project):
     settings = project["settings"]
-    end = data_window(EventLake(settings.path(settings.lake_dir))).end
-    late = (end - pd.Timedelta(days=10)).floor("D")
-    with pytest.raises(LabelWindowError, match=rf"as-of {late.date()}.*horizon 30 days"):
+    window = data_window(EventLake(settings.path(settings.lake_dir)))
+    late = window.end.floor("D") + pd.Timedelta(days=2)
+    with pytest.raises(LabelWindowError, match=rf"--as-of {late.date()} is after the data ends"):
         train_model(settings, "churn", as_of=late)
+    # a date that was a latest labelled cutoff under the old meaning gets the new date
+    early = window.start.floor("D") + pd.Timedelta(days=10)
+    new = (early + pd.Timedelta(days=30)).date()
+    with pytest.raises(LabelWindowError, match=rf"pass --as-of {new}"):
+        train_model(settings, "churn", as_of=early)
+
+
+def test_refit_uses_every_labelled_cutoff_and_selection_is_purged(project):
+    result = project["purchase"]
+    split, horizon = result.split, pd.Timedelta(days=14)
+    assert split.refit[-1] == split.test[-1] and len(split.refit) > len(split.train)
+    assert set(split.refit) == {*split.train, *split.validation, *split.test, *split.purged}
+    assert all(c + horizon <= split.test[0] for c in (*split.train, *split.validation))
+    assert result.rows["refit"] > result.rows["train"]
+    text = result.summary()
+    assert "refit:" in text and "selection model" in text
+    if split.purged:
+        assert "overlap the test cutoff" in text
+    info = registry.version_info(project["settings"].tracking_uri, result.model, result.version)
+    assert info["params"]["refit_cutoffs"].split(",")[-1] == str(split.test[-1].date())
+    assert info["metrics"]["rows_refit"] == result.rows["refit"]
+    assert "next 14 days" in info["tags"]["mlflow.note.content"]
+    assert not result.hit_cap and result.best_iteration < 2000
+    # the served estimator is the refit: it differs from a fit on the selection rows
+    assert info["metrics"]["refit_trees"] == result.best_iteration
+
+
+def test_purchase_report_has_the_specialist_baselines(project):
+    m = project["purchase"].metrics
+    for name in ("bgnbd", "rfm_lightgbm"):
+        assert 0.5 < m[name]["roc_auc"] < 1 and np.isfinite(m[name]["log_loss"])
+    # the full-behavior model knows more than purchases alone
+    assert m["model"]["roc_auc"] > m["rfm_lightgbm"]["roc_auc"]
 
 
 def test_score_every_customer(project, tmp_path):
@@ -194,9 +227,9 @@ def test_orders_only_log_trains_and_scores(project, tmp_path):
     assert set(lake.read(["event_type"])["event_type"]) == {"purchase"}
     build_features(settings)
     end = data_window(lake).end
-    as_of = (end - pd.Timedelta(days=25)).floor("D")
+    as_of = (end - pd.Timedelta(days=4)).floor("D")
     result = train_model(settings, "purchase", as_of=as_of, horizon_days=21)
-    assert result.split.test[-1] == as_of
+    assert result.split.test[-1] == as_of - pd.Timedelta(days=21)
     # Purchases alone carry less signal than full behavior: demand a clear margin over
     # chance and over the recency rule rather than a fixed quality bar.
     assert result.metrics["model"]["roc_auc"] > 0.6

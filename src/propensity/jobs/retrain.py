@@ -338,6 +338,7 @@ def _ingest(
                 settings.path(settings.quarantine_dir),
                 suppression=suppression_list(settings),
                 timezone=settings.timezone,
+                timestamp_format=settings.events.timestamp_format,
             )
             return result, remaining
         except IngestError as exc:
@@ -380,12 +381,16 @@ def _materialize(settings: Settings) -> None:
 
 
 def _challenge(
-    settings: Settings, name: str, progress: ProgressCallback | None, run_gates: list[Check]
+    settings: Settings,
+    name: str,
+    progress: ProgressCallback | None,
+    run_gates: list[Check],
+    as_of: str | None = None,
 ) -> ModelDecision:
     """Train and gate one challenger, never promoting it: ``champion_after`` is set
     when it may be promoted (its gates and the run's passed)."""
     before = registry.champion_version(settings.tracking_uri, name)
-    result = train(settings, name, progress=progress, promote=False)
+    result = train(settings, name, progress=progress, promote=False, as_of=as_of)
     checks = [*result.gates.checks, *run_gates]
     decision = ModelDecision(name, False, checks, result.version, before, before, result.run_id)
     if isinstance(result, TrainingResult):
@@ -459,6 +464,7 @@ def retrain(
     progress: ProgressCallback | None = None,
     policy: RetrainPolicy | None = None,
     force: bool = False,
+    as_of: str | None = None,
 ) -> RetrainReport:
     """Ingest new landing files, refresh features, train challengers and gate promotion.
 
@@ -474,6 +480,10 @@ def retrain(
         Run-level gates and options.
     force : bool
         Train even when nothing is new.
+    as_of : date, optional
+        The date the data runs to, as for ``propensity train`` (default: the data
+        end): the propensity challengers' latest labelled cutoff is as-of minus
+        their horizon.
 
     Returns
     -------
@@ -614,7 +624,9 @@ def retrain(
                     report(progress, f"retrain: train {name}", 4 + k / len(policy.models), _STEPS)
                     stage = _enter(folder, f"train {name}", began)
                     try:
-                        result.decisions[name] = _challenge(settings, name, progress, run_gates)
+                        result.decisions[name] = _challenge(
+                            settings, name, progress, run_gates, as_of
+                        )
                     except Exception as exc:  # one model failing must not stop the others
                         failures.append(f"{name}: {type(exc).__name__}: {exc}")
                         before = registry.champion_version(settings.tracking_uri, name)

@@ -8,6 +8,7 @@ name the key, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -134,13 +135,28 @@ class ModelSpec(_Strict):
     #: Rows sampled from the test window for the SHAP summary plot.
     shap_sample: int = Field(default=2000, ge=0)
     seed: int = 42
+    #: Add the BG/NBD outputs (P(alive), expected purchases, P(purchase) in the horizon,
+    #: Gamma-Gamma spend), fitted at each cutoff on the purchases before it, as features.
+    #: Training computes them from the lake; the feature store and scoring do not hold
+    #: them yet, so such a model is for evaluation and backtests (benchmarks/bench_byod.py).
+    clv_features: bool = False
 
     def with_horizon(self, horizon_days: int | None) -> ModelSpec:
-        """Return a copy with another label horizon (``None`` keeps this one)."""
+        """Return a copy with another label horizon (``None`` keeps this one).
+
+        A description naming the old horizon ("next 14 days") names the new one.
+        """
         if horizon_days is None:
             return self
+        old = self.label.horizon_days
         label = self.label.model_copy(update={"horizon_days": horizon_days})
-        return self.model_copy(update={"label": LabelSpec.model_validate(label.model_dump())})
+        description = re.sub(rf"\b{old}([ -])day", rf"{horizon_days}\g<1>day", self.description)
+        return self.model_copy(
+            update={
+                "label": LabelSpec.model_validate(label.model_dump()),
+                "description": description,
+            }
+        )
 
 
 def _describe(error: ValidationError, source: str) -> str:

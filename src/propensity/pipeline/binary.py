@@ -1,11 +1,13 @@
 """Train, evaluate, log and promote a propensity model (churn, purchase).
 
 ``spec → dataset (cutoffs → entity frame → Feast features → time split;
-:func:`~propensity.pipeline.dataset.propensity_dataset`) → fit → evaluate (model,
-baselines, oracle) → MLflow run → registered version → gates → the one promotion
-rule`` (:func:`~propensity.pipeline.gates.settle`). Every step is a function of the
-lake, the feature store and the spec, so a run is reproducible from what MLflow
-records.
+:func:`~propensity.pipeline.dataset.propensity_dataset`) → select (early-stopping
+rounds and calibration on the purged split) → evaluate (model, logistic,
+RFM-LightGBM, BG/NBD, recency, oracle) → refit on every labelled cutoff → MLflow
+run of the refit model → registered version → gates on the selection model's test
+metrics → the one promotion rule`` (:func:`~propensity.pipeline.gates.settle`).
+Every step is a function of the lake, the feature store and the spec, so a run is
+reproducible from what MLflow records.
 """
 
 from __future__ import annotations
@@ -25,17 +27,19 @@ import pyarrow.parquet as pq
 from propensity import evaluation as ev
 from propensity import registry
 from propensity.config import Settings
-from propensity.events.lake import MANIFEST_NAME
+from propensity.events.lake import MANIFEST_NAME, EventLake
 from propensity.models.baselines import LogisticBaseline, RecencyRule
+from propensity.models.clv import CLV_FEATURES
 from propensity.models.pipeline import CalibratedBooster
 from propensity.models.spec import ModelSpec, load_spec
-from propensity.pipeline.dataset import TimeSplit, propensity_dataset
+from propensity.pipeline.dataset import KEYS, TimeSplit, propensity_dataset
 from propensity.pipeline.gates import GateResult, propensity_checks, settle
+from propensity.pipeline.rfm import RFM_FEATURES, clv_features, rfm_frame
 from propensity.progress import ProgressCallback, report
 
 __all__ = ["TrainingResult", "train_model"]
 
-_STAGES = 8
+_STAGES = 9
 
 
 @dataclass
@@ -58,6 +62,11 @@ class TrainingResult:
     calibration: str = ""
     best_iteration: int = 0
     feature_names: list[str] = field(default_factory=list)
+    horizon_days: int = 0
+    #: Early stopping never stopped: the selection fit used every ``n_estimators`` tree.
+    hit_cap: bool = False
+    #: Service features missing on every labelled row, left out of the model.
+    features_all_missing: list[str] = field(default_factory=list)
 
     def __rich__(self) -> str:
         return self.summary()
@@ -68,19 +77,34 @@ class TrainingResult:
     def summary(self) -> str:
         """A short human-readable summary (what the CLI prints)."""
         m = self.metrics
+        rows = self.rows
         lines = [
             f"{self.model} v{self.version} (run {self.run_id[:8]}): "
             f"{'promoted to champion' if self.promoted else 'not promoted'}",
-            f"  rows train/val/test = {self.rows['train']}/{self.rows['validation']}/"
-            f"{self.rows['test']}; calibration {self.calibration}; "
-            f"{self.best_iteration} trees",
+            *self.split.describe(self.horizon_days),
+            f"  rows selection train/val/test = {rows['train']}/{rows['validation']}/"
+            f"{rows['test']}; refit {rows.get('refit', 0)} (calibrated on "
+            f"{rows.get('refit_calibration', 0)} held-out customers)",
+            f"  calibration {self.calibration}; {self.best_iteration} trees"
+            + (
+                " — early stopping never stopped: the n_estimators cap was hit"
+                if self.hit_cap
+                else " (early stopping)"
+            ),
         ]
-        for name in ("model", "logistic", "recency", "oracle"):
+        if self.features_all_missing:
+            lines.append(
+                f"  left out (missing on every row): {', '.join(self.features_all_missing)}"
+            )
+        lines.append("  test metrics of the selection model and the baselines:")
+        for name in ("model", "logistic", "rfm_lightgbm", "bgnbd", "recency", "oracle"):
             if name in m:
                 lines.append(
-                    f"  {name:<9} AUC {m[name]['roc_auc']:.4f}  PR-AUC {m[name]['pr_auc']:.4f}"
+                    f"  {name:<12} AUC {m[name]['roc_auc']:.4f}  PR-AUC {m[name]['pr_auc']:.4f}"
+                    + (f"  log loss {m[name]['log_loss']:.4f}" if "log_loss" in m[name] else "")
                     + (f"  ECE {m[name]['ece']:.4f}" if "ece" in m[name] else "")
                 )
+        lines.append("  gates (on the selection model's test metrics):")
         lines += [f"  gate: {c}" for c in self.gates.checks]
         return "\n".join(lines)
 
@@ -132,17 +156,22 @@ def _find_key(data: Any, key: str) -> Any:
 
 
 def _champion_auc(
-    settings: Settings, name: str, test: pd.DataFrame
+    settings: Settings, name: str, test: pd.DataFrame, horizon_days: int
 ) -> tuple[int | None, float | None]:
     version = registry.champion_version(settings.tracking_uri, name)
     if version is None:
         return None, None
     champion = registry.load_estimator(settings.tracking_uri, name, version)
+    info = registry.version_info(settings.tracking_uri, name, version)
     missing = [c for c in champion.feature_names_ if c not in test.columns]
-    if missing:
-        # a champion on another feature service cannot score these rows: compare logged AUC
-        logged = registry.version_info(settings.tracking_uri, name, version)["metrics"]
-        return version, logged.get("test_roc_auc")
+    # a refit champion trained on labels of these test rows' window would score them in
+    # sample; like a champion on another feature service, it is judged by its logged AUC
+    seen = [
+        pd.Timestamp(c, tz="UTC") for c in info["params"].get("refit_cutoffs", "").split(",") if c
+    ]
+    first = pd.Timestamp(test["event_timestamp"].min())
+    if missing or any(c + pd.Timedelta(days=horizon_days) > first for c in seen):
+        return version, info["metrics"].get("test_roc_auc")
     score = champion.predict_proba(test[champion.feature_names_])[:, 1]
     return version, ev.ranking_metrics(test["label"].to_numpy(), score)["roc_auc"]
 
@@ -200,8 +229,9 @@ def train_model(
     spec : ModelSpec or str
         A spec, or a model name (``churn``, ``purchase``) read from ``models_dir``.
     as_of : date, optional
-        The latest (test) cutoff; its label window must close by the data end.
-        Defaults to the latest weekly cutoff that allows it.
+        The date the data runs to (default: the data end). The latest labelled
+        cutoff is ``as_of - horizon``; the model is selected on the time split of
+        the labelled cutoffs and refit on all of them (see the module docstring).
     horizon_days : int, optional
         Overrides the spec's label horizon.
     truth_dir : path, optional
@@ -229,33 +259,56 @@ def train_model(
     report(progress, f"{spec.name}: labels", next(step), _STAGES)
     report(progress, f"{spec.name}: features", next(step), _STAGES)
     data = propensity_dataset(settings, spec, as_of)
-    frame, features, split, rows = data.frame, data.features, data.split, data.rows
-    train, val, test = data.train, data.validation, data.test
+    split = data.split
+    assert data.refit is not None and data.refit_calibration is not None
+    rfm = rfm_frame(EventLake(settings.path(settings.lake_dir)), list(split.refit))
+    parts = [data.train, data.validation, data.test, data.refit, data.refit_calibration]
+    parts = [p.merge(rfm, on=list(KEYS), how="left", suffixes=("", "_rfm")) for p in parts]
+    clv_params: dict[str, dict] = {}
+    if spec.clv_features or spec.label.kind == "purchase":
+        # the BG/NBD baseline needs only the test cutoffs; as features, every cutoff
+        at = rfm if spec.clv_features else rfm[rfm["event_timestamp"].isin(list(split.test))]
+        clv, clv_params = clv_features(at, horizon)
+        parts = [p.merge(clv, on=list(KEYS), how="left") for p in parts]
+    train, val, test, refit, refit_cal = parts
+    features = list(data.features) + (list(CLV_FEATURES) if spec.clv_features else [])
+    # a feature missing on every labelled row (session counts of an orders-only log)
+    # carries nothing, and its all-NaN column only makes plots and imputers warn
+    empty = [f for f in features if refit[f].isna().all() and test[f].isna().all()]
+    features = [f for f in features if f not in set(empty)]
+    rows = {**data.rows}
 
     report(progress, f"{spec.name}: fit", next(step), _STAGES)
     model = CalibratedBooster(
         spec.lightgbm, spec.early_stopping_rounds, spec.calibration, seed=spec.seed
     ).fit(train[features], train["label"], eval_set=(val[features], val["label"]))
+    hit_cap = model.best_iteration_ >= spec.lightgbm.n_estimators
 
     report(progress, f"{spec.name}: baselines", next(step), _STAGES)
     logistic = LogisticBaseline(seed=spec.seed).fit(train[features], train["label"])
     recency = RecencyRule(higher_is_positive=spec.label.kind == "churn").fit(train)
+    rfm_model = CalibratedBooster(
+        spec.lightgbm, spec.early_stopping_rounds, spec.calibration, seed=spec.seed
+    ).fit(train[RFM_FEATURES], train["label"], eval_set=(val[RFM_FEATURES], val["label"]))
 
     report(progress, f"{spec.name}: evaluate", next(step), _STAGES)
     y_test = test["label"].to_numpy()
     scores = {
         "model": model.predict_proba(test[features])[:, 1],
         "logistic": logistic.predict_proba(test[features])[:, 1],
+        "rfm_lightgbm": rfm_model.predict_proba(test[RFM_FEATURES])[:, 1],
         "recency": recency.predict(test),
     }
+    if spec.label.kind == "purchase":
+        # BG/NBD fitted at the test cutoff on the purchases before it
+        scores["bgnbd"] = test["bgnbd_p_purchase"].to_numpy(np.float64)
     metrics = {
-        "model": ev.binary_metrics(y_test, scores["model"]),
-        "logistic": ev.binary_metrics(y_test, scores["logistic"]),
-        "recency": ev.ranking_metrics(y_test, scores["recency"]),
-        "model_validation": ev.binary_metrics(
-            val["label"].to_numpy(), model.predict_proba(val[features])[:, 1]
-        ),
+        name: ev.ranking_metrics(y_test, s) if name == "recency" else ev.binary_metrics(y_test, s)
+        for name, s in scores.items()
     }
+    metrics["model_validation"] = ev.binary_metrics(
+        val["label"].to_numpy(), model.predict_proba(val[features])[:, 1]
+    )
     oracle_note = "no truth dir given"
     if truth_dir is not None:
         oracle, oracle_note = _oracle(Path(truth_dir), spec, test)
@@ -263,8 +316,18 @@ def train_model(
             metrics["oracle"] = oracle
             metrics["model"]["oracle_auc_gap"] = oracle["roc_auc"] - metrics["model"]["roc_auc"]
 
+    report(progress, f"{spec.name}: refit", next(step), _STAGES)
+    # the final model: the selected trees and calibration, fitted on every labelled
+    # cutoff; its calibrator on the held-out customers of the latest one
+    final = CalibratedBooster(
+        spec.lightgbm.model_copy(update={"n_estimators": model.best_iteration_}),
+        None,
+        model.calibration_,  # type: ignore[arg-type]
+        seed=spec.seed,
+    ).fit(refit[features], refit["label"], eval_set=(refit_cal[features], refit_cal["label"]))
+
     report(progress, f"{spec.name}: gates", next(step), _STAGES)
-    champion, champion_auc = _champion_auc(settings, spec.name, test)
+    champion, champion_auc = _champion_auc(settings, spec.name, test, horizon)
     gates = GateResult(
         propensity_checks(metrics["model"], spec.gates, champion_auc), champion, champion_auc
     )
@@ -275,7 +338,7 @@ def train_model(
     lineage = {
         "feature_service": spec.feature_service,
         "label": f"{spec.label.kind}_{horizon}d",
-        "data_fingerprint": _fingerprint(frame),
+        "data_fingerprint": _fingerprint(data.frame),
         "lake_manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
         if manifest.exists()
         else "none",
@@ -284,7 +347,12 @@ def train_model(
         "cutoffs": json.dumps(split.as_dict()),
         "snapshots_built": ",".join(str(c.date()) for c in data.built),
         "gates_passed": str(passed),
+        "gates_judge": "the selection model's test metrics",
         "oracle": oracle_note,
+        "features_all_missing": ",".join(empty) or "none",
+        "early_stopping": "hit the n_estimators cap" if hit_cap else "stopped",
+        "mlflow.note.content": f"{spec.description or spec.name} ({spec.label.kind}, "
+        f"next {horizon} days; data to {split.refit[-1] + pd.Timedelta(days=horizon):%Y-%m-%d})",
     }
     logged_metrics: dict[str, float] = {
         f"{'test' if part == 'model' else part}_{k}": v
@@ -293,12 +361,17 @@ def train_model(
     }
     logged_metrics.update({f"rows_{k}": float(v) for k, v in rows.items()})
     logged_metrics["best_iteration"] = float(model.best_iteration_)
+    logged_metrics["refit_trees"] = float(final.best_iteration_)
     params = _flat("", spec.model_dump(mode="json"))
     params["calibration_chosen"] = model.calibration_
+    params["refit_cutoffs"] = ",".join(str(c.date()) for c in split.refit)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         _plots(out / "plots", y_test, scores, model, test[features], spec)
-        (out / "report").mkdir()
+        if clv_params:
+            (out / "report").mkdir(exist_ok=True)
+            (out / "report" / "bgnbd_params.json").write_text(json.dumps(clv_params, indent=2))
+        (out / "report").mkdir(exist_ok=True)
         (out / "report" / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (out / "report" / "spec.json").write_text(spec.model_dump_json(indent=2))
         (out / "report" / "gates.json").write_text(
@@ -307,7 +380,7 @@ def train_model(
         logged = registry.log_run(
             settings.tracking_uri,
             spec.name,
-            estimator=model,
+            estimator=final,
             input_example=test[features].head(5),
             params=params,
             metrics=logged_metrics,
@@ -331,4 +404,7 @@ def train_model(
         calibration=model.calibration_,
         best_iteration=model.best_iteration_,
         feature_names=features,
+        horizon_days=horizon,
+        hit_cap=hit_cap,
+        features_all_missing=empty,
     )

@@ -51,6 +51,7 @@ __all__ = [
     "exposure_truth",
     "feature_adapter",
     "historical_features",
+    "holdout_customers",
     "labeled_frame",
     "latest_snapshot",
     "nba_dataset",
@@ -66,18 +67,47 @@ KEYS = ("customer_id", "event_timestamp")
 
 @dataclass(frozen=True)
 class TimeSplit:
-    """Cutoffs of each part of a time-based split (``purged`` were left out)."""
+    """Cutoffs of each part of a time-based split.
+
+    ``train``, ``validation`` and ``test`` select the model; ``purged`` were left out
+    of selection (their label windows overlap the first test cutoff); ``refit`` is
+    every labelled cutoff, the final model's training cutoffs.
+    """
 
     train: tuple[pd.Timestamp, ...]
     validation: tuple[pd.Timestamp, ...]
     test: tuple[pd.Timestamp, ...]
     purged: tuple[pd.Timestamp, ...] = ()
+    refit: tuple[pd.Timestamp, ...] = ()
 
     def as_dict(self) -> dict[str, list[str]]:
         """ISO dates of every part, for logging."""
         parts = {"train": self.train, "validation": self.validation, "test": self.test}
         parts["purged"] = self.purged
+        parts["refit"] = self.refit
         return {k: [str(c.date()) for c in v] for k, v in parts.items()}
+
+    def describe(self, horizon_days: int) -> list[str]:
+        """Lines for the training summary: the cutoffs of each part, the purged and why."""
+
+        def span(cuts: Sequence[pd.Timestamp]) -> str:
+            if not cuts:
+                return "none"
+            dates = [str(c.date()) for c in cuts]
+            return dates[0] if len(dates) == 1 else f"{dates[0]} .. {dates[-1]} ({len(dates)})"
+
+        lines = [
+            f"  selection: train {span(self.train)}; validation {span(self.validation)}; "
+            f"test {span(self.test)}",
+            f"  refit: {span(self.refit)}",
+        ]
+        if self.purged:
+            lines.append(
+                f"  purged from selection: {', '.join(str(c.date()) for c in self.purged)} "
+                f"(their {horizon_days}-day label windows overlap the test cutoff "
+                f"{self.test[0].date()}); the refit uses them"
+            )
+        return lines
 
 
 def split_cutoffs(
@@ -111,7 +141,22 @@ def split_cutoffs(
             f"{horizon_days}-day horizon; need more history or a larger split.n_cutoffs"
         )
     purged = tuple(c for c in cuts if c not in set(train) | set(validation) | set(test))
-    return TimeSplit(tuple(train), tuple(validation), tuple(test), purged)
+    return TimeSplit(tuple(train), tuple(validation), tuple(test), purged, tuple(cuts))
+
+
+def holdout_customers(customer_ids: pd.Series, share: float) -> np.ndarray:
+    """Mask of the customers held out of fitting: a stable hash of the id below ``share``.
+
+    The same customer is held out at every cutoff and in every run.
+
+    Examples
+    --------
+    >>> mask = holdout_customers(pd.Series([f"C{i}" for i in range(1000)]), 0.25)
+    >>> 0.2 < mask.mean() < 0.3
+    True
+    """
+    hashed = pd.util.hash_pandas_object(customer_ids.astype(str), index=False).to_numpy()
+    return np.asarray((hashed % np.uint64(10_000)) < np.uint64(round(share * 10_000)))
 
 
 def _lake(settings: Settings) -> EventLake:
@@ -193,15 +238,24 @@ class Dataset:
     test: pd.DataFrame
     #: Feature snapshots this assembly had to build.
     built: list[pd.Timestamp]
+    #: The final fit's rows: every labelled cutoff (held-out customers' only where
+    #: their label windows closed before the latest cutoff).
+    refit: pd.DataFrame | None = None
+    #: The final fit's calibration rows: the held-out customers at the latest cutoff.
+    refit_calibration: pd.DataFrame | None = None
 
     @property
     def rows(self) -> dict[str, int]:
-        """Rows of each part of the split."""
-        return {
+        """Rows of each part of the split (and of the refit, when assembled)."""
+        rows = {
             "train": len(self.train),
             "validation": len(self.validation),
             "test": len(self.test),
         }
+        if self.refit is not None and self.refit_calibration is not None:
+            rows["refit"] = len(self.refit)
+            rows["refit_calibration"] = len(self.refit_calibration)
+        return rows
 
 
 def labeled_frame(
@@ -220,22 +274,47 @@ def labeled_frame(
 def propensity_dataset(
     settings: Settings, spec: ModelSpec, as_of: str | pd.Timestamp | None = None
 ) -> Dataset:
-    """Cutoffs → labeled entity rows → point-in-time features → train/validation/test.
+    """Cutoffs → labeled entity rows → point-in-time features → selection split and refit.
 
-    ``as_of`` is the latest (test) cutoff; by default the latest weekly cutoff whose
-    label window closes by the data end.
+    ``as_of`` is the date the data runs to (default: the data end); the latest
+    labelled cutoff is ``as_of - horizon`` (:func:`~propensity.labels.choose_cutoffs`).
+    Selection: train on the earliest cutoffs, validate on the next, test on the latest;
+    the validation rows are the held-out customers' (:func:`holdout_customers`), whose
+    rows enter a fit only where their label windows closed before the validation
+    cutoff. Refit: every labelled cutoff, the held-out customers' rows at the latest
+    cutoff calibrating it (and their rows with windows closed before it training).
     """
     lake = _lake(settings)
     horizon = spec.label.horizon_days
     cutoffs = choose_cutoffs(data_window(lake), horizon, spec.split, as_of=as_of)
     split = split_cutoffs(cutoffs, spec.split, horizon)
-    used = [*split.train, *split.validation, *split.test]
-    frame, features, built = labeled_frame(settings, spec, used)
-    train, validation, test = (
-        frame[frame["event_timestamp"].isin(list(cuts))].reset_index(drop=True)
-        for cuts in (split.train, split.validation, split.test)
+    frame, features, built = labeled_frame(settings, spec, list(split.refit))
+    held = holdout_customers(frame["customer_id"], spec.split.validation_customers)
+
+    stamps = frame["event_timestamp"]
+    ends = stamps + pd.Timedelta(days=horizon)
+
+    def part(cuts: Sequence[pd.Timestamp], mask: np.ndarray | None = None) -> pd.DataFrame:
+        rows = stamps.isin(list(cuts)).to_numpy()
+        return frame[rows if mask is None else rows & mask].reset_index(drop=True)
+
+    def fit_rows(scored_at: pd.Timestamp) -> np.ndarray:
+        # a held-out customer's row may train when its label window closed before the
+        # rows it is scored on begin: nothing it teaches is about those labels
+        return np.asarray(~held | (ends <= scored_at).to_numpy())
+
+    return Dataset(
+        spec,
+        split,
+        frame,
+        features,
+        train=part(split.train, fit_rows(split.validation[0])),
+        validation=part(split.validation, held),
+        test=part(split.test),
+        built=built,
+        refit=part(split.refit, fit_rows(split.refit[-1])),
+        refit_calibration=part(split.refit[-1:], held),
     )
-    return Dataset(spec, split, frame, features, train, validation, test, built)
 
 
 def exposure_log(settings: Settings, catalog: ActionCatalog) -> tuple[pd.DataFrame, int]:
