@@ -23,7 +23,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c requirements.lock -e ".[test,redis]"
+	$(BIN)/pip install --quiet -c requirements.lock -e ".[test,redis,spark]"
 	touch $(STAMP)
 
 clean:

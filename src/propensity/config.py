@@ -33,6 +33,7 @@ __all__ = [
     "OnlineStore",
     "Serving",
     "Settings",
+    "Spark",
     "load_settings",
     "PROJECT_FILE",
     "ENV_PREFIX",
@@ -97,6 +98,32 @@ class OnlineStore(_Strict):
     kind: Literal["sqlite", "redis"] = "sqlite"
     sqlite_path: Path = Path("data/online_store.db")
     redis_url: str = "localhost:6379"
+
+
+class Spark(_Strict):
+    """The Spark engine's session and the training boundary (``engine: spark``).
+
+    Attributes
+    ----------
+    master : str
+        Spark master URL; ``local[*]`` runs in this process on every core.
+    driver_memory : str
+        JVM heap of the driver (in local mode it also runs the executors).
+    shuffle_partitions : int
+        ``spark.sql.shuffle.partitions``: Spark's default of 200 makes hundreds of
+        tiny tasks on one machine; raise it with the cluster's cores.
+    conf : dict of str to str
+        Any further Spark configuration (``spark.executor.memory``...), applied last.
+    training_rows : int
+        Rows the Spark training frame is sampled down to (stratified by label) before
+        it is collected to the single machine that trains.
+    """
+
+    master: str = "local[*]"
+    driver_memory: str = "2g"
+    shuffle_partitions: int = Field(default=8, gt=0)
+    conf: dict[str, str] = Field(default_factory=dict)
+    training_rows: int = Field(default=1_000_000, gt=0)
 
 
 class Serving(_Strict):
@@ -185,6 +212,10 @@ class Settings(BaseSettings):
     events: Events = Events()
     online_store: OnlineStore = OnlineStore()
     serving: Serving = Serving()
+    #: Where feature SQL, training frames and bulk scoring run: DuckDB in this process
+    #: (default) or Spark (:mod:`propensity.spark`).
+    engine: Literal["duckdb", "spark"] = "duckdb"
+    spark: Spark = Spark()
     seed: int = 42
 
     @classmethod

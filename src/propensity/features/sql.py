@@ -37,26 +37,30 @@ count is a running sum of +1 where such a coverage run starts and -1 where it
 ends, which needs only the previous and next use day of the same feature.
 
 The SQL is standard (CTEs, inequality joins, window frames, ``REGR_SLOPE``);
-the three dialect specific expressions live in :data:`DIALECTS` ("duckdb" and
-"spark").
+the dialect specific expressions live in :data:`DIALECTS` ("duckdb" and
+"spark"). The integer key of step 0 is DuckDB's: in Spark a window ordered over
+every customer would run in one task, so Spark keys on ``customer_id`` itself.
 """
 
 from __future__ import annotations
 
 from .definitions import FEATURES, Feature
 
-__all__ = ["DIALECTS", "AGGREGATES", "feature_sql"]
+__all__ = ["DIALECTS", "AGGREGATES", "feature_sql", "feature_steps"]
 
 DIALECTS: dict[str, dict[str, str]] = {
     "duckdb": {
         "epoch": "(epoch_us({x}) / 1000000.0)",
         "last": "last_value({x} IGNORE NULLS)",
         "timestamp": "make_timestamptz(CAST({x} AS BIGINT) * 1000000)",
+        "key": "ROW_NUMBER() OVER (ORDER BY customer_id)",
     },
     "spark": {
-        "epoch": "(unix_micros({x}) / 1000000.0)",
+        # 1000000D: a DOUBLE literal (1000000.0 is a DECIMAL in Spark, so would the epoch be).
+        "epoch": "(unix_micros({x}) / 1000000D)",
         "last": "last_value({x}, true)",
         "timestamp": "timestamp_seconds({x})",
+        "key": "customer_id",
     },
 }
 
@@ -279,7 +283,7 @@ def feature_sql(events: str, snapshots: str = "snapshots", dialect: str = "duckd
 WITH ids AS (
   -- An integer key from the start: every GROUP BY, window and join below hashes or
   -- sorts numbers, not strings; the ids keep the customer_id order.
-  SELECT customer_id, ROW_NUMBER() OVER (ORDER BY customer_id) AS ck
+  SELECT customer_id, {d["key"]} AS ck
   FROM (SELECT DISTINCT customer_id FROM {events}) u
 ),
 ev AS (
@@ -490,3 +494,49 @@ FROM snap
 
 def _feature_expr(f: Feature) -> str:
     return f.sql
+
+
+def feature_steps(
+    events: str, snapshots: str = "snapshots", dialect: str = "duckdb"
+) -> tuple[list[tuple[str, str]], str]:
+    """The query of :func:`feature_sql` cut into its named steps and its final ``SELECT``.
+
+    An engine that recomputes a ``WITH`` step at each reference (Spark inlines
+    them) can run the steps one by one and keep the shared ones; the text is the
+    same single definition, only cut at the step boundaries.
+
+    Returns
+    -------
+    steps : list of (name, query)
+        In dependency order; each query reads earlier steps by name.
+    final : str
+        The final query, reading the steps by name.
+
+    Examples
+    --------
+    >>> steps, final = feature_steps("events")
+    >>> steps[0][0], final.lstrip().startswith("SELECT")
+    ('ids', True)
+    """
+    sql = feature_sql(events, snapshots, dialect)
+    body = sql.strip()
+    if not body.startswith("WITH "):
+        raise AssertionError("feature_sql must start with WITH")
+    lines = body[len("WITH ") :].splitlines()
+    steps: list[tuple[str, str]] = []
+    name: str | None = None
+    current: list[str] = []
+    for i, line in enumerate(lines):
+        if name is None:
+            head = line.split(" AS (")
+            if len(head) == 2 and head[1] == "" and head[0].isidentifier():
+                name, current = head[0], []
+                continue
+            return steps, "\n".join(lines[i:])
+        # A step closes at a ")" in the first column: the generator indents everything inside.
+        if line in ("),", ")"):
+            steps.append((name, "\n".join(current)))
+            name = None
+        else:
+            current.append(line)
+    raise AssertionError("feature_sql has no final SELECT")

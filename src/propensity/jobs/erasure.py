@@ -180,6 +180,14 @@ def _erase_features(settings: Settings, wanted: pa.Array) -> dict[str, int]:
         if removed:
             _write_atomic(table.filter(pc.invert(hit)), path)
         out[view] = removed
+    # The Spark engine's tables (engine: spark): partitioned folders of Parquet parts.
+    from propensity.spark.features import spark_table_path
+
+    pattern = IdPattern(wanted.to_pylist())
+    for view in VIEWS:
+        folder = spark_table_path(settings.path(settings.features_dir), view)
+        if folder.exists():
+            out[f"spark/{view}"] = _scrub_folder(folder, pattern, recursive=True).rows
     return out
 
 
