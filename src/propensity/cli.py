@@ -451,9 +451,21 @@ def nba_tabular(
     control: Annotated[str, typer.Option(help="Name of the control arm.")] = "control",
     value: Annotated[float, typer.Option(help="Value of one unit of outcome.")] = 1.0,
     cost: Annotated[float, typer.Option(help="Cost of one treatment.")] = 0.0,
+    features: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated feature columns (default: every other column)."),
+    ] = None,
+    exclude: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated columns to leave out (e.g. the campaign's outcomes)."),
+    ] = None,
 ) -> None:
     """Fit, evaluate and export uplift models and a policy from a campaign table."""
     from propensity.models.nba import fit_tabular
+    from propensity.models.nba_report import tabular_summary
+
+    def names(option: str | None) -> list[str] | None:
+        return None if option is None else [c.strip() for c in option.split(",") if c.strip()]
 
     try:
         result = fit_tabular(
@@ -466,11 +478,14 @@ def nba_tabular(
             id_col=id_col,
             value=value,
             cost=cost,
+            feature_cols=names(features),
+            exclude_cols=names(exclude),
         )
     except ValueError as exc:
         _fail(str(exc))
         return
-    console.print(result)
+    console.print(tabular_summary(result.report), markup=False, highlight=False, soft_wrap=True)
+    console.print(f"wrote {result.model_path.parent}/ (model, decisions, report, plots)")
 
 
 @app.command()

@@ -28,7 +28,7 @@ from propensity.models.uplift import qini_score
 if TYPE_CHECKING:
     from propensity.models.nba import NBAModel
 
-__all__ = ["evaluate_policy", "policy_summary"]
+__all__ = ["evaluate_policy", "policy_summary", "tabular_summary"]
 
 
 def _valued_outcome_matrix(log: pd.DataFrame, catalog: ActionCatalog) -> np.ndarray:
@@ -171,6 +171,9 @@ def evaluate_policy(
         "choices": {k: float(v) for k, v in shares.items()},
         "n_rows": int(len(log)),
     }
+    gate = getattr(model, "gate_", None)
+    if gate is not None:
+        out["heterogeneity_gate"] = gate.describe()
     if true is not None:
         oracle = float(table.loc["oracle", "true"])
         out["captured"] = (
@@ -192,6 +195,7 @@ def report_json(evaluation: dict[str, Any], extra: dict[str, Any]) -> dict[str, 
             for name, row in table.iterrows()
         },
         "qini": {a: r.as_dict() for a, r in evaluation["qini"].items()},
+        "heterogeneity_gate": evaluation.get("heterogeneity_gate"),
         "value_unit": "incremental value per customer vs no action",
     }
 
@@ -274,6 +278,75 @@ def policy_summary(report: dict[str, Any]) -> str:
         )
     unit = report.get("value_unit", "incremental value per customer vs no action")
     lines.append(f"values: {unit}, on {report.get('n_test_rows', '?')} held-out exposures")
+    if report.get("heterogeneity_gate"):
+        lines.append(report["heterogeneity_gate"])
+    captured = report.get("captured_oracle_fraction")
+    if captured is not None and not pd.isna(captured):
+        lines.append(f"learned policy captures {captured:.0%} of the oracle's true value")
+    return "\n".join(lines)
+
+
+def _interval(row: dict[str, Any], key: str) -> str:
+    return (
+        f"{_number(row.get(key), 7)}  [{_number(row.get(f'{key}_low'), 6)}, "
+        f"{_number(row.get(f'{key}_high'), 6)}]"
+    )
+
+
+def tabular_summary(report: dict[str, Any]) -> str:
+    """The readable summary of a campaign-table fit (see :func:`~.nba.fit_tabular`).
+
+    The arms with their rows and outcome rates, the features used, any
+    post-treatment warning, each policy's value (DR with its 90% interval,
+    IPS, and the true value on simulated tables), the learned policy minus the
+    best single arm with its paired interval, the heterogeneity gate, and the
+    Qini per arm on this package's scale and on scikit-uplift's.
+
+    Examples
+    --------
+    >>> print(tabular_summary(result.report))  # doctest: +SKIP
+    """
+    control = report.get("control", "control")
+    lines = [f"{'arm':<24}{'rows':>9}{'outcome mean':>14}"]
+    for arm, row in report.get("arms", {}).items():
+        label = f"{arm} (control)" if arm == control else arm
+        lines.append(f"{label[:24]:<24}{row['rows']:>9}{row['outcome_mean']:>14.4f}")
+    features = report.get("features", [])
+    lines.append(f"features ({len(features)}): {', '.join(features)}")
+    lines += [f"warning: {w}" for w in report.get("warnings", [])]
+    policies = report["policies"]
+    lines += [
+        "",
+        f"{'policy':<28}{'DR':>7}  {'DR 90% CI':^16}{'IPS':>8}{'true':>8}",
+        "-" * 70,
+    ]
+    for name, row in policies.items():
+        label = {"learned": "learned policy", "no_action": "no action"}.get(name, name)
+        label = label.replace("all_", "everyone gets ")
+        lines.append(
+            f"{label[:28]:<28}{_interval(row, 'dr')}{_number(row.get('ips'), 8)}"
+            f"{_number(row.get('true'), 8)}"
+        )
+    best = report.get("best_single_action_policy")
+    learned = policies.get("learned", {})
+    if best and learned.get("dr_diff") is not None:
+        lines.append(
+            f"learned - best single arm ({str(best).removeprefix('all_')}): "
+            f"{_interval(learned, 'dr_diff')}"
+        )
+    if report.get("heterogeneity_gate"):
+        lines.append(report["heterogeneity_gate"])
+    unit = report.get("value_unit", "incremental value per customer vs no action")
+    lines.append(f"values: {unit}, on {report.get('n_test_rows', '?')} held-out rows")
+    qini = report.get("qini", {})
+    if qini:
+        lines.append("")
+        lines.append(f"{'arm':<24}{'qini (ours)':>12}  {'90% CI':^16}{'qini (scikit-uplift)':>22}")
+        for arm, q in qini.items():
+            lines.append(
+                f"{arm[:24]:<24}{q['qini']:>12.4f}  [{q['qini_low']:>6.4f}, {q['qini_high']:>6.4f}]"
+                f"{_number(q.get('qini_normalized'), 22)}"
+            )
     captured = report.get("captured_oracle_fraction")
     if captured is not None and not pd.isna(captured):
         lines.append(f"learned policy captures {captured:.0%} of the oracle's true value")

@@ -220,6 +220,13 @@ class NBATraining(_Strict):
     train_fraction: float = Field(default=0.7, gt=0, lt=1)
     n_boot: int = Field(default=300, ge=0)
     seed: int = 42
+    #: Keep per-row uplifts only if the learned policy, cross-fitted over ``gate_folds``
+    #: folds of the training rows, beats the best single action at this confidence (else
+    #: each action gets its average effect: the best single action); null disables the gate.
+    #: Off by default for the event-lake path: on a few thousand exposures, learners fitted on
+    #: half the waves judge the full-data model too harshly. The tabular path gates by default.
+    gate_level: float | None = Field(default=None, gt=0, lt=1)
+    gate_folds: int = Field(default=2, ge=2)
     #: Apply contact caps when evaluating policies (eligibility rules always apply).
     evaluate_with_contact_policy: bool = False
     min_test_rows: int = Field(default=500, ge=0)

@@ -52,6 +52,7 @@ __all__ = [
     "QiniResult",
     "qini_curve",
     "qini_score",
+    "qini_auc_normalized",
     "LEARNERS",
 ]
 
@@ -523,9 +524,13 @@ class QiniResult:
     auuc: float
     auuc_low: float
     auuc_high: float
+    #: scikit-uplift's ``qini_auc_score`` (area over the diagonal relative to the perfect
+    #: ranking's, unweighted, binary outcomes only; NaN otherwise).
+    qini_normalized: float = float("nan")
 
     def as_dict(self) -> dict[str, float]:
         return {
+            "qini_normalized": self.qini_normalized,
             "qini": self.qini,
             "qini_low": self.qini_low,
             "qini_high": self.qini_high,
@@ -579,9 +584,60 @@ def qini_curve(
         gain = np.where(n_c > 0, y_t - y_c * n_t / n_c, y_t)
     n = len(s)
     fraction = np.linspace(0, 1, points)
-    index = np.clip(np.round(fraction * n).astype(int) - 1, 0, n - 1)
-    curve = np.where(fraction == 0, 0.0, gain[index]) / max(w.sum(), 1e-12)
-    return fraction, curve
+    # Tied scores have no order among themselves: the curve is read at the end of each
+    # tie block and interpolated within it (as scikit-uplift does), never by row order.
+    ends = np.r_[np.flatnonzero(np.diff(s[order])), n - 1] if n else np.array([], dtype=int)
+    curve = np.interp(fraction * n, np.r_[0, ends + 1], np.r_[0.0, gain[ends]])
+    return fraction, curve / max(w.sum(), 1e-12)
+
+
+def _sklift_qini_curve(
+    y: np.ndarray, score: np.ndarray, treated: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    # scikit-uplift 0.5.1's qini_curve: one point per distinct score, counts not shares.
+    order = np.argsort(score, kind="mergesort")[::-1]
+    y, treated, score = y[order], treated[order], score[order]
+    thresholds = np.r_[np.where(np.diff(score))[0], score.size - 1]
+    n_t = np.cumsum(treated, dtype=np.float64)[thresholds]
+    y_t = np.cumsum(y * treated, dtype=np.float64)[thresholds]
+    y_c = np.cumsum(y * (1 - treated), dtype=np.float64)[thresholds]
+    n_all = (thresholds + 1).astype(np.float64)
+    n_c = n_all - n_t
+    ratio = np.divide(n_t, n_c, out=np.zeros_like(n_t), where=n_c != 0)
+    curve = y_t - y_c * ratio
+    if n_all.size == 0 or curve[0] != 0 or n_all[0] != 0:
+        n_all, curve = np.r_[0.0, n_all], np.r_[0.0, curve]
+    return n_all, curve
+
+
+def qini_auc_normalized(score: Any, treated: Any, y: Any) -> float:
+    """The Qini coefficient on scikit-uplift's scale (``sklift.metrics.qini_auc_score``).
+
+    The area between the Qini curve and the random diagonal divided by that of
+    the perfect ranking (treated responders first, control responders last:
+    ``negative_effect=True``): 1 is a perfect ranking, 0 random. Rows are
+    unweighted, so it reads as on a randomized campaign; binary outcomes only
+    (NaN otherwise, or when one arm is absent). Implemented here, to the
+    letter of scikit-uplift 0.5.1, because that package calls a scikit-learn
+    helper scheduled for removal; the tests compare the two.
+
+    Examples
+    --------
+    >>> qini_auc_normalized([0.9, 0.8, 0.2, 0.1], [1, 0, 1, 0], [1, 0, 0, 1])
+    1.0
+    """
+    s = np.asarray(score, dtype=float)
+    t = np.asarray(treated).astype(int)
+    target = np.asarray(y, dtype=float)
+    if not (_is_binary(target) and _is_binary(t.astype(float))) or len(np.unique(t)) < 2:
+        return float("nan")
+    x_actual, y_actual = _sklift_qini_curve(target, s, t)
+    x_perfect, y_perfect = _sklift_qini_curve(target, target * t - target * (1 - t), t)
+    baseline = 0.5 * x_perfect[-1] * y_perfect[-1]
+    perfect = float(np.trapezoid(y_perfect, x_perfect)) - baseline
+    if perfect == 0:
+        return float("nan")
+    return (float(np.trapezoid(y_actual, x_actual)) - baseline) / perfect
 
 
 def _qini_summary(fraction: np.ndarray, gain: np.ndarray) -> tuple[float, float]:
@@ -631,4 +687,5 @@ def qini_score(
         auuc=auuc,
         auuc_low=float(low[1]),
         auuc_high=float(high[1]),
+        qini_normalized=qini_auc_normalized(s, tr, target),
     )

@@ -116,7 +116,14 @@ def train_nba(
     split_day = days[min(len(days) - 1, max(1, int(round(len(days) * training.train_fraction))))]
     is_train = (log["day"] < split_day).to_numpy()
     train, test = log[is_train], log[~is_train]
-    model = NBAModel(catalog, training.learner, training.params, training.seed)
+    model = NBAModel(
+        catalog,
+        training.learner,
+        training.params,
+        training.seed,
+        gate_level=training.gate_level,
+        gate_folds=training.gate_folds,
+    )
     logged = train["propensity"]
     model.fit(
         train[features],
