@@ -159,7 +159,8 @@ class RedisStream:
     def _messages(self, entries: Iterable[Any]) -> tuple[list[Message], list[str]]:
         messages, deleted = [], []
         for entry_id, fields in entries:
-            if fields is None:  # pending, then deleted (by an erasure): nothing to process
+            # Pending, then deleted (by an erasure): Redis gives no fields; nothing to process.
+            if not fields:
                 deleted.append(_text(entry_id))
                 continue
             messages.append(Message(_text(entry_id), fields.get(_EVENTS)))
