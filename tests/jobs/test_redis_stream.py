@@ -192,3 +192,26 @@ def test_missing_events_field_is_named() -> None:
     with pytest.raises(MessageError, match="no 'events' field") as info:
         decode_events(None)
     assert info.value.rule == "missing_field"
+
+
+def test_forget_erases_pending_events_and_dead_letters(stream_settings: Settings) -> None:
+    from propensity.jobs.erasure import forget
+
+    stream = RedisStream(stream_settings, consumer="a")
+    stream.add([_events("C7", 2), _events("C8", 1)])
+    stream.ack([], [DeadLetter("1-0", 0, "price", "negative", "bad", _events("C7", 1, 4))])
+    report = forget(stream_settings, ["C7"], scan=False)
+    assert (report.stream_events, report.stream_entries, report.stream_dead_letters) == (2, 1, 1)
+    assert "stream: 2 events in 1 entries, 1 dead letters" in report.summary()
+    left = [m.payload for m in stream.read(10)]
+    assert left == [_events("C8", 1)]
+    assert stream.dead_letters() == []
+
+
+def test_forget_names_an_unreachable_stream(tmp_path: Path) -> None:
+    from propensity.jobs.erasure import forget
+
+    settings = load_settings(tmp_path, environ={"PROPENSITY_STREAM__URL": "127.0.0.1:1"})
+    report = forget(settings, ["C7"], scan=False)
+    (trace,) = report.traces
+    assert "not reachable" in str(trace)

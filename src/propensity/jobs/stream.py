@@ -41,9 +41,20 @@ from propensity.config import Settings
 
 from .transport import EVENTS_FIELD, DeadLetter, Message, MessageError, Transport, decode_events
 
-__all__ = ["Processor", "ProduceError", "StreamConsumer", "StreamStats", "produce", "run_stream"]
+__all__ = [
+    "MARKER_FILE",
+    "Processor",
+    "ProduceError",
+    "StreamConsumer",
+    "StreamStats",
+    "erase_stream",
+    "produce",
+    "run_stream",
+]
 
 _log = logging.getLogger(__name__)
+#: In the jobs folder: this project has consumed a stream, so erasure must reach it.
+MARKER_FILE = "stream.json"
 #: Longest wait between retries while the transport or a store is down.
 _MAX_BACKOFF = 5.0
 
@@ -351,6 +362,7 @@ def run_stream(
 
         processor = EventProcessor(settings)
     transport = RedisStream(settings, consumer=consumer)
+    _mark(settings, transport)
     loop = StreamConsumer(
         transport,
         processor,
@@ -443,3 +455,42 @@ def produce(
     finally:
         stream.close()
     return len(lines)
+
+
+def _mark(settings: Settings, transport: Any) -> None:
+    """Record that this project streams, so ``forget`` reaches the stream too."""
+    jobs = settings.path(settings.jobs_dir)
+    jobs.mkdir(parents=True, exist_ok=True)
+    marker = {"key": transport.key, "dead_letter_key": settings.stream.dead_letter_key}
+    (jobs / MARKER_FILE).write_text(json.dumps(marker) + "\n")
+
+
+def erase_stream(settings: Settings, ids: Sequence[str]) -> Any:
+    """Remove customers' events from the stream and its dead letters, when the project streams.
+
+    The project streams when ``propensity stream`` ran in it, a ``stream.url`` is
+    set, or the online store is Redis. Returns a
+    :class:`~propensity.jobs.redis_stream.StreamErasure`, or ``None`` when the
+    project does not stream.
+
+    Raises
+    ------
+    ConnectionError
+        The stream's Redis cannot be reached (the ids may still be in it).
+    """
+    from .redis_stream import RedisStream, TransportError
+
+    streams = (
+        (settings.path(settings.jobs_dir) / MARKER_FILE).exists()
+        or settings.stream.url is not None
+        or settings.online_store.kind == "redis"
+    )
+    if not streams:
+        return None
+    stream = RedisStream(settings)
+    try:
+        return stream.erase_customers(ids)
+    except TransportError as exc:
+        raise ConnectionError(f"stream {stream.key} at {stream.url} not reachable: {exc}") from exc
+    finally:
+        stream.close()
