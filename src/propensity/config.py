@@ -140,10 +140,9 @@ class Stream(_Strict):
         claimed (``XAUTOCLAIM``) and processed again: a killed consumer's batch.
     dead_letter_key : str
         The stream that receives bad messages and rejected events with their reason.
-    flush_seconds : float
-        How often processed events are flushed to the event lake.
     log_seconds : float
-        How often the counts are logged.
+        How often the counts are logged and the stream trimmed. (When events
+        reach the lake is the processor's ``streaming:`` policy.)
     trim : bool
         Trim entries every group of the stream has acknowledged (``XTRIM MINID``),
         so the stream holds only work not yet done.
@@ -157,7 +156,6 @@ class Stream(_Strict):
     block_ms: int = Field(default=1000, gt=0)
     claim_idle_ms: int = Field(default=30_000, gt=0)
     dead_letter_key: str = "propensity:events:dead"
-    flush_seconds: float = Field(default=5.0, gt=0)
     log_seconds: float = Field(default=10.0, gt=0)
     trim: bool = True
 

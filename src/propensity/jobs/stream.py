@@ -12,8 +12,9 @@ The loop, for each batch a :class:`~propensity.jobs.transport.Transport` reads:
 3. acknowledge the batch with its dead letters (only now: a consumer killed
    before this point leaves the batch pending, and the next consumer
    processes it again, which the processor's idempotency makes harmless);
-4. every ``flush_seconds``, flush the processor to the event lake and trim
-   the stream; every ``log_seconds``, log the counts.
+4. when a read finds nothing, let the processor flush to the event lake if
+   its ``streaming:`` policy says so (``process`` does it too); every
+   ``log_seconds``, trim the stream and log the counts.
 
 SIGTERM or SIGINT stops it after the batch in hand: processed, acknowledged,
 flushed. A lost connection to the transport is retried with backoff, the
@@ -67,8 +68,12 @@ class Processor(Protocol):
         ``suppressed`` and ``rejected`` (``(index, field, rule, message)``)."""
         ...
 
+    def maybe_flush(self) -> Any:
+        """Write what was processed to the event lake when its policy says so."""
+        ...
+
     def flush(self) -> Any:
-        """Write what was processed to the event lake."""
+        """Write what was processed to the event lake now."""
         ...
 
 
@@ -156,8 +161,8 @@ class StreamConsumer:
     processor : Processor
     batch_size : int
         Most messages per read.
-    flush_seconds, log_seconds : float
-        How often to flush to the lake (and tidy the transport), and to log counts.
+    log_seconds : float
+        How often to log the counts and tidy the transport.
     clock : callable, optional
         The receive time given to the processor (default: now, UTC).
 
@@ -174,14 +179,12 @@ class StreamConsumer:
         processor: Processor,
         *,
         batch_size: int = 100,
-        flush_seconds: float = 5.0,
         log_seconds: float = 10.0,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.transport = transport
         self.processor = processor
         self.batch_size = batch_size
-        self.flush_seconds = flush_seconds
         self.log_seconds = log_seconds
         self.clock = clock or (lambda: datetime.now(UTC))
         self.stats = StreamStats()
@@ -244,9 +247,12 @@ class StreamConsumer:
         return len(messages)
 
     def flush(self) -> None:
-        """Flush the processor to the lake, then drop what the transport no longer needs."""
+        """Flush the processor to the lake now."""
         self.processor.flush()
         self.stats.flushes += 1
+
+    def tidy(self) -> None:
+        """Drop what the transport no longer needs (acknowledged by every reader)."""
         tidy = getattr(self.transport, "tidy", None)
         if tidy is not None:
             self.stats.trimmed += int(tidy())
@@ -262,21 +268,18 @@ class StreamConsumer:
         -------
         StreamStats
         """
-        next_flush = time.monotonic() + self.flush_seconds
         next_log = time.monotonic() + self.log_seconds
         backoff = 0.0
-        dirty = False
         while not self.stopping.is_set():
             try:
-                read = self.step()
-                dirty = dirty or read > 0
-                now = time.monotonic()
-                if dirty and now >= next_flush:
-                    self.flush()
-                    dirty = False
-                    next_flush = now + self.flush_seconds
-                if not read and stop_when_idle and self._idle():
-                    break
+                if not self.step():
+                    self.processor.maybe_flush()  # nothing new: staged events still get flushed
+                    if stop_when_idle and self._idle():
+                        break
+                if time.monotonic() >= next_log:
+                    self.tidy()
+                    _log.info("stream: %s", self.stats.line())
+                    next_log = time.monotonic() + self.log_seconds
                 backoff = 0.0
             except _retryable() as exc:
                 # Redis restarting, a store down, a full disk: the batch stays pending.
@@ -284,10 +287,6 @@ class StreamConsumer:
                 backoff = min(max(backoff * 2, 0.1), _MAX_BACKOFF)
                 _log.warning("stream: %s; retrying in %.1f s", exc, backoff)
                 self.stopping.wait(backoff)
-            now = time.monotonic()
-            if now >= next_log:
-                _log.info("stream: %s", self.stats.line())
-                next_log = now + self.log_seconds
         self._final_flush()
         _log.info("stream stopped: %s", self.stats.line())
         return self.stats
@@ -367,7 +366,6 @@ def run_stream(
         transport,
         processor,
         batch_size=settings.stream.batch_size,
-        flush_seconds=settings.stream.flush_seconds,
         log_seconds=settings.stream.log_seconds,
     )
     try:
