@@ -380,7 +380,7 @@ def stream(
         where = f"{exc.filename}: " if exc.filename else ""
         _fail(f"{where}{exc.strerror or exc}")
         return
-    console.print(stats.line(), markup=False)
+    console.print(stats.line(), markup=False, soft_wrap=True)
 
 
 @app.command()

@@ -3,8 +3,7 @@
 The loop, for each batch a :class:`~propensity.jobs.transport.Transport` reads:
 
 1. decode each message (:func:`~propensity.jobs.transport.decode_events`);
-   an undecodable message, or an item that is not an object, becomes a dead
-   letter with its reason;
+   an undecodable message becomes a dead letter with its reason;
 2. hand every event of the batch to the event processor in one call
    (``process``: validated, consent and suppression applied, idempotent by
    ``event_id``, durable when it returns); each rejected event becomes a dead
@@ -134,21 +133,10 @@ def _decode(messages: Sequence[Message]) -> _Batch:
                 )
             )
             continue
-        for position, item in enumerate(items):
-            if isinstance(item, dict):
-                batch.records.append(item)
-                batch.origin.append((message.id, position))
-            else:
-                batch.dead.append(
-                    DeadLetter(
-                        message.id,
-                        position,
-                        f"{EVENTS_FIELD}.{position}",
-                        "shape",
-                        f"item {position} is {type(item).__name__}, not an event object",
-                        _dumps(item),
-                    )
-                )
+        # Items that are not objects go to the processor too: it rejects them by its
+        # one rule, and they come back as dead letters like any rejected event.
+        batch.records += items
+        batch.origin += [(message.id, position) for position in range(len(items))]
     return batch
 
 

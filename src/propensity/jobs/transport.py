@@ -102,8 +102,8 @@ class Transport(Protocol):
 def decode_events(payload: bytes | None) -> list[Any]:
     """The items of one message payload: a JSON array, or one object as a batch of one.
 
-    Items that are not objects are returned as they are: the consumer
-    dead-letters each of them alone, so one bad item costs no valid event.
+    Items that are not objects are returned as they are: the processor rejects
+    each of them alone, so one bad item costs no valid event.
 
     Raises
     ------
