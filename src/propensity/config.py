@@ -33,6 +33,7 @@ __all__ = [
     "Serving",
     "Settings",
     "Stream",
+    "Streaming",
     "load_settings",
     "PROJECT_FILE",
     "ENV_PREFIX",
@@ -160,6 +161,25 @@ class Stream(_Strict):
     trim: bool = True
 
 
+class Streaming(_Strict):
+    """Streaming features and live events (``streaming:``, ``PROPENSITY_STREAMING__*``).
+
+    Attributes
+    ----------
+    retention_hours : float
+        How long tiles and applied event ids are kept online; at least the
+        25 hours the longest window ("today" on a DST day) needs.
+    flush_rows : int
+        Staged events that trigger a flush into the event lake.
+    flush_seconds : float
+        Age of the oldest staged event that triggers a flush.
+    """
+
+    retention_hours: float = Field(default=48.0, ge=25.0)
+    flush_rows: int = Field(default=50_000, gt=0)
+    flush_seconds: float = Field(default=10.0, gt=0)
+
+
 #: The environment a :func:`load_settings` call reads (``os.environ`` when unset).
 _ENVIRON: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
     "propensity_environ", default=None
@@ -205,6 +225,7 @@ class Settings(BaseSettings):
     online_store: OnlineStore = OnlineStore()
     serving: Serving = Serving()
     stream: Stream = Stream()
+    streaming: Streaming = Streaming()
     seed: int = 42
 
     @classmethod

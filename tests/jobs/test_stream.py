@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from propensity.streaming.processor import EventProcessor
 from stream_project import (
     RedisServer,
     cli,
@@ -35,6 +34,7 @@ from stream_project import (
 from propensity.config import Settings
 from propensity.events.lake import EventLake
 from propensity.jobs.redis_stream import RedisStream
+from propensity.streaming.processor import EventProcessor
 
 pytestmark = [
     pytest.mark.slow,
