@@ -344,6 +344,55 @@ def serve(
 
 
 @app.command()
+def stream(
+    produce: Annotated[
+        Path | None,
+        typer.Option(help="Send this JSON Lines file of events into the stream, and stop."),
+    ] = None,
+    per_message: Annotated[int, typer.Option(min=1, help="Events per message (--produce).")] = 100,
+    consumer: Annotated[
+        str | None, typer.Option(help="This consumer's name in the group (default: host name).")
+    ] = None,
+    drain: Annotated[
+        bool, typer.Option(help="Stop once nothing is left to read or pending.")
+    ] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Consume the Redis Stream of live events (stop with Ctrl-C or SIGTERM)."""
+    import logging
+
+    from propensity.jobs.redis_stream import TransportError
+    from propensity.jobs.stream import ProduceError, run_stream
+    from propensity.jobs.stream import produce as send_file
+
+    settings = _settings(config)
+    try:
+        if produce is not None:
+            with rich_progress(console) as progress:
+                sent = send_file(
+                    settings,
+                    produce,
+                    per_message=per_message,
+                    progress=lambda done, total: progress("produce", done, total),
+                )
+            console.print(f"sent {sent:,} events to {settings.stream.key}")
+            return
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        stats = run_stream(settings, consumer=consumer, stop_when_idle=drain)
+    except (ProduceError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    except TransportError as exc:
+        _fail(f"stream: cannot reach Redis: {exc}")
+        return
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        _fail(f"{where}{exc.strerror or exc}")
+        return
+    console.print(stats.line(), markup=False, soft_wrap=True)
+
+
+@app.command()
 def retrain(
     force: Annotated[bool, typer.Option(help="Retrain even when nothing changed.")] = False,
     status: Annotated[

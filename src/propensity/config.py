@@ -34,6 +34,8 @@ __all__ = [
     "Serving",
     "Settings",
     "Spark",
+    "Stream",
+    "Streaming",
     "load_settings",
     "PROJECT_FILE",
     "ENV_PREFIX",
@@ -166,6 +168,69 @@ class Serving(_Strict):
         return value
 
 
+class Stream(_Strict):
+    """The Redis Stream that ``propensity stream`` consumes (``stream:``, ``PROPENSITY_STREAM__*``).
+
+    Attributes
+    ----------
+    url : str, optional
+        The Redis holding the stream (``host:port``, ``host:port,db=N`` or
+        ``redis://host:port/db``); unset means the online store's ``redis_url``.
+    key : str
+        The stream's key.
+    group : str
+        The consumer group (created at the end of the stream when absent).
+    consumer : str, optional
+        This consumer's name in the group; unset means ``<hostname>``, so a
+        restarted consumer picks up its own pending messages at once.
+    batch_size : int
+        Most messages read per ``XREADGROUP`` (each may hold many events).
+    block_ms : int
+        How long a read waits for new messages; also how soon a stop is noticed.
+    claim_idle_ms : int
+        Messages delivered to a consumer and not acknowledged for this long are
+        claimed (``XAUTOCLAIM``) and processed again: a killed consumer's batch.
+    dead_letter_key : str
+        The stream that receives bad messages and rejected events with their reason.
+    log_seconds : float
+        How often the counts are logged and the stream trimmed. (When events
+        reach the lake is the processor's ``streaming:`` policy.)
+    trim : bool
+        Trim entries every group of the stream has acknowledged (``XTRIM MINID``),
+        so the stream holds only work not yet done.
+    """
+
+    url: str | None = None
+    key: str = "propensity:events"
+    group: str = "propensity"
+    consumer: str | None = None
+    batch_size: int = Field(default=100, gt=0)
+    block_ms: int = Field(default=1000, gt=0)
+    claim_idle_ms: int = Field(default=30_000, gt=0)
+    dead_letter_key: str = "propensity:events:dead"
+    log_seconds: float = Field(default=10.0, gt=0)
+    trim: bool = True
+
+
+class Streaming(_Strict):
+    """Streaming features and live events (``streaming:``, ``PROPENSITY_STREAMING__*``).
+
+    Attributes
+    ----------
+    retention_hours : float
+        How long tiles and applied event ids are kept online; at least the
+        25 hours the longest window ("today" on a DST day) needs.
+    flush_rows : int
+        Staged events that trigger a flush into the event lake.
+    flush_seconds : float
+        Age of the oldest staged event that triggers a flush.
+    """
+
+    retention_hours: float = Field(default=48.0, ge=25.0)
+    flush_rows: int = Field(default=50_000, gt=0)
+    flush_seconds: float = Field(default=10.0, gt=0)
+
+
 #: The environment a :func:`load_settings` call reads (``os.environ`` when unset).
 _ENVIRON: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
     "propensity_environ", default=None
@@ -216,6 +281,8 @@ class Settings(BaseSettings):
     #: (default) or Spark (:mod:`propensity.spark`).
     engine: Literal["duckdb", "spark"] = "duckdb"
     spark: Spark = Spark()
+    stream: Stream = Stream()
+    streaming: Streaming = Streaming()
     seed: int = 42
 
     @classmethod

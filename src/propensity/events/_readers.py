@@ -51,6 +51,7 @@ __all__ = [
     "expand_paths",
     "iter_source",
     "mentions_key",
+    "read_records",
     "read_source",
     "source_columns",
 ]
@@ -390,10 +391,16 @@ def _parse_jsonl_slowly(
                 values.append(None)
     _check_names(path, columns)
     table = pa.table({k: pa.array(v, pa.string()) for k, v in columns.items()})
+    if not columns:
+        # Only bare ``{}`` lines: a table without columns but with their rows.
+        table = pa.table({"_": pa.nulls(len(rows))}).drop_columns(["_"])
     if any(f is not None for f in flags):
         table = table.append_column(FLAGS, pa.array(flags, pa.string()))
     # Always present here, so a block of bare ``{}`` lines keeps its row count.
     return table.append_column(SOURCE_ROW, pa.array(rows, pa.int64())), problems
+
+
+_NOT_AN_OBJECT = re.compile(rb"(?:^|\n)[ \t\r]*[^ \t\r\n{]")
 
 
 def _parse_jsonl(
@@ -414,6 +421,10 @@ def _parse_jsonl(
         block.decode("utf-8")
     except UnicodeDecodeError:
         return _parse_jsonl_slowly(block, path, first_row)
+    # A line that is not an object (``null``, ``3``, ``[]``) can crash Arrow's
+    # reader (a segfault on ``null``): such blocks take the line-by-line path.
+    if _NOT_AN_OBJECT.search(block):
+        return _parse_jsonl_slowly(block, path, first_row)
     try:
         table = pajson.read_json(
             pa.BufferReader(block),
@@ -426,6 +437,28 @@ def _parse_jsonl(
         return _parse_jsonl_slowly(block, path, first_row)
     _check_names(path, table.column_names)
     return table, []
+
+
+def read_records(
+    records: Iterable[Any], text_columns: Iterable[str], source: str = "records"
+) -> tuple[pa.Table, list[RowProblem]]:
+    """Read JSON-like records (one row each, as a JSON Lines file would be read).
+
+    Each record is serialized to one JSON line and read by the JSON Lines
+    parser, so a record holds exactly what the same line of a file would:
+    values keep their JSON type, a record that is not an object is a
+    ``bad_json`` problem with its 0-based position as ``row``.
+    """
+    lines = [json.dumps(r, separators=(",", ":"), default=str) for r in records]
+    if not lines:
+        return pa.table({}), []
+    block = "\n".join(lines).encode("utf-8", "surrogatepass") + b"\n"
+    table, problems = _parse_jsonl(block, Path(source), 0, list(text_columns))
+    if SOURCE_ROW not in table.column_names:
+        # Every row's position, so a batch of bare ``{}`` records keeps its rows.
+        rows = pa.array(np.arange(table.num_rows, dtype=np.int64))
+        table = table.append_column(SOURCE_ROW, rows)
+    return table, problems
 
 
 def _iter_jsonl(

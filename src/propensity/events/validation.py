@@ -785,6 +785,9 @@ def _quarantine_records(
 ) -> pa.Table:
     positions = bad.column(_POS).cast(pa.int64())
     raw_rows = _as_text_safe(table.take(positions)).to_pylist() if bad.num_rows else []
+    if not table.num_columns:
+        # Rows without any field (bare ``{}``): Arrow lists no rows for a table without columns.
+        raw_rows = [{} for _ in range(bad.num_rows)]
     records: dict[str, list[Any]] = {name: [] for name in QUARANTINE_SCHEMA.names}
     for number, problems, raw in zip(
         row_numbers.to_pylist(), bad.column("_problems").to_pylist(), raw_rows, strict=True

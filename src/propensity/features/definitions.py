@@ -28,6 +28,10 @@ __all__ = [
     "service_views",
     "feature_reference_markdown",
     "request_features",
+    "StreamingFeature",
+    "STREAMING_VIEW",
+    "STREAMING_FEATURES",
+    "streaming_reference_markdown",
 ]
 
 ENTITY = "customer_id"
@@ -459,8 +463,96 @@ def feature_reference_markdown() -> str:
     return "\n".join(out)
 
 
+@dataclass(frozen=True)
+class StreamingFeature:
+    """One streaming feature: computed from per-customer minute tiles, merged at read time.
+
+    Attributes
+    ----------
+    name : str
+        Column name, unique across batch and streaming features.
+    description : str
+        What the value means at the request clock ``t`` (see :mod:`propensity.features.tiles`).
+    window_minutes : int or None
+        Length of the window in minutes; ``None`` for "today" (project time zone)
+        or the current session.
+    missing : {"zero", "null"}
+        Value when nothing happened in the window: ``0`` or NaN.
+    """
+
+    name: str
+    description: str
+    window_minutes: int | None
+    missing: Literal["zero", "null"] = "zero"
+
+
+#: Feature view (and Feast push source) of the streaming features.
+STREAMING_VIEW = "streaming"
+
+_COUNTED = {
+    "events": "Events of any type",
+    "sessions": "Sessions started (``session_start`` events)",
+    "product_views": "Product views (``product_view`` events)",
+    "cart_adds": "Cart adds (``add_to_cart`` events)",
+}
+_WINDOWS = {"30m": 30, "1h": 60, "24h": 1440}
+
+STREAMING_FEATURES: tuple[StreamingFeature, ...] = (
+    *(
+        StreamingFeature(f"{kind}_{label}", f"{text} in the last {label}.", minutes)
+        for kind, text in _COUNTED.items()
+        for label, minutes in _WINDOWS.items()
+    ),
+    StreamingFeature(
+        "cart_open_24h",
+        "1 when the last cart add of the last 24h came after the last purchase of that "
+        "window (an open, abandoned cart), else 0.",
+        1440,
+    ),
+    StreamingFeature(
+        "minutes_since_last_cart_add",
+        "Minutes from the last cart add of the last 24h to the request clock; NaN if none.",
+        1440,
+        "null",
+    ),
+    StreamingFeature(
+        "minutes_since_last_event",
+        "Minutes from the last event of the last 24h to the request clock; NaN if none.",
+        1440,
+        "null",
+    ),
+    StreamingFeature(
+        "session_product_views",
+        "Product views in the current session: the session of the customer's latest event "
+        "with a ``session_id``, when that event is within the last 30m; else 0.",
+        None,
+    ),
+    StreamingFeature(
+        "purchases_today",
+        "Purchase events since midnight of the request clock's day, in the project time zone.",
+        None,
+    ),
+)
+
+
+def streaming_reference_markdown() -> str:
+    """Render the streaming features as a Markdown table (used for the README).
+
+    Examples
+    --------
+    >>> streaming_reference_markdown().splitlines()[0]
+    '| feature | window | if missing | meaning |'
+    """
+    out = ["| feature | window | if missing | meaning |", "| --- | --- | --- | --- |"]
+    for f in STREAMING_FEATURES:
+        window = f"{f.window_minutes} min" if f.window_minutes else "today / session"
+        missing = "0" if f.missing == "zero" else "NaN"
+        out.append(f"| `{f.name}` | {window} | {missing} | {f.description} |")
+    return "\n".join(out)
+
+
 def _check_registry() -> None:
-    names = [f.name for f in FEATURES]
+    names = [f.name for f in FEATURES] + [f.name for f in STREAMING_FEATURES]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise ValueError(f"feature names defined twice: {sorted(dupes)}")

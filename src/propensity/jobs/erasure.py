@@ -11,6 +11,9 @@ where older data holds it exactly) and:
    ``secure_delete`` (freed bytes are zeroed), then a WAL checkpoint that
    truncates the log, then ``VACUUM`` if the main file still holds their key
    bytes (a copy of the main file alone must not hold them); Redis hash keys;
+   then, when the project streams (:func:`propensity.jobs.stream.erase_stream`),
+   their events still in the Redis Stream (entries rewritten without them) and
+   their dead letters; a stream that cannot be reached is reported as a trace;
 3. removes their events from the event lake (atomic rewrite of the affected
    files; the lake's staged leftovers of killed writers go too) and their rows
    from every feature table;
@@ -120,6 +123,9 @@ class ErasureReport:
     online_sqlite_rows: int = 0
     online_sqlite_vacuumed: bool = False
     online_redis_keys: int = 0
+    stream_events: int = 0
+    stream_entries: int = 0
+    stream_dead_letters: int = 0
     quarantine_rows: int = 0
     quarantine_files: int = 0
     landing_rows: int = 0
@@ -149,6 +155,8 @@ class ErasureReport:
             f"  online store: {self.online_sqlite_rows} SQLite rows"
             + (" (file vacuumed)" if self.online_sqlite_vacuumed else "")
             + f", {self.online_redis_keys} Redis keys",
+            f"  stream: {self.stream_events} events in {self.stream_entries} entries, "
+            f"{self.stream_dead_letters} dead letters",
             f"  quarantine: {self.quarantine_rows} rows in {self.quarantine_files} files; "
             f"landing copies: {self.landing_rows} rows in {self.landing_files} files; "
             f"{self.deleted_files} unreadable files deleted; {self.temp_files} temp files deleted",
@@ -381,6 +389,7 @@ def forget(
         report.online_sqlite_rows = online.sqlite_rows
         report.online_sqlite_vacuumed = online.sqlite_vacuumed
         report.online_redis_keys = online.redis_keys
+        _erase_stream(settings, ids, report)
         report.lake_events = EventLake(settings.path(settings.lake_dir)).erase_customers(ids)
         report.feature_rows = _erase_features(settings, wanted)
         quarantine = settings.path(settings.quarantine_dir)
@@ -396,11 +405,26 @@ def forget(
         report.landing_rows, report.landing_files = copies.rows, copies.files
         report.deleted_files = rows.deleted + copies.deleted
         if scan:
-            report.traces = find_traces(settings, ids)
+            report.traces += find_traces(settings, ids)
         report.audit_path = erased.audit_path
         counts = {k: v for k, v in report.to_dict().items() if k != "audit_path"}
         erased.add(ids, {"at": _now(), "actor": actor, "status": "done", "counts": counts})
     return report
+
+
+def _erase_stream(settings: Settings, ids: list[str], report: ErasureReport) -> None:
+    """The customers' pending messages and dead letters; an unreachable stream is a trace."""
+    from propensity.jobs.stream import erase_stream
+
+    try:
+        erased = erase_stream(settings, ids)
+    except ConnectionError as exc:
+        report.traces.append(Trace(settings.path(settings.jobs_dir), str(exc)))
+        return
+    if erased is not None:
+        report.stream_events = erased.events
+        report.stream_entries = erased.entries
+        report.stream_dead_letters = erased.dead_letters
 
 
 def _now() -> str:

@@ -1,0 +1,277 @@
+"""The one processing path of live events (``POST /events``, the stream consumer).
+
+:meth:`EventProcessor.process` takes a batch of JSON-like records in the
+canonical event schema and:
+
+1. reads them as a JSON Lines file would be read and validates them with the
+   file-ingest validator (:func:`~propensity.events.validation.validate_events`),
+   so the rules, reasons and time-zone handling are those of ``propensity ingest``;
+   a rejected record goes to the quarantine (``data/quarantine/``) and comes back
+   as ``(index, field, rule, message)``; an event later than the clock plus
+   :data:`~propensity.events.validation.FUTURE_TOLERANCE` is rejected
+   (``future_timestamp``);
+2. drops the events of customers without consent — on the suppression list
+   (erased by ``forget``) or with ``consent: false`` in the batch — counted in
+   ``suppressed``, neither stored nor quarantined;
+3. applies the valid events in one SQLite transaction
+   (:class:`~propensity.features.online.tiles.SqliteTileStore`): tiles, sessions,
+   the applied ``event_id`` record and the staged copy for the lake. An
+   ``event_id`` applied before is a duplicate and changes nothing;
+4. flushes the staged events into the event lake when enough are waiting
+   (``streaming.flush_rows``) or the oldest waited long enough
+   (``streaming.flush_seconds``); the lake dedupes by ``event_id``, so a crash
+   between the lake's commit and the unstaging re-flushes without duplicates.
+
+When ``process`` returns, everything it accepted is durable: a caller may
+acknowledge the batch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, astuple, dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from propensity.events._readers import read_records
+from propensity.events.lake import EventLake
+from propensity.events.schema import ARROW_SCHEMA
+from propensity.events.suppression import Screen, SuppressionList
+from propensity.events.validation import (
+    FUTURE_TOLERANCE,
+    QUARANTINE_SCHEMA,
+    validate_events,
+    withdrawn_customers,
+)
+from propensity.features.online.tiles import SqliteTileStore
+from propensity.features.tiles import TILE_US, clock_micros
+
+if TYPE_CHECKING:
+    from propensity.config import Settings
+    from propensity.project import Project
+
+__all__ = ["EventProcessor", "ProcessResult", "Rejection", "FUTURE_TOLERANCE"]
+
+_TEXT_COLUMNS = frozenset(
+    {f.name for f in ARROW_SCHEMA if pa.types.is_string(f.type)} | {"event_timestamp", "consent"}
+)
+_CANONICAL = [f.name for f in ARROW_SCHEMA]
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """One rejected record: its 0-based index in the batch, the field, the rule, in words."""
+
+    index: int
+    field: str
+    rule: str
+    message: str
+
+    def __iter__(self) -> Iterator[Any]:
+        # Unpacks as the tuple ``(index, field, rule, message)``.
+        return iter(astuple(self))
+
+
+@dataclass
+class ProcessResult:
+    """One batch: ``len(records) == accepted + duplicates + suppressed + len(rejected)``."""
+
+    accepted: int = 0
+    duplicates: int = 0
+    suppressed: int = 0
+    rejected: list[Rejection] = field(default_factory=list)
+    flushed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (the ``POST /events`` answer)."""
+        return {
+            "accepted": self.accepted,
+            "duplicates": self.duplicates,
+            "suppressed": self.suppressed,
+            "rejected": [asdict(r) for r in self.rejected],
+        }
+
+
+class _Suppressed:
+    """The suppression list's screen, rebuilt when the audit file changes (a new erasure)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stamp: tuple[float, int] | None = None
+        self._screen: Screen | None = None
+
+    def screen(self) -> Screen:
+        lake = self.settings.path(self.settings.lake_dir)
+        erased = SuppressionList.bound_to(lake) or SuppressionList.of(self.settings)
+        try:
+            info = erased.audit_path.stat()
+            stamp = (info.st_mtime, info.st_size)
+        except FileNotFoundError:
+            stamp = (0.0, 0)
+        if self._screen is None or stamp != self._stamp:
+            self._screen, self._stamp = Screen(erased), stamp
+        self._screen.rows = 0
+        return self._screen
+
+
+class EventProcessor:
+    """Validate, screen, apply and stage live events; flush them into the lake.
+
+    Parameters
+    ----------
+    settings : Settings
+        The project (lake, quarantine, online store, time zone, ``streaming:``).
+    project : str
+        Feast project name (prefix of the streaming tables).
+    source : str
+        Name recorded as ``source_file`` of quarantine records.
+
+    Examples
+    --------
+    >>> processor = EventProcessor(load_settings())  # doctest: +SKIP
+    >>> result = processor.process([{"customer_id": "C1", "event_type": "page_view",
+    ...     "event_timestamp": "2026-06-01T10:00:00Z", "event_id": "e1"}])  # doctest: +SKIP
+    >>> result.accepted, result.rejected  # doctest: +SKIP
+    (1, [])
+    """
+
+    def __init__(
+        self, settings: Settings, *, project: str | None = None, source: str = "POST /events"
+    ) -> None:
+        from propensity.features.store import PROJECT
+
+        self.settings = settings
+        self.source = source
+        self.lake = EventLake(settings.path(settings.lake_dir))
+        self.quarantine_dir = settings.path(settings.quarantine_dir)
+        self.tiles = SqliteTileStore(
+            settings.path(settings.online_store.sqlite_path),
+            project or PROJECT,
+            timezone=settings.timezone,
+        )
+        self._suppressed = _Suppressed(settings)
+        self._flush_lock = threading.Lock()
+        self._staged_since: float | None = None
+        self._last_expiry = 0.0
+
+    @classmethod
+    def from_project(cls, project: Project, **kwargs: Any) -> EventProcessor:
+        """The processor of a :class:`~propensity.project.Project`."""
+        return cls(project.settings, **kwargs)
+
+    # -- processing ------------------------------------------------------------
+
+    def process(
+        self, records: Sequence[Any], *, received_at: datetime | None = None
+    ) -> ProcessResult:
+        """Process one batch of canonical events; durable when it returns.
+
+        Parameters
+        ----------
+        records : sequence of dict
+            Events in the canonical schema (JSON values: text ids, ISO 8601
+            timestamps, numbers); optionally ``consent`` (false withdraws the
+            customer: their events are dropped).
+        received_at : datetime, optional
+            The clock for the future-timestamp rule and flush timing (default: now).
+
+        Returns
+        -------
+        ProcessResult
+        """
+        result = ProcessResult()
+        if not records:
+            return result
+        now = received_at or datetime.now(UTC)
+        table, problems = read_records(records, _TEXT_COLUMNS, self.source)
+        screen = self._suppressed.screen()
+        withdrawn = withdrawn_customers(table) if "consent" in table.column_names else set()
+        checked = validate_events(
+            table,
+            source=self.source,
+            timezone=self.settings.timezone,
+            now=now,
+            withdrawn=screen.withdrawn(table, withdrawn) if table.num_columns else withdrawn,
+            unparsed=problems,
+            columns_required=False,
+        )
+        result.suppressed = checked.consent_removed
+        rejected = checked.rejected
+        for index, fld, rule, reason in zip(
+            rejected.column("row_number").to_pylist(),
+            rejected.column("field").to_pylist(),
+            rejected.column("rule").to_pylist(),
+            rejected.column("reason").to_pylist(),
+            strict=True,
+        ):
+            result.rejected.append(
+                Rejection(int(index) - 1, fld, rule, f"row {int(index) - 1}: {fld}: {reason}")
+            )
+        if rejected.num_rows:
+            self._quarantine(rejected)
+        valid = checked.valid.select(_CANONICAL)
+        if valid.num_rows:
+            applied = self.tiles.apply(valid)
+            result.accepted, result.duplicates = applied.applied, applied.duplicates
+            if applied.applied and self._staged_since is None:
+                self._staged_since = time.monotonic()
+        result.flushed = self.maybe_flush()
+        return result
+
+    def _quarantine(self, rejected: pa.Table) -> None:
+        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        final = self.quarantine_dir / f"quarantine-events-{stamp}-{uuid.uuid4().hex[:8]}.parquet"
+        tmp = final.with_name("." + final.name + ".tmp")
+        pq.write_table(rejected.cast(QUARANTINE_SCHEMA), tmp)
+        tmp.replace(final)
+
+    # -- the lake ----------------------------------------------------------------
+
+    def maybe_flush(self) -> int:
+        """Flush when ``flush_rows`` events wait or the oldest waited ``flush_seconds``."""
+        cfg = self.settings.streaming
+        since = self._staged_since
+        due = since is not None and time.monotonic() - since >= cfg.flush_seconds
+        if not due and self.tiles.staged_rows() < cfg.flush_rows:
+            return 0
+        return self.flush()
+
+    def flush(self) -> int:
+        """Move every staged event into the event lake, exactly once by ``event_id``.
+
+        The lake commit comes first and the unstaging second: a crash between
+        them leaves the events staged, and the next flush finds them in the
+        lake already (the lake dedupes by ``event_id``), so nothing is lost and
+        nothing is stored twice. Returns the events added to the lake.
+        """
+        added = 0
+        with self._flush_lock:
+            self._staged_since = None
+            while True:
+                last, table = self.tiles.staged(self.settings.streaming.flush_rows)
+                if table is None:
+                    break
+                added += self.lake.append(table)
+                self.tiles.unstage(last)
+            self._expire()
+        return added
+
+    def _expire(self) -> None:
+        # Tiles older than the retention can no longer be read at a current clock.
+        if time.monotonic() - self._last_expiry < 60:
+            return
+        self._last_expiry = time.monotonic()
+        hours = self.settings.streaming.retention_hours
+        now_us = clock_micros(datetime.now(UTC))
+        self.tiles.expire(now_us // TILE_US - int(hours * 60))
+
+    def read(self, customer_ids: Sequence[str], clock: datetime | None = None) -> Any:
+        """Streaming feature values (:meth:`SqliteTileStore.read`) at ``clock`` (default now)."""
+        return self.tiles.read(customer_ids, clock_micros(clock or datetime.now(UTC)))

@@ -1,0 +1,169 @@
+"""The live-event processing path: validation, consent, idempotence, durability, the lake."""
+
+from __future__ import annotations
+
+import glob
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from propensity.config import Settings, load_settings
+from propensity.events.suppression import SuppressionList
+from propensity.features.tiles import STREAMING_NAMES
+from propensity.streaming import EventProcessor
+
+NOW = datetime(2026, 6, 1, 12, 0, 30, tzinfo=UTC)
+
+
+def _settings(root: Path) -> Settings:
+    return load_settings(root)
+
+
+def _event(i: int, customer: str = "C1", kind: str = "page_view", minutes: float = 0.0) -> dict:
+    return {
+        "event_id": f"e{i}",
+        "customer_id": customer,
+        "event_type": kind,
+        "session_id": f"s-{customer}",
+        "event_timestamp": (NOW - timedelta(minutes=minutes)).isoformat(),
+    }
+
+
+def _col(values: np.ndarray, name: str) -> np.ndarray:
+    return values[:, STREAMING_NAMES.index(name)]
+
+
+def test_counts_add_up_and_bad_rows_are_named_and_quarantined(tmp_path: Path) -> None:
+    processor = EventProcessor(_settings(tmp_path))
+    records = [
+        _event(0),
+        {"customer_id": "C1", "event_type": "teleport", "event_timestamp": NOW.isoformat()},
+        ["not", "an", "object"],
+        {**_event(3), "event_timestamp": (NOW + timedelta(minutes=6)).isoformat()},
+        {**_event(4), "price": -1},
+        _event(0),  # the same event twice in one batch
+    ]
+    result = processor.process(records, received_at=NOW)
+    assert (result.accepted, result.duplicates, result.suppressed) == (1, 1, 0)
+    rejected = {(r.index, r.field, r.rule) for r in result.rejected}
+    assert rejected == {
+        (1, "event_type", "unknown_event_type"),
+        (2, "(row)", "bad_json"),
+        (3, "event_timestamp", "future_timestamp"),
+        (4, "price", "negative"),
+    }
+    assert all(r.message.startswith(f"row {r.index}: {r.field}") for r in result.rejected)
+    stored = pq.read_table(glob.glob(str(tmp_path / "data/quarantine/*.parquet"))[0])
+    assert sorted(stored.column("rule").to_pylist()) == sorted(r[2] for r in rejected)
+
+
+def test_future_tolerance_accepts_a_slightly_early_clock(tmp_path: Path) -> None:
+    processor = EventProcessor(_settings(tmp_path))
+    early = {**_event(1), "event_timestamp": (NOW + timedelta(minutes=4)).isoformat()}
+    assert processor.process([early], received_at=NOW).accepted == 1
+
+
+def test_redelivery_changes_nothing(tmp_path: Path) -> None:
+    processor = EventProcessor(_settings(tmp_path))
+    batch = [_event(i, kind="product_view", minutes=i) for i in range(20)]
+    first = processor.process(batch, received_at=NOW)
+    before = processor.read(["C1"], NOW)
+    again = processor.process(batch[::-1], received_at=NOW)
+    assert (first.accepted, again.accepted, again.duplicates) == (20, 0, 20)
+    np.testing.assert_array_equal(processor.read(["C1"], NOW), before)
+    # A second processor (another server process) sees the same applied ids.
+    other = EventProcessor(_settings(tmp_path))
+    assert other.process(batch[:3], received_at=NOW).duplicates == 3
+
+
+def test_erased_and_withdrawn_customers_are_dropped_and_counted(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    processor = EventProcessor(settings)
+    assert processor.process([_event(1, "C9")], received_at=NOW).accepted == 1
+    SuppressionList.of(settings).add(["C9"], {"reason": "test"})
+    withdrawn = {**_event(3, "C7"), "consent": False}
+    result = processor.process(
+        [_event(2, "C9"), _event(4, "C7"), withdrawn, _event(5, "C1")], received_at=NOW
+    )
+    assert (result.accepted, result.suppressed, result.rejected) == (1, 3, [])
+
+
+def test_late_event_updates_its_own_minute(tmp_path: Path) -> None:
+    processor = EventProcessor(_settings(tmp_path))
+    processor.process([_event(1, minutes=0)], received_at=NOW)
+    # Arrives now, happened 45 minutes ago: in the 1 h window, not the 30 min one.
+    processor.process([_event(2, minutes=45)], received_at=NOW)
+    values = processor.read(["C1"], NOW)
+    assert _col(values, "events_30m")[0] == 1
+    assert _col(values, "events_1h")[0] == 2
+
+
+def test_windows_decay_without_new_events(tmp_path: Path) -> None:
+    processor = EventProcessor(_settings(tmp_path))
+    processor.process([_event(1, kind="add_to_cart")], received_at=NOW)
+    at = {m: processor.read(["C1"], NOW + timedelta(minutes=m)) for m in (0, 29, 31, 61, 1441)}
+    assert [_col(at[m], "cart_adds_30m")[0] for m in (0, 29, 31)] == [1, 1, 0]
+    assert [_col(at[m], "cart_adds_1h")[0] for m in (31, 61)] == [1, 0]
+    assert _col(at[31], "cart_open_24h")[0] == 1
+    assert _col(at[1441], "cart_open_24h")[0] == 0
+    assert np.isnan(_col(at[1441], "minutes_since_last_event")[0])
+    assert _col(at[29], "minutes_since_last_cart_add")[0] == pytest.approx(29.0)
+
+
+def test_flush_moves_staged_events_into_the_lake_once(tmp_path: Path) -> None:
+    processor = EventProcessor(_settings(tmp_path))
+    processor.process([_event(i, minutes=i) for i in range(30)], received_at=NOW)
+    assert processor.tiles.staged_rows() == 30
+    assert processor.flush() == 30
+    processor.process([_event(i, minutes=i) for i in range(40)], received_at=NOW)
+    processor.flush()
+    assert processor.lake.count() == 40
+    assert processor.tiles.staged_rows() == 0
+    ids = processor.lake.read(["event_id"])["event_id"]
+    assert ids.is_unique
+
+
+def test_restaging_after_a_crash_between_lake_commit_and_unstage_adds_nothing(
+    tmp_path: Path,
+) -> None:
+    processor = EventProcessor(_settings(tmp_path))
+    processor.process([_event(i) for i in range(10)], received_at=NOW)
+    last, table = processor.tiles.staged()
+    assert table is not None
+    processor.lake.append(table)  # the lake committed, then the process died
+    assert processor.flush() == 0
+    assert processor.lake.count() == 10
+
+
+_VALUE = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True), st.text(max_size=6)
+)
+_RECORD = st.one_of(
+    st.dictionaries(
+        st.sampled_from(
+            ["customer_id", "event_type", "event_timestamp", "event_id", "price", "consent"]
+        ),
+        st.one_of(
+            _VALUE,
+            st.sampled_from(["C1", "page_view", "purchase", "2026-06-01T11:59:00Z"]),
+        ),
+    ),
+    _VALUE,
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(records=st.lists(_RECORD, max_size=8))
+def test_any_batch_is_fully_accounted_for(tmp_path: Path, records: list) -> None:
+    processor = EventProcessor(_settings(tmp_path))
+    result = processor.process(records, received_at=NOW)
+    total = result.accepted + result.duplicates + result.suppressed + len(result.rejected)
+    assert total == len(records)
+    assert sorted({r.index for r in result.rejected}) == sorted(r.index for r in result.rejected)
