@@ -6,7 +6,9 @@ where older data holds it exactly) and:
 
 1. puts it on the suppression list (:mod:`propensity.events.suppression`)
    first, so an ingest from then on drops the customer's rows, on every path;
-2. deletes their entity rows from the online store
+2. deletes their streaming state (tiles, sessions, applied event ids, events
+   staged for the lake: :meth:`~propensity.features.online.tiles.SqliteTileStore.forget`)
+   and their entity rows from the online store
    (:meth:`~propensity.features.store.FeatureStoreAdapter.forget`): SQLite with
    ``secure_delete`` (freed bytes are zeroed), then a WAL checkpoint that
    truncates the log, then ``VACUUM`` if the main file still holds their key
@@ -126,6 +128,7 @@ class ErasureReport:
     stream_events: int = 0
     stream_entries: int = 0
     stream_dead_letters: int = 0
+    streaming_rows: int = 0
     quarantine_rows: int = 0
     quarantine_files: int = 0
     landing_rows: int = 0
@@ -157,6 +160,8 @@ class ErasureReport:
             + f", {self.online_redis_keys} Redis keys",
             f"  stream: {self.stream_events} events in {self.stream_entries} entries, "
             f"{self.stream_dead_letters} dead letters",
+            f"  streaming state: {self.streaming_rows} tiles, sessions, applied ids and "
+            "staged events",
             f"  quarantine: {self.quarantine_rows} rows in {self.quarantine_files} files; "
             f"landing copies: {self.landing_rows} rows in {self.landing_files} files; "
             f"{self.deleted_files} unreadable files deleted; {self.temp_files} temp files deleted",
@@ -383,8 +388,12 @@ def forget(
         erased.add(ids, {"at": _now(), "actor": actor, "status": "started"})
         erased.bind(settings.path(settings.lake_dir))  # every later ingest into the lake applies it
         # Online first: once a customer is gone from serving, the rest is offline cleanup.
-        from propensity.features.store import FeatureStoreAdapter
+        from propensity.features.online.tiles import SqliteTileStore
+        from propensity.features.store import PROJECT, FeatureStoreAdapter
 
+        tiles = SqliteTileStore(settings.path(settings.online_store.sqlite_path), PROJECT)
+        report.streaming_rows = tiles.forget(ids)
+        tiles.close()
         online = FeatureStoreAdapter(settings).forget(ids)
         report.online_sqlite_rows = online.sqlite_rows
         report.online_sqlite_vacuumed = online.sqlite_vacuumed

@@ -36,6 +36,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from propensity.serving.events import EventsRequest, post_events
 from propensity.serving.openapi import openapi_document
 from propensity.serving.schemas import (
     DEPRECATED_FIELDS,
@@ -156,6 +157,7 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "/score": ("POST",),
     "/score_batch": ("POST",),
     "/audience": ("POST",),
+    "/events": ("POST",),
     "/docs.json": ("GET",),
 }
 
@@ -167,6 +169,7 @@ def build_app(
     batch_limit: int = 1000,
     max_body_bytes: int = 1 << 20,
     body_timeout_seconds: float = 10.0,
+    events: Callable[[], Any] | None = None,
 ) -> Starlette:
     """Build the ``/score``, ``/score_batch``, ``/audience`` and ``/docs.json`` routes.
 
@@ -184,6 +187,9 @@ def build_app(
         Largest request body; larger ones are a 413 before they are read.
     body_timeout_seconds : float
         Deadline for receiving a whole request body (else 408).
+    events : callable, optional
+        Returns the :class:`~propensity.streaming.processor.EventProcessor` of
+        ``/events`` (``None``, or no callable: the route answers 503).
 
     Returns
     -------
@@ -193,7 +199,7 @@ def build_app(
     --------
     >>> app = build_app(lambda: None, api_key="secret")
     >>> sorted(r.path for r in app.routes)
-    ['/audience', '/docs.json', '/score', '/score_batch']
+    ['/audience', '/docs.json', '/events', '/score', '/score_batch']
     """
     if api_key is not None and not api_key.strip():
         raise ValueError("api_key is empty or blank; pass None to serve without authentication")
@@ -255,6 +261,23 @@ def build_app(
             response.headers["deprecation"] = DEPRECATION
         return response
 
+    @_route
+    async def post_events_route(request: Request) -> Response:
+        if expected is not None:
+            given = request.headers.get(API_KEY_HEADER, "").encode()
+            if not hmac.compare_digest(given, expected):
+                raise _HTTPError(401, "missing or invalid API key (header X-API-Key)")
+        processor = events() if events is not None else None
+        if processor is None:
+            raise _HTTPError(503, "the event processor is not started yet; see /readyz")
+        raw = await _read_body(request, max_body_bytes, body_timeout_seconds)
+        body = _parse(EventsRequest, raw)
+        if len(body.events) > batch_limit:
+            raise _HTTPError(
+                413, f"events holds {len(body.events)} events; the limit is {batch_limit}", "events"
+            )
+        return _json(await run_in_threadpool(post_events, processor, body))
+
     async def docs(request: Request) -> Response:
         return Response(document, media_type=JSON_MEDIA_TYPE)
 
@@ -262,6 +285,7 @@ def build_app(
         "/score": score,
         "/score_batch": score_batch,
         "/audience": audience,
+        "/events": post_events_route,
         "/docs.json": docs,
     }
     return Starlette(routes=[Route(p, handlers[p], methods=list(m)) for p, m in ROUTES.items()])

@@ -13,15 +13,26 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
 
 from propensity.features.online import MatrixReader, OnlineRows
+from propensity.features.tiles import STREAMING_NAMES
 
 __all__ = ["OnlineReader"]
 
 #: ``fn(columns: dict[str, ndarray], now: float) -> ndarray``: one request-time feature.
 Derived = Callable[[dict[str, np.ndarray], float], np.ndarray]
+
+
+class StreamingRead(Protocol):
+    """The streaming state's read (:class:`~propensity.features.online.tiles.SqliteTileStore`)."""
+
+    def read(self, customer_ids: Sequence[str], clock_us: int) -> np.ndarray: ...
+
+
+_FRESH = STREAMING_NAMES.index("minutes_since_last_event")
 
 
 class OnlineReader:
@@ -36,6 +47,10 @@ class OnlineReader:
         Request-time features, filled into their column from the others.
     clock : callable
         Returns the current epoch seconds (injectable for tests).
+    streaming : StreamingRead, optional
+        The streaming features, merged from their tiles at the request clock
+        into their columns (those of ``rows.feature_names``); a customer with a
+        streamed event in the last 24 h is not ``stale``.
 
     Examples
     --------
@@ -49,8 +64,15 @@ class OnlineReader:
         rows: MatrixReader,
         derived: Mapping[str, Derived] | None = None,
         clock: Callable[[], float] = time.time,
+        streaming: StreamingRead | None = None,
     ) -> None:
         self.rows = rows
+        self.streaming = streaming
+        self._streamed = [
+            (j, STREAMING_NAMES.index(name))
+            for j, name in enumerate(rows.feature_names)
+            if name in STREAMING_NAMES
+        ]
         self.derived = dict(derived or {})
         self.clock = clock
         self.feature_names = rows.feature_names
@@ -67,4 +89,10 @@ class OnlineReader:
             columns = {name: matrix[:, j] for name, j in self._column.items()}
             for name, fn in self.derived.items():
                 matrix[:, self._column[name]] = fn(columns, now)
+        if self.streaming is not None and len(matrix):
+            values = self.streaming.read(customer_ids, round(now * 1e6))
+            for column, source in self._streamed:
+                matrix[:, column] = values[:, source]
+            # Fresh streaming state makes the answer current whatever the batch row's age.
+            np.logical_and(got.stale, np.isnan(values[:, _FRESH]), out=got.stale)
         return got

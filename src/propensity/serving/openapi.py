@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from propensity.serving.events import EventsRequest, EventsResponse
 from propensity.serving.schemas import (
     AudienceRequest,
     AudienceResponse,
@@ -120,11 +121,12 @@ def openapi_document(*, batch_limit: int, auth: bool) -> dict[str, Any]:
     >>> sorted(doc["paths"])[:3]
     ['/audience', '/docs.json', '/healthz']
     """
-    requests: list[type[BaseModel]] = [ScoreRequest, BatchRequest, AudienceRequest]
+    requests: list[type[BaseModel]] = [ScoreRequest, BatchRequest, AudienceRequest, EventsRequest]
     responses: list[type[BaseModel]] = [
         ScoreResponse,
         BatchResponse,
         AudienceResponse,
+        EventsResponse,
         ErrorResponse,
     ]
     _, schemas = models_json_schema(
@@ -134,6 +136,7 @@ def openapi_document(*, batch_limit: int, auth: bool) -> dict[str, Any]:
     components: dict[str, Any] = {"schemas": schemas.get("$defs", {})}
     batch = components["schemas"][BatchRequest.__name__]
     batch["properties"]["customer_ids"]["maxItems"] = batch_limit
+    components["schemas"][EventsRequest.__name__]["properties"]["events"]["maxItems"] = batch_limit
     audience = _scoring(
         "audience", "Select an audience", AudienceRequest, AudienceResponse, (404,), auth, False
     )
@@ -157,6 +160,9 @@ def openapi_document(*, batch_limit: int, auth: bool) -> dict[str, Any]:
             "score_batch", "Score many customers", BatchRequest, BatchResponse, (), auth, timed=True
         ),
         "/audience": audience,
+        "/events": _scoring(
+            "events", "Post live events", EventsRequest, EventsResponse, (), auth, timed=False
+        ),
         "/healthz": _probe("Liveness", {"200": "The process is up."}, _TEXT),
         "/livez": _probe("Liveness", {"200": "The process is up."}, _TEXT),
         "/readyz": _readiness(),

@@ -19,9 +19,10 @@ import numpy as np
 
 from propensity.config import Serving, Settings
 from propensity.features.definitions import FEATURES, ON_DEMAND_FEATURES, request_features
+from propensity.features.tiles import STREAMING_NAMES
 from propensity.serving.audience import select_audience, snapshot_scores
 from propensity.serving.champions import ModelSource, RegistrySource, load_champions
-from propensity.serving.online import OnlineReader
+from propensity.serving.online import OnlineReader, StreamingRead
 from propensity.serving.schemas import AudienceRequest
 from propensity.serving.scorer import Scorer, thread_pool
 
@@ -65,6 +66,8 @@ def _base_features(feature_names: list[str]) -> tuple[list[str], dict[str, Any]]
             raise ValueError(f"on-demand feature {name!r} has no serving-side transformation")
         elif name in view_of:
             base.append(name)
+        elif name in STREAMING_NAMES:
+            continue  # merged from the streaming tiles at request time
         else:
             raise ValueError(f"feature {name!r} is not defined in the feature registry")
     return list(dict.fromkeys(base)), derived
@@ -83,7 +86,10 @@ def served_views(feature_names: list[str]) -> list[str]:
 
 
 def online_reader(
-    adapter: FeatureStoreAdapter, feature_names: list[str], direct: bool = True
+    adapter: FeatureStoreAdapter,
+    feature_names: list[str],
+    direct: bool = True,
+    streaming: StreamingRead | None = None,
 ) -> OnlineReader:
     """A reader of ``feature_names`` from the project's Feast online store.
 
@@ -91,15 +97,26 @@ def online_reader(
     (:meth:`~propensity.features.store.FeatureStoreAdapter.reader`: SQLite
     read directly, one query per view; ``direct=False``, or Redis, through
     Feast); on-demand ones are computed here with the feature repo's own
-    transformation (cheaper than Feast's on-demand path, same values).
+    transformation (cheaper than Feast's on-demand path, same values);
+    streaming ones are merged from their tiles at the request clock by
+    ``streaming``.
     """
     view_of = {f.name: f.view for f in FEATURES}
     base, derived = _base_features(feature_names)
     refs = [f"{view_of[n]}:{n}" for n in base]
+    streamed = [n for n in feature_names if n in STREAMING_NAMES]
     rows = adapter.reader(
-        refs, columns=list(derived), direct=direct, executor=thread_pool("sqlite")
+        refs, columns=list(derived) + streamed, direct=direct, executor=thread_pool("sqlite")
     )
-    return OnlineReader(rows, derived)
+    return OnlineReader(rows, derived, streaming=streaming)
+
+
+def _tile_store(settings: Settings) -> StreamingRead:
+    from propensity.features.online.tiles import SqliteTileStore
+    from propensity.features.store import PROJECT
+
+    path = settings.path(settings.online_store.sqlite_path)
+    return SqliteTileStore(path, PROJECT, timezone=settings.timezone)
 
 
 def freeze_heap() -> None:
@@ -162,6 +179,7 @@ class Runtime:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._audience_cache: dict[tuple[Any, ...], Any] = {}
+        self.streaming = _tile_store(settings)
 
     @property
     def store(self) -> FeatureStoreAdapter:
@@ -228,7 +246,7 @@ class Runtime:
                 cache_dir=self.settings.path(self.settings.compiled_dir),
             )
             names = champions.feature_names
-            reader = online_reader(self.store, names)
+            reader = online_reader(self.store, names, streaming=self.streaming)
             scorer = Scorer(reader, champions.churn, champions.purchase, champions.policy)
             views = served_views(names)
             if not set(views) <= set(self._views):

@@ -38,6 +38,7 @@ from starlette.routing import Route
 from propensity.config import ENV_PREFIX, PROJECT_FILE, ConfigError, Settings, load_settings
 from propensity.serving.app import ROUTES, build_app
 from propensity.serving.runtime import Runtime, freeze_heap
+from propensity.streaming.processor import EventProcessor
 
 __all__ = ["Scoring", "serve", "settings_environment", "SERVICE_IMPORT", "UNKNOWN_ROUTE"]
 
@@ -165,7 +166,10 @@ class Scoring:
             batch_limit=config.batch_limit,
             max_body_bytes=config.max_body_bytes,
             body_timeout_seconds=config.body_timeout_seconds,
+            events=lambda: getattr(self, "events", None),
         )
+        # Live events need no models: the processor starts before the champions load.
+        self.events = EventProcessor(settings)
         self.runtime = Runtime(settings, on_swap=freeze_heap).start()
         _CURRENT.runtime = self.runtime
 
@@ -181,6 +185,7 @@ class Scoring:
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
         self.runtime.close()
+        self.events.flush()
 
 
 def settings_environment(settings: Settings) -> dict[str, str]:

@@ -1,14 +1,13 @@
 """Streaming-feature state in the SQLite online store: tiles, sessions, applied ids, staged events.
 
-Four tables beside Feast's own in the online store's SQLite file (names
-prefixed by the Feast project, as Feast names its tables):
+Four tables beside Feast's own in the online store's SQLite file:
 
-* ``<project>_stream_tiles``: one row per customer and minute (see
+* ``stream_<project>_tiles``: one row per customer and minute (see
   :mod:`propensity.features.tiles`), counts added and latest times maxed on upsert;
-* ``<project>_stream_sessions``: per customer and session, latest event time and views;
-* ``<project>_stream_applied``: every ``event_id`` applied (with its customer and
+* ``stream_<project>_sessions``: per customer and session, latest event time and views;
+* ``stream_<project>_applied``: every ``event_id`` applied (with its customer and
   minute), so a redelivered event changes nothing;
-* ``<project>_stream_staged``: applied events waiting for the lake, as Arrow IPC
+* ``stream_<project>_staged``: applied events waiting for the lake, as Arrow IPC
   batches; :meth:`SqliteTileStore.unstage` removes them once the lake holds them.
 
 :meth:`SqliteTileStore.apply` writes all four in one transaction (WAL,
@@ -46,7 +45,9 @@ _CHUNK = 900  # ids per IN (...) query, under SQLite's default bound-parameter l
 
 def tile_tables(project: str) -> dict[str, str]:
     """Names of the streaming tables of a Feast project."""
-    return {kind: f"{project}_stream_{kind}" for kind in ("tiles", "sessions", "applied", "staged")}
+    # Not ``<project>_...``: Feast's tables are named so, and erasure deletes from
+    # every one of them by ``entity_key``.
+    return {kind: f"stream_{project}_{kind}" for kind in ("tiles", "sessions", "applied", "staged")}
 
 
 @dataclass
@@ -278,6 +279,8 @@ class SqliteTileStore:
         t = self.tables
         con = self._con()
         removed = 0
+        # Freed pages are zeroed: the file alone must not hold the ids afterwards.
+        con.execute("PRAGMA secure_delete=ON")
         con.execute("BEGIN IMMEDIATE")
         try:
             for start in range(0, len(wanted), _CHUNK):
@@ -308,6 +311,12 @@ class SqliteTileStore:
         except BaseException:
             con.execute("ROLLBACK")
             raise
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        data = self.path.read_bytes()
+        if any(c.encode("utf8") in data for c in wanted):
+            # Copies left in pages that B-tree rebalancing freed before secure_delete.
+            con.execute("VACUUM")
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return removed
 
     def holds(self, customer_ids: Sequence[str]) -> int:
