@@ -95,8 +95,9 @@ def test_window_closure_error_names_as_of_horizon_and_end(lake):
             "active",
         )
     window = data_window(lake)
-    with pytest.raises(LabelWindowError, match="2024-03-20"):
-        choose_cutoffs(window, 14, SplitSpec(), as_of="2024-03-20")
+    # as-of is the date the data runs to: a date after the data end is refused
+    with pytest.raises(LabelWindowError, match="2024-04-05 is after the data ends"):
+        choose_cutoffs(window, 14, SplitSpec(), as_of="2024-04-05")
     # the last window that still closes is accepted
     check_label_window(pd.Timestamp("2024-03-01", tz="UTC"), 30, window.end)
 
@@ -111,8 +112,9 @@ def test_choose_cutoffs_weekly_grid_and_history():
     assert cuts[-1] + pd.Timedelta(days=37) > window.end  # the latest grid date was chosen
     assert cuts[0] >= pd.Timestamp("2024-01-29", tz="UTC")
     assert all(b - a == pd.Timedelta(days=7) for a, b in zip(cuts, cuts[1:], strict=False))
+    # the data runs to 2024-05-01: the latest labelled cutoff is 30 days before
     explicit = choose_cutoffs(window, 30, SplitSpec(n_cutoffs=3), as_of="2024-05-01")
-    assert [str(c.date()) for c in explicit] == ["2024-04-17", "2024-04-24", "2024-05-01"]
+    assert [str(c.date()) for c in explicit] == ["2024-03-18", "2024-03-25", "2024-04-01"]
 
 
 def test_to_cutoff_rejects_non_midnight():

@@ -36,7 +36,7 @@ __all__ = ["Project", "NBAEvaluation", "SIMULATION_DIR"]
 
 #: Where :meth:`Project.simulate` writes events and ground truth (as the quickstart does).
 SIMULATION_DIR = Path("data/simulated")
-_SCORERS = ("model", "logistic", "recency", "oracle")
+_SCORERS = ("model", "logistic", "rfm_lightgbm", "bgnbd", "recency", "oracle")
 _METRICS = ("roc_auc", "pr_auc", "lift_at_10", "capture_at_10", "log_loss", "brier", "ece")
 
 
@@ -466,9 +466,9 @@ class Project:
         -------
         DataFrame
             Indexed by (``model``, ``scorer``) where scorer is ``model``,
-            ``logistic``, ``recency`` (a ranking rule: no calibration metrics) and
-            ``oracle`` (the simulator's true probabilities, when known); columns are
-            the metrics.
+            ``logistic``, ``rfm_lightgbm``, ``bgnbd`` (purchase models), ``recency``
+            (a ranking rule: no calibration metrics) and ``oracle`` (the simulator's
+            true probabilities, when known); columns are the metrics.
 
         Examples
         --------
@@ -491,7 +491,8 @@ class Project:
         """Test-window rows of a run with the registered model's scores beside references.
 
         Rebuilds the run's test rows (same cutoffs, same feature service), scores them
-        with the model version the run registered, the recency rule and, on simulated
+        with the run's selection model (the one its metrics measured; the registered
+        version when the result came without it), the recency rule and, on simulated
         data, the true probability (``oracle``).
 
         Returns
@@ -523,6 +524,10 @@ class Project:
     def _estimator(self, result: TrainingResult) -> Any:
         from propensity import registry
 
+        if result.selection_model is not None:
+            # the test rows are the selection model's held-out rows; the registered
+            # refit trained on them, so only the selection model reproduces the metrics
+            return result.selection_model
         version = result.version if result.version is not None else registry.CHAMPION
         return registry.load_estimator(self.settings.tracking_uri, result.model, version)
 

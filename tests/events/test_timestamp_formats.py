@@ -237,7 +237,7 @@ def test_project_setting_is_used_by_cli_project_and_overridden_by_the_flag(tmp_p
             cwd=tmp_path,
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=300,
             env={**os.environ, "COLUMNS": "200"},
         )
 

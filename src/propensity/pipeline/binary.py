@@ -67,6 +67,9 @@ class TrainingResult:
     hit_cap: bool = False
     #: Service features missing on every labelled row, left out of the model.
     features_all_missing: list[str] = field(default_factory=list)
+    #: The selection model (the one ``metrics`` measured; the registered one is the
+    #: refit), kept in memory for notebooks: it is not logged.
+    selection_model: Any = field(default=None, repr=False)
 
     def __rich__(self) -> str:
         return self.summary()
@@ -407,4 +410,5 @@ def train_model(
         horizon_days=horizon,
         hit_cap=hit_cap,
         features_all_missing=empty,
+        selection_model=model,
     )
