@@ -156,10 +156,15 @@ class _Client:
         self.connection = http.client.HTTPConnection(host, int(port), timeout=60)
 
     def post(self, path: str, body: Any) -> tuple[int, bytes, float]:
-        self.connection.request(
-            "POST", path, json.dumps(body), {"content-type": "application/json"}
-        )
-        response = self.connection.getresponse()
+        payload = json.dumps(body)
+        try:
+            self.connection.request("POST", path, payload, {"content-type": "application/json"})
+            response = self.connection.getresponse()
+        except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            # The server closed a keep-alive connection left idle (uvicorn: after 5 s).
+            self.connection.close()
+            self.connection.request("POST", path, payload, {"content-type": "application/json"})
+            response = self.connection.getresponse()
         data = response.read()
         timing = response.getheader("server-timing") or "dur=nan"
         return response.status, data, float(timing.rsplit("dur=", 1)[1]) / 1e3

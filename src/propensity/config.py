@@ -270,7 +270,7 @@ class Settings(BaseSettings):
     models_dir: Path = Path("models")
     landing_dir: Path = Path("data/landing")
     jobs_dir: Path = Path("data/jobs")
-    compiled_dir: Path = Path("data/compiled")
+    compiled_dir: Path = Path("data/compiled")  # compiled models, by content: kept across restarts
     mlflow_tracking_uri: str = "sqlite:///data/mlflow.db"
     timezone: str = "UTC"
     horizons: Horizons = Horizons()
