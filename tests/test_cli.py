@@ -48,3 +48,24 @@ def test_init_starts_a_project_the_other_commands_accept(tmp_path: Path) -> None
     output = " ".join(build.stdout.split())
     assert build.returncode == 2 and "is empty: ingest events first" in output
     assert "propensity init" not in output and "Traceback" not in build.stdout + build.stderr
+
+
+def test_nba_tabular_prints_a_summary_and_names_the_arms(tmp_path: Path) -> None:
+    from propensity.events.campaign_table import simulate_campaign_table
+
+    table, _ = simulate_campaign_table(3_000, seed=2)
+    table.to_csv(tmp_path / "campaign.csv", index=False)
+    base = ["nba", "tabular", "campaign.csv", "--treatment", "arm", "--outcome", "visit"]
+    done = _cli(tmp_path, *base, "--out", "out", "--id", "customer", "--value", "10")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "warning: column 'conversion' looks post-treatment" in done.stdout
+    assert "learned policy" in done.stdout and "qini (scikit-uplift)" in done.stdout
+    clean = _cli(tmp_path, *base, "--out", "out2", "--exclude", "conversion,spend,propensity")
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "warning" not in clean.stdout
+    assert "features (8): customer, recency" in clean.stdout
+    wrong = _cli(tmp_path, *base, "--out", "out3", "--control", "none")
+    output = " ".join(wrong.stdout.split())
+    assert wrong.returncode == 2
+    assert "arms found: ['control', 'mens_email', 'womens_email']" in output
+    assert "Traceback" not in wrong.stdout + wrong.stderr

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from propensity.models.uplift import DRLearner, TLearner, XLearner, qini_curve, qini_score
+from propensity.models.uplift import (
+    DRLearner,
+    TLearner,
+    XLearner,
+    qini_auc_normalized,
+    qini_curve,
+    qini_score,
+)
 
 ARMS = ["control", "a", "b"]
 
@@ -100,3 +109,35 @@ def test_qini_curve_small_example() -> None:
     fraction, gain = qini_curve([0.3, 0.1, 0.2, 0.0], [1, 0, 1, 0], [1, 0, 0, 0], points=5)
     np.testing.assert_allclose(fraction, [0, 0.25, 0.5, 0.75, 1])
     np.testing.assert_allclose(gain, [0, 0.25, 0.25, 0.25, 0.25])
+
+
+def test_qini_normalized_is_scikit_uplifts_qini_auc_score() -> None:
+    sklift_metrics = pytest.importorskip("sklift.metrics")
+    # scikit-uplift's own small case: a perfect ranking scores 1.
+    assert qini_auc_normalized([0.9, 0.8, 0.2, 0.1], [1, 0, 1, 0], [1, 0, 0, 1]) == 1.0
+    rng = np.random.default_rng(7)
+    for n in (40, 500, 3000):
+        treated = rng.integers(0, 2, n)
+        score = np.round(rng.random(n), 2)  # ties included
+        y = (rng.random(n) < 0.2 + 0.3 * treated * score).astype(int)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            expected = sklift_metrics.qini_auc_score(y, score, treated)
+        assert qini_auc_normalized(score, treated, y) == pytest.approx(expected, abs=1e-12)
+    # Numeric outcomes or a single arm have no value on that scale.
+    assert np.isnan(qini_auc_normalized([0.1, 0.2], [1, 0], [3.5, 1.0]))
+    assert np.isnan(qini_auc_normalized([0.1, 0.2], [1, 1], [1, 0]))
+
+
+def test_qini_curve_of_tied_scores_ignores_row_order() -> None:
+    rng = np.random.default_rng(8)
+    n = 400
+    treated = rng.integers(0, 2, n).astype(bool)
+    y = rng.integers(0, 2, n)
+    score = np.zeros(n)  # one constant uplift: no ranking at all
+    fraction, gain = qini_curve(score, treated, y)
+    flipped = qini_curve(score[::-1], treated[::-1], y[::-1])[1]
+    np.testing.assert_allclose(gain, flipped, atol=1e-12)
+    # Without a ranking the curve is the random diagonal.
+    np.testing.assert_allclose(gain, fraction * gain[-1], atol=1e-12)
+    assert qini_score(score, treated, y, n_boot=20).qini == pytest.approx(0.0, abs=1e-12)

@@ -68,12 +68,12 @@ def simulate_campaign_table(
     base = expit(-1.9 - 0.08 * (recency - 6) + 0.25 * (np.log(history) - 5.0))
     recent_new = (newbie == 1) & (recency <= 4)
     if heterogeneous:
-        lift_mens = np.where(mens == 1, 0.09, -0.04) * np.where(womens == 1, 0.5, 1.0)
-        lift_womens = np.where(recent_new, 0.14, -0.02)
+        lift_mens = np.where(mens == 1, 0.12, -0.06) * np.where(womens == 1, 0.5, 1.0)
+        lift_womens = np.where(recent_new, 0.2, -0.03)
     else:
-        # The same averages as the heterogeneous case, spread evenly.
-        lift_mens = np.full(n_rows, 0.04)
-        lift_womens = np.full(n_rows, 0.025)
+        # About the heterogeneous case's averages, spread evenly.
+        lift_mens = np.full(n_rows, 0.035)
+        lift_womens = np.full(n_rows, 0.01)
     p = np.column_stack([base, base + lift_mens, base + lift_womens]).clip(0.005, 0.995)
     share = np.full(len(ARMS), 1.0 / len(ARMS))
     pick = rng.choice(len(ARMS), n_rows, p=share)
