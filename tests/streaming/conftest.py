@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -59,7 +61,10 @@ def start_server(settings: Settings, log: Path, port: int | None = None) -> Serv
         "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     with log.open("ab") as out:
-        process = subprocess.Popen(command, env=environ, stdout=out, stderr=subprocess.STDOUT)
+        # Its own process group: a kill reaches BentoML's worker processes too.
+        process = subprocess.Popen(
+            command, env=environ, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while True:
@@ -76,13 +81,21 @@ def start_server(settings: Settings, log: Path, port: int | None = None) -> Serv
         time.sleep(0.3)
 
 
+def kill_server(server: Server) -> None:
+    """SIGKILL the server and its workers: no shutdown hook runs."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.process.pid, signal.SIGKILL)
+    server.process.wait()
+
+
 def stop_server(server: Server) -> None:
-    server.process.terminate()
+    if server.process.poll() is not None:
+        return
+    os.killpg(server.process.pid, signal.SIGTERM)
     try:
         server.process.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait()
+        kill_server(server)
 
 
 def day_of_events(customers: int = 150, seed: int = 7) -> pa.Table:
