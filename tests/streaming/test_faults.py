@@ -23,19 +23,22 @@ from propensity.streaming import EventProcessor
 def test_killed_server_mid_batch_loses_and_doubles_nothing(
     project: Settings, tmp_path: Path
 ) -> None:
-    events = day_of_events(customers=120, seed=11)
+    events = day_of_events(customers=400, seed=11)
     records = as_records(events)
-    batches = [records[i : i + 200] for i in range(0, len(records), 200)]
+    batches = [records[i : i + 100] for i in range(0, len(records), 100)]
     assert len(batches) >= 4
     port = free_port()
     server = start_server(project, tmp_path / "server.log", port=port)
     answers: list[dict[str, Any]] = []
     failures = 0
+    posting = threading.Event()
 
     def client() -> None:
         nonlocal failures
-        for batch in batches:
+        for k, batch in enumerate(batches):
             while True:  # at-least-once: retry the batch until it is acknowledged
+                if k == 2:
+                    posting.set()  # the third batch is on its way: the server dies now
                 try:
                     answer = httpx.post(f"{server.url}/events", json={"events": batch}, timeout=10)
                     if answer.status_code == 200:
@@ -48,14 +51,15 @@ def test_killed_server_mid_batch_loses_and_doubles_nothing(
 
     thread = threading.Thread(target=client)
     thread.start()
-    while len(answers) < 2:
-        time.sleep(0.01)
-    kill_server(server)  # mid-stream: a batch is in flight or about to be
+    assert posting.wait(timeout=300)
+    time.sleep(0.01)
+    kill_server(server)  # mid-batch: the third post is in flight
+    answered_before_kill = len(answers)
     server = start_server(project, tmp_path / "server.log", port=port)
     thread.join(timeout=300)
     stop_server(server)
     assert not thread.is_alive() and len(answers) == len(batches)
-    assert failures > 0  # the kill did interrupt the client
+    assert answered_before_kill < len(batches) and failures > 0  # the kill interrupted a post
     assert sum(a["accepted"] for a in answers) <= len(records)
     assert all(not a["rejected"] for a in answers)
 
