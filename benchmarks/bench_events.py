@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -182,8 +181,15 @@ def main() -> None:
             )
             print(f"server memory: {rss_start:,.0f} MB at start, {rss_end:,.0f} MB at the end")
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGTERM)
+            # The workers too: BentoML's outlive a lone parent.
+            family = [psutil.Process(server.pid)]
+            with contextlib.suppress(psutil.Error):
+                family += family[0].children(recursive=True)
+            for proc in family:
+                with contextlib.suppress(psutil.Error):
+                    proc.terminate()
+            for proc in psutil.wait_procs(family, timeout=30)[1]:
+                proc.kill()
             server.wait(timeout=30)
             log.close()
 
