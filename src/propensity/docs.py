@@ -27,9 +27,16 @@ def _features() -> str:
     return feature_reference_markdown()
 
 
+def _streaming() -> str:
+    from propensity.features.definitions import streaming_reference_markdown
+
+    return streaming_reference_markdown()
+
+
 GENERATED_SECTIONS: dict[str, Callable[[], str]] = {
     "event-schema": _schema,
     "feature-reference": _features,
+    "streaming-features": _streaming,
 }
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pyarrow as pa
 import pytest
 
@@ -59,7 +61,10 @@ def start_server(settings: Settings, log: Path, port: int | None = None) -> Serv
         "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     with log.open("ab") as out:
-        process = subprocess.Popen(command, env=environ, stdout=out, stderr=subprocess.STDOUT)
+        # Its own process group: a kill reaches BentoML's worker processes too.
+        process = subprocess.Popen(
+            command, env=environ, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while True:
@@ -71,18 +76,36 @@ def start_server(settings: Settings, log: Path, port: int | None = None) -> Serv
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
-            process.kill()
+            kill_server(Server(url, process, log))
             raise RuntimeError(f"server not up:\n{log.read_text()[-3000:]}")
         time.sleep(0.3)
 
 
+def kill_server(server: Server) -> None:
+    """SIGKILL the server and every worker it started: no shutdown hook runs."""
+    family = [psutil.Process(server.process.pid)]
+    with contextlib.suppress(psutil.Error):
+        family += family[0].children(recursive=True)
+    for proc in family:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(family, timeout=30)
+    server.process.wait()
+
+
 def stop_server(server: Server) -> None:
-    server.process.terminate()
-    try:
-        server.process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait()
+    """Terminate the server and its workers (BentoML's workers outlive a lone parent)."""
+    family = [psutil.Process(server.process.pid)] if server.process.poll() is None else []
+    with contextlib.suppress(psutil.Error):
+        family += family[0].children(recursive=True) if family else []
+    for proc in family:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(family, timeout=20)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    server.process.wait()
 
 
 def day_of_events(customers: int = 150, seed: int = 7) -> pa.Table:

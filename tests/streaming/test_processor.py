@@ -167,3 +167,19 @@ def test_any_batch_is_fully_accounted_for(tmp_path: Path, records: list) -> None
     total = result.accepted + result.duplicates + result.suppressed + len(result.rejected)
     assert total == len(records)
     assert sorted({r.index for r in result.rejected}) == sorted(r.index for r in result.rejected)
+
+
+def test_purchases_today_restart_at_local_midnight(tmp_path: Path) -> None:
+    (tmp_path / "propensity.yaml").write_text("timezone: America/New_York\n")
+    processor = EventProcessor(load_settings(tmp_path, environ={}))
+    # 03:30 UTC on 1 June is 23:30 on 31 May in New York.
+    late = datetime(2026, 6, 1, 3, 30, tzinfo=UTC)
+    buy = {"customer_id": "C1", "event_type": "purchase", "price": 5.0, "quantity": 1.0}
+    processor.process(
+        [{**buy, "event_id": "p1", "event_timestamp": late.isoformat()}], received_at=late
+    )
+    before = processor.read(["C1"], late + timedelta(minutes=20))  # 23:50 local
+    after = processor.read(["C1"], late + timedelta(minutes=40))  # 00:10 local, next day
+    assert _col(before, "purchases_today")[0] == 1
+    assert _col(after, "purchases_today")[0] == 0
+    assert _col(after, "events_1h")[0] == 1

@@ -38,8 +38,10 @@ derived ids (``order_id`` too), so identical rows of a file stay apart.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import threading
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -134,6 +136,7 @@ _SRC_ROW = "__source_row_number__"
 _CHUNK_ROWS = 2_000_000
 _OUT_SCHEMA = pa.schema([pa.field(f.name, f.type) for f in ARROW_SCHEMA])
 _WS = "' ' || chr(9) || chr(10) || chr(11) || chr(12) || chr(13)"
+_LOCAL = threading.local()
 _EARLIEST = f"TIMESTAMPTZ '{EARLIEST_TIMESTAMP.isoformat()}'"
 
 
@@ -700,12 +703,48 @@ def validate_events(
         plan.rules.append(("consent", "not_boolean", "_has_consent AND _consent IS NULL"))
         plan.used.add("consent")
     flags = _translated_flags(reader_columns.get(FLAGS), dict(mapping or {}), plan.used)
-    con = duckdb.connect()
+    con = _connection()
     try:
         con.execute(f"SET TimeZone = {_lit(timezone)}")
     except duckdb.Error:
-        con.close()
         raise IngestError(f"unknown time zone {timezone!r}") from None
+    try:
+        return _validated(
+            con, plan, flags, withdrawn, renamed, table, original_names, back, source,
+            source_rows, row_offset, keep_identical_rows, unparsed_records, unparsed_removed,
+            len(unparsed),
+        )  # fmt: skip
+    finally:
+        for name in ("src", "withdrawn"):
+            with contextlib.suppress(duckdb.Error):
+                con.unregister(name)
+
+
+def _connection() -> duckdb.DuckDBPyConnection:
+    """This thread's DuckDB connection: opening one costs far more than validating 500 rows."""
+    con: duckdb.DuckDBPyConnection | None = getattr(_LOCAL, "con", None)
+    if con is None:
+        con = _LOCAL.con = duckdb.connect()
+    return con
+
+
+def _validated(
+    con: duckdb.DuckDBPyConnection,
+    plan: _Plan,
+    flags: pa.ChunkedArray | pa.Array | None,
+    withdrawn: Collection[str],
+    renamed: pa.Table,
+    table: pa.Table,
+    original_names: list[str],
+    back: dict[str, str],
+    source: str,
+    source_rows: pa.ChunkedArray | None,
+    row_offset: int,
+    keep_identical_rows: bool,
+    unparsed_records: pa.Table,
+    unparsed_removed: int,
+    n_unparsed: int,
+) -> ValidationResult:
     if withdrawn:
         con.register("withdrawn", pa.table({"customer_id": pa.array(list(withdrawn), pa.string())}))
     sql = _build_sql(plan, flags is not None, bool(withdrawn))
@@ -732,7 +771,6 @@ def validate_events(
             .cast(_OUT_SCHEMA)
             .append_column("__row__", rows)
         )
-    con.close()
     bad_rows = (
         pa.concat_tables(bad_parts)
         if bad_parts
@@ -753,7 +791,7 @@ def validate_events(
         valid=pa.concat_tables(valid_parts),
         rejected=rejected,
         consent_removed=table.num_rows - kept + unparsed_removed,
-        read=table.num_rows + len(unparsed),
+        read=table.num_rows + n_unparsed,
     )
 
 

@@ -276,7 +276,12 @@ def build_app(
             raise _HTTPError(
                 413, f"events holds {len(body.events)} events; the limit is {batch_limit}", "events"
             )
-        return _json(await run_in_threadpool(post_events, processor, body))
+        try:
+            return _json(await run_in_threadpool(post_events, processor, body))
+        except ValueError as exc:
+            # A batch that cannot be read as events at all (text that is not valid
+            # Unicode, say): nothing of it was applied, the client may fix and resend.
+            raise _HTTPError(422, f"events could not be read: {exc}", "events") from None
 
     async def docs(request: Request) -> Response:
         return Response(document, media_type=JSON_MEDIA_TYPE)
