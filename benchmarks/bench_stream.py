@@ -1,4 +1,4 @@
-"""Benchmark: live events through the Redis Stream, end to end, beside direct calls and Feast's push.
+"""Benchmark: live events through the Redis Stream end to end, beside direct calls and Feast push.
 
 Starts a redis-server of its own (no persistence) and a ``propensity stream``
 consumer process on a temporary project (SQLite online store, the lake), then:
@@ -181,7 +181,7 @@ def _batches(prefix: str, count: int, per_message: int, customers: int, seed: in
 def throughput(settings: Settings, seconds: float, per_message: int, customers: int) -> float:
     stream = RedisStream(settings)
     client = connect(stream.url)
-    key, group = settings.stream.key, settings.stream.group
+    key = settings.stream.key
     stop = threading.Event()
 
     def produce() -> None:
