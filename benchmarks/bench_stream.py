@@ -109,7 +109,7 @@ def _wait_consumer(settings: Settings, client) -> None:
     raise RuntimeError("the consumer did not start")
 
 
-def freshness(settings: Settings, n: int, rate: float, tmp: Path) -> None:
+def freshness(settings: Settings, n: int, rate: float, tmp: Path, baseline_s: float) -> None:
     rng = random.Random(1)
     stream = RedisStream(settings)
     reader = EventProcessor(settings)
@@ -159,8 +159,11 @@ def freshness(settings: Settings, n: int, rate: float, tmp: Path) -> None:
     )
     # Baseline: the same path with no transport, in this process.
     direct = EventProcessor(_project(tmp / "direct-fresh", 1, 1))
-    costs = []
-    for i in range(min(n, 2000)):
+    costs: list[float] = []
+    t_end = time.perf_counter() + baseline_s
+    for i in range(n):
+        if costs and time.perf_counter() > t_end:
+            break
         customer = f"D{i:07d}"
         t0 = time.perf_counter()
         direct.process([_event(f"direct-{i}", customer, rng)])
@@ -294,11 +297,11 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=500.0, help="freshness events/s")
     parser.add_argument("--seconds", type=float, default=60.0, help="throughput window")
     parser.add_argument("--per-message", type=int, default=500)
-    parser.add_argument("--batch-size", type=int, default=20, help="messages per read")
+    parser.add_argument("--batch-size", type=int, default=100, help="messages per read")
     parser.add_argument("--customers", type=int, default=10_000)
     parser.add_argument("--baseline-seconds", type=float, default=20.0)
     args = parser.parse_args()
-    print(f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}")
+    print(f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}", flush=True)
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         port = _free_port()
@@ -313,7 +316,7 @@ def main() -> None:
             client = connect(f"127.0.0.1:{port}")
             consumer = _consumer(settings)
             _wait_consumer(settings, client)
-            freshness(settings, args.events, args.rate, tmp)
+            freshness(settings, args.events, args.rate, tmp, args.baseline_seconds)
             stream_rate = throughput(settings, args.seconds, args.per_message, args.customers)
             direct = direct_rate(
                 tmp, args.per_message, args.batch_size, args.customers, args.baseline_seconds
