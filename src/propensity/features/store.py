@@ -36,7 +36,7 @@ from feast import FeatureStore, RepoConfig
 
 from propensity.progress import ProgressCallback, report
 
-from .definitions import ENTITY, ON_DEMAND_FEATURES, VIEWS, features_of, service_views
+from .definitions import ENTITY, ON_DEMAND_FEATURES, PROJECT, VIEWS, features_of, service_views
 from .online import FeastReader, MatrixReader, WriteReport, entity_keys, write_many
 from .online.redis import BulkRedisOnlineStore
 from .online.sqlite import BulkSqliteOnlineStore, BulkSqliteOnlineStoreConfig
@@ -58,8 +58,6 @@ __all__ = [
     "redis_connection_string",
 ]
 
-#: The Feast project name: table prefix in SQLite, key suffix in Redis.
-PROJECT = "propensity"
 REQUEST_TIME = "request_time"
 _REPO_MODULE = "propensity_feature_repo"
 _EPOCH = pd.Timestamp(0, tz="UTC")

@@ -1,27 +1,40 @@
-"""Unattended lifecycle jobs: scheduled retraining with gates, drift monitoring, erasure."""
+"""Unattended jobs: scheduled retraining with gates, drift monitoring, erasure, the stream.
 
-from propensity.jobs.drift import DriftReport, drift_report, psi
-from propensity.jobs.erasure import ErasureReport, forget
-from propensity.jobs.lock import JobLock, LockBusyError
-from propensity.jobs.retrain import (
-    ModelDecision,
-    RetrainError,
-    RetrainPolicy,
-    RetrainReport,
-    retrain,
-)
+The names below are imported on first use (PEP 562): ``propensity stream``
+imports :mod:`propensity.jobs.stream` without paying for MLflow, scikit-learn
+and Feast, which retraining and drift need (tens of seconds on a busy 2-core box).
+"""
 
-__all__ = [
-    "DriftReport",
-    "ErasureReport",
-    "JobLock",
-    "LockBusyError",
-    "ModelDecision",
-    "RetrainError",
-    "RetrainPolicy",
-    "RetrainReport",
-    "drift_report",
-    "forget",
-    "psi",
-    "retrain",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "DriftReport": "drift",
+    "drift_report": "drift",
+    "psi": "drift",
+    "ErasureReport": "erasure",
+    "forget": "erasure",
+    "JobLock": "lock",
+    "LockBusyError": "lock",
+    "ModelDecision": "retrain",
+    "RetrainError": "retrain",
+    "RetrainPolicy": "retrain",
+    "RetrainReport": "retrain",
+    "retrain": "retrain",
+    "StreamConsumer": "stream",
+    "run_stream": "stream",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -144,7 +144,7 @@ class EventProcessor:
     def __init__(
         self, settings: Settings, *, project: str | None = None, source: str = "POST /events"
     ) -> None:
-        from propensity.features.store import PROJECT
+        from propensity.features.definitions import PROJECT
 
         self.settings = settings
         self.source = source
