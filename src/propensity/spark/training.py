@@ -75,7 +75,7 @@ def training_frame_spark(
         cols = ", ".join(f"f.{n}" for n in names)
         spark.sql(
             f"""
-            SELECT {_ROW}, {cols} FROM (
+            SELECT {_ROW}, {", ".join(names)} FROM (
               SELECT e.{_ROW}, {cols},
                 ROW_NUMBER() OVER (PARTITION BY e.{_ROW} ORDER BY f.{TIMESTAMP} DESC) AS rn
               FROM pit_entity e JOIN pit_{view} f
