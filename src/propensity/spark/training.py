@@ -97,7 +97,9 @@ def training_frame_spark(
         from propensity.spark.score import _with_last_seen
 
         (name,) = ON_DEMAND_FEATURES
-        schema = out.schema.add(name, "double")
+        # A new DDL schema: StructType.add would change the frame's own (cached) schema.
+        fields = [f"`{f.name}` {f.dataType.simpleString()}" for f in out.schema.fields]
+        schema = ", ".join([*fields, f"`{name}` double"])
         out = out.mapInPandas(lambda batches: map(_with_last_seen, batches), schema)
     return out
 
