@@ -142,6 +142,7 @@ def test_spark_training_frame_equals_feast_point_in_time_join(built: Settings, s
     entity["label"] = rng.integers(0, 2, len(entity))
     expected = adapter.historical(entity, service)
     got = training_frame_spark(built, spark, entity, service, ttls).toPandas()
+    got["event_timestamp"] = pd.to_datetime(got["event_timestamp"], utc=True)
     key = ["event_timestamp", "customer_id"]
     assert got["label"].tolist() == got.merge(entity, on=key)["label_y"].tolist()
     _assert_equal_features(expected.drop(columns="label"), got.drop(columns="label"))
