@@ -15,7 +15,7 @@ from features_testdata import REPO_FEATURE_REPO, events_table, random_events
 
 from propensity.config import Settings
 from propensity.events.lake import EventLake
-from propensity.features.definitions import FEATURES, VIEWS, features_of
+from propensity.features.definitions import FEATURES, VIEWS, features_of, service_views
 from propensity.features.snapshots import (
     build_features,
     compute_features,
@@ -118,6 +118,49 @@ def test_rebuilding_one_snapshot_keeps_the_others(built: Settings, spark: Any) -
         after.sort_values(key).reset_index(drop=True)[before.columns],
         before.sort_values(key).reset_index(drop=True),
     )
+
+
+def test_spark_training_frame_equals_feast_point_in_time_join(built: Settings, spark: Any) -> None:
+    from propensity.features.store import FeatureStoreAdapter
+    from propensity.spark.training import SAMPLE_WEIGHT, stratified_sample, training_frame_spark
+
+    adapter = FeatureStoreAdapter(built)
+    adapter.apply()
+    service = "churn_v1"
+    ttls = {
+        v: adapter.store.get_feature_view(v).ttl.total_seconds()
+        for v in service_views(service)
+        if v != "request_features"
+    }
+    rng = np.random.default_rng(0)
+    # On snapshots, between them, and past the TTL of the last one (all features null).
+    cutoffs = [TIMES[1], TIMES[2] + pd.Timedelta(days=3), TIMES[-1] + pd.Timedelta(days=12)]
+    ids = [f"C{c:07d}" for c in range(27)]  # two of them never appear in the lake
+    entity = pd.DataFrame(
+        [(c, t) for t in cutoffs for c in ids], columns=["customer_id", "event_timestamp"]
+    )
+    entity["label"] = rng.integers(0, 2, len(entity))
+    expected = adapter.historical(entity, service)
+    got = training_frame_spark(built, spark, entity, service, ttls).toPandas()
+    got["event_timestamp"] = pd.to_datetime(got["event_timestamp"], utc=True)
+    key = ["event_timestamp", "customer_id"]
+    assert got["label"].tolist() == got.merge(entity, on=key)["label_y"].tolist()
+    _assert_equal_features(expected.drop(columns="label"), got.drop(columns="label"))
+    assert got.drop(columns=[*key, "label"]).notna().any(axis=None)
+    assert (
+        got[got["event_timestamp"] == cutoffs[-1]]
+        .drop(columns=[*key, "label"])
+        .isna()
+        .all(axis=None)
+    )
+    sample = stratified_sample(
+        training_frame_spark(built, spark, entity, service, ttls), "label", rows=20, seed=1
+    )
+    # Each class's weights sum back to about its size in the full frame.
+    for value, n in entity["label"].value_counts().items():
+        weights = sample.loc[sample["label"] == value, SAMPLE_WEIGHT]
+        assert 0 < len(weights) < n
+        assert abs(weights.sum() - n) < 0.6 * n
 
 
 def test_erasure_removes_customers_from_the_spark_tables(built: Settings, spark: Any) -> None:
