@@ -23,7 +23,6 @@ import pandas as pd
 from propensity.config import Settings, load_settings
 from propensity.features.definitions import FEATURES, VIEWS
 from propensity.features.snapshots import feature_table_path
-from propensity.models._compiled import compile_model
 from propensity.models.pipeline import CalibratedBooster
 from propensity.models.spec import LightGBMParams, load_spec
 from propensity.registry import log_run, set_champion
@@ -197,13 +196,10 @@ def build_project(
         trees = FULL_SIZE_TREES[name] if full_size else 40
         model = fit_model(features, seed=seed, n_estimators=trees, **size)
         versions[name] = [register(settings, name, model)]
-        # Compiled here, once: the service started on this project finds them in the cache.
-        compile_model(model, settings.path(settings.compiled_dir))
     if nba:
         trees = FULL_SIZE_TREES["next_best_action"] if full_size else 40
         model = fit_nba(adapter.service_features("nba_v1"), seed=3, n_estimators=trees)
         versions["next_best_action"] = [register(settings, "next_best_action", model)]
-        compile_model(model, settings.path(settings.compiled_dir))
     return Project(settings, ids, churn_features, purchase_features, versions)
 
 

@@ -120,7 +120,8 @@ def _champions(settings: Settings) -> dict[str, tuple[int, Any]]:
             raise LookupError(registry.why_no_champion(settings.tracking_uri, name))
         if version is not None:
             model = registry.load_estimator(settings.tracking_uri, name, version)
-            found[name] = (version, compile_model(model, settings.path(settings.compiled_dir)))
+            cache = settings.compiled_models_dir()
+            found[name] = (version, model if cache is None else compile_model(model, cache))
     return found
 
 

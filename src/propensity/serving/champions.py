@@ -97,9 +97,9 @@ def load_champions(
 ) -> Champions:
     """Load the champion of each model (``versions``: default the source's current ones).
 
-    Every tree model is compiled to native code (cached in ``cache_dir``,
+    With a ``cache_dir``, every tree model is compiled to native code (cached there,
     see :func:`~propensity.models._compiled.compile_model`); one that cannot be compiled serves with
-    LightGBM's own predict.
+    LightGBM's own predict. Without one, the models predict with LightGBM.
 
     Raises
     ------
@@ -118,10 +118,15 @@ def load_champions(
         version = versions.get(name)
         if version is None:
             raise LookupError(f"model {name!r} has no champion version in the registry")
-        model = compile_model(source.load(name, int(version)), cache_dir)
+        model = _compiled(source.load(name, int(version)), cache_dir)
         loaded[name] = BoosterBundle(name, str(version), model, reasons=reasons)
     nba_version = versions.get(NBA)
     policy = None
     if nba_version is not None:
-        policy = as_policy(compile_model(source.load(NBA, nba_version), cache_dir), nba_version)
+        policy = as_policy(_compiled(source.load(NBA, nba_version), cache_dir), nba_version)
     return Champions(dict(versions), loaded[CHURN], loaded[PURCHASE], policy)
+
+
+def _compiled(model: Any, cache_dir: str | Path | None) -> Any:
+    """The model compiled into ``cache_dir``, or as it is when there is none."""
+    return model if cache_dir is None else compile_model(model, cache_dir)

@@ -243,7 +243,7 @@ class Runtime:
                 self.source,
                 versions,
                 self.config.reasons_method,
-                cache_dir=self.settings.path(self.settings.compiled_dir),
+                cache_dir=self.settings.compiled_models_dir(),
             )
             names = champions.feature_names
             reader = online_reader(self.store, names, streaming=self.streaming)
