@@ -54,6 +54,7 @@ __all__ = [
     "holdout_customers",
     "labeled_frame",
     "latest_snapshot",
+    "stored_columns_by_view",
     "nba_dataset",
     "propensity_dataset",
     "scoring_frame",
@@ -452,6 +453,25 @@ def scoring_frame(
     return when, frame
 
 
+def stored_columns_by_view(feature_names: Sequence[str]) -> dict[str, list[str]]:
+    """The stored columns each feature view must provide for ``feature_names``.
+
+    The on-demand ``days_since_last_seen`` is computed from ``last_event_epoch``,
+    so it asks for that column instead. An unknown name is an error.
+    """
+    view_of = {f.name: f.view for f in FEATURES}
+    base = [n for n in dict.fromkeys(feature_names) if n != "days_since_last_seen"]
+    if "days_since_last_seen" in feature_names and "last_event_epoch" not in base:
+        base.append("last_event_epoch")
+    unknown = [n for n in base if n not in view_of]
+    if unknown:
+        raise ValueError(f"features {unknown} are not defined in the feature registry")
+    by_view: dict[str, list[str]] = {}
+    for name in base:
+        by_view.setdefault(view_of[name], []).append(name)
+    return by_view
+
+
 def latest_snapshot(
     settings: Settings, feature_names: list[str]
 ) -> tuple[pd.Timestamp, pd.DataFrame]:
@@ -470,19 +490,9 @@ def latest_snapshot(
     --------
     >>> when, frame = latest_snapshot(settings, ["sessions_7d"])  # doctest: +SKIP
     """
-    view_of = {f.name: f.view for f in FEATURES}
     wanted = list(feature_names)
-    needs_last = "days_since_last_seen" in wanted
-    base = [n for n in wanted if n != "days_since_last_seen"]
-    if needs_last and "last_event_epoch" not in base:
-        base.append("last_event_epoch")
-    unknown = [n for n in base if n not in view_of]
-    if unknown:
-        raise ValueError(f"features {unknown} are not defined in the feature registry")
+    by_view = stored_columns_by_view(wanted)
     features_dir = settings.path(settings.features_dir)
-    by_view: dict[str, list[str]] = {}
-    for name in base:
-        by_view.setdefault(view_of[name], []).append(name)
     latest = None
     tables = {}
     for view, names in by_view.items():
@@ -503,7 +513,7 @@ def latest_snapshot(
     assert frame is not None
     snapshot = pd.Timestamp(latest)
     snapshot = snapshot.tz_localize("UTC") if snapshot.tzinfo is None else snapshot
-    if needs_last:
+    if "days_since_last_seen" in wanted:
         seconds = snapshot.timestamp()
         last = frame["last_event_epoch"].to_numpy(np.float64)
         values = request_features(

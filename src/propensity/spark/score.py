@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from propensity.features.definitions import ENTITY, FEATURES, request_features
+from propensity.features.definitions import ENTITY, request_features
 from propensity.features.snapshots import TIMESTAMP
+from propensity.pipeline.dataset import stored_columns_by_view
 from propensity.spark.features import PARTITION, spark_table_path
 
 if TYPE_CHECKING:
@@ -90,17 +91,8 @@ def latest_snapshot_spark(settings: Settings, spark: Any, feature_names: list[st
     The counterpart of :func:`propensity.pipeline.dataset.latest_snapshot`: only
     the latest partition of each view is read, the views joined on ``customer_id``.
     """
-    view_of = {f.name: f.view for f in FEATURES}
-    base = [n for n in dict.fromkeys(feature_names) if n != _LAST_SEEN]
-    if _LAST_SEEN in feature_names and "last_event_epoch" not in base:
-        base.append("last_event_epoch")
-    unknown = [n for n in base if n not in view_of]
-    if unknown:
-        raise ValueError(f"features {unknown} are not defined in the feature registry")
+    by_view = stored_columns_by_view(feature_names)
     features_dir = settings.path(settings.features_dir)
-    by_view: dict[str, list[str]] = {}
-    for name in base:
-        by_view.setdefault(view_of[name], []).append(name)
     latest = None
     for view in by_view:
         folder = spark_table_path(features_dir, view)
