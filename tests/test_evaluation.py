@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn import metrics as skm
 
 from propensity import evaluation as ev
@@ -89,3 +91,28 @@ def test_plots_render_png(tmp_path, scored):
     for name, fig in figures.items():
         path = ev.save_figure(fig, tmp_path / f"{name}.png")
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 1), st.integers(0, 40), st.integers(1, 4)),
+        min_size=4,
+        max_size=60,
+    ).filter(lambda rows: len({r[0] for r in rows}) == 2)
+)
+@settings(max_examples=60, deadline=None)
+def test_weighted_metrics_equal_the_metrics_of_rows_repeated_by_weight(rows) -> None:
+    # A weight of k is the same row k times: the estimate a stratified sample's
+    # inverse-fraction weights give of the full frame.
+    y = np.array([r[0] for r in rows])
+    p = np.array([r[1] for r in rows]) / 40.0
+    w = np.array([r[2] for r in rows], dtype=np.float64)
+    weighted = ev.binary_metrics(y, p, sample_weight=w)
+    repeated = ev.binary_metrics(np.repeat(y, w.astype(int)), np.repeat(p, w.astype(int)))
+    for name in ("roc_auc", "pr_auc", "log_loss", "brier", "ece", "base_rate", "mean_prediction"):
+        assert weighted[name] == pytest.approx(repeated[name], rel=1e-9, abs=1e-12), name
+
+
+def test_weights_must_be_finite_and_non_negative() -> None:
+    with pytest.raises(ValueError, match="weight at row 1 is -1.0"):
+        ev.binary_metrics([0, 1], [0.2, 0.7], sample_weight=[1.0, -1.0])

@@ -7,7 +7,6 @@ or a matplotlib figure; nothing here reads files or talks to MLflow.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,8 +37,10 @@ __all__ = [
 
 
 def _arrays(
-    y: Sequence[float] | np.ndarray, p: Sequence[float] | np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+    y: Sequence[float] | np.ndarray,
+    p: Sequence[float] | np.ndarray,
+    sample_weight: Sequence[float] | np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     y_arr = np.asarray(y, dtype=np.float64).ravel()
     p_arr = np.asarray(p, dtype=np.float64).ravel()
     if y_arr.shape != p_arr.shape:
@@ -50,38 +51,56 @@ def _arrays(
     if np.isnan(p_arr).any():
         bad = int(np.flatnonzero(np.isnan(p_arr))[0])
         raise ValueError(f"score at row {bad} is NaN; scores must be finite")
-    return y_arr, p_arr
+    if sample_weight is None:
+        return y_arr, p_arr, np.ones_like(y_arr)
+    w = np.asarray(sample_weight, dtype=np.float64).ravel()
+    if w.shape != y_arr.shape:
+        raise ValueError(f"labels have {y_arr.size} rows but weights have {w.size}")
+    if not (np.isfinite(w) & (w >= 0)).all():
+        bad = int(np.flatnonzero(~(np.isfinite(w) & (w >= 0)))[0])
+        raise ValueError(f"weight at row {bad} is {float(w[bad])}; weights must be finite, >= 0")
+    return y_arr, p_arr, w
 
 
-def expected_calibration_error(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> float:
+def expected_calibration_error(
+    y: np.ndarray, p: np.ndarray, n_bins: int = 10, sample_weight: np.ndarray | None = None
+) -> float:
     """Expected calibration error over equal-width probability bins.
 
     ``sum_b (n_b / n) * |mean(y in b) - mean(p in b)|`` with bins ``[0, 0.1), ...,
-    [0.9, 1.0]``.
+    [0.9, 1.0]``; with ``sample_weight``, weighted counts and means.
 
     Examples
     --------
     >>> expected_calibration_error([0, 1], [0.0, 1.0])
     0.0
     """
-    y_arr, p_arr = _arrays(y, p)
+    y_arr, p_arr, w = _arrays(y, p, sample_weight)
     bins = np.clip((p_arr * n_bins).astype(int), 0, n_bins - 1)
     total = 0.0
     for b in np.unique(bins):
         mask = bins == b
-        total += mask.sum() / y_arr.size * abs(y_arr[mask].mean() - p_arr[mask].mean())
+        weight = w[mask].sum()
+        if weight > 0:
+            y_mean = np.average(y_arr[mask], weights=w[mask])
+            total += weight / w.sum() * abs(y_mean - np.average(p_arr[mask], weights=w[mask]))
     return float(total)
 
 
-def _top(p: np.ndarray, fraction: float) -> np.ndarray:
+def _top(p: np.ndarray, fraction: float, w: np.ndarray) -> np.ndarray:
+    """Rows of the highest scores holding ``fraction`` of the weight (``ceil(f n)`` unweighted)."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    k = max(1, math.ceil(fraction * p.size))
     # stable sort on the score so ties keep a deterministic order
-    return np.argsort(-p, kind="stable")[:k]
+    order = np.argsort(-p, kind="stable")
+    cumulative = np.cumsum(w[order])
+    k = int(np.searchsorted(cumulative, fraction * cumulative[-1], side="left")) + 1
+    return order[: min(k, p.size)]
 
 
-def capture_at(y: np.ndarray, p: np.ndarray, fraction: float) -> float:
+def capture_at(
+    y: np.ndarray, p: np.ndarray, fraction: float, sample_weight: np.ndarray | None = None
+) -> float:
     """Share of all positives found in the top ``fraction`` of scores.
 
     Examples
@@ -89,12 +108,15 @@ def capture_at(y: np.ndarray, p: np.ndarray, fraction: float) -> float:
     >>> capture_at([1, 0, 1, 0], [0.9, 0.8, 0.1, 0.2], 0.5)
     0.5
     """
-    y_arr, p_arr = _arrays(y, p)
-    positives = y_arr.sum()
-    return float(y_arr[_top(p_arr, fraction)].sum() / positives) if positives else float("nan")
+    y_arr, p_arr, w = _arrays(y, p, sample_weight)
+    positives = (w * y_arr).sum()
+    top = _top(p_arr, fraction, w)
+    return float((w[top] * y_arr[top]).sum() / positives) if positives else float("nan")
 
 
-def lift_at(y: np.ndarray, p: np.ndarray, fraction: float) -> float:
+def lift_at(
+    y: np.ndarray, p: np.ndarray, fraction: float, sample_weight: np.ndarray | None = None
+) -> float:
     """Positive rate in the top ``fraction`` of scores divided by the overall rate.
 
     Examples
@@ -102,34 +124,43 @@ def lift_at(y: np.ndarray, p: np.ndarray, fraction: float) -> float:
     >>> lift_at([1, 0, 0, 0], [0.9, 0.1, 0.2, 0.3], 0.25)
     4.0
     """
-    y_arr, p_arr = _arrays(y, p)
-    base = y_arr.mean()
-    return float(y_arr[_top(p_arr, fraction)].mean() / base) if base else float("nan")
+    y_arr, p_arr, w = _arrays(y, p, sample_weight)
+    base = np.average(y_arr, weights=w)
+    top = _top(p_arr, fraction, w)
+    return float(np.average(y_arr[top], weights=w[top]) / base) if base else float("nan")
 
 
-def ranking_metrics(y: np.ndarray, score: np.ndarray) -> dict[str, float]:
+def ranking_metrics(
+    y: np.ndarray, score: np.ndarray, sample_weight: np.ndarray | None = None
+) -> dict[str, float]:
     """Metrics that only need an ordering: ROC-AUC, PR-AUC, lift and capture at 10%/20%.
+
+    ``sample_weight`` (e.g. the inverse sampling fractions of a stratified sample)
+    makes every metric estimate its value on the population sampled from.
 
     Examples
     --------
     >>> ranking_metrics([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8])["roc_auc"]
     1.0
     """
-    y_arr, s = _arrays(y, score)
+    y_arr, s, w = _arrays(y, score, sample_weight)
+    weights = None if sample_weight is None else w
     out = {
-        "roc_auc": float(skm.roc_auc_score(y_arr, s)),
-        "pr_auc": float(skm.average_precision_score(y_arr, s)),
-        "base_rate": float(y_arr.mean()),
+        "roc_auc": float(skm.roc_auc_score(y_arr, s, sample_weight=weights)),
+        "pr_auc": float(skm.average_precision_score(y_arr, s, sample_weight=weights)),
+        "base_rate": float(np.average(y_arr, weights=w)),
         "rows": float(y_arr.size),
     }
     for frac in (0.1, 0.2):
         pct = int(frac * 100)
-        out[f"lift_at_{pct}"] = lift_at(y_arr, s, frac)
-        out[f"capture_at_{pct}"] = capture_at(y_arr, s, frac)
+        out[f"lift_at_{pct}"] = lift_at(y_arr, s, frac, w)
+        out[f"capture_at_{pct}"] = capture_at(y_arr, s, frac, w)
     return out
 
 
-def binary_metrics(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> dict[str, float]:
+def binary_metrics(
+    y: np.ndarray, p: np.ndarray, n_bins: int = 10, sample_weight: np.ndarray | None = None
+) -> dict[str, float]:
     """All metrics for calibrated probabilities: ranking metrics plus log loss, Brier, ECE.
 
     Parameters
@@ -138,6 +169,8 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> dict[str, 
     p : array of probabilities in [0, 1]
     n_bins : int
         Bins of the expected calibration error.
+    sample_weight : array, optional
+        Row weights (see :func:`ranking_metrics`).
 
     Returns
     -------
@@ -149,15 +182,17 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> dict[str, 
     >>> round(m["brier"], 4)
     0.075
     """
-    y_arr, p_arr = _arrays(y, p)
+    y_arr, p_arr, w = _arrays(y, p, sample_weight)
     if (p_arr < 0).any() or (p_arr > 1).any():
         bad = int(np.flatnonzero((p_arr < 0) | (p_arr > 1))[0])
         raise ValueError(f"probability at row {bad} is {float(p_arr[bad])}; must be in [0, 1]")
-    out = ranking_metrics(y_arr, p_arr)
-    out["log_loss"] = float(skm.log_loss(y_arr, np.clip(p_arr, 1e-15, 1 - 1e-15), labels=[0, 1]))
-    out["brier"] = float(skm.brier_score_loss(y_arr, p_arr))
-    out["ece"] = expected_calibration_error(y_arr, p_arr, n_bins)
-    out["mean_prediction"] = float(p_arr.mean())
+    weights = None if sample_weight is None else w
+    out = ranking_metrics(y_arr, p_arr, weights)
+    clipped = np.clip(p_arr, 1e-15, 1 - 1e-15)
+    out["log_loss"] = float(skm.log_loss(y_arr, clipped, labels=[0, 1], sample_weight=weights))
+    out["brier"] = float(skm.brier_score_loss(y_arr, p_arr, sample_weight=weights))
+    out["ece"] = expected_calibration_error(y_arr, p_arr, n_bins, weights)
+    out["mean_prediction"] = float(np.average(p_arr, weights=w))
     return out
 
 

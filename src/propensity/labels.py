@@ -37,6 +37,8 @@ __all__ = [
     "choose_cutoffs",
     "latest_cutoff",
     "entity_frame",
+    "label_sql",
+    "cutoff_table",
     "population_frame",
     "ACTIVITY_EVENTS",
 ]
@@ -267,7 +269,8 @@ def choose_cutoffs(
     return cutoffs
 
 
-def _cutoff_table(cutoffs: Sequence[pd.Timestamp]) -> pd.DataFrame:
+def cutoff_table(cutoffs: Sequence[pd.Timestamp]) -> pd.DataFrame:
+    """The cutoffs as a one-column table of dates (``cutoff``), as the label SQL joins them."""
     dates = [to_cutoff(c).date() for c in cutoffs]
     return pd.DataFrame({"cutoff": pd.to_datetime(dates).date})
 
@@ -306,58 +309,93 @@ def entity_frame(
     end = data_window(lake).end
     for cutoff in cutoffs:
         check_label_window(to_cutoff(cutoff), label.horizon_days, end)
-    if population not in ("active", "known"):
-        raise ValueError(f"population {population!r} is not one of 'active', 'known'")
     con = _connect()
-    con.register("cuts", _cutoff_table(cutoffs))
-    activity = ", ".join(f"'{e}'" for e in ACTIVITY_EVENTS)
-    positive = "n_purchase" if label.kind == "purchase" else "n_active"
-    recency_of = "n_purchase" if label.kind == "purchase" else "n_active"
-    eligible = (
-        "SELECT customer_id, cutoff FROM days JOIN cuts "
-        f"ON day >= cutoff - {label.activity_lookback_days} AND day < cutoff "
-        "WHERE n_active > 0 GROUP BY ALL"
-        if population == "active"
-        else "SELECT customer_id, cutoff FROM firsts JOIN cuts ON first_day < cutoff"
-    )
-    sql = f"""
-    WITH days AS (
-        -- customer-days first: every window below is a range over this small table
-        SELECT customer_id, CAST(event_timestamp AS DATE) AS day,
-               count(*) FILTER (WHERE event_type IN ({activity})) AS n_active,
-               count(*) FILTER (WHERE event_type = 'purchase') AS n_purchase
-        FROM {lake.duckdb_scan()}
-        GROUP BY ALL
-    ),
-    firsts AS (SELECT customer_id, min(day) AS first_day FROM days GROUP BY ALL),
-    eligible AS ({eligible}),
-    outcome AS (
-        SELECT customer_id, cutoff, sum({positive}) AS n
-        FROM days JOIN cuts ON day >= cutoff AND day < cutoff + {label.horizon_days}
-        WHERE {positive} > 0
-        GROUP BY ALL
-    ),
-    recent AS (SELECT customer_id, day FROM days WHERE {recency_of} > 0)
-    SELECT e.customer_id, CAST(e.cutoff AS TIMESTAMP) AS cutoff,
-           coalesce(o.n, 0) AS n_outcome,
-           CAST(e.cutoff - r.day AS DOUBLE) AS days_since_last
-    FROM eligible e
-    LEFT JOIN outcome o USING (customer_id, cutoff)
-    ASOF LEFT JOIN recent r ON e.customer_id = r.customer_id AND e.cutoff > r.day
-    ORDER BY cutoff, customer_id
-    """
-    frame = con.execute(sql).df()
-    has_outcome = frame["n_outcome"] > 0
-    # churn is the absence of activity; purchase is its presence
-    positive_label = ~has_outcome if label.kind == "churn" else has_outcome
+    con.register("cuts", cutoff_table(cutoffs))
+    frame = con.execute(label_sql(lake.duckdb_scan(), "cuts", label, population)).df()
     return pd.DataFrame(
         {
             "customer_id": frame["customer_id"].astype(str),
-            "event_timestamp": pd.to_datetime(frame["cutoff"]).dt.tz_localize("UTC"),
-            "label": positive_label.astype("int8"),
+            "event_timestamp": pd.to_datetime(frame["event_timestamp"]).dt.tz_localize("UTC"),
+            "label": frame["label"].astype("int8"),
             "days_since_last": frame["days_since_last"].astype("float64"),
         }
     )
+
+
+def label_sql(
+    events: str, cuts: str, label: LabelSpec, population: str, dialect: str = "duckdb"
+) -> str:
+    """The SQL of :func:`entity_frame` in DuckDB's or Spark's dialect (one definition).
+
+    ``events`` is the lake (a table expression), ``cuts`` a table of one DATE
+    column ``cutoff``. The query returns ``customer_id``, ``event_timestamp`` (the
+    cutoff), ``label`` (0/1) and ``days_since_last``; DuckDB's rows are sorted by
+    cutoff then customer, Spark's are not (a global sort would cost a shuffle).
+
+    Examples
+    --------
+    >>> spec = LabelSpec(kind="purchase", horizon_days=30)
+    >>> "ASOF" in label_sql("events", "cuts", spec, "known")
+    True
+    >>> "ASOF" in label_sql("events", "cuts", spec, "known", dialect="spark")
+    False
+    """
+    from propensity.features.sql import DIALECTS
+
+    if population not in ("active", "known"):
+        raise ValueError(f"population {population!r} is not one of 'active', 'known'")
+    if dialect not in DIALECTS:
+        raise ValueError(f"dialect {dialect!r} is not one of {sorted(DIALECTS)}")
+    d = DIALECTS[dialect]
+    activity = ", ".join(f"'{e}'" for e in ACTIVITY_EVENTS)
+    positive = "n_purchase" if label.kind == "purchase" else "n_active"
+    lookback = d["days_before"].format(x="cutoff", n=label.activity_lookback_days)
+    horizon_end = d["days_after"].format(x="cutoff", n=label.horizon_days)
+    eligible = (
+        f"SELECT customer_id, cutoff FROM days JOIN {cuts} "
+        f"ON day >= {lookback} AND day < cutoff "
+        "WHERE n_active > 0 GROUP BY customer_id, cutoff"
+        if population == "active"
+        else f"SELECT customer_id, cutoff FROM firsts JOIN {cuts} ON first_day < cutoff"
+    )
+    # The latest day with the label's activity before the cutoff: DuckDB's ASOF join;
+    # Spark has none, so there it is a range join and a max.
+    recency = (
+        "ASOF LEFT JOIN recent r ON e.customer_id = r.customer_id AND e.cutoff > r.day"
+        if dialect == "duckdb"
+        else "LEFT JOIN (SELECT e.customer_id, e.cutoff, max(r.day) AS day FROM eligible e "
+        "JOIN recent r ON r.customer_id = e.customer_id AND r.day < e.cutoff "
+        "GROUP BY e.customer_id, e.cutoff) r "
+        "ON r.customer_id = e.customer_id AND r.cutoff = e.cutoff"
+    )
+    # churn is the absence of activity; purchase is its presence
+    has, has_not = ("1", "0") if label.kind == "purchase" else ("0", "1")
+    return f"""
+    WITH days AS (
+        -- customer-days first: every window below is a range over this small table
+        SELECT customer_id, CAST(event_timestamp AS DATE) AS day,
+               sum(CASE WHEN event_type IN ({activity}) THEN 1 ELSE 0 END) AS n_active,
+               sum(CASE WHEN event_type = 'purchase' THEN 1 ELSE 0 END) AS n_purchase
+        FROM {events}
+        GROUP BY customer_id, CAST(event_timestamp AS DATE)
+    ),
+    firsts AS (SELECT customer_id, min(day) AS first_day FROM days GROUP BY customer_id),
+    eligible AS ({eligible}),
+    outcome AS (
+        SELECT customer_id, cutoff, sum({positive}) AS n
+        FROM days JOIN {cuts} ON day >= cutoff AND day < {horizon_end}
+        WHERE {positive} > 0
+        GROUP BY customer_id, cutoff
+    ),
+    recent AS (SELECT customer_id, day FROM days WHERE {positive} > 0)
+    SELECT e.customer_id, CAST(e.cutoff AS TIMESTAMP) AS event_timestamp,
+           CASE WHEN coalesce(o.n, 0) > 0 THEN {has} ELSE {has_not} END AS label,
+           {d["days_between"].format(x="e.cutoff", y="r.day")} AS days_since_last
+    FROM eligible e
+    LEFT JOIN outcome o ON o.customer_id = e.customer_id AND o.cutoff = e.cutoff
+    {recency}
+    {"ORDER BY event_timestamp, customer_id" if dialect == "duckdb" else ""}
+    """
 
 
 def population_frame(lake: EventLake, as_of: pd.Timestamp) -> pd.DataFrame:

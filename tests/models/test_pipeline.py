@@ -130,3 +130,41 @@ def test_without_eval_set_a_stratified_share_is_held_out(splits):
     assert set(model.predict(Xt)) <= {0, 1}
     with pytest.raises(ValueError, match="Only binary classification is supported"):
         CalibratedBooster().fit(X, y % 2 + (X["a"] > 2))
+
+
+def _balanced_sample(
+    X: pd.DataFrame, y: np.ndarray, seed: int
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Every positive and as many negatives, weighted by 1 / each class's sampling fraction."""
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    kept = np.sort(np.concatenate([pos, rng.choice(neg, size=pos.size, replace=False)]))
+    weight = np.where(y[kept] == 1, 1.0, neg.size / pos.size)
+    return X.iloc[kept].reset_index(drop=True), y[kept], weight
+
+
+def test_sampling_weights_restore_the_population_calibration(splits):
+    # Trained on a class-balanced sample, the model sees 50% positives; the inverse
+    # sampling weights must bring its probabilities back to the ~10% population's.
+    (X, y, _), (Xv, yv, _), (Xt, yt, pt) = splits
+    Xs, ys, ws = _balanced_sample(X, y, seed=1)
+    Xvs, yvs, wvs = _balanced_sample(Xv, yv, seed=2)
+    params = LightGBMParams(num_leaves=7, min_child_samples=20, class_weight="none")
+
+    def fit(**weights: np.ndarray) -> CalibratedBooster:
+        return CalibratedBooster(params, 20, "sigmoid", seed=0).fit(
+            Xs, ys, eval_set=(Xvs, yvs), **weights
+        )
+
+    weighted = fit(sample_weight=ws, eval_sample_weight=wvs).predict_proba(Xt)[:, 1]
+    plain = fit().predict_proba(Xt)[:, 1]
+    assert abs(weighted.mean() - pt.mean()) < 0.02  # the population's rate
+    assert plain.mean() > pt.mean() + 0.15  # the sample's
+    assert ev.binary_metrics(yt, weighted)["log_loss"] < ev.binary_metrics(yt, plain)["log_loss"]
+    assert roc_auc_score(yt, weighted) > 0.75
+
+
+def test_sample_weight_of_the_wrong_length_is_a_clear_error(splits):
+    (X, y, _), _, _ = splits
+    with pytest.raises(ValueError, match="sample_weight has 3 values for 8000 rows"):
+        CalibratedBooster(LightGBMParams(n_estimators=5)).fit(X, y, sample_weight=[1.0, 2.0, 3.0])

@@ -54,6 +54,9 @@ DIALECTS: dict[str, dict[str, str]] = {
         "last": "last_value({x} IGNORE NULLS)",
         "timestamp": "make_timestamptz(CAST({x} AS BIGINT) * 1000000)",
         "key": "ROW_NUMBER() OVER (ORDER BY customer_id)",
+        "days_before": "({x} - {n})",
+        "days_after": "({x} + {n})",
+        "days_between": "CAST(({x} - {y}) AS DOUBLE)",
     },
     "spark": {
         # 1000000D: a DOUBLE literal (1000000.0 is a DECIMAL in Spark, so would the epoch be).
@@ -61,6 +64,9 @@ DIALECTS: dict[str, dict[str, str]] = {
         "last": "last_value({x}, true)",
         "timestamp": "timestamp_seconds({x})",
         "key": "customer_id",
+        "days_before": "date_sub({x}, {n})",
+        "days_after": "date_add({x}, {n})",
+        "days_between": "CAST(datediff({x}, {y}) AS DOUBLE)",
     },
 }
 

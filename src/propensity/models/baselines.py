@@ -60,8 +60,13 @@ class LogisticBaseline(ClassifierMixin, BaseEstimator):
         self.max_iter = max_iter
         self.seed = seed
 
-    def fit(self, X: pd.DataFrame | np.ndarray, y: np.ndarray | pd.Series) -> LogisticBaseline:
-        """Fit imputation, scaling and the regression on ``X, y``."""
+    def fit(
+        self,
+        X: pd.DataFrame | np.ndarray,
+        y: np.ndarray | pd.Series,
+        sample_weight: np.ndarray | pd.Series | None = None,
+    ) -> LogisticBaseline:
+        """Fit imputation, scaling and the regression on ``X, y`` (weighted rows, optionally)."""
         matrix = fit_matrix(self, X)
         # a feature that is NaN everywhere carries nothing; keep_empty_features keeps shapes stable
         self.pipeline_: Pipeline = make_pipeline(
@@ -69,7 +74,8 @@ class LogisticBaseline(ClassifierMixin, BaseEstimator):
             StandardScaler(),
             LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.seed),
         )
-        self.pipeline_.fit(matrix, np.asarray(y))
+        weight = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        self.pipeline_.fit(matrix, np.asarray(y), logisticregression__sample_weight=weight)
         self.classes_ = self.pipeline_.classes_
         self.n_iter_ = self.pipeline_[-1].n_iter_
         return self

@@ -123,14 +123,16 @@ class Calibrator:
     method: str
     model: Any = None
 
-    def fit(self, raw: np.ndarray, y: np.ndarray) -> Calibrator:
+    def fit(
+        self, raw: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None
+    ) -> Calibrator:
         if self.method == "isotonic":
             self.model = IsotonicRegression(y_min=_EPS, y_max=1 - _EPS, out_of_bounds="clip")
-            self.model.fit(raw, y)
+            self.model.fit(raw, y, sample_weight=sample_weight)
         elif self.method == "sigmoid":
             # Platt scaling on the logit: monotone, two parameters, hard to overfit
             self.model = LogisticRegression(C=1e6)
-            self.model.fit(_logit(raw)[:, None], y)
+            self.model.fit(_logit(raw)[:, None], y, sample_weight=sample_weight)
         return self
 
     def transform(self, raw: np.ndarray) -> np.ndarray:
@@ -143,12 +145,26 @@ class Calibrator:
         return raw
 
 
+def _weights(weight: Any, rows: int, name: str) -> np.ndarray | None:
+    if weight is None:
+        return None
+    w = np.asarray(weight, dtype=np.float64).ravel()
+    if w.size != rows:
+        raise ValueError(f"{name} has {w.size} values for {rows} rows")
+    bad = np.flatnonzero(~(np.isfinite(w) & (w >= 0)))
+    if bad.size:
+        raise ValueError(f"{name} at row {int(bad[0])} is {float(w[bad[0]])}; must be finite, >= 0")
+    return w
+
+
 def _logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(p, _EPS, 1 - _EPS)
     return np.log(p / (1 - p))
 
 
-def _choose_calibration(raw: np.ndarray, y: np.ndarray, seed: int) -> tuple[str, dict[str, float]]:
+def _choose_calibration(
+    raw: np.ndarray, y: np.ndarray, seed: int, sample_weight: np.ndarray | None = None
+) -> tuple[str, dict[str, float]]:
     """Pick the calibration with the lowest two-fold cross-fitted validation log loss.
 
     Fitting and scoring a calibrator on the same rows would always favour isotonic,
@@ -156,6 +172,7 @@ def _choose_calibration(raw: np.ndarray, y: np.ndarray, seed: int) -> tuple[str,
     """
     rng = np.random.default_rng(seed)
     fold = rng.permutation(y.size) % 2
+    w = np.ones_like(raw) if sample_weight is None else sample_weight
     losses: dict[str, float] = {}
     for method in ("none", "sigmoid", "isotonic"):
         pred = np.empty_like(raw)
@@ -164,9 +181,10 @@ def _choose_calibration(raw: np.ndarray, y: np.ndarray, seed: int) -> tuple[str,
             if np.unique(y[fit_rows]).size < 2:
                 pred[score_rows] = raw[score_rows]
                 continue
-            cal = Calibrator(method).fit(raw[fit_rows], y[fit_rows])
+            cal = Calibrator(method).fit(raw[fit_rows], y[fit_rows], w[fit_rows])
             pred[score_rows] = cal.transform(raw[score_rows])
-        losses[method] = float(log_loss(y, np.clip(pred, _EPS, 1 - _EPS), labels=[0, 1]))
+        clipped = np.clip(pred, _EPS, 1 - _EPS)
+        losses[method] = float(log_loss(y, clipped, labels=[0, 1], sample_weight=sample_weight))
     return min(losses, key=lambda m: losses[m]), losses
 
 
@@ -319,6 +337,8 @@ class CalibratedBooster(ClassifierMixin, BaseEstimator):
         y: np.ndarray | pd.Series,
         *,
         eval_set: tuple[pd.DataFrame | np.ndarray, np.ndarray | pd.Series] | None = None,
+        sample_weight: np.ndarray | pd.Series | None = None,
+        eval_sample_weight: np.ndarray | pd.Series | None = None,
     ) -> CalibratedBooster:
         """Fit the booster on ``X, y``; early-stop and calibrate on ``eval_set``.
 
@@ -330,28 +350,41 @@ class CalibratedBooster(ClassifierMixin, BaseEstimator):
         eval_set : (X_val, y_val), optional
             The early-stopping and calibration rows; held out of ``X`` by
             ``validation_fraction`` when omitted.
+        sample_weight, eval_sample_weight : array of shape (n,), optional
+            Row weights of ``X`` and of ``eval_set`` (a stratified sample's inverse
+            sampling fractions): the booster's loss, early stopping and the
+            calibrator then estimate those of the population sampled from.
         """
         matrix = fit_matrix(self, X)
         self.feature_names_ = _feature_names(self, matrix.shape[1])
         y_arr = self._encode(y, reset=True, name="training")
+        weight = _weights(sample_weight, y_arr.size, "sample_weight")
         if eval_set is None:
-            matrix, val_matrix, y_arr, y_val_arr = train_test_split(
+            ones = np.ones_like(y_arr)
+            matrix, val_matrix, y_arr, y_val_arr, weight, val_weight = train_test_split(
                 matrix,
                 y_arr,
+                ones if weight is None else weight,
                 test_size=self.validation_fraction,
                 stratify=y_arr,
                 random_state=self.seed,
             )
+            if sample_weight is None:
+                weight = val_weight = None
         else:
             X_val, y_val = eval_set
             val_matrix = predict_matrix(self, X_val)
             y_val_arr = self._encode(y_val, reset=False, name="validation")
+            val_weight = _weights(eval_sample_weight, y_val_arr.size, "eval_sample_weight")
         params = self._lgb_params(y_arr)
-        train_set = lgb.Dataset(matrix, y_arr, feature_name=self.feature_names_, free_raw_data=True)
+        train_set = lgb.Dataset(
+            matrix, y_arr, weight=weight, feature_name=self.feature_names_, free_raw_data=True
+        )
         # weigh validation positives like training ones so early stopping watches the
         # same (re-weighted) log loss the booster minimizes; calibration undoes the weights
-        val_weight = np.where(y_val_arr == 1, params.get("scale_pos_weight", 1.0), 1.0)
-        val_set = lgb.Dataset(val_matrix, y_val_arr, weight=val_weight, reference=train_set)
+        class_weight = np.where(y_val_arr == 1, params.get("scale_pos_weight", 1.0), 1.0)
+        stop_weight = class_weight if val_weight is None else class_weight * val_weight
+        val_set = lgb.Dataset(val_matrix, y_val_arr, weight=stop_weight, reference=train_set)
         n_rounds = (self.params or LightGBMParams()).n_estimators
         self.booster_ = lgb.train(
             params,
@@ -370,9 +403,11 @@ class CalibratedBooster(ClassifierMixin, BaseEstimator):
         method: str = self.calibration
         self.calibration_losses_: dict[str, float] = {}
         if method == "auto":
-            method, self.calibration_losses_ = _choose_calibration(raw_val, y_val_arr, self.seed)
+            method, self.calibration_losses_ = _choose_calibration(
+                raw_val, y_val_arr, self.seed, val_weight
+            )
         self.calibration_ = method
-        self.calibrator_ = Calibrator(method).fit(raw_val, y_val_arr)
+        self.calibrator_ = Calibrator(method).fit(raw_val, y_val_arr, val_weight)
         return self
 
     def _encode(self, y: Any, *, reset: bool, name: str) -> np.ndarray:
