@@ -421,7 +421,7 @@ class Project:
 
         spec = self._spec(model)
         cuts = self.cutoffs(spec) if cutoffs is None else sorted({to_cutoff(c) for c in cutoffs})
-        frame, features, _ = labeled_frame(self.settings, spec, cuts)
+        frame, features, _, _ = labeled_frame(self.settings, spec, cuts)
         frame.attrs["features"] = features
         return frame
 

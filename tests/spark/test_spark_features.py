@@ -122,16 +122,13 @@ def test_rebuilding_one_snapshot_keeps_the_others(built: Settings, spark: Any) -
 
 def test_spark_training_frame_equals_feast_point_in_time_join(built: Settings, spark: Any) -> None:
     from propensity.features.store import FeatureStoreAdapter
-    from propensity.spark.training import SAMPLE_WEIGHT, stratified_sample, training_frame_spark
+    from propensity.pipeline.dataset import SAMPLE_WEIGHT
+    from propensity.spark.training import stratified_sample, training_frame_spark
 
     adapter = FeatureStoreAdapter(built)
     adapter.apply()
     service = "churn_v1"
-    ttls = {
-        v: adapter.store.get_feature_view(v).ttl.total_seconds()
-        for v in service_views(service)
-        if v != "request_features"
-    }
+    ttls = adapter.ttls(v for v in service_views(service) if v != "request_features")
     rng = np.random.default_rng(0)
     # On snapshots, between them, and past the TTL of the last one (all features null).
     cutoffs = [TIMES[1], TIMES[2] + pd.Timedelta(days=3), TIMES[-1] + pd.Timedelta(days=12)]
@@ -155,7 +152,7 @@ def test_spark_training_frame_equals_feast_point_in_time_join(built: Settings, s
     )
     sample = stratified_sample(
         training_frame_spark(built, spark, entity, service, ttls), "label", rows=20, seed=1
-    )
+    ).frame
     # Each class's weights sum back to about its size in the full frame.
     for value, n in entity["label"].value_counts().items():
         weights = sample.loc[sample["label"] == value, SAMPLE_WEIGHT]

@@ -212,6 +212,8 @@ def build_features(
 
     Rows of the requested snapshot times are recomputed; rows of other times
     already in the tables are kept. Each view's file is replaced atomically.
+    With ``engine: spark`` the build runs on Spark instead
+    (:func:`propensity.spark.features.build_features_spark`: partitioned tables).
 
     Parameters
     ----------
@@ -231,6 +233,10 @@ def build_features(
     """
     from propensity.events.lake import EventLake
 
+    if settings.engine == "spark":
+        from propensity.spark.features import build_features_spark
+
+        return build_features_spark(settings, snapshot_times, progress)
     say = progress or (lambda message: None)
     lake = EventLake(settings.path(settings.lake_dir))
     scan = lake.duckdb_scan()

@@ -232,6 +232,20 @@ class FeatureStoreAdapter:
             digest.update(source.read_bytes())
         return digest.hexdigest()
 
+    def ttls(self, views: Iterable[str]) -> dict[str, float]:
+        """Time to live of each applied feature view, in seconds (``inf`` when unset).
+
+        Examples
+        --------
+        >>> FeatureStoreAdapter(settings).ttls(["session"])  # doctest: +SKIP
+        {'session': 691200.0}
+        """
+        out = {}
+        for view in views:
+            ttl = self.store.get_feature_view(view).ttl
+            out[view] = ttl.total_seconds() if ttl else math.inf
+        return out
+
     def service_features(self, service: str) -> list[str]:
         """Feature names a service returns, in a stable order.
 
@@ -353,10 +367,7 @@ class FeatureStoreAdapter:
             ]
         else:
             refs = list(features)
-        ttls = {}
-        for view in dict.fromkeys(ref.split(":", 1)[0] for ref in refs):
-            ttl = self.store.get_feature_view(view).ttl
-            ttls[view] = ttl.total_seconds() if ttl else math.inf
+        ttls = self.ttls(dict.fromkeys(ref.split(":", 1)[0] for ref in refs))
         config = self.store.config
         if direct and isinstance(config.online_store, BulkSqliteOnlineStoreConfig):
             return BulkSqliteOnlineStore().reader(
@@ -431,8 +442,14 @@ class FeatureStoreAdapter:
         each view's last materialized end are written.
 
         ``end`` defaults to just after the latest snapshot in the feature tables
-        (not "now": event data may be historical).
+        (not "now": event data may be historical). With ``engine: spark`` the
+        Spark executors write the store, partition by partition
+        (:func:`propensity.spark.materialize.materialize_spark`).
         """
+        if self.settings.engine == "spark":
+            from propensity.spark.materialize import materialize_spark
+
+            return materialize_spark(self, end, views, incremental=incremental)
         stop = _utc(end) if end is not None else self.latest_snapshot() + timedelta(seconds=1)
         chosen = sorted(set(views) if views is not None else set(VIEWS))
         total = self._customers(chosen, stop)

@@ -32,7 +32,7 @@ from propensity.models.baselines import LogisticBaseline, RecencyRule
 from propensity.models.clv import CLV_FEATURES
 from propensity.models.pipeline import CalibratedBooster
 from propensity.models.spec import ModelSpec, load_spec
-from propensity.pipeline.dataset import KEYS, TimeSplit, propensity_dataset
+from propensity.pipeline.dataset import KEYS, SAMPLE_WEIGHT, TimeSplit, propensity_dataset
 from propensity.pipeline.gates import GateResult, propensity_checks, settle
 from propensity.pipeline.rfm import RFM_FEATURES, clv_features, rfm_frame
 from propensity.progress import ProgressCallback, report
@@ -139,12 +139,26 @@ def _oracle(
             return None, f"truth is for a {horizon}-day horizon, not {spec.label.horizon_days}"
     truth = pq.read_table(daily, columns=["customer_id", "date", column]).to_pandas()
     truth["date"] = pd.to_datetime(truth["date"]).dt.tz_localize("UTC")
-    rows = test[["customer_id", "event_timestamp", "label"]].merge(
+    keep = [
+        "customer_id",
+        "event_timestamp",
+        "label",
+        *([SAMPLE_WEIGHT] if SAMPLE_WEIGHT in test else []),
+    ]
+    rows = test[keep].merge(
         truth, left_on=["customer_id", "event_timestamp"], right_on=["customer_id", "date"]
     )
     if len(rows) < len(test):
         return None, f"truth covers {len(rows)} of {len(test)} test rows"
-    return ev.binary_metrics(rows["label"].to_numpy(), rows[column].to_numpy()), "ok"
+    metrics = ev.binary_metrics(
+        rows["label"].to_numpy(), rows[column].to_numpy(), sample_weight=_weight(rows)
+    )
+    return metrics, "ok"
+
+
+def _weight(rows: pd.DataFrame) -> np.ndarray | None:
+    """The rows' sampling weights (a Spark engine's stratified sample), else None."""
+    return rows[SAMPLE_WEIGHT].to_numpy(np.float64) if SAMPLE_WEIGHT in rows else None
 
 
 def _find_key(data: Any, key: str) -> Any:
@@ -176,7 +190,8 @@ def _champion_auc(
     if missing or any(c + pd.Timedelta(days=horizon_days) > first for c in seen):
         return version, info["metrics"].get("test_roc_auc")
     score = champion.predict_proba(test[champion.feature_names_])[:, 1]
-    return version, ev.ranking_metrics(test["label"].to_numpy(), score)["roc_auc"]
+    auc = ev.ranking_metrics(test["label"].to_numpy(), score, _weight(test))["roc_auc"]
+    return version, auc
 
 
 def _plots(
@@ -284,15 +299,29 @@ def train_model(
     report(progress, f"{spec.name}: fit", next(step), _STAGES)
     model = CalibratedBooster(
         spec.lightgbm, spec.early_stopping_rounds, spec.calibration, seed=spec.seed
-    ).fit(train[features], train["label"], eval_set=(val[features], val["label"]))
+    ).fit(
+        train[features],
+        train["label"],
+        eval_set=(val[features], val["label"]),
+        sample_weight=_weight(train),
+        eval_sample_weight=_weight(val),
+    )
     hit_cap = model.best_iteration_ >= spec.lightgbm.n_estimators
 
     report(progress, f"{spec.name}: baselines", next(step), _STAGES)
-    logistic = LogisticBaseline(seed=spec.seed).fit(train[features], train["label"])
+    logistic = LogisticBaseline(seed=spec.seed).fit(
+        train[features], train["label"], sample_weight=_weight(train)
+    )
     recency = RecencyRule(higher_is_positive=spec.label.kind == "churn").fit(train)
     rfm_model = CalibratedBooster(
         spec.lightgbm, spec.early_stopping_rounds, spec.calibration, seed=spec.seed
-    ).fit(train[RFM_FEATURES], train["label"], eval_set=(val[RFM_FEATURES], val["label"]))
+    ).fit(
+        train[RFM_FEATURES],
+        train["label"],
+        eval_set=(val[RFM_FEATURES], val["label"]),
+        sample_weight=_weight(train),
+        eval_sample_weight=_weight(val),
+    )
 
     report(progress, f"{spec.name}: evaluate", next(step), _STAGES)
     y_test = test["label"].to_numpy()
@@ -305,12 +334,17 @@ def train_model(
     if spec.label.kind == "purchase":
         # BG/NBD fitted at the test cutoff on the purchases before it
         scores["bgnbd"] = test["bgnbd_p_purchase"].to_numpy(np.float64)
+    w_test = _weight(test)
     metrics = {
-        name: ev.ranking_metrics(y_test, s) if name == "recency" else ev.binary_metrics(y_test, s)
+        name: ev.ranking_metrics(y_test, s, w_test)
+        if name == "recency"
+        else ev.binary_metrics(y_test, s, sample_weight=w_test)
         for name, s in scores.items()
     }
     metrics["model_validation"] = ev.binary_metrics(
-        val["label"].to_numpy(), model.predict_proba(val[features])[:, 1]
+        val["label"].to_numpy(),
+        model.predict_proba(val[features])[:, 1],
+        sample_weight=_weight(val),
     )
     oracle_note = "no truth dir given"
     if truth_dir is not None:
@@ -327,7 +361,13 @@ def train_model(
         None,
         model.calibration_,  # type: ignore[arg-type]
         seed=spec.seed,
-    ).fit(refit[features], refit["label"], eval_set=(refit_cal[features], refit_cal["label"]))
+    ).fit(
+        refit[features],
+        refit["label"],
+        eval_set=(refit_cal[features], refit_cal["label"]),
+        sample_weight=_weight(refit),
+        eval_sample_weight=_weight(refit_cal),
+    )
 
     report(progress, f"{spec.name}: gates", next(step), _STAGES)
     champion, champion_auc = _champion_auc(settings, spec.name, test, horizon)
@@ -354,6 +394,9 @@ def train_model(
         "oracle": oracle_note,
         "features_all_missing": ",".join(empty) or "none",
         "early_stopping": "hit the n_estimators cap" if hit_cap else "stopped",
+        "engine": settings.engine,
+        # every fit and metric applies the sample's weights when the frame was sampled
+        "sampling": json.dumps(data.sampling) if data.sampling else "none (every labelled row)",
         "mlflow.note.content": f"{spec.description or spec.name} ({spec.label.kind}, "
         f"next {horizon} days; data to {split.refit[-1] + pd.Timedelta(days=horizon):%Y-%m-%d})",
     }
@@ -365,6 +408,8 @@ def train_model(
     logged_metrics.update({f"rows_{k}": float(v) for k, v in rows.items()})
     logged_metrics["best_iteration"] = float(model.best_iteration_)
     logged_metrics["refit_trees"] = float(final.best_iteration_)
+    if data.sampling:
+        logged_metrics["rows_before_sampling"] = float(data.sampling["rows_full"])
     params = _flat("", spec.model_dump(mode="json"))
     params["calibration_chosen"] = model.calibration_
     params["refit_cutoffs"] = ",".join(str(c.date()) for c in split.refit)

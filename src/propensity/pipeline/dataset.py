@@ -43,6 +43,7 @@ from propensity.models.spec import ModelSpec
 
 __all__ = [
     "KEYS",
+    "SAMPLE_WEIGHT",
     "Dataset",
     "ExposureDataset",
     "TimeSplit",
@@ -54,6 +55,7 @@ __all__ = [
     "holdout_customers",
     "labeled_frame",
     "latest_snapshot",
+    "model_features",
     "stored_columns_by_view",
     "nba_dataset",
     "propensity_dataset",
@@ -64,6 +66,8 @@ __all__ = [
 
 #: Identify a training row: the customer and the cutoff.
 KEYS = ("customer_id", "event_timestamp")
+#: Column of a sampled row's weight (1 / its class's sampling fraction; Spark engine).
+SAMPLE_WEIGHT = "sample_weight"
 
 
 @dataclass(frozen=True)
@@ -172,9 +176,12 @@ def ensure_snapshots(
     Feast joins each row to the latest snapshot at or before its timestamp, so a row
     off the snapshot grid would silently get days-old features. Returns those built.
     """
-    path = feature_table_path(settings.path(settings.features_dir), view)
     have: set[pd.Timestamp] = set()
-    if path.exists():
+    if settings.engine == "spark":
+        from propensity.spark.features import spark_snapshots
+
+        have = spark_snapshots(settings, view)
+    elif (path := feature_table_path(settings.path(settings.features_dir), view)).exists():
         column = pq.read_table(path, columns=["event_timestamp"])["event_timestamp"]
         have = {pd.Timestamp(t).tz_convert("UTC") for t in pd.unique(column.to_pandas())}
     missing = sorted(set(stamps) - have)
@@ -197,10 +204,16 @@ def historical_features(
 ) -> tuple[pd.DataFrame, list[str]]:
     """Point-in-time features of ``service`` joined to ``entity`` rows (``KEYS`` columns).
 
-    Returns the frame and the service's feature names.
+    Returns the frame and the service's feature names. Through Feast's offline
+    store, or with ``engine: spark`` the same join on Spark
+    (:func:`propensity.spark.training.training_frame_spark`).
     """
     adapter = feature_adapter(settings)
     names = list(adapter.service_features(service))
+    if settings.engine == "spark":
+        from propensity.spark.training import historical_features_spark
+
+        return historical_features_spark(settings, adapter, entity, service), names
     return adapter.historical(entity, service), names
 
 
@@ -213,6 +226,14 @@ def training_frame(
     ``spec.exclude_features``), cast to float64.
     """
     frame, names = historical_features(settings, entity, spec.feature_service)
+    return model_features(frame, names, spec)
+
+
+def model_features(
+    frame: pd.DataFrame, names: Sequence[str], spec: ModelSpec
+) -> tuple[pd.DataFrame, list[str]]:
+    """The model's features of a service's frame: ``names`` less the spec's exclusions,
+    checked numeric and cast to float64 (in place)."""
     unknown = sorted(set(spec.exclude_features) - set(names))
     if unknown:
         raise ValueError(
@@ -244,6 +265,9 @@ class Dataset:
     refit: pd.DataFrame | None = None
     #: The final fit's calibration rows: the held-out customers at the latest cutoff.
     refit_calibration: pd.DataFrame | None = None
+    #: How the rows were sampled (Spark engine), else None: then they carry
+    #: :data:`SAMPLE_WEIGHT`, which every fit and metric applies.
+    sampling: dict[str, Any] | None = None
 
     @property
     def rows(self) -> dict[str, int]:
@@ -261,15 +285,23 @@ class Dataset:
 
 def labeled_frame(
     settings: Settings, spec: ModelSpec, cutoffs: Sequence[pd.Timestamp]
-) -> tuple[pd.DataFrame, list[str], list[pd.Timestamp]]:
+) -> tuple[pd.DataFrame, list[str], list[pd.Timestamp], dict[str, Any] | None]:
     """Labeled entity rows at ``cutoffs`` with their point-in-time features.
 
-    Returns the frame, the model's feature names and the snapshots that had to be built.
+    Returns the frame, the model's feature names, the snapshots that had to be
+    built and, with ``engine: spark``, how the frame was sampled (its rows then
+    carry :data:`SAMPLE_WEIGHT`; see
+    :func:`propensity.spark.training.labeled_frame_spark`), else ``None``.
     """
+    if settings.engine == "spark":
+        from propensity.spark.training import labeled_frame_spark
+
+        frame, features, built, sample = labeled_frame_spark(settings, spec, cutoffs)
+        return frame, features, built, sample.describe()
     entity = entity_frame(_lake(settings), list(cutoffs), spec.label, spec.population)
     built = ensure_snapshots(settings, cutoffs)
     frame, features = training_frame(settings, spec, entity)
-    return frame, features, built
+    return frame, features, built, None
 
 
 def propensity_dataset(
@@ -289,7 +321,7 @@ def propensity_dataset(
     horizon = spec.label.horizon_days
     cutoffs = choose_cutoffs(data_window(lake), horizon, spec.split, as_of=as_of)
     split = split_cutoffs(cutoffs, spec.split, horizon)
-    frame, features, built = labeled_frame(settings, spec, list(split.refit))
+    frame, features, built, sampling = labeled_frame(settings, spec, list(split.refit))
     held = holdout_customers(frame["customer_id"], spec.split.validation_customers)
 
     stamps = frame["event_timestamp"]
@@ -315,6 +347,7 @@ def propensity_dataset(
         built=built,
         refit=part(split.refit, fit_rows(split.refit[-1])),
         refit_calibration=part(split.refit[-1:], held),
+        sampling=sampling,
     )
 
 

@@ -190,7 +190,9 @@ def score_all(
 
     The file holds ``customer_id``, ``churn``, ``purchase_propensity``,
     ``action``, ``expected_value``; its metadata records the snapshot and the
-    model versions.
+    model versions. With ``engine: spark`` the executors score and write the
+    parts of a Parquet folder at ``out``
+    (:func:`propensity.spark.score.score_all_spark`).
 
     Returns
     -------
@@ -207,6 +209,11 @@ def score_all(
     champions = _champions(settings)
     models = {name: model for name, (_, model) in champions.items()}
     versions = {name: str(version) for name, (version, _) in champions.items()}
+    if settings.engine == "spark":
+        from propensity.spark.score import score_all_spark
+
+        result = score_all_spark(settings, out, models=models)
+        return {**result, "model_versions": versions, "seconds": time.perf_counter() - began}
     nba = models.get(_NBA)
     names = [*models[_CHURN].feature_names_, *models[_PURCHASE].feature_names_]
     names += _nba_columns(nba) if nba is not None else []

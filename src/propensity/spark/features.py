@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +23,12 @@ import pandas as pd
 
 from propensity.events.schema import ARROW_SCHEMA
 from propensity.features.definitions import ENTITY, VIEWS, features_of
-from propensity.features.snapshots import TIMESTAMP, _check_times, snapshot_times_for
+from propensity.features.snapshots import (
+    TIMESTAMP,
+    BuildReport,
+    _check_times,
+    snapshot_times_for,
+)
 from propensity.features.sql import feature_steps
 
 if TYPE_CHECKING:
@@ -32,10 +36,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PARTITION",
-    "SparkBuildReport",
     "build_features_spark",
     "compute_features_spark",
     "read_events",
+    "spark_snapshots",
     "spark_table_path",
 ]
 
@@ -43,20 +47,18 @@ __all__ = [
 PARTITION = "snapshot"
 
 
-@dataclass(frozen=True)
-class SparkBuildReport:
-    """What :func:`build_features_spark` wrote."""
-
-    snapshots: tuple[pd.Timestamp, ...]
-    rows: int
-    tables: dict[str, Path]
-
-
 def spark_table_path(features_dir: Path, view: str) -> Path:
     """Folder of the partitioned Spark table of one feature view."""
     if view not in VIEWS:
         raise KeyError(f"unknown feature view {view!r}; known: {sorted(VIEWS)}")
     return Path(features_dir) / "spark" / view
+
+
+def spark_snapshots(settings: Settings, view: str = "session") -> set[pd.Timestamp]:
+    """Snapshot times held by a view's Spark table (its partitions)."""
+    folder = spark_table_path(settings.path(settings.features_dir), view)
+    names = [p.name for p in folder.glob(f"{PARTITION}=*")] if folder.exists() else []
+    return {pd.Timestamp(n.split("=", 1)[1], tz="UTC") for n in names}
 
 
 def read_events(spark: Any, files: Sequence[Path]) -> Any:
@@ -146,7 +148,7 @@ def build_features_spark(
     progress: Callable[[str], None] | None = None,
     *,
     spark: Any = None,
-) -> SparkBuildReport:
+) -> BuildReport:
     """(Re)compute feature snapshots from the event lake on Spark; write partitioned Parquet.
 
     Parameters
@@ -199,4 +201,4 @@ def build_features_spark(
     finally:
         table.unpersist()
     say(f"wrote {len(written)} Spark tables ({rows} rows) to {out_dir / 'spark'}")
-    return SparkBuildReport(tuple(times), rows, written)
+    return BuildReport(tuple(times), rows, written)

@@ -21,7 +21,7 @@ import pandas as pd
 from propensity.features.definitions import ENTITY, request_features
 from propensity.features.snapshots import TIMESTAMP
 from propensity.pipeline.dataset import stored_columns_by_view
-from propensity.spark.features import PARTITION, spark_table_path
+from propensity.spark.features import PARTITION, spark_snapshots, spark_table_path
 
 if TYPE_CHECKING:
     from propensity.config import Settings
@@ -95,16 +95,16 @@ def latest_snapshot_spark(settings: Settings, spark: Any, feature_names: list[st
     features_dir = settings.path(settings.features_dir)
     latest = None
     for view in by_view:
-        folder = spark_table_path(features_dir, view)
-        parts = sorted(p.name for p in folder.glob(f"{PARTITION}=*")) if folder.exists() else []
-        if not parts:
+        held = spark_snapshots(settings, view)
+        if not held:
+            folder = spark_table_path(features_dir, view)
             raise LookupError(f"Spark feature table missing: {folder}; build features first")
-        latest = max(latest or parts[-1], parts[-1])
+        latest = max(latest or max(held), max(held))
     assert latest is not None
     frame = None
     for view, names in by_view.items():
-        folder = spark_table_path(features_dir, view)
-        part = spark.read.parquet(str(folder / latest)).select(ENTITY, TIMESTAMP, *names)
+        folder = spark_table_path(features_dir, view) / f"{PARTITION}={latest:%Y-%m-%d}"
+        part = spark.read.parquet(str(folder)).select(ENTITY, TIMESTAMP, *names)
         frame = part if frame is None else frame.join(part.drop(TIMESTAMP), ENTITY, "full_outer")
     return frame
 

@@ -8,30 +8,154 @@ most ``ttl / 7`` weekly snapshots per row, so it stays a hash join on
 ``customer_id`` plus a small filter. Feast's own Spark offline store is not used
 (it is contrib: no on-demand views, materialization through the driver).
 
-Training then stays on one machine: :func:`stratified_sample` keeps every row of a
-class up to ``rows / 2`` and samples the rest, with ``sample_weight = 1 / fraction``
-so weighted metrics and fits estimate the full population.
+The labels are :func:`propensity.labels.label_sql` in its Spark dialect, the
+same single definition DuckDB runs. Training then stays on one machine:
+:func:`stratified_sample` keeps every row of a class up to ``rows / 2`` and samples
+the rest, with ``sample_weight = 1 / fraction`` so weighted metrics and fits
+estimate the full population; :func:`labeled_frame_spark` is the Spark engine's
+:func:`propensity.pipeline.dataset.labeled_frame`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+from propensity.events.lake import EventLake
 from propensity.features.definitions import ENTITY, FEATURES, ON_DEMAND_FEATURES, service_views
 from propensity.features.snapshots import TIMESTAMP
-from propensity.spark.features import PARTITION, spark_table_path
+from propensity.labels import LabelSpec, check_label_window, cutoff_table, data_window, label_sql
+from propensity.pipeline.dataset import SAMPLE_WEIGHT, model_features
+from propensity.spark.features import PARTITION, read_events, spark_table_path
 
 if TYPE_CHECKING:
     from propensity.config import Settings
+    from propensity.models.spec import ModelSpec
 
-__all__ = ["SAMPLE_WEIGHT", "stratified_sample", "training_frame_spark"]
+__all__ = [
+    "Sample",
+    "entity_frame_spark",
+    "historical_features_spark",
+    "labeled_frame_spark",
+    "stratified_sample",
+    "training_frame_spark",
+]
 
-#: Column of the sampling weights (1 / the row's class sampling fraction).
-SAMPLE_WEIGHT = "sample_weight"
 _ROW = "__entity_row__"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A stratified sample collected to the driver, and how it was drawn."""
+
+    #: The sampled rows, with :data:`~propensity.pipeline.dataset.SAMPLE_WEIGHT`.
+    frame: pd.DataFrame
+    #: Rows of each label class in the full frame.
+    counts: dict[int, int]
+    #: Share of each class's rows kept (the weight is its inverse).
+    fractions: dict[int, float]
+
+    def describe(self) -> dict[str, Any]:
+        """What MLflow records of the sampling (JSON-ready)."""
+        return {
+            "rows_full": sum(self.counts.values()),
+            "rows_sampled": len(self.frame),
+            "classes": {
+                str(c): {"rows": n, "fraction": self.fractions[c]} for c, n in self.counts.items()
+            },
+            "weights": f"{SAMPLE_WEIGHT} = 1 / the class's fraction",
+        }
+
+
+def entity_frame_spark(
+    settings: Settings,
+    spark: Any,
+    cutoffs: Sequence[pd.Timestamp],
+    label: LabelSpec,
+    population: str,
+) -> Any:
+    """:func:`propensity.labels.entity_frame` on Spark: labelled entity rows (lazy).
+
+    Same rows and values as the DuckDB one (tested), from the same SQL definition in
+    Spark's dialect; the label windows are checked against the lake's data end first.
+
+    Examples
+    --------
+    >>> rows = entity_frame_spark(settings, spark, cutoffs, spec.label, "active")  # doctest: +SKIP
+    """
+    if not cutoffs:
+        raise ValueError("entity_frame needs at least one cutoff")
+    lake = EventLake(settings.path(settings.lake_dir))
+    end = data_window(lake).end
+    for cutoff in cutoffs:
+        check_label_window(pd.Timestamp(cutoff), label.horizon_days, end)
+    suffix = f"{id(lake):x}"
+    read_events(spark, lake.files()).createOrReplaceTempView(f"label_events_{suffix}")
+    cuts = spark.createDataFrame(cutoff_table(cutoffs))
+    cuts.createOrReplaceTempView(f"label_cuts_{suffix}")
+    sql = label_sql(
+        f"label_events_{suffix}", f"label_cuts_{suffix}", label, population, dialect="spark"
+    )
+    return spark.sql(sql).selectExpr(
+        ENTITY, TIMESTAMP, "CAST(label AS TINYINT) AS label", "days_since_last"
+    )
+
+
+def historical_features_spark(
+    settings: Settings, adapter: Any, entity: pd.DataFrame, service: str, *, spark: Any = None
+) -> pd.DataFrame:
+    """:meth:`FeatureStoreAdapter.historical` on Spark, collected (the scoring frames).
+
+    The entity rows' snapshots must exist (see
+    :func:`propensity.pipeline.dataset.ensure_snapshots`).
+    """
+    from propensity.spark.session import spark_session
+
+    spark = spark or spark_session(settings.spark)
+    views = [v for v in service_views(service) if v != "request_features"]
+    frame = training_frame_spark(settings, spark, entity, service, adapter.ttls(views)).toPandas()
+    frame[TIMESTAMP] = pd.to_datetime(frame[TIMESTAMP], utc=True)
+    return frame.sort_values([TIMESTAMP, ENTITY], kind="stable").reset_index(drop=True)
+
+
+def labeled_frame_spark(
+    settings: Settings, spec: ModelSpec, cutoffs: Sequence[pd.Timestamp], *, spark: Any = None
+) -> tuple[pd.DataFrame, list[str], list[pd.Timestamp], Sample]:
+    """Labels, point-in-time features and the stratified sample, on Spark.
+
+    The Spark engine's :func:`propensity.pipeline.dataset.labeled_frame`: snapshots
+    missing at ``cutoffs`` are built on Spark, the labelled rows joined to their
+    features there, and the frame sampled to ``settings.spark.training_rows`` rows
+    (:func:`stratified_sample`, seeded by the spec) before it reaches the driver.
+
+    Returns
+    -------
+    frame, feature names, snapshots built, Sample
+        The frame sorted by cutoff then customer, features as float64, with
+        :data:`~propensity.pipeline.dataset.SAMPLE_WEIGHT`.
+    """
+    from propensity.pipeline.dataset import ensure_snapshots, feature_adapter
+    from propensity.spark.session import spark_session
+
+    spark = spark or spark_session(settings.spark)
+    stamps = sorted({pd.Timestamp(c) for c in cutoffs})
+    missing = ensure_snapshots(settings, stamps)
+    adapter = feature_adapter(settings)
+    names = list(adapter.service_features(spec.feature_service))
+    views = [v for v in service_views(spec.feature_service) if v != "request_features"]
+    entity = entity_frame_spark(settings, spark, stamps, spec.label, spec.population)
+    frame = training_frame_spark(settings, spark, entity, spec.feature_service, adapter.ttls(views))
+    sample = stratified_sample(frame, "label", settings.spark.training_rows, seed=spec.seed)
+    rows = sample.frame
+    rows[TIMESTAMP] = pd.to_datetime(rows[TIMESTAMP], utc=True)
+    rows["label"] = rows["label"].astype("int8")
+    rows = rows.sort_values([TIMESTAMP, ENTITY], kind="stable").reset_index(drop=True)
+    rows, features = model_features(rows, names, spec)
+    return rows, features, missing, Sample(rows, sample.counts, sample.fractions)
 
 
 def training_frame_spark(
@@ -104,7 +228,7 @@ def training_frame_spark(
     return out
 
 
-def stratified_sample(frame: Any, label: str, rows: int, seed: int) -> pd.DataFrame:
+def stratified_sample(frame: Any, label: str, rows: int, seed: int) -> Sample:
     """Sample a Spark frame to about ``rows`` rows stratified by ``label``; collect it.
 
     Each class keeps ``min(1, (rows / classes) / count)`` of its rows (so a rare
@@ -114,13 +238,16 @@ def stratified_sample(frame: Any, label: str, rows: int, seed: int) -> pd.DataFr
     Examples
     --------
     >>> sample = stratified_sample(frame, "label", 1_000_000, seed=42)  # doctest: +SKIP
-    >>> sample["sample_weight"].sum()  # doctest: +SKIP
+    >>> sample.frame["sample_weight"].sum()  # doctest: +SKIP
     """
-    counts = {r[0]: r[1] for r in frame.groupBy(label).count().collect()}
+    counts = {int(r[0]): int(r[1]) for r in frame.groupBy(label).count().collect()}
     if not counts:
         raise ValueError("the training frame is empty: nothing to sample")
     share = rows / len(counts)
     fractions = {value: min(1.0, share / n) for value, n in counts.items()}
-    sample = frame.sampleBy(label, fractions, seed).toPandas()
-    sample[SAMPLE_WEIGHT] = 1.0 / sample[label].map(fractions).to_numpy(np.float64)
-    return sample
+    if all(f == 1.0 for f in fractions.values()):
+        taken = frame.toPandas()  # all of it: no sampling pass
+    else:
+        taken = frame.sampleBy(label, fractions, seed).toPandas()
+    taken[SAMPLE_WEIGHT] = 1.0 / taken[label].astype(int).map(fractions).to_numpy(np.float64)
+    return Sample(taken, counts, fractions)

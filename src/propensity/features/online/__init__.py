@@ -24,7 +24,14 @@ from ._codec import entity_key, entity_keys
 from ._read import FeastReader, MatrixReader, OnlineRows, SqliteReader
 
 if TYPE_CHECKING:
-    from ._bulk import Source, WriteReport, latest_rows, write_many
+    from ._bulk import (
+        Source,
+        WriteReport,
+        latest_rows,
+        materialized_until,
+        record_materialization,
+        write_many,
+    )
     from .redis import BulkRedisOnlineStore
     from .sqlite import BulkSqliteOnlineStore
 
@@ -40,6 +47,8 @@ __all__ = [
     "entity_key",
     "entity_keys",
     "latest_rows",
+    "materialized_until",
+    "record_materialization",
     "write_many",
 ]
 
@@ -49,6 +58,8 @@ _LAZY = {
     "Source": "._bulk",
     "WriteReport": "._bulk",
     "latest_rows": "._bulk",
+    "materialized_until": "._bulk",
+    "record_materialization": "._bulk",
     "write_many": "._bulk",
 }
 

@@ -47,7 +47,16 @@ from feast.repo_config import RepoConfig
 
 from ._codec import encode_entity_keys, encode_values, micros
 
-__all__ = ["BulkWriter", "BulkWrites", "Source", "WriteReport", "latest_rows", "write_many"]
+__all__ = [
+    "BulkWriter",
+    "BulkWrites",
+    "Source",
+    "WriteReport",
+    "latest_rows",
+    "materialized_until",
+    "record_materialization",
+    "write_many",
+]
 
 #: What the bulk writer accepts as rows: a Parquet file or folder, an Arrow
 #: table, a record batch reader, or any iterable of record batches.
@@ -372,6 +381,7 @@ def write_many(
     chunk_rows: int = 20_000,
     progress: Callable[[int], Any] | None = None,
     wal: bool = True,
+    record: bool = True,
 ) -> list[WriteReport]:
     """Write feature views into the online store, fast and in bounded memory.
 
@@ -404,6 +414,11 @@ def write_many(
     wal : bool
         Switch a SQLite store to WAL journaling (readers never block on the
         writer; Feast reads WAL databases unchanged).
+    record : bool
+        Record the written interval (the store's marks and the Feast registry).
+        ``False`` for one part of a distributed write (a Spark partition): the
+        driver records it once, with :func:`record_materialization`, after every
+        part succeeded.
 
     Returns
     -------
@@ -435,12 +450,71 @@ def write_many(
         for ident, members in groups.items():
             reports += _write_group(
                 store, writer, kind, members, keys[ident], end, start, incremental, chunk_rows,
-                progress,
+                progress, record,
             )  # fmt: skip
     finally:
         writer.close()
     order = list(sources)
     return sorted(reports, key=lambda r: order.index(r.feature_view))
+
+
+def _held_end(writer: BulkWriter, plan: ViewPlan) -> datetime | None:
+    """Up to when this store holds the view's rows: where an incremental write starts."""
+    last = plan.view.most_recent_end_time
+    if last is None:
+        return None
+    # The registry's intervals are shared by every online store of the project:
+    # start from what this store itself holds (nothing, for a new Redis).
+    held = writer.written_end(plan)
+    return None if held is None else min(_utc(last), held)
+
+
+def materialized_until(store: FeatureStore, views: Sequence[str]) -> datetime | None:
+    """The time up to which every one of ``views`` is materialized in this store, or None.
+
+    Where an incremental write done in parts (Spark executors) starts: the same
+    rule :func:`write_many` applies with ``incremental=True``.
+
+    Examples
+    --------
+    >>> materialized_until(store, ["session", "basket"])  # doctest: +SKIP
+    datetime.datetime(2024, 6, 3, 0, 0, 1, tzinfo=datetime.timezone.utc)
+    """
+    writer, _ = _writer(store.config, wal=True)
+    try:
+        ends = [_held_end(writer, ViewPlan(store, _resolve(store, v))) for v in views]
+    finally:
+        writer.close()
+    known = [e for e in ends if e is not None]
+    return min(known) if len(known) == len(ends) else None
+
+
+def _record(
+    store: FeatureStore, writer: BulkWriter, plan: ViewPlan, start: datetime, end: datetime
+) -> None:
+    writer.mark(plan, end)
+    store.registry.apply_materialization(plan.view, store.project, start, end)
+
+
+def record_materialization(
+    store: FeatureStore, views: Sequence[str], start: datetime | None, end: datetime
+) -> None:
+    """Record that ``views`` hold their rows up to ``end`` (marks and Feast registry).
+
+    What :func:`write_many` does after writing, for a write done in parts
+    (``record=False``), e.g. by Spark executors; ``start`` defaults to ``end``.
+
+    Examples
+    --------
+    >>> record_materialization(store, ["session"], None, end)  # doctest: +SKIP
+    """
+    writer, _ = _writer(store.config, wal=True)
+    try:
+        for name in views:
+            plan = ViewPlan(store, _resolve(store, name))
+            _record(store, writer, plan, _utc(start or end), _utc(end))
+    finally:
+        writer.close()
 
 
 def _prefetch(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
@@ -513,18 +587,12 @@ def _write_group(
     incremental: bool,
     chunk_rows: int,
     progress: Callable[[int], Any] | None,
+    record: bool,
 ) -> list[WriteReport]:
     began = time.perf_counter()
     plans = [ViewPlan(store, view) for view, _ in members]
-    windows = []
-    for plan in plans:
-        last = plan.view.most_recent_end_time if incremental else None
-        if last is not None:
-            # The registry's intervals are shared by every online store of the project:
-            # start from what this store itself holds (nothing, for a new Redis).
-            held = writer.written_end(plan)
-            last = None if held is None else min(_utc(last), held)
-        windows.append(_utc(last) if last is not None else start)
+    held = [_held_end(writer, plan) if incremental else None for plan in plans]
+    windows = [w if w is not None else start for w in held]
     lead = plans[0]
     if any(p.join_keys != lead.join_keys or p.timestamp != lead.timestamp for p in plans):
         raise ValueError(
@@ -580,8 +648,8 @@ def _write_group(
         interval_start = windows[k]
         if interval_start is None:
             interval_start = got.first if got.first is not None else end
-        writer.mark(plan, end)
-        store.registry.apply_materialization(plan.view, store.project, interval_start, end)
+        if record:
+            _record(store, writer, plan, interval_start, end)
         reports.append(
             WriteReport(
                 feature_view=plan.view.name,
