@@ -4,6 +4,8 @@ Prints, for the same simulated events in the same run:
 
 * the baseline: ``propensity ingest`` of the events as one JSON Lines file (events/s);
 * ``EventProcessor.process`` in process, batches of 500, flushes to the lake included;
+* Feast's own ``store.push()`` of the same events, batches of 500, into a push-source
+  feature view on SQLite (final values only: no tiles, no lake, no validation);
 * ``POST /events`` on the real BentoML server, batches of 500 from ``--clients``
   concurrent clients, sustained for ``--seconds``; the read-your-writes check
   (after each answer, the tiles read back hold the batch's events); the
@@ -101,6 +103,22 @@ def main() -> None:
         print(
             f"EventProcessor.process, batches of {BATCH} + lake:  {inproc:>10,.0f} events/s "
             f"({inproc / ingest_rate:.2f}× baseline)"
+        )
+
+        # Feast's push of the same events, for comparison.
+        from bench_stream import feast_push_store
+        from feast.data_source import PushMode
+
+        store = feast_push_store(base)
+        frame = table.select(["customer_id", "event_timestamp", "event_type", "product_id",
+                              "session_id"]).to_pandas()  # fmt: skip
+        t0 = time.perf_counter()
+        for i in range(0, n, BATCH):
+            store.push("events_push", frame.iloc[i : i + BATCH], to=PushMode.ONLINE)
+        push = n / (time.perf_counter() - t0)
+        print(
+            f"Feast store.push(), batches of {BATCH}, SQLite:      {push:>10,.0f} events/s "
+            f"(ours {inproc / push:.1f}× Feast's)"
         )
 
         # Over HTTP, the real server.

@@ -32,6 +32,7 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -236,11 +237,10 @@ def direct_rate(tmp: Path, per_message: int, batch_size: int, customers: int, se
     return rate
 
 
-def feast_push_rate(tmp: Path, per_message: int, customers: int, seconds: float) -> float:
-    """Feast's own store.push() of the same events (one row per event) into SQLite."""
+def feast_push_store(tmp: Path) -> Any:
+    """A Feast repo on SQLite with a push source ``events_push`` of raw events (no tiles)."""
     import pandas as pd
     from feast import Entity, FeatureStore, FeatureView, Field, FileSource, PushSource
-    from feast.data_source import PushMode
     from feast.types import String
 
     repo = tmp / "feast_repo"
@@ -277,6 +277,15 @@ def feast_push_rate(tmp: Path, per_message: int, customers: int, seconds: float)
     )
     store = FeatureStore(repo_path=str(repo))
     store.apply([customer, batch, push, view])
+    return store
+
+
+def feast_push_rate(tmp: Path, per_message: int, customers: int, seconds: float) -> float:
+    """Feast's own store.push() of the same events (one row per event) into SQLite."""
+    import pandas as pd
+    from feast.data_source import PushMode
+
+    store = feast_push_store(tmp)
     events = 0
     t0 = time.perf_counter()
     for batch_events in _batches("f", 10**9, per_message, customers, 11):

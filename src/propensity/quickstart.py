@@ -1,8 +1,14 @@
-"""The end-to-end job on embedded defaults: simulate → ingest → features → models → scores."""
+"""The end-to-end job on embedded defaults: simulate → ingest → features → models → scores.
+
+The last stage also posts a few live events (a session, product views, a cart add)
+for one customer to ``POST /events`` and scores that customer before and after:
+the streaming features move at once and the answer is ``"stale": false``.
+"""
 
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +18,7 @@ from rich.console import Console
 from propensity.config import Settings
 from propensity.progress import ProgressCallback
 
-__all__ = ["run_quickstart", "SIMULATION_DIR"]
+__all__ = ["run_quickstart", "demo_events", "SIMULATION_DIR"]
 
 #: Where the quickstart writes the simulated events and their ground truth.
 SIMULATION_DIR = Path("data/simulated")
@@ -154,6 +160,7 @@ def _score_over_http(settings: Settings, port: int, out: Console) -> list[dict[s
                 answers.append(response.json())
                 out.print(f"POST /score {{customer_id: {customer}}} →")
                 out.print_json(json.dumps(response.json()))
+            live = _events_demo(client, customers[0], out) if customers else None
     finally:
         stop(server)
     stale = [a for a in answers if a.get("stale")]
@@ -163,4 +170,51 @@ def _score_over_http(settings: Settings, port: int, out: Console) -> list[dict[s
             "than its feature views' TTL; scores still use its values, as in "
             "training. A store materialized daily answers false."
         )
+    if live is not None:
+        answers.append(live)
     return answers
+
+
+def demo_events(customer: str, now: datetime) -> list[dict[str, Any]]:
+    """A short live session of one customer, ending just before ``now``: views and a cart add.
+
+    Examples
+    --------
+    >>> events = demo_events("C0000001", datetime(2026, 6, 1, 12, tzinfo=UTC))
+    >>> [e["event_type"] for e in events]
+    ['session_start', 'product_view', 'product_view', 'add_to_cart']
+    """
+    kinds = ("session_start", "product_view", "product_view", "add_to_cart")
+    stamp = now.strftime("%Y%m%dT%H%M%S")
+    session = f"live-{customer}-{stamp}"
+    return [
+        {
+            # Ids from the clock: a second run of the quickstart adds a new session.
+            "event_id": f"{session}-{i}",
+            "customer_id": customer,
+            "event_type": kind,
+            "event_timestamp": (now - timedelta(seconds=40 - 10 * i)).isoformat(),
+            "session_id": session,
+            "product_id": None if kind == "session_start" else "P0001",
+        }
+        for i, kind in enumerate(kinds)
+    ]
+
+
+def _events_demo(client: httpx.Client, customer: str, out: Console) -> dict[str, Any]:
+    """Score one customer, post a few live events for them, score again; print both."""
+    before = client.post("/score", json={"customer_id": customer})
+    before.raise_for_status()
+    events = demo_events(customer, datetime.now(UTC))
+    posted = client.post("/events", json={"events": events})
+    posted.raise_for_status()
+    after = client.post("/score", json={"customer_id": customer})
+    after.raise_for_status()
+    out.print(f"POST /events: {len(events)} live events for {customer} → {posted.json()}")
+    keys = ("churn_probability", "purchase_propensity", "stale", "features_timestamp")
+    for label, answer in (("before", before.json()), ("after", after.json())):
+        shown = {k: answer.get(k) for k in keys if k in answer}
+        out.print(f"/score {customer} {label} the events:")
+        out.print_json(json.dumps(shown))
+    return {"customer_id": customer, "events": posted.json(), "before": before.json(),
+            "after": after.json()}  # fmt: skip

@@ -3,9 +3,11 @@
 :meth:`EventProcessor.process` takes a batch of JSON-like records in the
 canonical event schema and:
 
-1. reads them as a JSON Lines file would be read and validates them with the
-   file-ingest validator (:func:`~propensity.events.validation.validate_events`),
-   so the rules, reasons and time-zone handling are those of ``propensity ingest``;
+1. validates them as the same lines of a JSON Lines file would be validated
+   (:func:`~propensity.events.records.validate_records`: plain records are
+   checked in Python by the file-ingest rules, any other goes through
+   :func:`~propensity.events.validation.validate_events`), so the rules, reasons
+   and time-zone handling are those of ``propensity ingest``;
    a rejected record goes to the quarantine (``data/quarantine/``) and comes back
    as ``(index, field, rule, message)``; an event later than the clock plus
    :data:`~propensity.events.validation.FUTURE_TOLERANCE` is rejected
@@ -39,16 +41,11 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from propensity.events._readers import read_records
 from propensity.events.lake import EventLake
+from propensity.events.records import validate_records
 from propensity.events.schema import ARROW_SCHEMA
 from propensity.events.suppression import Screen, SuppressionList
-from propensity.events.validation import (
-    FUTURE_TOLERANCE,
-    QUARANTINE_SCHEMA,
-    validate_events,
-    withdrawn_customers,
-)
+from propensity.events.validation import FUTURE_TOLERANCE, QUARANTINE_SCHEMA
 from propensity.features.online.tiles import SqliteTileStore
 from propensity.features.tiles import TILE_US, clock_micros
 
@@ -58,9 +55,6 @@ if TYPE_CHECKING:
 
 __all__ = ["EventProcessor", "ProcessResult", "Rejection", "FUTURE_TOLERANCE"]
 
-_TEXT_COLUMNS = frozenset(
-    {f.name for f in ARROW_SCHEMA if pa.types.is_string(f.type)} | {"event_timestamp", "consent"}
-)
 _CANONICAL = [f.name for f in ARROW_SCHEMA]
 
 
@@ -189,17 +183,12 @@ class EventProcessor:
         if not records:
             return result
         now = received_at or datetime.now(UTC)
-        table, problems = read_records(records, _TEXT_COLUMNS, self.source)
-        screen = self._suppressed.screen()
-        withdrawn = withdrawn_customers(table) if "consent" in table.column_names else set()
-        checked = validate_events(
-            table,
+        checked = validate_records(
+            records,
             source=self.source,
             timezone=self.settings.timezone,
             now=now,
-            withdrawn=screen.withdrawn(table, withdrawn) if table.num_columns else withdrawn,
-            unparsed=problems,
-            columns_required=False,
+            screen=self._suppressed.screen(),
         )
         result.suppressed = checked.consent_removed
         rejected = checked.rejected
