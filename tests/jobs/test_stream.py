@@ -116,10 +116,12 @@ def test_sigkilled_consumers_lose_nothing_and_count_nothing_twice(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     rng = random.Random(16)
-    events = make_events(1_200, customers=40, seed=1, now=NOW)
+    # Enough parts that the producer still feeds the stream at the 4th kill: the consumer
+    # drains a part in well under a second, and a drained stream starts no batch to kill.
+    events = make_events(2_400, customers=40, seed=1, now=NOW)
     settings = make_project(tmp_path / "project", redis_server.url)
     client = redis_server.client()
-    producer, errors = _producer(settings, tmp_path, events, parts=3)
+    producer, errors = _producer(settings, tmp_path, events, parts=6)
     in_flight = 0
     for kill in range(4):
         since, _ = group_progress(client, settings.stream.key, settings.stream.group)
