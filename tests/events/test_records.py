@@ -41,7 +41,7 @@ _CLEAN = {
     "consent": [True, False],
 }
 _ODD = {
-    "customer_id": ["\tC3", "C1\x01", 7, "C\x00"],
+    "customer_id": ["\tC3", "C1\x01", 7, "C\x00", "C\ud800"],  # a lone surrogate: no text
     "event_type": [3, False],
     "event_timestamp": [
         "2026-06-01T11:59:00.1234567Z",
@@ -177,3 +177,20 @@ def test_a_withdrawal_in_a_deferred_record_drops_the_customers_fast_records() ->
     result = validate_records(records, now=NOW)
     assert (result.valid.num_rows, result.consent_removed) == (0, 2)
     _compare(records, "UTC")
+
+
+def test_a_lone_surrogate_is_rejected_as_not_utf8_and_the_rest_kept() -> None:
+    # A JSON "\ud800" escape decodes to a string no UTF-8 can hold: quarantined, not a crash.
+    records = [
+        {"event_id": "e1", "customer_id": "C\ud800", "event_type": "page_view",
+         "event_timestamp": "2026-06-01T11:59:00Z"},
+        {"event_id": "e2", "customer_id": "C2", "event_type": "page_view",
+         "event_timestamp": "2026-06-01T11:59:00Z", "product_id": "P\udfff"},
+        {"event_id": "e3", "customer_id": "C3", "event_type": "page_view",
+         "event_timestamp": "2026-06-01T11:59:00Z"},
+    ]  # fmt: skip
+    result = validate_records(records, now=NOW)
+    assert result.valid["event_id"].to_pylist() == ["e3"]
+    rejected = result.rejected.to_pylist()
+    assert [(r["row_number"], r["rule"]) for r in rejected] == [(1, "not_utf8"), (2, "not_utf8")]
+    assert [r["field"] for r in rejected] == ["customer_id", "product_id"]

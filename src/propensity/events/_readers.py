@@ -338,6 +338,16 @@ def _iter_parquet(path: Path, columns: list[str] | None, batch_rows: int) -> Ite
         )
 
 
+def _encodable(value: str) -> bool:
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _text(value: Any) -> str | None:
     if value is None or isinstance(value, str):
         return value
@@ -382,8 +392,12 @@ def _parse_jsonl_slowly(
             )
             continue
         nested = [f"{k}:wrong_type" for k, v in record.items() if isinstance(v, dict | list)]
-        flags.append(";".join(nested) or None)
+        # A JSON escape of a lone surrogate ("\ud800") decodes to no UTF-8 text at all.
+        broken = [k for k, v in record.items() if isinstance(v, str) and not _encodable(v)]
+        flags.append(";".join(nested + [f"{k}:not_utf8" for k in broken]) or None)
         for key, value in record.items():
+            if key in broken:
+                value = value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
             columns.setdefault(key, [None] * len(rows)).append(_text(value))
         rows.append(number - 1)
         for values in columns.values():

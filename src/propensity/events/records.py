@@ -226,7 +226,9 @@ def _customer_key(value: Any) -> str | None:
     """The id the suppression list is matched against: the value as text, as the reader reads it."""
     if value is None or isinstance(value, dict | list):
         return None
-    return _as_text(value)
+    text = _as_text(value)
+    # An id that is not text (a lone surrogate) is rejected as not_utf8, never stored.
+    return text if text is None or _text_ok(text) else None
 
 
 def validate_records(
