@@ -271,9 +271,9 @@ class Settings(BaseSettings):
     landing_dir: Path = Path("data/landing")
     jobs_dir: Path = Path("data/jobs")
     compiled_dir: Path = Path("data/compiled")  # compiled models, by content: kept across restarts
-    #: Serve and bulk-score through models compiled to C. Off by default: on real
-    #: features a few rows in a thousand still differ from LightGBM's own predict.
-    compile_models: bool = False
+    #: Serve and bulk-score through models compiled to C (equal to LightGBM's predict;
+    #: without a C compiler LightGBM predicts, logged once).
+    compile_models: bool = True
     mlflow_tracking_uri: str = "sqlite:///data/mlflow.db"
     timezone: str = "UTC"
     horizons: Horizons = Horizons()

@@ -165,3 +165,67 @@ def test_a_compiled_model_pickles_without_its_library(churn_like, cache) -> None
     assert not hasattr(copy, "compiled_")
     probe = _probe()
     np.testing.assert_allclose(copy.predict_proba(probe), model.predict_proba(probe), atol=1e-9)
+
+
+#: One ulp below 433.5: its low 32 bits are all ones, which TL2cgen's ``union Entry``
+#: reads as ``missing == -1`` (a sum of prices gave it in the quickstart data).
+ALIASED = 433.49999999999994
+
+
+def _stumps(thresholds: list[float]) -> lgb.Booster:
+    """A regression booster of one-split trees on one feature, thresholds planted."""
+    rng = np.random.default_rng(11)
+    x = rng.uniform(-1000, 1000, size=(500, 1))
+    y = (x[:, 0] > 0).astype(float) + rng.normal(scale=0.1, size=len(x))
+    params = {"objective": "regression", "num_leaves": 2, "verbose": -1, "min_data_in_leaf": 5}
+    booster = lgb.train(params, lgb.Dataset(x, y), len(thresholds))
+    planted = iter(thresholds)
+    lines = [
+        f"threshold={next(planted)!r}" if line.startswith("threshold=") else line
+        for line in booster.model_to_string().splitlines()
+        if not line.startswith("tree_sizes=")  # byte offsets of the blocks, changed here
+    ]
+    return lgb.Booster(model_str="\n".join(lines) + "\n")
+
+
+def test_the_aliased_value_has_the_missing_marker_in_its_low_word() -> None:
+    assert int(np.array([ALIASED]).view(np.uint64)[0]) & 0xFFFFFFFF == 0xFFFFFFFF
+    assert _compiled._reads_as_missing(np.array([ALIASED, -ALIASED, 433.5])).tolist() == [
+        True,
+        True,
+        False,
+    ]
+
+
+@pytest.mark.parametrize(
+    "threshold",
+    [
+        ALIASED,  # x == t goes left, one ulp either side tells the directions apart
+        float(np.nextafter(ALIASED, -np.inf)),  # the move towards zero would cross it
+        -ALIASED,  # negative: the move towards zero would cross it
+        float(np.nextafter(-ALIASED, -np.inf)),
+        250.0,
+    ],
+)
+def test_values_that_read_as_missing_are_compared_as_lightgbm_does(threshold, cache) -> None:
+    booster = _stumps([threshold, threshold])
+    compiled = compile_trees(booster, None, cache)
+    assert compiled is not None
+    probe = []
+    for centre in (ALIASED, -ALIASED, threshold):
+        probe += [centre, np.nextafter(centre, -np.inf), np.nextafter(centre, np.inf)]
+    X = np.array(probe)[:, None]
+    expected = booster.predict(X, raw_score=True)
+    assert np.unique(expected).size == 2  # both sides of the split are probed
+    np.testing.assert_array_equal(compiled.predict(X, 0, raw_score=True), expected)
+    np.testing.assert_array_equal(compiled.predict(X, 1, raw_score=True), expected)
+    rows = [compiled.predict_row(X[i], raw_score=True) for i in range(len(X))]
+    np.testing.assert_array_equal(rows, expected)
+
+
+def test_a_model_with_no_safe_move_falls_back_to_lightgbm(cache, caplog) -> None:
+    booster = _stumps([ALIASED, float(np.nextafter(ALIASED, -np.inf))])
+    _compiled._warned.clear()
+    with caplog.at_level(logging.WARNING, logger=_compiled.__name__):
+        assert compile_trees(booster, None, cache) is None
+    assert "mistake for missing" in caplog.text

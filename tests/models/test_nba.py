@@ -215,14 +215,43 @@ def test_train_nba_on_simulated_events(simulated) -> None:
         a.path for a in mlflow.MlflowClient(settings.tracking_uri).list_artifacts(info["run_id"])
     }
     assert {"qini_curves.png", "policy_values.png", "policy_report.json"} <= artifacts
+    every_row = _exposure_features(settings, result.model.feature_names_, rows=None)
+    _assert_compiled_boosters_equal_lightgbm(
+        result.model, every_row, settings.path(settings.compiled_dir)
+    )
 
 
-def _exposure_features(settings, names: list[str]) -> pd.DataFrame:
+def _assert_compiled_boosters_equal_lightgbm(
+    model: NBAModel, frame: pd.DataFrame, cache: Path
+) -> None:
+    """Every uplift booster of a trained model, compiled, gives LightGBM's raw scores (1e-9)."""
+    import pickle
+
+    from propensity.models._compiled import compile_trees
+
+    X = np.ascontiguousarray(frame[model.feature_names_].to_numpy(np.float64))
+    plain = model.uplift_matrix(X, 0)
+    compiled = pickle.loads(pickle.dumps(model)).compile(cache)
+    np.testing.assert_allclose(compiled.uplift_matrix(X, 0), plain, rtol=0, atol=1e-9)
+    learners = model.learners_.values()
+    boosters = [m.booster_ for learner in learners for m in learner._fitted_models()]
+    assert boosters
+    for booster in boosters:
+        trees = compile_trees(booster, None, cache)
+        assert trees is not None
+        expected = booster.predict(X, raw_score=True)
+        np.testing.assert_allclose(trees.predict(X, 0, raw_score=True), expected, rtol=0, atol=1e-9)
+        rows = [trees.predict_row(x, raw_score=True) for x in X[:500]]
+        np.testing.assert_allclose(rows, expected[:500], rtol=0, atol=1e-9)
+
+
+def _exposure_features(settings, names: list[str], rows: int | None = 20) -> pd.DataFrame:
     from propensity.features.snapshots import feature_table_path
 
     features_dir = settings.path(settings.features_dir)
     frames = [pd.read_parquet(feature_table_path(features_dir, v)) for v in ("session", "exposure")]
-    merged = frames[0].merge(frames[1], on=["customer_id", "event_timestamp"]).head(20)
+    merged = frames[0].merge(frames[1], on=["customer_id", "event_timestamp"])
+    merged = merged if rows is None else merged.head(rows)
     for name in names:
         if name not in merged:
             merged[name] = np.nan

@@ -22,9 +22,10 @@ from propensity.events.lake import EventLake
 from propensity.events.simulator import SimulationConfig, simulate, write_simulation
 from propensity.features.snapshots import build_features
 from propensity.labels import LabelWindowError, data_window, population_frame
+from propensity.models._compiled import compile_trees
 from propensity.models.spec import SplitSpec, load_spec
 from propensity.pipeline.binary import train_model
-from propensity.pipeline.dataset import split_cutoffs
+from propensity.pipeline.dataset import latest_snapshot, split_cutoffs
 from propensity.pipeline.gates import propensity_checks
 from propensity.pipeline.score import score_all, score_customers, write_scores
 from propensity.pipeline.train import promote
@@ -264,17 +265,26 @@ def test_score_all_scores_the_latest_snapshot_as_each_model_does(project, tmp_pa
         np.testing.assert_allclose(both[column], both["score"], rtol=0, atol=1e-12)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known: compiled trees differ from LightGBM on a few rows of trained models "
-    "(why compile_models is off by default)",
-)
 def test_compiled_scores_equal_lightgbm_on_trained_models(project, tmp_path):
-    settings = project["settings"].model_copy(update={"compile_models": True})
+    settings = project["settings"]
+    assert settings.compile_models  # the default
     summary = score_all(settings, tmp_path / "compiled.parquet")
     compiled = pd.read_parquet(tmp_path / "compiled.parquet")
-    plain = pd.read_parquet(score_all(project["settings"], tmp_path / "plain.parquet")["path"])
+    plain_settings = settings.model_copy(update={"compile_models": False})
+    plain = pd.read_parquet(score_all(plain_settings, tmp_path / "plain.parquet")["path"])
     both = compiled.merge(plain, on="customer_id", suffixes=("", "_lightgbm"))
     assert len(both) == summary["rows"] > 0
     for column in ("churn", "purchase_propensity"):
         np.testing.assert_allclose(both[column], both[f"{column}_lightgbm"], rtol=0, atol=1e-9)
+    # and the raw scores (sums of the trees) of each champion, row by row and in batches
+    for name in ("churn", "purchase_propensity"):
+        version = registry.champion_version(settings.tracking_uri, name)
+        model = registry.load_estimator(settings.tracking_uri, name, version)
+        _, frame = latest_snapshot(settings, list(model.feature_names_))
+        X = np.ascontiguousarray(frame[model.feature_names_].to_numpy(np.float64))
+        compiled_trees = compile_trees(model.booster_, model.best_iteration_, tmp_path / "c")
+        assert compiled_trees is not None
+        expected = model.booster_.predict(X, num_iteration=model.best_iteration_, raw_score=True)
+        np.testing.assert_allclose(compiled_trees.predict(X, 0, True), expected, rtol=0, atol=1e-9)
+        rows = [compiled_trees.predict_row(x, raw_score=True) for x in X]
+        np.testing.assert_allclose(rows, expected, rtol=0, atol=1e-9)

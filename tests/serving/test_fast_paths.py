@@ -8,6 +8,7 @@ per-value decoder, and a batch vs the same customers scored one by one.
 
 from __future__ import annotations
 
+import json
 import pickle
 import threading
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from project import REPO_ROOT, Project, fit_nba
+from pydantic_core import to_json
 
 from propensity.config import Serving
 from propensity.features.online import SqliteReader
@@ -24,9 +26,10 @@ from propensity.features.online._codec import decode_value, decode_values
 from propensity.models._lightgbm import SingleRowPredictor
 from propensity.models.arbitration import decide, load_catalog
 from propensity.models.nba import NBAModel
+from propensity.serving.encoding import batch_json
 from propensity.serving.policy import ArbitrationPolicy
 from propensity.serving.runtime import Runtime, online_reader
-from propensity.serving.scorer import Scorer, predict_rows
+from propensity.serving.scorer import PURCHASE, Scorer, predict_rows
 
 pytestmark = pytest.mark.slow
 
@@ -251,6 +254,14 @@ def test_batch_equals_one_by_one_with_next_best_action(project: Project) -> None
         ]
         assert a["missing_features"] == b["missing_features"]
         assert a["features_timestamp"] == b["features_timestamp"]
+    # The batch route's JSON, encoded from the arrays, is these dicts encoded.
+    for reasons in (True, False):
+        scored = scorer.score_columns(ids, reasons)  # once: streaming features decay with time
+        encoded = json.loads(batch_json(scored, "churn", PURCHASE))
+        dicts = scorer.as_dicts(scored)
+        expected = {"results": [r for r in dicts if r is not None], "unknown": ["nobody"]}
+        assert encoded == json.loads(to_json(expected, inf_nan_mode="null"))
+    assert any(r["missing_features"] for r in encoded["results"])  # null values covered
     lean = scorer.score(ids[:10], reasons=False)
     assert all(r is not None and r["reasons"] == {} for r in lean)
     # Without reasons the probability comes from LightGBM's own sum of the same leaves.

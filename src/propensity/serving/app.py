@@ -36,6 +36,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from propensity.serving.encoding import batch_json
 from propensity.serving.events import EventsRequest, post_events
 from propensity.serving.openapi import openapi_document
 from propensity.serving.schemas import (
@@ -80,7 +81,10 @@ class _HTTPError(Exception):
 def _json(payload: Any, status: int = 200, started: float | None = None) -> Response:
     # pydantic-core is several times faster than json.dumps; NaN and infinities become
     # null (its default writes the bare NaN token, which is not JSON).
-    body = to_json(payload, inf_nan_mode="null")
+    return _json_body(to_json(payload, inf_nan_mode="null"), status, started)
+
+
+def _json_body(body: bytes, status: int = 200, started: float | None = None) -> Response:
     response = Response(body, status_code=status, media_type=JSON_MEDIA_TYPE)
     if started is not None:
         # Time spent scoring, apart from the network and HTTP parsing (a standard header
@@ -88,6 +92,12 @@ def _json(payload: Any, status: int = 200, started: float | None = None) -> Resp
         elapsed = (time.perf_counter() - started) * 1e3
         response.headers["server-timing"] = f"score;dur={elapsed:.2f}"
     return response
+
+
+def _batch_body(scorer: Any, customer_ids: list[str], reasons: bool) -> bytes:
+    # Encoded from the scored arrays, without a dict per customer (serving/encoding.py).
+    scored = scorer.score_columns(customer_ids, reasons)
+    return batch_json(scored, scorer.churn.name, scorer.purchase.name)
 
 
 def _error(exc: _HTTPError) -> Response:
@@ -240,10 +250,8 @@ def build_app(
             )
         scorer = current.scorer  # one scorer for the whole batch, even across a reload
         started = time.perf_counter()
-        results = await run_in_threadpool(scorer.score, body.customer_ids, body.reasons)
-        known = [r for r in results if r is not None]
-        unknown = [c for c, r in zip(body.customer_ids, results, strict=True) if r is None]
-        return _json({"results": known, "unknown": unknown}, started=started)
+        encoded = await run_in_threadpool(_batch_body, scorer, body.customer_ids, body.reasons)
+        return _json_body(encoded, started=started)
 
     @_route
     async def audience(request: Request) -> Response:

@@ -51,6 +51,8 @@ __all__ = [
     "predict_rows",
     "thread_pool",
     "Scorer",
+    "ScoredBatch",
+    "iso_timestamp",
     "CHURN",
     "PURCHASE",
     "NBA",
@@ -267,25 +269,35 @@ class BoosterBundle:
         return bundle
 
 
-def _iso(seconds: float) -> str | None:
+def iso_timestamp(seconds: float) -> str | None:
+    """Epoch seconds as ISO 8601 in UTC; ``None`` for NaN (unknown)."""
     if not math.isfinite(seconds):
         return None
     return datetime.fromtimestamp(seconds, tz=UTC).isoformat()
 
 
-def _reasons(
-    contributions: np.ndarray, values: np.ndarray, names: list[str]
-) -> list[list[dict[str, Any]]]:
-    """Top contributions of every row, largest magnitude first (ties: feature order)."""
+def _top_reasons(
+    contributions: np.ndarray, values: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Columns, contributions and feature values of every row's top reasons.
+
+    Largest magnitude first (ties: feature order); each array has shape
+    ``(n, k)`` with ``k`` at most three.
+    """
     # The last column is the bias (expected value), not a feature.
     per_feature = contributions[:, :-1]
     k = min(_TOP_REASONS, per_feature.shape[1])
     top = np.argsort(-np.abs(per_feature), axis=1, kind="stable")[:, :k]
     rows = np.arange(len(per_feature))[:, None]
-    picked = per_feature[rows, top].tolist()
-    picked_values = values[rows, top].tolist()
+    return top, per_feature[rows, top], values[rows, top]
+
+
+def _reason_dicts(
+    top: np.ndarray, picked: np.ndarray, picked_values: np.ndarray, names: list[str]
+) -> list[list[dict[str, Any]]]:
+    """The reasons of :func:`_top_reasons` as the response's dicts."""
     out = []
-    for js, cs, vs in zip(top.tolist(), picked, picked_values, strict=True):
+    for js, cs, vs in zip(top.tolist(), picked.tolist(), picked_values.tolist(), strict=True):
         out.append(
             [
                 {
@@ -307,6 +319,56 @@ def _missing_names(matrix: np.ndarray, names: list[str]) -> list[list[str]]:
     for i, j in zip(rows.tolist(), columns.tolist(), strict=True):
         out[i].append(names[j])
     return out
+
+
+@dataclass(frozen=True)
+class ScoredBatch:
+    """The scores of a batch, column by column, before they become a response.
+
+    :meth:`Scorer.score` turns it into one dict per customer; the batch route
+    encodes it straight to JSON (:func:`propensity.serving.encoding.batch_json`).
+
+    Attributes
+    ----------
+    customer_ids : list of str
+        As requested.
+    rows : ndarray of int
+        Positions in ``customer_ids`` of the customers the store knows; every
+        array below has one entry per such row.
+    scores : dict
+        Model name to clipped P(y=1).
+    reasons : dict
+        Model name to ``(columns, contributions, values)`` of its top reasons
+        (:func:`_top_reasons`); empty when reasons were not asked for.
+    feature_names : dict
+        Model name to its feature names (what ``columns`` index).
+    decisions : list
+        Next-best-action decision dicts, or ``None`` without a policy.
+    versions : dict
+    timestamps : ndarray of float
+        Feature timestamps (epoch seconds; NaN: unknown).
+    stale : ndarray of bool
+    missing : list of list of str
+        Names of the features missing in each row.
+    """
+
+    customer_ids: list[str]
+    rows: np.ndarray
+    scores: dict[str, np.ndarray]
+    reasons: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
+    feature_names: dict[str, list[str]]
+    decisions: list[dict[str, Any] | None]
+    versions: dict[str, str]
+    timestamps: np.ndarray
+    stale: np.ndarray
+    missing: list[list[str]]
+
+    @property
+    def unknown(self) -> list[str]:
+        """Requested ids the online store does not know, in request order."""
+        known = np.zeros(len(self.customer_ids), dtype=bool)
+        known[self.rows] = True
+        return [c for c, k in zip(self.customer_ids, known.tolist(), strict=True) if not k]
 
 
 @dataclass
@@ -362,28 +424,20 @@ class Scorer:
     def _model_input(self, name: str, matrix: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(matrix[:, self._columns[name]])
 
-    def score(
-        self, customer_ids: Sequence[str], reasons: bool = True
-    ) -> list[dict[str, Any] | None]:
-        """Score customers; ``None`` for a customer the online store does not know.
+    def score_columns(self, customer_ids: Sequence[str], reasons: bool = True) -> ScoredBatch:
+        """Score customers into a :class:`ScoredBatch` (the arrays behind :meth:`score`).
 
         Everything is computed once per batch: one LightGBM call per model
         (probabilities and contributions for the reasons together), one
-        policy call. ``reasons=False`` skips the contributions and returns
-        empty ``reasons``.
-
-        Returns
-        -------
-        list
-            One :class:`propensity.serving.schemas.ScoreResponse`-shaped dict
-            (or ``None``) per id, in request order.
+        policy call. ``reasons=False`` skips the contributions.
         """
         ids = list(customer_ids)
         batch = self.reader.read(ids)
         rows = np.flatnonzero(batch.found)
-        out: list[dict[str, Any] | None] = [None] * len(ids)
+        names = {b.name: b.feature_names for b in (self.churn, self.purchase)}
         if rows.size == 0:
-            return out
+            empty = np.zeros(0)
+            return ScoredBatch(ids, rows, {}, {}, names, [], self.versions, empty, empty, [])
         matrix = batch.matrix if rows.size == len(ids) else batch.matrix[rows]
         decisions: list[dict[str, Any] | None] = [None] * len(rows)
         pending: Future[list[dict[str, Any]]] | None = None
@@ -397,37 +451,76 @@ class Scorer:
                 pending = thread_pool("policy").submit(self.policy.decide, known, X_policy)
             else:
                 decisions = list(self.policy.decide(known, X_policy))
-        scores: dict[str, list[float]] = {}
-        top: dict[str, list[list[dict[str, Any]]]] = {}
+        scores: dict[str, np.ndarray] = {}
+        top: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for bundle in (self.churn, self.purchase):
             X = self._model_input(bundle.name, matrix)
             if reasons:
                 proba, contributions = bundle.predict_with_contributions(X)
-                top[bundle.name] = _reasons(contributions, X, bundle.feature_names)
+                top[bundle.name] = _top_reasons(contributions, X)
             else:
                 proba = bundle.predict_proba(X)
-            scores[bundle.name] = np.clip(proba, 0.0, 1.0).tolist()
+            scores[bundle.name] = np.clip(proba, 0.0, 1.0)
         if pending is not None:
             decisions = list(pending.result())
-        versions = self.versions
-        missing = _missing_names(matrix, self.reader.feature_names)
+        return ScoredBatch(
+            customer_ids=ids,
+            rows=rows,
+            scores=scores,
+            reasons=top,
+            feature_names=names,
+            decisions=decisions,
+            versions=self.versions,
+            timestamps=batch.timestamps[rows],
+            stale=batch.stale[rows],
+            missing=_missing_names(matrix, self.reader.feature_names),
+        )
+
+    def score(
+        self, customer_ids: Sequence[str], reasons: bool = True
+    ) -> list[dict[str, Any] | None]:
+        """Score customers; ``None`` for a customer the online store does not know.
+
+        ``reasons=False`` skips the contributions and returns empty ``reasons``.
+
+        Returns
+        -------
+        list
+            One :class:`propensity.serving.schemas.ScoreResponse`-shaped dict
+            (or ``None``) per id, in request order.
+        """
+        return self.as_dicts(self.score_columns(customer_ids, reasons))
+
+    def as_dicts(self, scored: ScoredBatch) -> list[dict[str, Any] | None]:
+        """:meth:`score`'s dicts of a :class:`ScoredBatch` (``None`` for an unknown id)."""
+        reasons = bool(scored.reasons)
+        ids = scored.customer_ids
+        out: list[dict[str, Any] | None] = [None] * len(ids)
+        if scored.rows.size == 0:
+            return out
+        versions = scored.versions
         stamps: dict[float, str | None] = {}  # rows of one snapshot share a timestamp
-        churn, purchase = scores[self.churn.name], scores[self.purchase.name]
         churn_name, purchase_name = self.churn.name, self.purchase.name
+        churn = scored.scores[churn_name].tolist()
+        purchase = scored.scores[purchase_name].tolist()
+        top = {
+            name: _reason_dicts(*picked, scored.feature_names[name])
+            for name, picked in scored.reasons.items()
+        }
         churn_reasons = top.get(churn_name, [])
         purchase_reasons = top.get(purchase_name, [])
-        timestamps = batch.timestamps[rows].tolist()
-        stale = batch.stale[rows].tolist()
-        for k, i in enumerate(rows.tolist()):
+        timestamps = scored.timestamps.tolist()
+        stale = scored.stale.tolist()
+        for k, i in enumerate(scored.rows.tolist()):
             stamp = timestamps[k]
             iso = stamps.get(stamp)
             if iso is None:
-                iso = stamps[stamp] = _iso(stamp)
+                iso = stamps[stamp] = iso_timestamp(stamp)
             out[i] = {
                 "customer_id": ids[i],
                 "churn_probability": churn[k],
                 "purchase_propensity": purchase[k],
-                "next_best_action": decisions[k],
+                "next_best_action": scored.decisions[k],
                 "reasons": (
                     {churn_name: churn_reasons[k], purchase_name: purchase_reasons[k]}
                     if reasons
@@ -436,6 +529,6 @@ class Scorer:
                 "model_versions": versions,
                 "features_timestamp": iso,
                 "stale": stale[k],
-                "missing_features": missing[k],
+                "missing_features": scored.missing[k],
             }
         return out
