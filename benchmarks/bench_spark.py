@@ -1,8 +1,8 @@
 """Benchmark: the feature build and bulk scoring, DuckDB / in-process vs Spark, one run.
 
 For each event count: the same synthetic events (``bench_features.synthetic_events``,
-one customer per 100 events, 26 weekly snapshots) are written as Parquet, then the
-DuckDB build and the Spark build (``local[2]``, written as Parquet by the executors)
+one customer per ``--per-customer`` events (100), 26 weekly snapshots) are written as
+Parquet, then the DuckDB build and the Spark build (``local[2]``, written as Parquet by the executors)
 run on them; printed are wall time, peak memory (this process and its children: the
 Spark JVM), and Spark's microseconds per event, whose ratio across sizes says
 whether its cost per event stays flat. Then bulk scoring of ``--customers``
@@ -72,12 +72,16 @@ def _measure(fn: Callable[[], Any]) -> tuple[float, float]:
     return seconds, rss.peak / 2**30
 
 
-def bench_features(spark: Any, sizes: list[int], days: int, folder: Path) -> None:
+def bench_features(
+    spark: Any, sizes: list[int], days: int, folder: Path, per_customer: int = 100
+) -> None:
+    print(f"{per_customer} events per customer, 26 weekly snapshots")
     print(f"{'events':>12} {'duckdb s':>9} {'GB':>5} {'spark s':>9} {'GB':>5} {'spark us/ev':>11}")
     per_event = []
     for n in sizes:
         path = folder / f"events-{n}.parquet"
-        pq.write_table(synthetic_events(max(n // 100, 100), n, days, seed=1), path)
+        customers = max(n // per_customer, 100)
+        pq.write_table(synthetic_events(customers, n, days, seed=1), path)
         end = pd.Timestamp("2024-01-01", tz="UTC") + pd.Timedelta(days=days)
         times = snapshot_times(end - pd.Timedelta(days=7 * 25), end, daily_days=0)
         duck = _measure(lambda: compute_features(f"read_parquet('{path}')", times))  # noqa: B023
@@ -135,14 +139,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--days", type=int, default=180)
+    parser.add_argument("--per-customer", type=int, default=100, help="events per customer")
     parser.add_argument("--customers", type=int, default=1_000_000, help="bulk scoring rows")
+    parser.add_argument("--no-scoring", action="store_true", help="only the feature build")
     parser.add_argument("--master", default="local[2]")
     args = parser.parse_args()
     spark = spark_session(Spark(master=args.master, driver_memory="6g", shuffle_partitions=8))
     spark.sql("SELECT 1").collect()  # JVM start-up is not the build's cost
     with tempfile.TemporaryDirectory(prefix="bench-spark-") as tmp:
-        bench_features(spark, sorted(args.events), args.days, Path(tmp))
-        bench_scoring(spark, args.customers, Path(tmp))
+        bench_features(spark, sorted(args.events), args.days, Path(tmp), args.per_customer)
+        if not args.no_scoring:
+            bench_scoring(spark, args.customers, Path(tmp))
 
 
 if __name__ == "__main__":
