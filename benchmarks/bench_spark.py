@@ -2,8 +2,8 @@
 
 For each event count: the same synthetic events (``bench_features.synthetic_events``,
 one customer per ``--per-customer`` events (100), 26 weekly snapshots) are written as
-Parquet, then the DuckDB build and the Spark build (``local[2]``, written as Parquet by the executors)
-run on them; printed are wall time, peak memory (this process and its children: the
+Parquet, then the DuckDB build and the Spark build (``local[2]``, written as Parquet by
+the executors) run on them; printed are wall time, peak memory (this process and its children: the
 Spark JVM), and Spark's microseconds per event, whose ratio across sizes says
 whether its cost per event stays flat. Then bulk scoring of ``--customers``
 customers with three models (churn, purchase, next-best-action): the in-process
