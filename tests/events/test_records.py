@@ -128,7 +128,7 @@ def _compare(records: list, timezone: str) -> None:
     assert fast.read == slow.read == len(records)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     records=st.lists(_records(), min_size=1, max_size=12),
     timezone=st.sampled_from(["UTC", "Europe/Paris"]),

@@ -330,12 +330,17 @@ def test_quickstart_scores_over_http_and_explains_stale_answers(project: Project
     from propensity.quickstart import _score_over_http
 
     console = Console(record=True, width=120)
-    answers = _score_over_http(project.settings, free_port(), console)
+    *answers, live = _score_over_http(project.settings, free_port(), console)
     assert [a["customer_id"] for a in answers] == project.customers[:3]
     assert all(a["stale"] for a in answers)  # the test snapshot is months old
     text = console.export_text()
     assert text.count("POST /score") == 3
     assert '"stale": true: the simulated snapshot (2026-06-01' in text
+    # Then a few live events for the first customer: accepted, and its answer is fresh.
+    assert live["customer_id"] == project.customers[0]
+    assert live["events"]["accepted"] == 4 and not live["events"]["rejected"]
+    assert live["before"]["stale"] is True and live["after"]["stale"] is False
+    assert f"POST /events: 4 live events for {project.customers[0]}" in text
 
 
 @pytest.mark.parametrize("key", ["", "   "])
