@@ -53,13 +53,13 @@ FEATURE_REPO = Path(__file__).resolve().parents[1] / "feature_repo"
 START = pd.Timestamp("2024-01-01", tz="UTC")
 
 
+#: The one session of both joins: two cores, few shuffle partitions.
+SESSION = Spark(master="local[2]", shuffle_partitions=4)
+
+
 def build_project(root: Path, customers: int, events: int, days: int, spark: Any) -> Settings:
     """A project lake of synthetic events and its Spark feature tables (26 weekly snapshots)."""
-    settings = Settings(
-        root=root,
-        feature_repo=FEATURE_REPO,
-        spark=Spark(master="local[2]", shuffle_partitions=4),
-    )
+    settings = Settings(root=root, feature_repo=FEATURE_REPO, spark=SESSION)
     EventLake(settings.path(settings.lake_dir)).append(
         synthetic_events(customers, events, days, seed=1)
     )
@@ -182,8 +182,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.cutoffs < 2:
         parser.error("--cutoffs must be at least 2 (one past the TTL, one on a snapshot)")
-    settings_spark = Spark(master="local[2]", shuffle_partitions=4)
-    spark = spark_session(settings_spark)
+    spark = spark_session(SESSION)
     spark.sql("SELECT 1").collect()  # JVM start-up is no one's cost
     views = [v for v in service_views(args.service) if v != "request_features"]
     names = [f.name for v in views for f in features_of(v)]
