@@ -5,8 +5,9 @@ Spark tables: for each entity row (customer, cutoff ``t``) and feature view, the
 latest snapshot row of that customer with ``t - ttl <= event_timestamp <= t``
 (``ttl`` read from the applied Feast view), or nulls. The range join touches at
 most ``ttl / 7`` weekly snapshots per row, so it stays a hash join on
-``customer_id`` plus a small filter. Feast's own Spark offline store is not used
-(it is contrib: no on-demand views, materialization through the driver).
+``customer_id`` plus a small filter. Feast's own Spark offline store returns the
+same values on these tables but is slower, and computes on-demand views only on the
+driver (``benchmarks/bench_spark_pit.py``; the figures are in the README).
 
 The labels are :func:`propensity.labels.label_sql` in its Spark dialect, the
 same single definition DuckDB runs. Training then stays on one machine:
