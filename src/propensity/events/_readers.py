@@ -339,6 +339,7 @@ def _iter_parquet(path: Path, columns: list[str] | None, batch_rows: int) -> Ite
 
 
 def _encodable(value: str) -> bool:
+    """Whether the text has a UTF-8 form (a lone surrogate has none)."""
     if value.isascii():
         return True
     try:

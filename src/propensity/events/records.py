@@ -38,8 +38,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from propensity.events import timestamps
+from propensity.events._readers import _encodable, read_records
 from propensity.events._readers import _text as _as_text
-from propensity.events._readers import read_records
 from propensity.events.schema import ARROW_SCHEMA, EVENT_TYPES, NUMERIC_COLUMNS
 from propensity.events.validation import (
     FUTURE_TOLERANCE,
@@ -114,15 +114,7 @@ def _text_ok(value: Any) -> bool:
     # NUL and lone surrogates are left to the JSON reader, whose handling is its own.
     if value is None:
         return True
-    if not isinstance(value, str) or "\x00" in value:
-        return False
-    if value.isascii():
-        return True
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return isinstance(value, str) and "\x00" not in value and _encodable(value)
 
 
 def _clean_edges(value: str) -> bool:
