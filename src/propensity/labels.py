@@ -33,6 +33,7 @@ __all__ = [
     "data_window",
     "to_cutoff",
     "check_label_window",
+    "check_label_windows",
     "data_runs_to",
     "choose_cutoffs",
     "latest_cutoff",
@@ -304,11 +305,7 @@ def entity_frame(
     >>> spec = LabelSpec(kind="churn", horizon_days=30)  # doctest: +SKIP
     >>> entity_frame(lake, [pd.Timestamp("2024-05-06", tz="UTC")], spec, "active")  # doctest: +SKIP
     """
-    if not cutoffs:
-        raise ValueError("entity_frame needs at least one cutoff")
-    end = data_window(lake).end
-    for cutoff in cutoffs:
-        check_label_window(to_cutoff(cutoff), label.horizon_days, end)
+    check_label_windows(lake, cutoffs, label.horizon_days)
     con = _connect()
     con.register("cuts", cutoff_table(cutoffs))
     frame = con.execute(label_sql(lake.duckdb_scan(), "cuts", label, population)).df()
@@ -320,6 +317,17 @@ def entity_frame(
             "days_since_last": frame["days_since_last"].astype("float64"),
         }
     )
+
+
+def check_label_windows(
+    lake: EventLake, cutoffs: Sequence[pd.Timestamp], horizon_days: int
+) -> None:
+    """Refuse no cutoffs, or any cutoff whose label window the lake's data does not close."""
+    if not cutoffs:
+        raise ValueError("entity_frame needs at least one cutoff")
+    end = data_window(lake).end
+    for cutoff in cutoffs:
+        check_label_window(to_cutoff(cutoff), horizon_days, end)
 
 
 def label_sql(

@@ -39,6 +39,7 @@ __all__ = [
     "build_features_spark",
     "compute_features_spark",
     "read_events",
+    "latest_spark_snapshot",
     "spark_snapshots",
     "spark_table_path",
 ]
@@ -59,6 +60,15 @@ def spark_snapshots(settings: Settings, view: str = "session") -> set[pd.Timesta
     folder = spark_table_path(settings.path(settings.features_dir), view)
     names = [p.name for p in folder.glob(f"{PARTITION}=*")] if folder.exists() else []
     return {pd.Timestamp(n.split("=", 1)[1], tz="UTC") for n in names}
+
+
+def latest_spark_snapshot(settings: Settings, view: str) -> pd.Timestamp:
+    """The latest snapshot of a view's Spark table; a clear error when there is none."""
+    held = spark_snapshots(settings, view)
+    if not held:
+        folder = spark_table_path(settings.path(settings.features_dir), view)
+        raise LookupError(f"Spark feature table missing: {folder}; build features first")
+    return max(held)
 
 
 def read_events(spark: Any, files: Sequence[Path]) -> Any:

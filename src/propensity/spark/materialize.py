@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from propensity.features.definitions import ENTITY, VIEWS, features_of
 from propensity.features.snapshots import TIMESTAMP
-from propensity.spark.features import PARTITION, spark_snapshots, spark_table_path
+from propensity.spark.features import PARTITION, latest_spark_snapshot, spark_table_path
 
 if TYPE_CHECKING:
     from propensity.config import Settings
@@ -81,14 +81,6 @@ def _store(settings: Settings) -> Any:
     return _STORES[key]
 
 
-def _latest_snapshot(settings: Settings, view: str) -> pd.Timestamp:
-    held = spark_snapshots(settings, view)
-    if not held:
-        folder = spark_table_path(settings.path(settings.features_dir), view)
-        raise FileNotFoundError(f"Spark feature table missing: {folder}; build features first")
-    return max(held)
-
-
 def materialize_spark(
     adapter: FeatureStoreAdapter,
     end: Any = None,
@@ -118,7 +110,7 @@ def materialize_spark(
     chosen = sorted(set(views) if views is not None else set(VIEWS))
     began = time.perf_counter()
     if end is None:
-        stop = (_latest_snapshot(settings, chosen[0]) + timedelta(seconds=1)).to_pydatetime()
+        stop = (latest_spark_snapshot(settings, chosen[0]) + timedelta(seconds=1)).to_pydatetime()
     else:
         stamp = pd.Timestamp(end)
         stop = (stamp.tz_localize(UTC) if stamp.tzinfo is None else stamp).to_pydatetime()
@@ -150,13 +142,18 @@ def materialize_spark(
     record_materialization(store, chosen, start, stop)
     seconds = time.perf_counter() - began
     kind = settings.online_store.kind
+
+    def total(view: str, column: str) -> int:
+        # a view no partition wrote (nothing new, incremental) has no row of sums
+        return int(totals[view][f"sum({column})"]) if view in totals else 0
+
     return [
         WriteReport(
             feature_view=view,
-            rows_read=int(totals[view]["sum(rows)"]) if view in totals else 0,
-            entities_written=int(totals[view]["sum(entities)"]) if view in totals else 0,
-            superseded=int(totals[view]["sum(superseded)"]) if view in totals else 0,
-            values_written=int(totals[view]["sum(values)"]) if view in totals else 0,
+            rows_read=total(view, "rows"),
+            entities_written=total(view, "entities"),
+            superseded=total(view, "superseded"),
+            values_written=total(view, "values"),
             start=start or stop,
             end=stop,
             seconds=seconds,

@@ -21,7 +21,7 @@ import pandas as pd
 from propensity.features.definitions import ENTITY, request_features
 from propensity.features.snapshots import TIMESTAMP
 from propensity.pipeline.dataset import stored_columns_by_view
-from propensity.spark.features import PARTITION, spark_snapshots, spark_table_path
+from propensity.spark.features import PARTITION, latest_spark_snapshot, spark_table_path
 
 if TYPE_CHECKING:
     from propensity.config import Settings
@@ -93,14 +93,7 @@ def latest_snapshot_spark(settings: Settings, spark: Any, feature_names: list[st
     """
     by_view = stored_columns_by_view(feature_names)
     features_dir = settings.path(settings.features_dir)
-    latest = None
-    for view in by_view:
-        held = spark_snapshots(settings, view)
-        if not held:
-            folder = spark_table_path(features_dir, view)
-            raise LookupError(f"Spark feature table missing: {folder}; build features first")
-        latest = max(latest or max(held), max(held))
-    assert latest is not None
+    latest = max(latest_spark_snapshot(settings, view) for view in by_view)
     frame = None
     for view, names in by_view.items():
         folder = spark_table_path(features_dir, view) / f"{PARTITION}={latest:%Y-%m-%d}"

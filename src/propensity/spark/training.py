@@ -29,7 +29,7 @@ import pandas as pd
 from propensity.events.lake import EventLake
 from propensity.features.definitions import ENTITY, FEATURES, ON_DEMAND_FEATURES, service_views
 from propensity.features.snapshots import TIMESTAMP
-from propensity.labels import LabelSpec, check_label_window, cutoff_table, data_window, label_sql
+from propensity.labels import LabelSpec, check_label_windows, cutoff_table, label_sql
 from propensity.pipeline.dataset import SAMPLE_WEIGHT, model_features
 from propensity.spark.features import PARTITION, read_events, spark_table_path
 
@@ -88,12 +88,8 @@ def entity_frame_spark(
     --------
     >>> rows = entity_frame_spark(settings, spark, cutoffs, spec.label, "active")  # doctest: +SKIP
     """
-    if not cutoffs:
-        raise ValueError("entity_frame needs at least one cutoff")
     lake = EventLake(settings.path(settings.lake_dir))
-    end = data_window(lake).end
-    for cutoff in cutoffs:
-        check_label_window(pd.Timestamp(cutoff), label.horizon_days, end)
+    check_label_windows(lake, cutoffs, label.horizon_days)
     suffix = f"{id(lake):x}"
     read_events(spark, lake.files()).createOrReplaceTempView(f"label_events_{suffix}")
     cuts = spark.createDataFrame(cutoff_table(cutoffs))
