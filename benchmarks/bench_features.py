@@ -53,8 +53,14 @@ def _strings(prefix: str, values: np.ndarray) -> pa.Array:
     return pc.binary_join_element_wise(prefix, pc.cast(pa.array(values), pa.string()), "")
 
 
-def synthetic_events(customers: int, events: int, days: int, seed: int) -> pa.Table:
-    """Vectorized random events in the canonical schema."""
+def synthetic_events(
+    customers: int, events: int, days: int, seed: int, first_id: int = 0
+) -> pa.Table:
+    """Vectorized random events in the canonical schema.
+
+    ``first_id`` numbers the event and order ids from there, so tables generated
+    in chunks (another seed each) share customers but never an id.
+    """
     rng = np.random.default_rng(seed)
     activity = rng.gamma(0.8, 1.0, customers)
     cust = rng.choice(customers, events, p=activity / activity.sum())
@@ -68,12 +74,14 @@ def synthetic_events(customers: int, events: int, days: int, seed: int) -> pa.Ta
     action = np.where(kind == "campaign_exposure", rng.integers(0, 3, events), -1)
     cols = {
         "customer_id": names.take(pa.array(cust)),
-        "event_id": _strings("E", np.arange(events)),
+        "event_id": _strings("E", np.arange(first_id, first_id + events)),
         "event_timestamp": pa.array(start + offset.astype("timedelta64[us]"), pa.timestamp("us")),
         "event_type": pa.array(TYPES).take(pa.array(code)),
         "session_id": _strings("S", cust * 1000 + offset // 3_600_000_000 % 1000),
         "order_id": pc.if_else(
-            pa.array(purchase), _strings("O", np.arange(events)), pa.scalar(None, pa.string())
+            pa.array(purchase),
+            _strings("O", np.arange(first_id, first_id + events)),
+            pa.scalar(None, pa.string()),
         ),
         "price": np.where(purchase, rng.gamma(2.0, 20.0, events), np.nan),
         "quantity": np.where(purchase, rng.integers(1, 4, events).astype(float), np.nan),

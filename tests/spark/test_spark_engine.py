@@ -8,11 +8,13 @@ the executors materialize into a real Redis.
 
 from __future__ import annotations
 
+import os
 import shutil
-import socket
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 
-from jobs_project import fast_specs, make_project  # noqa: E402
+from jobs_project import clean_env, fast_specs, free_port, make_project  # noqa: E402
 
 from propensity import registry  # noqa: E402
 from propensity.cli import app  # noqa: E402
@@ -34,6 +36,7 @@ from propensity.config import OnlineStore, Settings, load_settings  # noqa: E402
 from propensity.events.lake import EventLake  # noqa: E402
 from propensity.events.simulator import SimulationConfig, simulate  # noqa: E402
 from propensity.features.definitions import VIEWS  # noqa: E402
+from propensity.features.online import materialized_until  # noqa: E402
 from propensity.features.snapshots import feature_table_path  # noqa: E402
 from propensity.features.store import FeatureStoreAdapter  # noqa: E402
 from propensity.labels import LabelSpec, entity_frame  # noqa: E402
@@ -148,40 +151,92 @@ def test_one_setting_moves_build_materialize_train_and_bulk_scores_to_spark(
         np.testing.assert_allclose(got[column], want[column], rtol=0, atol=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
-def test_executors_materialize_into_redis_incrementally(
-    projects: dict[str, Settings], tmp_path: Path
-) -> None:
-    # A private server: the shared one belongs to the Redis tests' worker.
-    port = _free_port()
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[str]:
+    """A Redis server of this test alone (the shared one belongs to the Redis tests' worker)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not installed")
+    port = free_port()
     server = subprocess.Popen(
         ["redis-server", "--port", str(port), "--save", "", "--dir", str(tmp_path)],
         stdout=subprocess.DEVNULL,
     )
     try:
         time.sleep(0.5)
-        base, duck = _built(projects["spark"]), _built(projects["duckdb"])
-        redis_url = f"redis://127.0.0.1:{port}/0"
-        settings = base.model_copy(
-            update={"online_store": OnlineStore(kind="redis", redis_url=redis_url)}
-        )
-        adapter = FeatureStoreAdapter(settings)
-        reports = adapter.materialize()
-        customers = {r.entities_written for r in reports}
-        assert len(customers) == 1 and customers.pop() > 100
-        assert adapter.materialized_views() == set(VIEWS)
-        ids = sorted(latest_snapshot(duck, ["sessions_7d"])[1]["customer_id"])[:40]
-        when = pd.Timestamp("2030-01-01", tz="UTC")
-        want = FeatureStoreAdapter(duck).online(ids, "churn_v1", when)
-        pd.testing.assert_frame_equal(adapter.online(ids, "churn_v1", when), want, rtol=1e-9)
-        # Nothing newer than what the store holds: an incremental run writes nothing.
-        assert all(r.entities_written == 0 for r in adapter.materialize(incremental=True))
+        yield f"redis://127.0.0.1:{port}/0"
     finally:
         server.kill()
         server.wait()
+
+
+def test_executors_materialize_into_redis_incrementally(
+    projects: dict[str, Settings], private_redis: str
+) -> None:
+    base, duck = _built(projects["spark"]), _built(projects["duckdb"])
+    settings = base.model_copy(
+        update={"online_store": OnlineStore(kind="redis", redis_url=private_redis)}
+    )
+    adapter = FeatureStoreAdapter(settings)
+    reports = adapter.materialize()
+    customers = {r.entities_written for r in reports}
+    assert len(customers) == 1 and customers.pop() > 100
+    assert adapter.materialized_views() == set(VIEWS)
+    ids = sorted(latest_snapshot(duck, ["sessions_7d"])[1]["customer_id"])[:40]
+    when = pd.Timestamp("2030-01-01", tz="UTC")
+    want = FeatureStoreAdapter(duck).online(ids, "churn_v1", when)
+    pd.testing.assert_frame_equal(adapter.online(ids, "churn_v1", when), want, rtol=1e-9)
+    # Nothing newer than what the store holds: an incremental run writes nothing.
+    assert all(r.entities_written == 0 for r in adapter.materialize(incremental=True))
+
+
+def _killed_mid_way(command: list[str], client: Any, customers: int, log: Path) -> int:
+    """Run ``command`` and SIGKILL its whole process group (driver, JVM, Python workers)
+    once the executors have written some customers and not all; the count written then."""
+    for _ in range(3):
+        client.flushall()
+        with log.open("wb") as out:
+            job = subprocess.Popen(
+                command, env=clean_env(), start_new_session=True, stdout=out, stderr=out
+            )
+            while job.poll() is None and client.dbsize() == 0:
+                time.sleep(0.002)
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+            assert job.wait() == -signal.SIGKILL, log.read_text()[-3000:]
+        written = int(client.dbsize())
+        if 0 < written < customers:
+            return written
+    pytest.fail("three runs finished before a kill could land mid-way")
+
+
+def test_a_killed_spark_materialization_records_nothing_and_a_rerun_writes_everything_once(
+    projects: dict[str, Settings], private_redis: str, tmp_path: Path
+) -> None:
+    import redis
+
+    base, duck = _built(projects["spark"]), _built(projects["duckdb"])
+    root = tmp_path / "killed"
+    shutil.copytree(base.root, root)
+    config = yaml.safe_load((root / "propensity.yaml").read_text())
+    config["online_store"] = {"kind": "redis", "redis_url": private_redis}
+    # Many small partitions, so the job writes for long enough to be killed part-way.
+    config["spark"]["shuffle_partitions"] = 24
+    (root / "propensity.yaml").write_text(yaml.safe_dump(config))
+    settings = load_settings(root / "propensity.yaml")
+    ids = sorted(latest_snapshot(duck, ["sessions_7d"])[1]["customer_id"])
+    client = redis.Redis.from_url(private_redis)
+    command = [sys.executable, "-m", "propensity.cli", "features", "materialize", "--config"]
+    log = tmp_path / "job.log"
+    written = _killed_mid_way([*command, str(root / "propensity.yaml")], client, len(ids), log)
+
+    # The killed job recorded no interval: the next incremental run starts from nothing.
+    adapter = FeatureStoreAdapter(settings)
+    assert materialized_until(adapter.store, VIEWS) is None
+    reports = adapter.materialize(incremental=True)
+    # Every customer once per view, the ones the killed job wrote included.
+    assert {r.entities_written for r in reports} == {len(ids)} and written < len(ids)
+    assert client.dbsize() == len(ids) + 1  # the customers' hashes and the marks
+    when = pd.Timestamp("2030-01-01", tz="UTC")
+    for service in ("churn_v1", "purchase_v1"):
+        want = FeatureStoreAdapter(duck).online(ids, service, when)
+        pd.testing.assert_frame_equal(adapter.online(ids, service, when), want, rtol=1e-9)
