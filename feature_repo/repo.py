@@ -1,7 +1,8 @@
 """Feast definitions of the propensity feature store.
 
 Declarative: one entity, one Parquet source and feature view per theme, one
-on-demand view computed at request time, and the versioned feature services.
+push source and feature view of the streaming features, one on-demand view
+computed at request time, and the versioned feature services.
 Names, schemas and services all come from ``propensity.features.definitions``,
 the single feature registry; the Parquet tables are written by
 ``propensity.features.snapshots.build_features``.
@@ -25,6 +26,7 @@ from feast import (
     FeatureView,
     Field,
     FileSource,
+    PushSource,
     RequestSource,
     ValueType,
 )
@@ -35,6 +37,8 @@ from propensity.features.definitions import (
     ENTITY,
     ON_DEMAND_FEATURES,
     SERVICES,
+    STREAMING_FEATURES,
+    STREAMING_VIEW,
     VIEWS,
     features_of,
     request_features,
@@ -42,6 +46,8 @@ from propensity.features.definitions import (
 
 # Weekly snapshots: a row stays valid until the next one, plus a day of slack.
 TTL = timedelta(days=8)
+# The longest streaming window: a pushed row says nothing about the day after.
+STREAMING_TTL = timedelta(days=1)
 
 
 def definitions(features_dir: Path) -> list[Any]:
@@ -72,6 +78,30 @@ def definitions(features_dir: Path) -> list[Any]:
             online=True,
             description=text,
         )
+    # Pushed rows (``store.push("streaming_push", frame)``) hold the values at their
+    # event_timestamp; propensity's own reader merges the tiles at the request clock
+    # instead, so its windows decay. The batch source is declared for Feast's push
+    # API only: training frames compute these features from the event lake.
+    push = PushSource(
+        name=f"{STREAMING_VIEW}_push",
+        batch_source=FileSource(
+            name=f"{STREAMING_VIEW}_source",
+            path=str(Path(features_dir) / f"{STREAMING_VIEW}.parquet"),
+            timestamp_field="event_timestamp",
+        ),
+    )
+    views[STREAMING_VIEW] = FeatureView(
+        name=STREAMING_VIEW,
+        entities=[customer],
+        ttl=STREAMING_TTL,
+        schema=[Field(name=ENTITY, dtype=String)]
+        + [
+            Field(name=f.name, dtype=Float64, description=f.description) for f in STREAMING_FEATURES
+        ],
+        source=push,
+        online=True,
+        description="In-session and recent-activity features from the live events.",
+    )
     request = RequestSource(name="request", schema=[Field(name="request_time", dtype=Float64)])
     # Built without the decorator on purpose: the decorator rewrites the function's
     # module to __main__ to pickle it by value; the package function pickles by

@@ -14,9 +14,16 @@ from features_testdata import REPO_FEATURE_REPO, random_events
 
 from propensity.config import OnlineStore, Settings
 from propensity.events.lake import EventLake
-from propensity.features.definitions import FEATURES, SERVICES, features_of
+from propensity.features.definitions import (
+    FEATURES,
+    SERVICES,
+    STREAMING_FEATURES,
+    STREAMING_VIEW,
+    features_of,
+)
 from propensity.features.snapshots import build_features, compute_features, feature_table_path
 from propensity.features.store import FeatureStoreAdapter, redis_connection_string
+from propensity.features.streaming_offline import streaming_features
 
 TIMES = [pd.Timestamp(d, tz="UTC") for d in ("2024-02-05", "2024-02-12", "2024-02-19")]
 LATEST = TIMES[-1]
@@ -215,3 +222,54 @@ def test_ensure_applied_applies_once_then_again_after_a_definition_change(
     assert adapter.ensure_applied() is False  # nothing changed
     (repo / "repo.py").write_text(source.read_text() + "\n# edited\n")
     assert FeatureStoreAdapter(Settings(root=tmp_path, feature_repo=repo)).ensure_applied()
+
+
+def test_streaming_services_serve_the_pushed_values_and_train_on_the_lakes(
+    adapter: FeatureStoreAdapter, built: Settings
+) -> None:
+    adapter.apply()  # the Redis test (own project, same registry file) tears its project down
+    streaming = [f.name for f in STREAMING_FEATURES]
+    # The new versions add the streaming view; the old ones are unchanged.
+    for new, old in (("churn_v3", "churn_v2"), ("purchase_v2", "purchase_v1")):
+        names = adapter.service_features(new)
+        assert [n for n in names if n not in streaming] == adapter.service_features(old)
+        fs = adapter.store.get_feature_service(new)
+        assert [f.name for p in fs.feature_view_projections for f in p.features] == names
+    assert not set(streaming) & set(adapter.service_features("churn_v2"))
+
+    # Offline: the batch values of the old version, the streaming ones from the lake's
+    # tiles at each row's cutoff (minutes after real events, so the windows hold counts).
+    lake = EventLake(built.path(built.lake_dir))
+    events = lake.read_table().to_pandas()
+    events = events[events["event_timestamp"] > LATEST - pd.Timedelta(days=6)]
+    picked = events.drop_duplicates("customer_id").head(12)
+    entity = pd.DataFrame(
+        {
+            "customer_id": picked["customer_id"].tolist(),
+            "event_timestamp": pd.to_datetime(picked["event_timestamp"], utc=True)
+            + pd.Timedelta(minutes=10),
+        }
+    )
+    frame = adapter.historical(entity, "churn_v3")
+    pd.testing.assert_frame_equal(
+        frame.drop(columns=streaming), adapter.historical(entity, "churn_v2")
+    )
+    want = streaming_features(lake, entity, built.timezone)
+    pd.testing.assert_frame_equal(frame[streaming], want[streaming])
+    assert (frame["events_30m"] > 0).all()
+
+    # Online: values pushed through Feast's push source are what Feast's reader of the
+    # new service returns, beside the materialized batch values.
+    adapter.materialize()
+    row = frame.iloc[:1]
+    adapter.store.push(
+        f"{STREAMING_VIEW}_push", row[["customer_id", "event_timestamp", *streaming]]
+    )
+    when = row["event_timestamp"].iloc[0]
+    ids = row["customer_id"].tolist()
+    online = adapter.online(ids, "churn_v3", request_time=when)
+    pd.testing.assert_frame_equal(
+        online[streaming].reset_index(drop=True), row[streaming].reset_index(drop=True)
+    )
+    batch = adapter.online(ids, "churn_v2", request_time=when)
+    pd.testing.assert_frame_equal(online[batch.columns], batch)

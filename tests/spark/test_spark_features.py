@@ -15,7 +15,7 @@ from features_testdata import REPO_FEATURE_REPO, events_table, random_events
 
 from propensity.config import Settings
 from propensity.events.lake import EventLake
-from propensity.features.definitions import FEATURES, VIEWS, features_of, service_views
+from propensity.features.definitions import FEATURES, VIEWS, batch_views, features_of
 from propensity.features.snapshots import (
     build_features,
     compute_features,
@@ -128,7 +128,7 @@ def test_spark_training_frame_equals_feast_point_in_time_join(built: Settings, s
     adapter = FeatureStoreAdapter(built)
     adapter.apply()
     service = "churn_v1"
-    ttls = adapter.ttls(v for v in service_views(service) if v != "request_features")
+    ttls = adapter.ttls(batch_views(service))
     rng = np.random.default_rng(0)
     # On snapshots, between them, and past the TTL of the last one (all features null).
     cutoffs = [TIMES[1], TIMES[2] + pd.Timedelta(days=3), TIMES[-1] + pd.Timedelta(days=12)]
@@ -158,6 +158,14 @@ def test_spark_training_frame_equals_feast_point_in_time_join(built: Settings, s
         weights = sample.loc[sample["label"] == value, SAMPLE_WEIGHT]
         assert 0 < len(weights) < n
         assert abs(weights.sum() - n) < 0.6 * n
+
+
+def test_a_streaming_service_on_spark_is_a_clear_error(built: Settings, spark: Any) -> None:
+    from propensity.spark.training import training_frame_spark
+
+    entity = pd.DataFrame({"customer_id": ["C0000001"], "event_timestamp": [TIMES[1]]})
+    with pytest.raises(ValueError, match="'churn_v3' reads streaming features"):
+        training_frame_spark(built, spark, entity, "churn_v3", {})
 
 
 def test_erasure_removes_customers_from_the_spark_tables(built: Settings, spark: Any) -> None:

@@ -27,6 +27,7 @@ __all__ = [
     "ENTITY",
     "features_of",
     "service_views",
+    "batch_views",
     "feature_reference_markdown",
     "request_features",
     "StreamingFeature",
@@ -398,7 +399,11 @@ ON_DEMAND_FEATURES: dict[str, str] = {
     "and ``last_event_epoch``; offline the request time is the row's event_timestamp.",
 }
 
+#: Feature view (and Feast push source ``streaming_push``) of the streaming features.
+STREAMING_VIEW = "streaming"
+
 #: Versioned feature services: a change of feature set is a new version, never an edit.
+#: Those with ``STREAMING_VIEW`` add the streaming features to an earlier version's.
 SERVICES: dict[str, tuple[str, ...]] = {
     "churn_v1": ("session", "basket", "adoption", "engagement", "lifecycle", "request_features"),
     "churn_v2": (
@@ -420,6 +425,24 @@ SERVICES: dict[str, tuple[str, ...]] = {
         "exposure",
         "request_features",
     ),
+    "churn_v3": (
+        "session",
+        "basket",
+        "adoption",
+        "engagement",
+        "lifecycle",
+        "activity_shift",
+        STREAMING_VIEW,
+        "request_features",
+    ),
+    "purchase_v2": (
+        "session",
+        "basket",
+        "engagement",
+        "lifecycle",
+        STREAMING_VIEW,
+        "request_features",
+    ),
 }
 
 
@@ -437,10 +460,21 @@ def features_of(view: str) -> list[Feature]:
 
 
 def service_views(service: str) -> tuple[str, ...]:
-    """Return the views (and on-demand view) a feature service reads."""
+    """Return the views (batch, streaming and on-demand) a feature service reads."""
     if service not in SERVICES:
         raise KeyError(f"unknown feature service {service!r}; known: {sorted(SERVICES)}")
     return SERVICES[service]
+
+
+def batch_views(service: str) -> list[str]:
+    """The batch views (snapshot tables) of a feature service, in service order.
+
+    Examples
+    --------
+    >>> batch_views("purchase_v2")
+    ['session', 'basket', 'engagement', 'lifecycle']
+    """
+    return [view for view in service_views(service) if view in VIEWS]
 
 
 def feature_reference_markdown() -> str:
@@ -490,9 +524,6 @@ class StreamingFeature:
     window_minutes: int | None
     missing: Literal["zero", "null"] = "zero"
 
-
-#: Feature view (and Feast push source) of the streaming features.
-STREAMING_VIEW = "streaming"
 
 _COUNTED = {
     "events": "Events of any type",
@@ -564,6 +595,10 @@ def _check_registry() -> None:
     for f in FEATURES:
         if f.view not in VIEWS:
             raise ValueError(f"feature {f.name!r}: unknown view {f.view!r}")
+    known = {*VIEWS, STREAMING_VIEW, "request_features"}
+    for service, views in SERVICES.items():
+        if set(views) - known:
+            raise ValueError(f"service {service!r}: unknown views {sorted(set(views) - known)}")
 
 
 _check_registry()

@@ -34,13 +34,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from feast import FeatureStore, RepoConfig
 
+from propensity.events.lake import EventLake
 from propensity.progress import ProgressCallback, report
 
-from .definitions import ENTITY, ON_DEMAND_FEATURES, PROJECT, VIEWS, features_of, service_views
+from .definitions import (
+    ENTITY,
+    ON_DEMAND_FEATURES,
+    PROJECT,
+    STREAMING_FEATURES,
+    STREAMING_VIEW,
+    VIEWS,
+    batch_views,
+    features_of,
+    service_views,
+)
 from .online import FeastReader, MatrixReader, WriteReport, entity_keys, write_many
 from .online.redis import BulkRedisOnlineStore
 from .online.sqlite import BulkSqliteOnlineStore, BulkSqliteOnlineStoreConfig
 from .snapshots import REGISTRY_FILE, TIMESTAMP, feature_table_path
+from .streaming_offline import streaming_features
 
 if TYPE_CHECKING:
     from propensity.config import Settings
@@ -258,6 +270,8 @@ class FeatureStoreAdapter:
         for view in service_views(service):
             if view in VIEWS:
                 names += [f.name for f in features_of(view)]
+            elif view == STREAMING_VIEW:
+                names += [f.name for f in STREAMING_FEATURES]
             else:
                 names += list(ON_DEMAND_FEATURES)
         return names
@@ -289,8 +303,25 @@ class FeatureStoreAdapter:
             frame[REQUEST_TIME] = (frame[TIMESTAMP] - _EPOCH).dt.total_seconds()
         row = "__entity_row__"
         frame[row] = range(len(frame))
-        job = self.store.get_historical_features(entity_df=frame, features=self._service(service))
+        features: Any = self._service(service)
+        streaming = STREAMING_VIEW in service_views(service)
+        if streaming:
+            # Feast stores only final values of a push source's view; the point-in-time
+            # values come from the lake's tiles, merged at each row's cutoff as online.
+            features = [
+                f"{view}:{name}"
+                for view in service_views(service)
+                if view != STREAMING_VIEW
+                for name in (
+                    [f.name for f in features_of(view)] if view in VIEWS else ON_DEMAND_FEATURES
+                )
+            ]
+        job = self.store.get_historical_features(entity_df=frame, features=features)
         out = job.to_df().sort_values(row).reset_index(drop=True)
+        if streaming:
+            lake = EventLake(self.settings.path(self.settings.lake_dir))
+            values = streaming_features(lake, out[[ENTITY, TIMESTAMP]], self.settings.timezone)
+            out = pd.concat([out, values.drop(columns=[ENTITY, TIMESTAMP])], axis=1)
         keep = [c for c in entity_df.columns if c != row]
         if added:
             keep = [c for c in keep if c != REQUEST_TIME]
@@ -359,12 +390,7 @@ class FeatureStoreAdapter:
         >>> rows = adapter.reader("churn_v1").read(["C0000001"], now=time.time())  # doctest: +SKIP
         """
         if isinstance(features, str):
-            refs = [
-                f"{view}:{f.name}"
-                for view in service_views(features)
-                if view in VIEWS
-                for f in features_of(view)
-            ]
+            refs = [f"{view}:{f.name}" for view in batch_views(features) for f in features_of(view)]
         else:
             refs = list(features)
         ttls = self.ttls(dict.fromkeys(ref.split(":", 1)[0] for ref in refs))

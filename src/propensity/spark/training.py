@@ -27,7 +27,14 @@ import numpy as np
 import pandas as pd
 
 from propensity.events.lake import EventLake
-from propensity.features.definitions import ENTITY, FEATURES, ON_DEMAND_FEATURES, service_views
+from propensity.features.definitions import (
+    ENTITY,
+    FEATURES,
+    ON_DEMAND_FEATURES,
+    STREAMING_VIEW,
+    batch_views,
+    service_views,
+)
 from propensity.features.snapshots import TIMESTAMP
 from propensity.labels import LabelSpec, check_label_windows, cutoff_table, label_sql
 from propensity.pipeline.dataset import SAMPLE_WEIGHT, model_features
@@ -113,7 +120,7 @@ def historical_features_spark(
     from propensity.spark.session import spark_session
 
     spark = spark or spark_session(settings.spark)
-    views = [v for v in service_views(service) if v != "request_features"]
+    views = batch_views(service)
     frame = training_frame_spark(settings, spark, entity, service, adapter.ttls(views)).toPandas()
     frame[TIMESTAMP] = pd.to_datetime(frame[TIMESTAMP], utc=True)
     return frame.sort_values([TIMESTAMP, ENTITY], kind="stable").reset_index(drop=True)
@@ -143,7 +150,7 @@ def labeled_frame_spark(
     missing = ensure_snapshots(settings, stamps)
     adapter = feature_adapter(settings)
     names = list(adapter.service_features(spec.feature_service))
-    views = [v for v in service_views(spec.feature_service) if v != "request_features"]
+    views = batch_views(spec.feature_service)
     entity = entity_frame_spark(settings, spark, stamps, spec.label, spec.population)
     frame = training_frame_spark(settings, spark, entity, spec.feature_service, adapter.ttls(views))
     sample = stratified_sample(frame, "label", settings.spark.training_rows, seed=spec.seed)
@@ -178,7 +185,17 @@ def training_frame_spark(
     pyspark.sql.DataFrame
         The entity columns, then the service's features (on-demand ones computed
         with the request time = ``event_timestamp``, as offline Feast does).
+
+    Raises
+    ------
+    ValueError
+        For a service with streaming features, which are computed on DuckDB only.
     """
+    if STREAMING_VIEW in service_views(service):
+        raise ValueError(
+            f"feature service {service!r} reads streaming features, which the Spark engine "
+            "does not compute yet: use engine: duckdb, or a service without them"
+        )
     if isinstance(entity, pd.DataFrame):
         frame = entity.copy()
         frame[TIMESTAMP] = pd.to_datetime(frame[TIMESTAMP], utc=True)
@@ -188,7 +205,7 @@ def training_frame_spark(
     rows.createOrReplaceTempView("pit_entity")
     features_dir = settings.path(settings.features_dir)
     selects, joins = [], []
-    views = [v for v in service_views(service) if v != "request_features"]
+    views = batch_views(service)
     for k, view in enumerate(views):
         names = [f.name for f in FEATURES if f.view == view]
         table = spark.read.parquet(str(spark_table_path(features_dir, view))).drop(PARTITION)
