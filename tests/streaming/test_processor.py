@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from propensity.config import Settings, load_settings
 from propensity.events.suppression import SuppressionList
-from propensity.features.tiles import STREAMING_NAMES
+from propensity.features.tiles import STREAMING_NAMES, _local_midnights, today_start_minutes
 from propensity.streaming import EventProcessor
 
 NOW = datetime(2026, 6, 1, 12, 0, 30, tzinfo=UTC)
@@ -183,3 +183,23 @@ def test_purchases_today_restart_at_local_midnight(tmp_path: Path) -> None:
     assert _col(before, "purchases_today")[0] == 1
     assert _col(after, "purchases_today")[0] == 0
     assert _col(after, "events_1h")[0] == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    clock_us=st.integers(0, 4_102_444_800 * 10**6),  # 1970 to 2100
+    timezone=st.sampled_from(
+        ["UTC", "America/New_York", "Europe/Paris", "Asia/Kolkata", "America/Havana"]
+    ),
+)
+def test_the_cached_midnight_of_one_clock_equals_the_vectorized_one(
+    clock_us: int, timezone: str
+) -> None:
+    # Havana's DST starts at midnight (a day without 00:00), Kolkata is off by 30 min.
+    near = np.array([clock_us, clock_us + 1, clock_us + 59_999_999], np.int64)
+    expected = _local_midnights(near, timezone)
+    for k in range(3):
+        assert (
+            today_start_minutes(near[k : k + 1].repeat(2), timezone).tolist() == [expected[k]] * 2
+        )
+    assert today_start_minutes(near, timezone).tolist() == expected.tolist()
