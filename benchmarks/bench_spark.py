@@ -140,8 +140,12 @@ def bench_features(
         )
         for path in paths:
             Path(path).unlink()
-    for n, cost in zip(sizes[1:], per_event[1:], strict=True):
-        print(f"spark cost per event at {n:,} / at {sizes[0]:,}: {cost / per_event[0]:.2f}")
+    for k in range(1, len(sizes)):
+        print(
+            f"spark cost per event at {sizes[k]:,} / at {sizes[0]:,}: "
+            f"{per_event[k] / per_event[0]:.2f}; / at {sizes[k - 1]:,}: "
+            f"{per_event[k] / per_event[k - 1]:.2f}"
+        )
 
 
 def bench_scoring(spark: Any, customers: int, folder: Path) -> None:
