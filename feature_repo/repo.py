@@ -58,49 +58,41 @@ def definitions(features_dir: Path) -> list[Any]:
         value_type=ValueType.STRING,
         description="A customer, identified by customer_id (e.g. C0000001).",
     )
-    views: dict[str, Any] = {}
-    for view, text in VIEWS.items():
-        source = FileSource(
-            name=f"{view}_source",
-            path=str(Path(features_dir) / f"{view}.parquet"),
-            timestamp_field="event_timestamp",
-        )
-        views[view] = FeatureView(
-            name=view,
+
+    def view(name: str, source: Any, ttl: timedelta, features: Any, text: str) -> FeatureView:
+        return FeatureView(
+            name=name,
             entities=[customer],
-            ttl=TTL,
+            ttl=ttl,
             schema=[Field(name=ENTITY, dtype=String)]
-            + [
-                Field(name=f.name, dtype=Float64, description=f.description)
-                for f in features_of(view)
-            ],
+            + [Field(name=f.name, dtype=Float64, description=f.description) for f in features],
             source=source,
             online=True,
             description=text,
         )
+
+    def parquet(name: str) -> FileSource:
+        return FileSource(
+            name=f"{name}_source",
+            path=str(Path(features_dir) / f"{name}.parquet"),
+            timestamp_field="event_timestamp",
+        )
+
+    views: dict[str, Any] = {
+        name: view(name, parquet(name), TTL, features_of(name), text)
+        for name, text in VIEWS.items()
+    }
     # Pushed rows (``store.push("streaming_push", frame)``) hold the values at their
     # event_timestamp; propensity's own reader merges the tiles at the request clock
     # instead, so its windows decay. The batch source is declared for Feast's push
     # API only: training frames compute these features from the event lake.
-    push = PushSource(
-        name=f"{STREAMING_VIEW}_push",
-        batch_source=FileSource(
-            name=f"{STREAMING_VIEW}_source",
-            path=str(Path(features_dir) / f"{STREAMING_VIEW}.parquet"),
-            timestamp_field="event_timestamp",
-        ),
-    )
-    views[STREAMING_VIEW] = FeatureView(
-        name=STREAMING_VIEW,
-        entities=[customer],
-        ttl=STREAMING_TTL,
-        schema=[Field(name=ENTITY, dtype=String)]
-        + [
-            Field(name=f.name, dtype=Float64, description=f.description) for f in STREAMING_FEATURES
-        ],
-        source=push,
-        online=True,
-        description="In-session and recent-activity features from the live events.",
+    push = PushSource(name=f"{STREAMING_VIEW}_push", batch_source=parquet(STREAMING_VIEW))
+    views[STREAMING_VIEW] = view(
+        STREAMING_VIEW,
+        push,
+        STREAMING_TTL,
+        STREAMING_FEATURES,
+        "In-session and recent-activity features from the live events.",
     )
     request = RequestSource(name="request", schema=[Field(name="request_time", dtype=Float64)])
     # Built without the decorator on purpose: the decorator rewrites the function's

@@ -425,25 +425,14 @@ SERVICES: dict[str, tuple[str, ...]] = {
         "exposure",
         "request_features",
     ),
-    "churn_v3": (
-        "session",
-        "basket",
-        "adoption",
-        "engagement",
-        "lifecycle",
-        "activity_shift",
-        STREAMING_VIEW,
-        "request_features",
-    ),
-    "purchase_v2": (
-        "session",
-        "basket",
-        "engagement",
-        "lifecycle",
-        STREAMING_VIEW,
-        "request_features",
-    ),
 }
+# The streaming versions: an earlier version's views plus the streaming view.
+SERVICES.update(
+    {
+        new: (*SERVICES[old][:-1], STREAMING_VIEW, SERVICES[old][-1])
+        for new, old in (("churn_v3", "churn_v2"), ("purchase_v2", "purchase_v1"))
+    }
+)
 
 
 def features_of(view: str) -> list[Feature]:
