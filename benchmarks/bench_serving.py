@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -130,15 +131,24 @@ def _server_cpu(proc: subprocess.Popen[bytes]) -> float:
     return total
 
 
-def _start(service: str, env: dict[str, str], cwd: Path | None = None) -> tuple[Any, str]:
+def _start(
+    service: str, env: dict[str, str], cwd: Path | None = None, log: Path | None = None
+) -> tuple[Any, str]:
+    """``bentoml serve`` a service on a free port; its process and URL once ready.
+
+    The server's output goes to ``log`` when given (else nowhere).
+    """
     port = _port()
     command = [
         sys.executable, "-m", "bentoml", "serve", service,
         "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    out: Any = subprocess.DEVNULL if log is None else log.open("ab")
+    try:
+        proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+    finally:
+        if log is not None:
+            out.close()  # the child holds its own copy
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc, timeout=180)
@@ -174,9 +184,16 @@ class _Client:
 
 
 def _timed_posts(
-    client: _Client | httpx.Client, proc: Any, path: str, bodies: list[dict[str, Any]]
+    client: _Client | httpx.Client,
+    proc: Any,
+    path: str,
+    bodies: list[dict[str, Any]],
+    errors: Counter[int] | None = None,
 ) -> tuple[list[float], float, list[float]]:
-    """Wall times, server CPU per request, and the server's own times (Server-Timing)."""
+    """Wall times, server CPU per request, and the server's own times (Server-Timing).
+
+    A status other than 200 fails, or is counted in ``errors`` (and left out of the times).
+    """
     times, server = [], []
     cpu = _server_cpu(proc)
     for body in bodies:
@@ -187,8 +204,12 @@ def _timed_posts(
             assert r.status_code == 200, r.text
             continue
         status, data, own = client.post(path, body)
-        times.append(time.perf_counter() - t)
+        elapsed = time.perf_counter() - t
+        if status != 200 and errors is not None:
+            errors[status] += 1
+            continue
         assert status == 200, data[:500]
+        times.append(elapsed)
         server.append(own)
     return times, (_server_cpu(proc) - cpu) / len(bodies), server
 
