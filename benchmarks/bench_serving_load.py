@@ -37,9 +37,15 @@ process of its own so its JSON work does not hold this process's GIL while
 a request is timed. Every figure is printed with the machine's load average:
 on a shared 2-core machine the neighbours are measured as well.
 
+With ``--via stream`` the events go through a Redis Stream instead (a
+redis-server of the benchmark's own, messages of 500 events, one
+``propensity stream`` process applying them to the same online store): the
+API process then only scores, as in a deployment whose events arrive on a
+stream. The accepted rate is then the consumer's acknowledged one.
+
 Usage: python benchmarks/bench_serving_load.py [--project FOLDER] [--customers 100000]
        [--requests 2000] [--batches 30] [--rate 5000] [--seconds 60]
-       [--memory-minutes 10] [--as-built]
+       [--memory-minutes 10] [--as-built] [--via api|stream]
 """
 
 from __future__ import annotations
@@ -47,9 +53,12 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import random
 import shutil
+import signal
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -228,12 +237,40 @@ def _summary(label: str, samples: list[tuple[float, float]], minutes: float) -> 
 # -- the event producer --------------------------------------------------------------------
 
 
-def _produce(url: str, ids: list[str], rate: float, seed: int, ctl: dict[str, Any]) -> None:
-    """Post batches of ``BATCH`` new events paced at ``rate`` until ``ctl['stop']`` is set."""
+class _StreamSender:
+    """Sends a batch as one message of the Redis Stream; counts what the consumer acked."""
+
+    def __init__(self, config: str) -> None:
+        from propensity.config import load_settings
+        from propensity.jobs.redis_stream import RedisStream
+
+        self.stream = RedisStream(load_settings(Path(config).parent, environ={}))
+        self.stream.backlog()  # creates the group before the consumer's first read
+
+    def post(self, body: dict[str, Any]) -> tuple[int, bytes, Any]:
+        self.stream.add([json.dumps(body["events"]).encode()])
+        return 202, b"", None
+
+    def acknowledged(self) -> int:
+        groups = self.stream.client.xinfo_groups(self.stream.key)
+        group = next(g for g in groups if g["name"].decode() == self.stream.group)
+        return (int(group["entries-read"] or 0) - int(group["pending"])) * BATCH
+
+    def close(self) -> None:
+        self.stream.client.close()
+
+
+def _produce(target: str, ids: list[str], rate: float, seed: int, ctl: dict[str, Any]) -> None:
+    """Send batches of ``BATCH`` new events paced at ``rate`` until ``ctl['stop']`` is set.
+
+    ``target`` is the server's URL (``POST /events``) or a project's ``propensity.yaml``
+    (messages of its Redis Stream, which a ``propensity stream`` process consumes).
+    """
     from bench_stream import _event
 
     rng = random.Random(seed)
-    client = _Client(url)
+    stream = target.endswith(".yaml")
+    client: Any = _StreamSender(target) if stream else _Client(target)
     token = uuid.uuid4().hex[:8]  # ids new to any store, whichever run wrote it before
     interval = BATCH / rate
     latencies: list[float] = []
@@ -249,9 +286,11 @@ def _produce(url: str, ids: list[str], rate: float, seed: int, ctl: dict[str, An
         customers = [ids[rng.randrange(len(ids))] for _ in range(BATCH)]
         body = {"events": [_event(f"{token}-{n}-{k}", c, rng) for k, c in enumerate(customers)]}
         t = time.perf_counter()
-        status, data, _ = client.post("/events", body)
+        status, data, _ = client.post("/events", body) if not stream else client.post(body)
         latencies.append(time.perf_counter() - t)
         statuses[status] += 1
+        if stream and n % 20 == 0:
+            ctl["accepted"].value = client.acknowledged()
         if status == 200:
             answer = json.loads(data)
             for key in ("accepted", "duplicates", "suppressed"):
@@ -261,6 +300,10 @@ def _produce(url: str, ids: list[str], rate: float, seed: int, ctl: dict[str, An
                 ctl["accepted"].value += answer["accepted"]
         n += 1
     now = time.perf_counter()
+    if stream:
+        # The consumer's share of the window: what it acknowledged by now.
+        totals["accepted"] = ctl["accepted"].value = client.acknowledged()
+        totals["behind_events"] = n * BATCH - totals["accepted"]
     client.close()
     ctl["out"].put(
         {
@@ -278,7 +321,7 @@ def _produce(url: str, ids: list[str], rate: float, seed: int, ctl: dict[str, An
 class _Producer:
     """The producer process: started, released, stopped; its figures."""
 
-    def __init__(self, url: str, ids: list[str], rate: float, seed: int) -> None:
+    def __init__(self, target: str, ids: list[str], rate: float, seed: int) -> None:
         context = mp.get_context("spawn")  # no fork of a process holding MLflow's threads
         self.ctl = {
             "ready": context.Event(),
@@ -287,7 +330,7 @@ class _Producer:
             "accepted": context.Value("q", 0),
             "out": context.Queue(),
         }
-        self.process = context.Process(target=_produce, args=(url, ids, rate, seed, self.ctl))
+        self.process = context.Process(target=_produce, args=(target, ids, rate, seed, self.ctl))
         self.process.start()
         if not self.ctl["ready"].wait(120):
             raise RuntimeError("the event producer did not start")
@@ -316,9 +359,57 @@ def _events_line(result: dict[str, Any], rate: float) -> str:
         f"{result.get('rejected', 0)}; statuses {result['statuses']}); behind schedule at the "
         f"end {result['behind']:.1f} s; producer CPU {result['cpu'] / result['seconds']:.2f} "
         "cores\n"
-        f"  POST /events of {BATCH}: p50 {_pct(lat, 50):.1f} ms, p99 {_pct(lat, 99):.1f} ms, "
-        f"max {_pct(lat, 100):.1f} ms"
+        f"  {'XADD' if 'behind_events' in result else 'POST /events'} of {BATCH}: "
+        f"p50 {_pct(lat, 50):.1f} ms, p99 {_pct(lat, 99):.1f} ms, max {_pct(lat, 100):.1f} ms"
+        + (
+            f"; sent and not yet acknowledged at the end: {result['behind_events']:,} events"
+            if "behind_events" in result
+            else ""
+        )
     )
+
+
+class _Consumer:
+    """A redis-server of its own and a ``propensity stream`` process on the working copy."""
+
+    def __init__(self, root: Path, tmp: Path) -> None:
+        import yaml
+        from bench_stream import _free_port
+
+        port = _free_port()
+        self.redis = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
+             "--dir", str(tmp)],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        config_path = root / "propensity.yaml"
+        config = yaml.safe_load(config_path.read_text()) or {}
+        config["stream"] = {"url": f"127.0.0.1:{port}", "block_ms": 200, "log_seconds": 5}
+        config_path.write_text(yaml.safe_dump(config))
+        self.target = str(config_path)
+        time.sleep(0.5)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PROPENSITY_")}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "propensity.cli", "stream", "--config", str(root)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.began = time.perf_counter()
+
+    def line(self) -> str:
+        times = psutil.Process(self.process.pid).cpu_times()
+        cores = (times.user + times.system) / (time.perf_counter() - self.began)
+        return f"  propensity stream consumer: {cores:.2f} cores on average since it started"
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.redis.terminate()
+        self.redis.wait(timeout=10)
 
 
 # -- scoring traffic -----------------------------------------------------------------------
@@ -386,7 +477,7 @@ def _side_by_side(a: dict[str, Any], b: dict[str, Any], rate: float) -> None:
 
 
 def _phase_c(
-    client: _Client, proc: Any, url: str, ids: list[str], args: argparse.Namespace, settings: Any
+    client: _Client, proc: Any, target: str, ids: list[str], args: argparse.Namespace, settings: Any
 ) -> None:
     rng = np.random.default_rng(7)
     seconds = args.memory_minutes * 60
@@ -397,7 +488,7 @@ def _phase_c(
         flush=True,
     )
     print(f"  server processes: {_processes(proc)}")
-    producer = _Producer(url, ids, args.rate, seed=2)
+    producer = _Producer(target, ids, args.rate, seed=2)
     rss: list[tuple[float, float]] = []
     private: list[tuple[float, float]] = []
     scores: list[float] = []
@@ -461,6 +552,12 @@ def main() -> None:
     parser.add_argument(
         "--as-built", action="store_true", help="serve the project's champions, not streaming ones"
     )
+    parser.add_argument(
+        "--via",
+        choices=["api", "stream"],
+        default="api",
+        help="events through POST /events, or a Redis Stream and a propensity stream process",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "project"
@@ -485,6 +582,8 @@ def main() -> None:
         t = time.perf_counter()
         proc, url = _start("propensity.serving.service:Scoring", env, log=log)
         client = _Client(url)
+        consumer = _Consumer(root, Path(tmp)) if args.via == "stream" else None
+        target = consumer.target if consumer is not None else url
         try:
             print(f"[{_load()}] server ready in {time.perf_counter() - t:.0f} s", flush=True)
             rng = np.random.default_rng(0)
@@ -501,7 +600,7 @@ def main() -> None:
                 f"{args.rate:,.0f}/s",
                 flush=True,
             )
-            producer = _Producer(url, ids, args.rate, seed=1)
+            producer = _Producer(target, ids, args.rate, seed=1)
             producer.go()
             try:
                 b = _cycles(
@@ -513,10 +612,14 @@ def main() -> None:
             _side_by_side(a, b, args.rate)
             print(_events_line(events, args.rate))
             if args.memory_minutes > 0:
-                _phase_c(client, proc, url, ids, args, settings)
+                _phase_c(client, proc, target, ids, args, settings)
+            if consumer is not None:
+                print(consumer.line())
             print(f"\n[{_load()}] done")
         finally:
             client.close()
+            if consumer is not None:
+                consumer.stop()
             family = _tree(proc)[1:]
             stop(proc)
             # BentoML's workers can outlive their parent.

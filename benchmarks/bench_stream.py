@@ -1,7 +1,8 @@
 """Benchmark: live events through the Redis Stream end to end, beside direct calls and Feast push.
 
 Starts a redis-server of its own (no persistence) and a ``propensity stream``
-consumer process on a temporary project (SQLite online store, the lake), then:
+consumer process on a temporary project (SQLite online store, or with
+``--online redis`` the streaming state in that Redis; the lake), then:
 
 1. **freshness**: ``--events`` single-event messages, each for a customer of
    its own, paced at ``--rate``; a reader polls the online streaming features
@@ -16,6 +17,7 @@ consumer process on a temporary project (SQLite online store, the lake), then:
    of the same events into a push-source feature view on SQLite.
 
     python benchmarks/bench_stream.py [--events 10000] [--rate 500] [--seconds 60]
+        [--online sqlite|redis]
 """
 
 from __future__ import annotations
@@ -74,9 +76,10 @@ def _pct(values: list[float]) -> str:
     )
 
 
-def _project(root: Path, port: int, batch_size: int) -> Settings:
+def _project(root: Path, port: int, batch_size: int, online: str | None = None) -> Settings:
+    """A project reading the stream at ``port``; its streaming state in Redis at ``online``."""
     root.mkdir(parents=True)
-    config = {
+    config: dict[str, Any] = {
         "stream": {
             "url": f"127.0.0.1:{port}",
             "block_ms": 200,
@@ -84,6 +87,8 @@ def _project(root: Path, port: int, batch_size: int) -> Settings:
             "log_seconds": 5,
         }
     }
+    if online is not None:
+        config["online_store"] = {"kind": "redis", "redis_url": online}
     (root / "propensity.yaml").write_text(yaml.safe_dump(config))
     return load_settings(root, environ={})
 
@@ -159,7 +164,7 @@ def freshness(settings: Settings, n: int, rate: float, tmp: Path, baseline_s: fl
         f"read poll {_pct(read_costs)}"
     )
     # Baseline: the same path with no transport, in this process.
-    direct = EventProcessor(_project(tmp / "direct-fresh", 1, 1))
+    direct = EventProcessor(_project(tmp / "direct-fresh", 1, 1, _direct_online(settings)))
     costs: list[float] = []
     t_end = time.perf_counter() + baseline_s
     for i in range(n):
@@ -221,8 +226,17 @@ def throughput(settings: Settings, seconds: float, per_message: int, customers: 
     return rate
 
 
-def direct_rate(tmp: Path, per_message: int, batch_size: int, customers: int, seconds: float):
-    processor = EventProcessor(_project(tmp / "direct", 1, 1))
+def _direct_online(settings: Settings) -> str | None:
+    """The baselines' Redis streaming state: the consumer's server, a database of their own."""
+    if settings.online_store.kind != "redis":
+        return None
+    return f"{settings.online_store.redis_url.split(',')[0]},db=2"
+
+
+def direct_rate(
+    settings: Settings, tmp: Path, per_message: int, batch_size: int, customers: int, seconds: float
+):
+    processor = EventProcessor(_project(tmp / "direct", 1, 1, _direct_online(settings)))
     size = per_message * batch_size
     events = 0
     t0 = time.perf_counter()
@@ -309,8 +323,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100, help="messages per read")
     parser.add_argument("--customers", type=int, default=10_000)
     parser.add_argument("--baseline-seconds", type=float, default=20.0)
+    parser.add_argument(
+        "--online", choices=["sqlite", "redis"], default="sqlite", help="streaming state's store"
+    )
     args = parser.parse_args()
-    print(f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}; streaming state in "
+        f"{args.online}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         port = _free_port()
@@ -321,14 +342,20 @@ def main() -> None:
         consumer = None
         try:
             time.sleep(0.5)
-            settings = _project(tmp / "project", port, args.batch_size)
+            online = f"127.0.0.1:{port},db=1" if args.online == "redis" else None
+            settings = _project(tmp / "project", port, args.batch_size, online)
             client = connect(f"127.0.0.1:{port}")
             consumer = _consumer(settings)
             _wait_consumer(settings, client)
             freshness(settings, args.events, args.rate, tmp, args.baseline_seconds)
             stream_rate = throughput(settings, args.seconds, args.per_message, args.customers)
             direct = direct_rate(
-                tmp, args.per_message, args.batch_size, args.customers, args.baseline_seconds
+                settings,
+                tmp,
+                args.per_message,
+                args.batch_size,
+                args.customers,
+                args.baseline_seconds,
             )
             feast = feast_push_rate(tmp, args.per_message, args.customers, args.baseline_seconds)
             print(

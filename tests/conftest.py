@@ -21,6 +21,7 @@ _REDIS_MODULES = {
     "test_online_writer.py",
     "test_readiness.py",
     "test_redis_stream.py",
+    "test_redis_tiles.py",
     "test_store.py",
     "test_stream.py",
 }
@@ -34,6 +35,8 @@ def _group(item: pytest.Item) -> str:
     return folder if folder in _SESSION_GROUPS else path.name
 
 
+# First: xdist's own hook reads the groups into the node ids, and a conftest registers after it.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         item.add_marker(pytest.mark.xdist_group(_group(item)))

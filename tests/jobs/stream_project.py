@@ -82,10 +82,13 @@ class RedisServer:
         self.kill()
 
 
-def make_project(root: Path, redis_url: str, **stream: Any) -> Settings:
-    """A project folder whose stream lives in the given Redis (fast claims, short blocks)."""
+def make_project(root: Path, redis_url: str, online: str = "sqlite", **stream: Any) -> Settings:
+    """A project folder whose stream lives in the given Redis (fast claims, short blocks).
+
+    ``online="redis"`` keeps the streaming state in that Redis too (its db 1).
+    """
     root.mkdir(parents=True, exist_ok=True)
-    config = {
+    config: dict[str, Any] = {
         "stream": {
             "url": redis_url,
             "claim_idle_ms": 500,
@@ -96,6 +99,8 @@ def make_project(root: Path, redis_url: str, **stream: Any) -> Settings:
         },
         "streaming": {"flush_seconds": 0.5},
     }
+    if online == "redis":
+        config["online_store"] = {"kind": "redis", "redis_url": f"{redis_url},db=1"}
     (root / "propensity.yaml").write_text(yaml.safe_dump(config))
     return load_settings(root, environ={})
 

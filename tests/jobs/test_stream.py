@@ -112,14 +112,15 @@ def _wait_read(client: Any, settings: Settings, target: int, timeout: float = 12
         time.sleep(0.01)
 
 
+@pytest.mark.parametrize("online", ["sqlite", "redis"])
 def test_sigkilled_consumers_lose_nothing_and_count_nothing_twice(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisServer, online: str
 ) -> None:
     rng = random.Random(16)
     # Enough parts that the producer still feeds the stream at the 4th kill: the consumer
     # drains a part in well under a second, and a drained stream starts no batch to kill.
     events = make_events(2_400, customers=40, seed=1, now=NOW)
-    settings = make_project(tmp_path / "project", redis_server.url)
+    settings = make_project(tmp_path / "project", redis_server.url, online)
     client = redis_server.client()
     producer, errors = _producer(settings, tmp_path, events, parts=6)
     in_flight = 0
@@ -144,11 +145,13 @@ def test_sigkilled_consumers_lose_nothing_and_count_nothing_twice(
     assert group_progress(client, settings.stream.key, settings.stream.group)[1] == 0
 
 
+@pytest.mark.parametrize("online", ["sqlite", "redis"])
 def test_a_redis_restart_under_a_running_consumer_loses_nothing(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisServer, online: str
 ) -> None:
     events = make_events(2_000, customers=30, seed=2, now=NOW)
-    settings = make_project(tmp_path / "project", redis_server.url)
+    # With the online store in the same Redis, the tiles are killed mid-write too.
+    settings = make_project(tmp_path / "project", redis_server.url, online)
     client = redis_server.client()
     consumer = cli(settings, "stream", "--consumer", "a")
     producer, errors = _producer(settings, tmp_path, events, parts=2)

@@ -26,7 +26,6 @@ from functools import cached_property
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
@@ -50,6 +49,7 @@ from .definitions import (
 )
 from .online import FeastReader, MatrixReader, WriteReport, entity_keys, write_many
 from .online.redis import BulkRedisOnlineStore
+from .online.redis_client import redis_connection_string
 from .online.sqlite import BulkSqliteOnlineStore, BulkSqliteOnlineStoreConfig
 from .snapshots import REGISTRY_FILE, TIMESTAMP, feature_table_path
 from .streaming_offline import streaming_features
@@ -73,30 +73,6 @@ __all__ = [
 REQUEST_TIME = "request_time"
 _REPO_MODULE = "propensity_feature_repo"
 _EPOCH = pd.Timestamp(0, tz="UTC")
-
-
-def redis_connection_string(url: str) -> str:
-    """Turn ``redis://host:port/db`` (or Feast's ``host:port,db=N``) into Feast's form.
-
-    Examples
-    --------
-    >>> redis_connection_string("redis://cache:6380/2")
-    'cache:6380,db=2'
-    >>> redis_connection_string("localhost:6379")
-    'localhost:6379'
-    """
-    if "://" not in url:
-        return url
-    parsed = urlparse(url)
-    text = f"{parsed.hostname or 'localhost'}:{parsed.port or 6379}"
-    db = parsed.path.strip("/")
-    if db:
-        text += f",db={db}"
-    if parsed.password:
-        text += f",password={parsed.password}"
-    if parsed.scheme == "rediss":
-        text += ",ssl=true"
-    return text
 
 
 def _load_repo(repo_path: Path) -> ModuleType:

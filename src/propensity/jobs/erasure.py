@@ -7,7 +7,8 @@ where older data holds it exactly) and:
 1. puts it on the suppression list (:mod:`propensity.events.suppression`)
    first, so an ingest from then on drops the customer's rows, on every path;
 2. deletes their streaming state (tiles, sessions, applied event ids, events
-   staged for the lake: :meth:`~propensity.features.online.tiles.SqliteTileStore.forget`)
+   staged for the lake: the ``forget`` of :func:`~propensity.features.online.tile_store`'s
+   store; the SQLite file's too when a Redis project keeps one)
    and their entity rows from the online store
    (:meth:`~propensity.features.store.FeatureStoreAdapter.forget`): SQLite with
    ``secure_delete`` (freed bytes are zeroed), then a WAL checkpoint that
@@ -388,12 +389,18 @@ def forget(
         erased.add(ids, {"at": _now(), "actor": actor, "status": "started"})
         erased.bind(settings.path(settings.lake_dir))  # every later ingest into the lake applies it
         # Online first: once a customer is gone from serving, the rest is offline cleanup.
+        from propensity.features.online import tile_store
         from propensity.features.online.tiles import SqliteTileStore
         from propensity.features.store import PROJECT, FeatureStoreAdapter
 
-        tiles = SqliteTileStore(settings.path(settings.online_store.sqlite_path), PROJECT)
+        tiles = tile_store(settings)
         report.streaming_rows = tiles.forget(ids)
         tiles.close()
+        if not isinstance(tiles, SqliteTileStore):
+            # A project that moved to Redis may keep the streaming tables of its SQLite file.
+            left = SqliteTileStore(settings.path(settings.online_store.sqlite_path), PROJECT)
+            report.streaming_rows += left.forget(ids)
+            left.close()
         online = FeatureStoreAdapter(settings).forget(ids)
         report.online_sqlite_rows = online.sqlite_rows
         report.online_sqlite_vacuumed = online.sqlite_vacuumed

@@ -29,12 +29,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlparse
 
 import redis
 
 from propensity.config import Settings
 from propensity.config import Stream as StreamSettings
+from propensity.features.online.redis_client import connect
 
 from .transport import EVENTS_FIELD, DeadLetter, Message, MessageError, decode_events
 
@@ -43,41 +43,14 @@ __all__ = ["RedisStream", "StreamErasure", "TransportError", "connect"]
 _EVENTS = EVENTS_FIELD.encode()
 #: Entries per XRANGE page when erasing.
 _PAGE = 1_000
-#: The errors of a Redis that is down, restarting or unreachable.
-TransportError: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
-
-
-def connect(url: str, timeout: float | None = None) -> redis.Redis:
-    """A client for ``redis://host:port/db``, or the online store's ``host:port[,db=N,…]``.
-
-    Examples
-    --------
-    >>> connect("localhost:6380,db=2").connection_pool.connection_kwargs["db"]
-    2
-    """
-    if "://" in url:
-        parsed = urlparse(url)
-        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
-        if parsed.scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"stream url {url!r}: expected redis://, rediss:// or host:port")
-        return client
-    address, *options = url.split(",")
-    host, _, port = address.partition(":")
-    kwargs: dict[str, Any] = {"host": host or "localhost", "port": int(port or 6379)}
-    for option in options:
-        key, _, value = option.partition("=")
-        key = key.strip()
-        if key == "db":
-            kwargs["db"] = int(value)
-        elif key == "password":
-            kwargs["password"] = value
-        elif key == "ssl":
-            kwargs["ssl"] = value.strip().lower() == "true"
-        elif key == "username":
-            kwargs["username"] = value
-        else:
-            raise ValueError(f"stream url {url!r}: unknown option {key!r}")
-    return redis.Redis(**kwargs, socket_timeout=timeout, socket_connect_timeout=timeout)
+#: The errors of a Redis that is down, restarting, unreachable, or cannot take writes for now
+#: (out of memory, a replica during a failover).
+TransportError: tuple[type[Exception], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+)
 
 
 def _text(value: bytes | str) -> str:

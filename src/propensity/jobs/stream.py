@@ -17,10 +17,10 @@ The loop, for each batch a :class:`~propensity.jobs.transport.Transport` reads:
 
 SIGTERM or SIGINT stops it after the batch in hand: processed, acknowledged,
 flushed. A lost connection to the transport is retried with backoff, the
-batch in hand left pending; a failing processor likewise (an
-``OSError``: a full disk, a store down), except for an error that only some
-messages cause, which is isolated by processing the batch message by message
-and dead-letters the message that fails alone (``processor_error``).
+batch in hand left pending; a failing processor likewise (an ``OSError`` or
+a Redis connection error: a full disk, a store down), except for an error that
+only some messages cause, which is isolated by processing the batch message by
+message and dead-letters the message that fails alone (``processor_error``).
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ class StreamConsumer:
         try:
             self._apply(batch)
             return batch
-        except OSError:
+        except _retryable():
             raise  # a store or disk problem, not the data's: retry the whole batch later
         except Exception as exc:
             if len(messages) == 1:

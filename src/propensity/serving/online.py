@@ -27,7 +27,7 @@ Derived = Callable[[dict[str, np.ndarray], float], np.ndarray]
 
 
 class StreamingRead(Protocol):
-    """The streaming state's read (:class:`~propensity.features.online.tiles.SqliteTileStore`)."""
+    """The streaming state's read (:func:`~propensity.features.online.tile_store`)."""
 
     def read(self, customer_ids: Sequence[str], clock_us: int) -> np.ndarray: ...
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from propensity.config import Serving, Settings
 from propensity.features.definitions import FEATURES, ON_DEMAND_FEATURES, request_features
+from propensity.features.online import tile_store
 from propensity.features.tiles import STREAMING_NAMES
 from propensity.serving.audience import select_audience, snapshot_scores
 from propensity.serving.champions import ModelSource, RegistrySource, load_champions
@@ -111,14 +112,6 @@ def online_reader(
     return OnlineReader(rows, derived, streaming=streaming)
 
 
-def _tile_store(settings: Settings) -> StreamingRead:
-    from propensity.features.online.tiles import SqliteTileStore
-    from propensity.features.store import PROJECT
-
-    path = settings.path(settings.online_store.sqlite_path)
-    return SqliteTileStore(path, PROJECT, timezone=settings.timezone)
-
-
 def freeze_heap() -> None:
     """Keep the garbage collector's full passes off everything loaded so far.
 
@@ -179,7 +172,7 @@ class Runtime:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._audience_cache: dict[tuple[Any, ...], Any] = {}
-        self.streaming = _tile_store(settings)
+        self.streaming: StreamingRead = tile_store(settings)
 
     @property
     def store(self) -> FeatureStoreAdapter:

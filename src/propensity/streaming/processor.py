@@ -15,17 +15,18 @@ canonical event schema and:
 2. drops the events of customers without consent — on the suppression list
    (erased by ``forget``) or with ``consent: false`` in the batch — counted in
    ``suppressed``, neither stored nor quarantined;
-3. applies the valid events in one SQLite transaction
-   (:class:`~propensity.features.online.tiles.SqliteTileStore`): tiles, sessions,
-   the applied ``event_id`` record and the staged copy for the lake. An
-   ``event_id`` applied before is a duplicate and changes nothing;
+3. applies the valid events in one atomic write to the online store's
+   streaming state (:func:`~propensity.features.online.tile_store`: one SQLite
+   transaction, or one Redis script): tiles, sessions, the applied ``event_id``
+   record and the staged copy for the lake. An ``event_id`` applied before is a
+   duplicate and changes nothing;
 4. flushes the staged events into the event lake when enough are waiting
    (``streaming.flush_rows``) or the oldest waited long enough
    (``streaming.flush_seconds``); the lake dedupes by ``event_id``, so a crash
    between the lake's commit and the unstaging re-flushes without duplicates.
 
-When ``process`` returns, everything it accepted is durable: a caller may
-acknowledge the batch.
+When ``process`` returns, everything it accepted is durable (in Redis: when it
+runs with its append-only file): a caller may acknowledge the batch.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from propensity.events.records import validate_records
 from propensity.events.schema import ARROW_SCHEMA
 from propensity.events.suppression import Screen, SuppressionList
 from propensity.events.validation import FUTURE_TOLERANCE, QUARANTINE_SCHEMA
-from propensity.features.online.tiles import SqliteTileStore
+from propensity.features.online import tile_store
 from propensity.features.tiles import TILE_US, clock_micros
 
 if TYPE_CHECKING:
@@ -122,7 +123,7 @@ class EventProcessor:
     settings : Settings
         The project (lake, quarantine, online store, time zone, ``streaming:``).
     project : str
-        Feast project name (prefix of the streaming tables).
+        Feast project name (prefix of the streaming tables or keys).
     source : str
         Name recorded as ``source_file`` of quarantine records.
 
@@ -138,17 +139,11 @@ class EventProcessor:
     def __init__(
         self, settings: Settings, *, project: str | None = None, source: str = "POST /events"
     ) -> None:
-        from propensity.features.definitions import PROJECT
-
         self.settings = settings
         self.source = source
         self.lake = EventLake(settings.path(settings.lake_dir))
         self.quarantine_dir = settings.path(settings.quarantine_dir)
-        self.tiles = SqliteTileStore(
-            settings.path(settings.online_store.sqlite_path),
-            project or PROJECT,
-            timezone=settings.timezone,
-        )
+        self.tiles = tile_store(settings, project)
         self._suppressed = _Suppressed(settings)
         self._flush_lock = threading.Lock()
         self._staged_since: float | None = None
@@ -262,5 +257,5 @@ class EventProcessor:
         self.tiles.expire(now_us // TILE_US - int(hours * 60))
 
     def read(self, customer_ids: Sequence[str], clock: datetime | None = None) -> Any:
-        """Streaming feature values (:meth:`SqliteTileStore.read`) at ``clock`` (default now)."""
+        """Streaming feature values (the tile store's ``read``) at ``clock`` (default now)."""
         return self.tiles.read(customer_ids, clock_micros(clock or datetime.now(UTC)))

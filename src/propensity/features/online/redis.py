@@ -102,6 +102,8 @@ class BulkRedisOnlineStore(BulkWrites, RedisOnlineStore):
                 for looked, key in enumerate(client.scan_iter(match=b"*" + project, count=500)):
                     if looked >= _PROBE_KEYS or not missing:
                         break
+                    if key.startswith(b"_"):  # marks and streaming state, not an entity
+                        continue
                     for view in list(missing):
                         if client.hexists(key, f"_ts:{view}"):
                             found.add(view)
