@@ -122,12 +122,16 @@ def test_sigkilled_consumers_lose_nothing_and_count_nothing_twice(
     events = make_events(2_400, customers=40, seed=1, now=NOW)
     settings = make_project(tmp_path / "project", redis_server.url, online)
     client = redis_server.client()
-    producer, errors = _producer(settings, tmp_path, events, parts=6)
-    in_flight = 0
-    for kill in range(4):
+    # A backlog first (a loaded machine may starve the producer), then more while killing.
+    backlog, rest = events[: len(events) // 3], events[len(events) // 3 :]
+    first = write_jsonl(backlog, tmp_path / "first.jsonl")
+    run_cli(settings, "stream", "--produce", str(first), "--per-message", "10")
+    producer, errors = _producer(settings, tmp_path, rest, parts=4)
+    in_flight = kills = 0
+    while kills < 4 or (in_flight < 2 and kills < 8):  # until two kills met a batch in flight
         since, _ = group_progress(client, settings.stream.key, settings.stream.group)
         # Two names: a restarted "a" re-reads its own pending batch, "b" claims the other's.
-        consumer = cli(settings, "stream", "--consumer", "ab"[kill % 2])
+        consumer = cli(settings, "stream", "--consumer", "ab"[kills % 2])
         _wait_busy(client, settings, since)
         # Killed in its 1st to 3rd batch, anywhere in it: reading, processing, flushing
         # to the lake, acknowledging.
@@ -136,6 +140,7 @@ def test_sigkilled_consumers_lose_nothing_and_count_nothing_twice(
         consumer.send_signal(signal.SIGKILL)
         consumer.wait(timeout=10)
         in_flight += group_progress(client, settings.stream.key, settings.stream.group)[1] > 0
+        kills += 1
     producer.join(timeout=300)
     assert not errors, errors
     assert in_flight >= 2, "the kills should land while batches were unacknowledged"
