@@ -78,7 +78,7 @@ def run_quickstart(
     from propensity.pipeline.train import train
 
     for title, names in (
-        ("4/6 churn and purchase models", ("churn", "purchase_propensity")),
+        ("4/6 churn and purchase models", ("churn", "purchase_propensity", "purchase_24h")),
         ("5/6 next-best-action", ("next_best_action",)),
     ):
         out.rule(title)

@@ -17,7 +17,7 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 import pytest
-from project import REPO_ROOT, Project, fit_nba
+from project import REPO_ROOT, Project, fit_model, fit_nba
 from pydantic_core import to_json
 
 from propensity.config import Serving
@@ -29,7 +29,7 @@ from propensity.models.nba import NBAModel
 from propensity.serving.encoding import batch_json
 from propensity.serving.policy import ArbitrationPolicy
 from propensity.serving.runtime import Runtime, online_reader
-from propensity.serving.scorer import PURCHASE, Scorer, predict_rows
+from propensity.serving.scorer import PURCHASE_24H, BoosterBundle, Scorer, predict_rows
 
 pytestmark = pytest.mark.slow
 
@@ -254,14 +254,28 @@ def test_batch_equals_one_by_one_with_next_best_action(project: Project) -> None
         ]
         assert a["missing_features"] == b["missing_features"]
         assert a["features_timestamp"] == b["features_timestamp"]
-    # The batch route's JSON, encoded from the arrays, is these dicts encoded.
-    for reasons in (True, False):
-        scored = scorer.score_columns(ids, reasons)  # once: streaming features decay with time
-        encoded = json.loads(batch_json(scored, "churn", PURCHASE))
-        dicts = scorer.as_dicts(scored)
-        expected = {"results": [r for r in dicts if r is not None], "unknown": ["nobody"]}
-        assert encoded == json.loads(to_json(expected, inf_nan_mode="null"))
+        assert a["purchase_24h_probability"] is None  # no champion: null
+    # The batch route's JSON, encoded from the arrays, is these dicts encoded; with a
+    # 24-hour purchase model too, its own scores and reasons.
+    short = BoosterBundle(PURCHASE_24H, "4", fit_model(base.purchase.feature_names, seed=13))
+    with_short = Scorer(reader, base.churn, base.purchase, policy, short)
+    for served in (scorer, with_short):
+        for reasons in (True, False):
+            scored = served.score_columns(ids, reasons)  # once: streaming features decay
+            encoded = json.loads(batch_json(scored, served.fields))
+            dicts = served.as_dicts(scored)
+            expected = {"results": [r for r in dicts if r is not None], "unknown": ["nobody"]}
+            assert encoded == json.loads(to_json(expected, inf_nan_mode="null"))
     assert any(r["missing_features"] for r in encoded["results"])  # null values covered
+    rows = with_short.score(ids[:-1])
+    X = reader.read(ids[:-1]).matrix[
+        :, [reader.feature_names.index(f) for f in short.feature_names]
+    ]
+    np.testing.assert_allclose(
+        [r["purchase_24h_probability"] for r in rows if r], short.predict_proba(X), atol=1e-12
+    )
+    assert all(r and len(r["reasons"][PURCHASE_24H]) == 3 for r in rows)
+    assert with_short.versions[PURCHASE_24H] == "4"
     lean = scorer.score(ids[:10], reasons=False)
     assert all(r is not None and r["reasons"] == {} for r in lean)
     # Without reasons the probability comes from LightGBM's own sum of the same leaves.

@@ -108,7 +108,7 @@ class RetrainPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     #: Models to retrain, in order.
-    models: tuple[str, ...] = ("churn", "purchase_propensity", NBA)
+    models: tuple[str, ...] = ("churn", "purchase_propensity", "purchase_24h", NBA)
     #: Data validation gate: no promotion when more than this share of the rows read
     #: in this run was quarantined, or when a whole landing file was unreadable.
     max_quarantine_share: float = Field(default=0.01, ge=0, le=1)

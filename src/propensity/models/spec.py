@@ -40,6 +40,7 @@ __all__ = [
 MODEL_NAMES: dict[str, str] = {
     "churn": "churn.yaml",
     "purchase_propensity": "purchase_propensity.yaml",
+    "purchase_24h": "purchase_24h.yaml",
 }
 #: The next-best-action spec file (its action catalog stays in ``actions.yaml``).
 NBA_SPEC_FILE = "next_best_action.yaml"
@@ -49,6 +50,7 @@ _ALIASES = {"purchase": "purchase_propensity"}
 REGISTERED_MODELS: dict[str, tuple[str, ...]] = {
     "churn": (),
     "purchase_propensity": ("purchase",),
+    "purchase_24h": (),
     "next_best_action": ("nba",),
 }
 

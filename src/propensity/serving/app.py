@@ -97,7 +97,7 @@ def _json_body(body: bytes, status: int = 200, started: float | None = None) -> 
 def _batch_body(scorer: Any, customer_ids: list[str], reasons: bool) -> bytes:
     # Encoded from the scored arrays, without a dict per customer (serving/encoding.py).
     scored = scorer.score_columns(customer_ids, reasons)
-    return batch_json(scored, scorer.churn.name, scorer.purchase.name)
+    return batch_json(scored, scorer.fields)
 
 
 def _error(exc: _HTTPError) -> Response:

@@ -18,6 +18,7 @@ from propensity.serving.scorer import (
     CHURN,
     NBA,
     PURCHASE,
+    PURCHASE_24H,
     BoosterBundle,
     ModelBundle,
     NBAPolicy,
@@ -44,7 +45,9 @@ class ModelSource(Protocol):
 class RegistrySource:
     """The MLflow registry of a project (through :mod:`propensity.registry`)."""
 
-    def __init__(self, tracking_uri: str, models: tuple[str, ...] = (CHURN, PURCHASE, NBA)):
+    def __init__(
+        self, tracking_uri: str, models: tuple[str, ...] = (CHURN, PURCHASE, PURCHASE_24H, NBA)
+    ):
         self.tracking_uri = tracking_uri
         self.models = models
 
@@ -79,11 +82,14 @@ class Champions:
     churn: ModelBundle
     purchase: ModelBundle
     policy: NBAPolicy | None
+    purchase_24h: ModelBundle | None = None
 
     @property
     def feature_names(self) -> list[str]:
         """Every feature any champion reads, each once, in model order."""
         names = self.churn.feature_names + self.purchase.feature_names
+        if self.purchase_24h is not None:
+            names = names + self.purchase_24h.feature_names
         if self.policy is not None:
             names = names + self.policy.feature_names
         return list(dict.fromkeys(names))
@@ -104,7 +110,8 @@ def load_champions(
     Raises
     ------
     LookupError
-        Churn or purchase propensity has no champion (next-best-action is optional).
+        Churn or purchase propensity has no champion (the 24-hour purchase model and
+        next-best-action are optional).
 
     Examples
     --------
@@ -120,11 +127,16 @@ def load_champions(
             raise LookupError(f"model {name!r} has no champion version in the registry")
         model = _compiled(source.load(name, int(version)), cache_dir)
         loaded[name] = BoosterBundle(name, str(version), model, reasons=reasons)
+    short = None
+    short_version = versions.get(PURCHASE_24H)
+    if short_version is not None:
+        model = _compiled(source.load(PURCHASE_24H, int(short_version)), cache_dir)
+        short = BoosterBundle(PURCHASE_24H, str(short_version), model, reasons=reasons)
     nba_version = versions.get(NBA)
     policy = None
     if nba_version is not None:
         policy = as_policy(_compiled(source.load(NBA, nba_version), cache_dir), nba_version)
-    return Champions(dict(versions), loaded[CHURN], loaded[PURCHASE], policy)
+    return Champions(dict(versions), loaded[CHURN], loaded[PURCHASE], policy, short)
 
 
 def _compiled(model: Any, cache_dir: str | Path | None) -> Any:

@@ -64,19 +64,20 @@ def _reasons(picked: tuple[np.ndarray, np.ndarray, np.ndarray], names: list[str]
     return out
 
 
-def batch_json(scored: ScoredBatch, churn: str, purchase: str) -> bytes:
+def batch_json(scored: ScoredBatch, fields: list[tuple[str, str]]) -> bytes:
     """``{"results": [...], "unknown": [...]}`` of a scored batch, as UTF-8 JSON.
 
     Parameters
     ----------
     scored : ScoredBatch
-    churn, purchase : str
-        The two models' names (the keys of ``reasons``).
+    fields : list of (str, str)
+        ``(model, response field)`` of every score (:attr:`Scorer.fields
+        <propensity.serving.scorer.Scorer.fields>`); a model not in ``scored`` is null.
 
     Examples
     --------
     >>> scored = scorer.score_columns(["C1", "nobody"])  # doctest: +SKIP
-    >>> batch_json(scored, "churn", "purchase_propensity")  # doctest: +SKIP
+    >>> batch_json(scored, scorer.fields)  # doctest: +SKIP
     b'{"results":[{"customer_id":"C1","churn_probability":0.31,...}],"unknown":["nobody"]}'
     """
     unknown = orjson.dumps(scored.unknown)
@@ -84,13 +85,21 @@ def batch_json(scored: ScoredBatch, churn: str, purchase: str) -> bytes:
     if n == 0:
         return b'{"results":[],"unknown":' + unknown + b"}"
     ids = scored.customer_ids
-    churn_text = _floats(scored.scores[churn])
-    purchase_text = _floats(scored.scores[purchase])
-    if scored.reasons:
-        churn_key = b'"reasons":{' + orjson.dumps(churn) + b":"
-        purchase_key = b"," + orjson.dumps(purchase) + b":"
-        churn_reasons = _reasons(scored.reasons[churn], scored.feature_names[churn])
-        purchase_reasons = _reasons(scored.reasons[purchase], scored.feature_names[purchase])
+    # Per score: its key and the text of every row's value.
+    scores = [
+        (
+            b',"' + key.encode() + b'":',
+            _floats(scored.scores[name]) if name in scored.scores else [b"null"] * n,
+        )
+        for name, key in fields
+    ]
+    reasons = [
+        (
+            orjson.dumps(name) + b":",
+            _reasons(picked, scored.feature_names[name]),
+        )
+        for name, picked in scored.reasons.items()
+    ]
     versions = b',"model_versions":' + orjson.dumps(scored.versions) + b',"features_timestamp":'
     stamps: dict[float, bytes] = {}  # rows of one snapshot share a timestamp
     stale = scored.stale.tolist()
@@ -103,22 +112,15 @@ def batch_json(scored: ScoredBatch, churn: str, purchase: str) -> bytes:
         if iso is None:
             iso = stamps[stamp] = orjson.dumps(iso_timestamp(stamp))
         missing = scored.missing[k]
-        parts = [
-            b'{"customer_id":',
-            orjson.dumps(ids[i]),
-            b',"churn_probability":',
-            churn_text[k],
-            b',"purchase_propensity":',
-            purchase_text[k],
+        parts = [b'{"customer_id":', orjson.dumps(ids[i])]
+        for key, texts in scores:
+            parts += (key, texts[k])
+        parts += [
             b',"next_best_action":',
             orjson.dumps(decisions[k], option=_NUMPY),
-            b",",
-        ]
-        if scored.reasons:
-            parts += [churn_key, churn_reasons[k], purchase_key, purchase_reasons[k], b"}"]
-        else:
-            parts.append(b'"reasons":{}')
-        parts += [
+            b',"reasons":{',
+            b",".join(head + texts[k] for head, texts in reasons),
+            b"}",
             versions,
             iso,
             b',"stale":true' if stale[k] else b',"stale":false',

@@ -240,7 +240,13 @@ class Runtime:
             )
             names = champions.feature_names
             reader = online_reader(self.store, names, streaming=self.streaming)
-            scorer = Scorer(reader, champions.churn, champions.purchase, champions.policy)
+            scorer = Scorer(
+                reader,
+                champions.churn,
+                champions.purchase,
+                champions.policy,
+                champions.purchase_24h,
+            )
             views = served_views(names)
             if not set(views) <= set(self._views):
                 self._stocked = False  # a new view must be checked in the store

@@ -179,9 +179,14 @@ class ScoreResponse(_Response):
     customer_id: str
     churn_probability: float = Field(ge=0, le=1)
     purchase_propensity: float = Field(ge=0, le=1)
+    purchase_24h_probability: float | None = Field(
+        ge=0,
+        le=1,
+        description="P(a purchase in the next 24 hours); null when that model has no champion.",
+    )
     next_best_action: NextBestAction | None
     reasons: dict[str, list[Reason]] = Field(
-        description="Top 3 contributions per model (churn, purchase_propensity)."
+        description="Top 3 contributions per model (churn, purchase_propensity, purchase_24h)."
     )
     model_versions: dict[str, str]
     features_timestamp: str | None = Field(description="ISO time of the online feature row.")

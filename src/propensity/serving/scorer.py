@@ -55,12 +55,22 @@ __all__ = [
     "iso_timestamp",
     "CHURN",
     "PURCHASE",
+    "PURCHASE_24H",
     "NBA",
+    "SCORE_FIELDS",
 ]
 
 CHURN = "churn"
 PURCHASE = "purchase_propensity"
+PURCHASE_24H = "purchase_24h"
 NBA = "next_best_action"
+#: The binary models a response carries and the field of each. Churn and purchase
+#: are always served; the 24-hour purchase model when it has a champion (else null).
+SCORE_FIELDS: dict[str, str] = {
+    CHURN: "churn_probability",
+    PURCHASE: "purchase_propensity",
+    PURCHASE_24H: "purchase_24h_probability",
+}
 _TOP_REASONS = 3
 #: From this many rows, LightGBM calls are split over every core.
 MULTI_THREAD_ROWS = 64
@@ -382,6 +392,8 @@ class Scorer:
     churn, purchase : ModelBundle
     policy : NBAPolicy, optional
         Next-best-action; ``None`` serves scores without an action.
+    purchase_24h : ModelBundle, optional
+        Purchase in the next 24 hours; ``None`` answers its field with null.
 
     Examples
     --------
@@ -394,15 +406,13 @@ class Scorer:
     churn: ModelBundle
     purchase: ModelBundle
     policy: NBAPolicy | None = None
+    purchase_24h: ModelBundle | None = None
     _columns: dict[str, np.ndarray] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         available = {name: j for j, name in enumerate(self.reader.feature_names)}
         self._columns = {}
-        parts: list[tuple[str, list[str]]] = [
-            (self.churn.name, self.churn.feature_names),
-            (self.purchase.name, self.purchase.feature_names),
-        ]
+        parts = [(b.name, b.feature_names) for b in self.models]
         if self.policy is not None:
             parts.append((NBA, self.policy.feature_names))
         for name, features in parts:
@@ -414,9 +424,24 @@ class Scorer:
             self._columns[name] = np.array([available[f] for f in features], dtype=np.intp)
 
     @property
+    def models(self) -> tuple[ModelBundle, ...]:
+        """The binary models served, in :data:`SCORE_FIELDS` order."""
+        extra = () if self.purchase_24h is None else (self.purchase_24h,)
+        return (self.churn, self.purchase, *extra)
+
+    @property
+    def fields(self) -> list[tuple[str, str]]:
+        """``(model, response field)`` of every score a response carries, served or not."""
+        slots = (self.churn, self.purchase, self.purchase_24h)
+        return [
+            (key if bundle is None else bundle.name, name)
+            for bundle, (key, name) in zip(slots, SCORE_FIELDS.items(), strict=True)
+        ]
+
+    @property
     def versions(self) -> dict[str, str]:
         """Registered version of every model served."""
-        out = {self.churn.name: self.churn.version, self.purchase.name: self.purchase.version}
+        out = {b.name: b.version for b in self.models}
         if self.policy is not None:
             out[NBA] = self.policy.version
         return out
@@ -434,7 +459,7 @@ class Scorer:
         ids = list(customer_ids)
         batch = self.reader.read(ids)
         rows = np.flatnonzero(batch.found)
-        names = {b.name: b.feature_names for b in (self.churn, self.purchase)}
+        names = {b.name: b.feature_names for b in self.models}
         if rows.size == 0:
             empty = np.zeros(0)
             return ScoredBatch(ids, rows, {}, {}, names, [], self.versions, empty, empty, [])
@@ -453,7 +478,7 @@ class Scorer:
                 decisions = list(self.policy.decide(known, X_policy))
         scores: dict[str, np.ndarray] = {}
         top: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        for bundle in (self.churn, self.purchase):
+        for bundle in self.models:
             X = self._model_input(bundle.name, matrix)
             if reasons:
                 proba, contributions = bundle.predict_with_contributions(X)
@@ -493,22 +518,21 @@ class Scorer:
 
     def as_dicts(self, scored: ScoredBatch) -> list[dict[str, Any] | None]:
         """:meth:`score`'s dicts of a :class:`ScoredBatch` (``None`` for an unknown id)."""
-        reasons = bool(scored.reasons)
         ids = scored.customer_ids
         out: list[dict[str, Any] | None] = [None] * len(ids)
         if scored.rows.size == 0:
             return out
         versions = scored.versions
         stamps: dict[float, str | None] = {}  # rows of one snapshot share a timestamp
-        churn_name, purchase_name = self.churn.name, self.purchase.name
-        churn = scored.scores[churn_name].tolist()
-        purchase = scored.scores[purchase_name].tolist()
+        fields = self.fields
+        none = [None] * scored.rows.size
+        columns = [
+            scored.scores[name].tolist() if name in scored.scores else none for name, _ in fields
+        ]
         top = {
             name: _reason_dicts(*picked, scored.feature_names[name])
             for name, picked in scored.reasons.items()
         }
-        churn_reasons = top.get(churn_name, [])
-        purchase_reasons = top.get(purchase_name, [])
         timestamps = scored.timestamps.tolist()
         stale = scored.stale.tolist()
         for k, i in enumerate(scored.rows.tolist()):
@@ -516,19 +540,16 @@ class Scorer:
             iso = stamps.get(stamp)
             if iso is None:
                 iso = stamps[stamp] = iso_timestamp(stamp)
-            out[i] = {
-                "customer_id": ids[i],
-                "churn_probability": churn[k],
-                "purchase_propensity": purchase[k],
-                "next_best_action": scored.decisions[k],
-                "reasons": (
-                    {churn_name: churn_reasons[k], purchase_name: purchase_reasons[k]}
-                    if reasons
-                    else {}
-                ),
-                "model_versions": versions,
-                "features_timestamp": iso,
-                "stale": stale[k],
-                "missing_features": scored.missing[k],
-            }
+            row: dict[str, Any] = {"customer_id": ids[i]}
+            for (_, key), values in zip(fields, columns, strict=True):
+                row[key] = values[k]
+            row.update(
+                next_best_action=scored.decisions[k],
+                reasons={name: picked[k] for name, picked in top.items()},
+                model_versions=versions,
+                features_timestamp=iso,
+                stale=stale[k],
+                missing_features=scored.missing[k],
+            )
+            out[i] = row
         return out
