@@ -10,8 +10,9 @@ size of the quickstart's, compiled). The events are written into a working
 copy of it, so a project passed with ``--project`` is left as it was and each
 run starts from the same store. Unless ``--as-built``, the copy's churn and
 purchase champions are refit on the streaming services (``churn_v3``,
-``purchase_v2``), so every ``/score`` merges the customer's tiles as the
-events land; the models' specs still read ``churn_v2`` and ``purchase_v1``.
+``purchase_v2``, the services of the models' specs; a project built before
+they read them has batch-only champions), so every ``/score`` merges the
+customer's tiles as the events land.
 
 Three phases against one server (a ``bentoml serve`` subprocess):
 

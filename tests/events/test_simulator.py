@@ -128,14 +128,14 @@ def test_randomized_exposures_match_true_uplift(sim, frames):
     exposures = exposures.assign(y=exposures["event_id"].isin(hit))
     # Inverse-propensity weights undo the covariate-dependent assignment.
     weights = 1.0 / exposures["propensity"]
-    realized = (
-        exposures.assign(w=weights)
-        .groupby("action")
-        .apply(lambda f: np.average(f["y"], weights=f["w"]), include_groups=False)
-    )
-    true_rate = {a: np.average(exposures[f"p_purchase_{a}"], weights=weights) for a in ACTIONS}
     for action in ACTIONS:
-        assert abs(realized[action] - true_rate[action]) < 0.06, (action, realized)
+        mine = exposures["action"] == action
+        y, w = exposures.loc[mine, "y"], weights[mine]
+        realized = np.average(y, weights=w)
+        # Standard error of the weighted mean: weights of 20 (rare arms) make it ~0.05.
+        se = np.sqrt((w**2 * (y - realized) ** 2).sum()) / w.sum()
+        true_rate = np.average(exposures[f"p_purchase_{action}"], weights=weights)
+        assert abs(realized - true_rate) < 4 * se, (action, realized, true_rate, se)
     uplift = exposures["p_purchase_discount"] - exposures["p_purchase_control"]
     assert uplift.mean() > 0.02
     # The best action differs by customer, so a personalized policy can beat any single action.

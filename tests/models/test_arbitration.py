@@ -165,7 +165,13 @@ def test_decide_uses_model_uplift() -> None:
 
 def test_repo_catalog_loads_and_rejects_unknown_fields(tmp_path: Path) -> None:
     catalog = load_catalog(REPO / "models" / "actions.yaml")
-    assert catalog.names == ["discount", "loyalty_points", "onboarding_email", "feature_tutorial"]
+    assert catalog.names == [
+        "discount",
+        "loyalty_points",
+        "onboarding_email",
+        "feature_tutorial",
+        "cart_recovery",
+    ]
     bad = tmp_path / "actions.yaml"
     bad.write_text("actions:\n  discount: {cost: 1, value: 2, outcome: purchase, colour: red}\n")
     with pytest.raises(ValueError, match="actions.discount.colour"):

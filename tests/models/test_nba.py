@@ -136,6 +136,7 @@ actions:
   onboarding_email: {cost: 0.5, value: 40.0, outcome: purchase,
                      eligibility: [{feature: tenure_days, op: "<", value: 60}]}
   feature_tutorial: {cost: 0.5, value: 40.0, outcome: purchase}
+  cart_recovery: {cost: 0.5, value: 40.0, outcome: purchase}
 training: {learner: x, n_boot: 50, min_test_rows: 100}
 """
 
@@ -210,7 +211,7 @@ def test_train_nba_on_simulated_events(simulated) -> None:
     mlflow.set_registry_uri(settings.tracking_uri)
     pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/1")
     out = np.asarray(pyfunc.predict(X.astype("float64")))
-    assert out.shape == (len(X), 4)
+    assert out.shape == (len(X), 5)
     artifacts = {
         a.path for a in mlflow.MlflowClient(settings.tracking_uri).list_artifacts(info["run_id"])
     }

@@ -114,7 +114,7 @@ def test_first_passing_version_is_champion_with_lineage(project, name):
     assert registry.champion_version(settings.tracking_uri, result.model) == 1
     info = registry.version_info(settings.tracking_uri, result.model)
     tags = info["tags"]
-    assert tags["feature_service"] == ("churn_v2" if name == "churn" else "purchase_v1")
+    assert tags["feature_service"] == ("churn_v3" if name == "churn" else "purchase_v2")
     assert len(tags["data_fingerprint"]) == 16 and tags["lake_manifest_sha256"] != "none"
     assert str(result.split.test[-1].date()) in tags["cutoffs"]
     assert info["params"]["seed"] == "42"
@@ -130,7 +130,7 @@ def test_probabilities_in_unit_interval_and_row_order_invariant(project):
     lake = EventLake(settings.path(settings.lake_dir))
     estimator = registry.load_estimator(settings.tracking_uri, "churn")
     entity = population_frame(lake, project["churn"].split.test[-1])
-    X = FeatureStoreAdapter(settings).historical(entity, "churn_v2")[estimator.feature_names_]
+    X = FeatureStoreAdapter(settings).historical(entity, "churn_v3")[estimator.feature_names_]
     p = estimator.predict_proba(X)[:, 1]
     assert ((p >= 0) & (p <= 1)).all() and p.std() > 0.05
     perm = np.random.default_rng(0).permutation(len(X))

@@ -39,11 +39,14 @@ from propensity.features.definitions import VIEWS  # noqa: E402
 from propensity.features.online import materialized_until  # noqa: E402
 from propensity.features.snapshots import feature_table_path  # noqa: E402
 from propensity.features.store import FeatureStoreAdapter  # noqa: E402
+from propensity.features.tiles import STREAMING_NAMES  # noqa: E402
 from propensity.labels import LabelSpec, entity_frame  # noqa: E402
+from propensity.models.spec import load_spec  # noqa: E402
 from propensity.pipeline.dataset import latest_snapshot  # noqa: E402
 from propensity.pipeline.score import _champions, score_table  # noqa: E402
-from propensity.spark.features import spark_table_path  # noqa: E402
-from propensity.spark.training import entity_frame_spark  # noqa: E402
+from propensity.spark.features import latest_spark_snapshot, spark_table_path  # noqa: E402
+from propensity.spark.score import latest_snapshot_spark  # noqa: E402
+from propensity.spark.training import entity_frame_spark, historical_features_spark  # noqa: E402
 
 pytestmark = pytest.mark.slow
 #: Few enough training rows that the Spark frame is sampled (the DuckDB one is not).
@@ -149,6 +152,32 @@ def test_one_setting_moves_build_materialize_train_and_bulk_scores_to_spark(
     assert got["customer_id"].tolist() == want["customer_id"].tolist()
     for column in ("churn", "purchase_propensity"):
         np.testing.assert_allclose(got[column], want[column], rtol=0, atol=1e-6)
+
+
+def test_the_spark_snapshot_and_training_frame_hold_the_same_streaming_values(
+    projects: dict[str, Settings], spark: Any
+) -> None:
+    duck, spark_project = _built(projects["duckdb"]), _built(projects["spark"])
+    adapter = FeatureStoreAdapter(spark_project)
+    service = load_spec("churn", spark_project.path(spark_project.models_dir)).feature_service
+    names = adapter.service_features(service)
+    streaming = [n for n in names if n in STREAMING_NAMES]
+    assert streaming
+    snapshot = latest_snapshot_spark(spark_project, spark, names).toPandas()
+    snapshot = snapshot.sort_values("customer_id").reset_index(drop=True)
+    when = latest_spark_snapshot(spark_project, "session")
+    # The same customers at the same clock through the Spark engine's training frame.
+    entity = snapshot[["customer_id"]].assign(event_timestamp=when)
+    frame = historical_features_spark(spark_project, adapter, entity, service, spark=spark)
+    frame = frame.sort_values("customer_id").reset_index(drop=True)
+    # And the DuckDB engine's snapshot of the same lake.
+    duck_when, duck_snapshot = latest_snapshot(duck, names)
+    assert duck_when == when
+    assert snapshot["customer_id"].tolist() == frame["customer_id"].tolist()
+    assert snapshot["customer_id"].tolist() == duck_snapshot["customer_id"].tolist()
+    for got in (snapshot, frame):
+        pd.testing.assert_frame_equal(got[streaming], duck_snapshot[streaming], check_dtype=False)
+    assert (snapshot["events_24h"] > 0).sum() > 50
 
 
 @pytest.fixture

@@ -15,7 +15,13 @@ from features_testdata import REPO_FEATURE_REPO, events_table, random_events
 
 from propensity.config import Settings
 from propensity.events.lake import EventLake
-from propensity.features.definitions import FEATURES, VIEWS, batch_views, features_of
+from propensity.features.definitions import (
+    FEATURES,
+    STREAMING_FEATURES,
+    VIEWS,
+    batch_views,
+    features_of,
+)
 from propensity.features.snapshots import (
     build_features,
     compute_features,
@@ -160,12 +166,38 @@ def test_spark_training_frame_equals_feast_point_in_time_join(built: Settings, s
         assert abs(weights.sum() - n) < 0.6 * n
 
 
-def test_a_streaming_service_on_spark_is_a_clear_error(built: Settings, spark: Any) -> None:
-    from propensity.spark.training import training_frame_spark
+def test_a_streaming_service_on_spark_adds_the_lakes_values_to_the_collected_rows(
+    built: Settings, spark: Any
+) -> None:
+    from propensity.features.store import FeatureStoreAdapter
+    from propensity.spark.training import historical_features_spark, training_frame_spark
 
-    entity = pd.DataFrame({"customer_id": ["C0000001"], "event_timestamp": [TIMES[1]]})
-    with pytest.raises(ValueError, match="'churn_v3' reads streaming features"):
-        training_frame_spark(built, spark, entity, "churn_v3", {})
+    adapter = FeatureStoreAdapter(built)
+    adapter.apply()
+    streaming = [f.name for f in STREAMING_FEATURES]
+    # Minutes after real events (and one midnight), so the windows hold counts.
+    events = EventLake(built.path(built.lake_dir)).read(["customer_id", "event_timestamp"])
+    picked = events.drop_duplicates("customer_id").head(15)
+    entity = pd.DataFrame(
+        {
+            "customer_id": [*picked["customer_id"], "C0000001"],
+            "event_timestamp": [
+                *(pd.to_datetime(picked["event_timestamp"], utc=True) + pd.Timedelta(minutes=7)),
+                TIMES[-1],
+            ],
+        }
+    )
+    # The lazy frame holds the batch and on-demand features (churn_v2's) only.
+    lazy = training_frame_spark(built, spark, entity, "churn_v3", adapter.ttls(VIEWS))
+    assert not set(streaming) & set(lazy.columns)
+    assert set(lazy.columns) - {"customer_id", "event_timestamp"} == set(
+        adapter.service_features("churn_v2")
+    )
+    got = historical_features_spark(built, adapter, entity, "churn_v3", spark=spark)
+    expected = adapter.historical(entity, "churn_v3")
+    assert set(streaming) <= set(got.columns)
+    _assert_equal_features(expected, got)
+    assert (got["events_30m"] > 0).sum() >= 15
 
 
 def test_erasure_removes_customers_from_the_spark_tables(built: Settings, spark: Any) -> None:

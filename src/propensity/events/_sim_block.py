@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
+from typing import NamedTuple
 
 import numpy as np
 
@@ -78,6 +79,15 @@ class BlockResult:
     abandonments: intent.Abandonments | None = None
 
 
+class _Effects(NamedTuple):
+    """Campaign multiplier paths, each of shape (customers, days + horizon)."""
+
+    hazard: np.ndarray
+    conversion: np.ndarray
+    visits: np.ndarray
+    returns: np.ndarray  # of the return probability of the carts abandoned that day
+
+
 def _dormancy(hazard: np.ndarray, traits: lat.Traits, rows: np.ndarray) -> np.ndarray:
     sub = lat.Traits(**{k: v[rows] for k, v in traits.__dict__.items()})
     return lat.dormancy_day(hazard, sub)
@@ -98,6 +108,20 @@ def _first(window: tuple[np.ndarray, ...], state: np.ndarray) -> np.ndarray:
     return np.choose(state, [w[:, 0] for w in window])
 
 
+def _per_session(
+    s: BlockSettings, conversion: np.ndarray, boost: np.ndarray | float
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Purchases per session and, with cart returns, the share of them that are returns."""
+    if not s.cart_returns:
+        return conversion, None
+    return intent.session_purchase(conversion, boost)
+
+
+def _late(share: np.ndarray | None, horizon: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``late`` of :func:`~propensity.events._sim_latent.window_no_event`: returns past the end."""
+    return None if share is None else (share, intent.late_tail(horizon))
+
+
 def _run_campaigns(
     rng: np.random.Generator,
     s: BlockSettings,
@@ -106,14 +130,19 @@ def _run_campaigns(
     potential: np.ndarray,
     fading: np.ndarray,
     residual: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """Weekly waves: pick eligible customers at random, assign an action, apply its effect."""
+) -> tuple[_Effects, np.ndarray, dict[str, np.ndarray]]:
+    """Weekly waves: pick eligible customers at random, assign an action, apply its effect.
+
+    Returns the effects, the last alive day of each customer and the exposure
+    records with their truth.
+    """
     n, length = paths.rate.shape
     hc, hp = s.churn_horizon, s.purchase_horizon
     cooldown = max(hc, hp)
     hz_mult = np.ones((n, length))
     cv_mult = np.ones((n, length))
     vi_mult = np.ones((n, length))
+    rt_mult = np.ones((n, length))
     last = lat.dormancy_day(paths.hazard, traits)
     fade_end = _fade_end(last, traits)
     first = np.maximum(traits.signup_day, 0)
@@ -141,7 +170,7 @@ def _run_campaigns(
         if rows.size == 0:
             continue
         tenure = paths.tenure[rows, t]
-        m_h, m_c, m_v = lat.effect_multipliers(
+        m_h, m_c, m_v, m_r = lat.effect_multipliers(
             tenure,
             purchase_rate[rows, t],
             paths.hazard[rows, t],
@@ -158,16 +187,19 @@ def _run_campaigns(
             visits = np.broadcast_to(m_v[:, a : a + 1], r_c.shape)
             w_churn = _first(lat.window_no_event(r_c, hz_c, hc, 1, share=visits), state)
             hz_p = paths.hazard[rows, t : t + hp] * m_h[:, a : a + 1]
-            both = m_c[:, a : a + 1] * m_v[:, a : a + 1]
-            r_p = purchase_rate[rows, t : t + hp] * both
-            share = paths.conversion[rows, t : t + hp] * both
-            w_purchase = _first(lat.window_no_event(r_p, hz_p, hp, 1, share=share), state)
+            conv = paths.conversion[rows, t : t + hp] * m_c[:, a : a + 1]
+            per_session, late = _per_session(s, conv, m_r[:, a : a + 1])
+            share = per_session * m_v[:, a : a + 1]
+            r_p = paths.rate[rows, t : t + hp] * share
+            window = lat.window_no_event(r_p, hz_p, hp, 1, share=share, late=_late(late, hp))
+            w_purchase = _first(window, state)
             records[f"p_churn_{name}"].append(w_churn)
             records[f"p_purchase_{name}"].append(1.0 - w_purchase)
         pick = np.arange(rows.size)
         hz_mult[rows, t : t + hc] = m_h[pick, action][:, None]
         cv_mult[rows, t : t + hp] = m_c[pick, action][:, None]
         vi_mult[rows, t : t + hc] = m_v[pick, action][:, None]
+        rt_mult[rows, t : t + hp] = m_r[pick, action][:, None]
         last[rows] = _dormancy(paths.hazard[rows] * hz_mult[rows], traits, rows)
         fade_end[rows] = np.where(last[rows] >= 0, last[rows] + traits.fade_days[rows], -1)
         last_exposed[rows] = t
@@ -185,7 +217,7 @@ def _run_campaigns(
         exposures[key] = exposures[key].astype(np.int64)
     exposures["state"] = exposures["state"].astype(np.int8)
     exposures["alive"] = exposures["state"] == 0
-    return hz_mult, cv_mult, vi_mult, last, exposures
+    return _Effects(hz_mult, cv_mult, vi_mult, rt_mult), last, exposures
 
 
 def _patch_future_exposures(
@@ -199,6 +231,8 @@ def _patch_future_exposures(
     every: int,
     share: np.ndarray | None = None,
     plain_share: np.ndarray | None = None,
+    late: np.ndarray | None = None,
+    plain_late: np.ndarray | None = None,
 ) -> None:
     """Recompute windows that contain a later exposure without that exposure's effect.
 
@@ -218,10 +252,12 @@ def _patch_future_exposures(
     h = np.where(after, plain_hazard[rows[:, None], safe], realized_hazard[rows[:, None], safe])
     r = np.where(inside, r, 0.0)
     h = np.where(inside, h, 0.0)
-    sh = None
+    sh = lt = None
     if share is not None and plain_share is not None:
         sh = np.where(after, plain_share[rows[:, None], safe], share[rows[:, None], safe])
-    local = lat.window_no_event(r, h, horizon, horizon, share=sh)
+    if late is not None and plain_late is not None:
+        lt = np.where(after, plain_late[rows[:, None], safe], late[rows[:, None], safe])
+    local = lat.window_no_event(r, h, horizon, horizon, share=sh, late=_late(lt, horizon))
     starts = day[:, None] + np.arange(-horizon + 1, 1)[None, :]
     n_days = window[0].shape[1] * every
     ok = (starts >= 0) & (starts < n_days) & (starts % every == 0)
@@ -234,20 +270,24 @@ def _daily_truth(
     s: BlockSettings,
     traits: lat.Traits,
     paths: lat.Paths,
-    mults: tuple[np.ndarray, np.ndarray, np.ndarray],
+    effects: _Effects,
     last: np.ndarray,
     exposures: dict[str, np.ndarray],
+    open_carts: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     every = s.truth_every
-    hz_mult, cv_mult, vi_mult = mults
+    hz_mult, cv_mult, vi_mult, rt_mult = effects
     hazard = paths.hazard * hz_mult
-    purchase_plain = paths.rate * paths.conversion
-    purchase_rate = purchase_plain * cv_mult * vi_mult
+    hp = s.purchase_horizon
+    plain, plain_late = _per_session(s, paths.conversion, 1.0)
+    purchase_plain = paths.rate * plain
+    per_session, late = _per_session(s, paths.conversion * cv_mult, rt_mult)
+    share = per_session * vi_mult
+    purchase_rate = paths.rate * share
     visit_rate = paths.rate * vi_mult
     w_churn = lat.window_no_event(visit_rate, hazard, s.churn_horizon, s.days, every, vi_mult)
-    share = paths.conversion * cv_mult * vi_mult
     w_purchase = lat.window_no_event(
-        purchase_rate, hazard, s.purchase_horizon, s.days, every, share=share
+        purchase_rate, hazard, hp, s.days, every, share=share, late=_late(late, hp)
     )
     _patch_future_exposures(
         w_churn,
@@ -268,10 +308,12 @@ def _daily_truth(
         paths.hazard,
         purchase_plain,
         exposures,
-        s.purchase_horizon,
+        hp,
         every,
         share,
-        paths.conversion,
+        plain,
+        late,
+        plain_late,
     )
     days = np.arange(0, s.days, every)
     valid = days[None, :] > traits.signup_day[:, None]
@@ -279,12 +321,16 @@ def _daily_truth(
     day = days[cols]
     state = _state(last[rows], _fade_end(last, traits)[rows], day)
     alive = state == 0
+    no_churn = np.choose(state, [w[rows, cols] for w in w_churn])
+    no_purchase = np.choose(state, [w[rows, cols] for w in w_purchase])
+    if open_carts is not None:
+        no_purchase = no_purchase * open_carts[0][rows, day]
+        no_churn = no_churn * open_carts[1][rows, day]
     return {
         "customer": rows.astype(np.int32),
         "day": day.astype(np.int32),
-        "p_churn": np.choose(state, [w[rows, cols] for w in w_churn]).astype(np.float32),
-        "p_purchase": 1.0
-        - np.choose(state, [w[rows, cols] for w in w_purchase]).astype(np.float32),
+        "p_churn": no_churn.astype(np.float32),
+        "p_purchase": 1.0 - no_purchase.astype(np.float32),
         "alive": alive,
         "fading": state == 1,
         "at_risk": alive & (hazard[rows, day] > 0.01),
@@ -299,7 +345,7 @@ def _events(
     s: BlockSettings,
     traits: lat.Traits,
     paths: lat.Paths,
-    cv_mult: np.ndarray,
+    effects: _Effects,
     sessions: np.ndarray,
     phase: np.ndarray,
     signed: np.ndarray,
@@ -322,7 +368,7 @@ def _events(
     n_s = s_cust.size
     hour = rng.choice(24, n_s, p=lat.HOUR_PROBS)
     s_ts = (s_day * 86_400 + hour * 3_600 + rng.integers(0, 3_600, n_s)) * 1_000_000
-    p_buy = (paths.conversion * cv_mult)[s_cust, s_day]
+    p_buy = (paths.conversion * effects.conversion)[s_cust, s_day]
     converts = rng.random(n_s) < p_buy
     items = np.where(converts, 1 + rng.poisson(traits.items_mean[s_cust]), 0)
     app = traits.app_user[s_cust]
@@ -354,9 +400,9 @@ def _events(
     # Browsing and abandoned carts grow with the propensity to buy: it shows before orders do.
     session_block("product_view", rng.poisson(0.2 + 4.0 * p_buy + 0.8 * converts), 10, 900)
     session_block("search", (rng.random(n_s) < 0.2).astype(np.int64), 5, 600)
-    atc = np.where(converts, items, rng.random(n_s) < np.minimum(2.5 * p_buy, 0.9))
+    atc = np.where(converts, items, rng.random(n_s) < intent.abandon_probability(p_buy))
     atc = atc.astype(np.int64)
-    cart = session_block("add_to_cart", atc, 900, 1_200)
+    cart = session_block("add_to_cart", atc, *intent.CART_ADD_SECONDS)
     cart_ts, cart_product = blocks[-1]["ts"], blocks[-1]["product"]
     session_block(
         "remove_from_cart", ((atc > 0) & (rng.random(n_s) < 0.1)).astype(int), 1_200, 1_500
@@ -371,8 +417,10 @@ def _events(
     abandoned = None
     n_orders = int(converts.sum())
     if s.cart_returns:
+        end_us = s.days * 86_400 * 1_000_000
+        boost = effects.returns[s_cust, s_day]
         abandoned = intent.abandonments(
-            intent_rng, cart, cart_ts, s_cust, p_buy, converts, s.days * 86_400 * 1_000_000
+            intent_rng, cart, cart_ts, s_cust, p_buy, converts, end_us, boost
         )
         n_orders += _return_visits(
             intent_rng, s, traits, abandoned, cart, cart_product, n_s, n_orders, add
@@ -473,7 +521,10 @@ def _return_visits(
     first_order: int,
     add: Callable[..., None],
 ) -> int:
-    """Events of the return visits: a session that views and buys the abandoned cart."""
+    """Events of the return visits: a session that views and buys the abandoned cart.
+
+    Records each visit's first purchase time in ``abandoned.bought_at``.
+    """
     back = np.flatnonzero(abandoned.returned)
     customer, at = abandoned.customer[back], abandoned.returned_at[back]
     session = first_session + np.arange(back.size)
@@ -512,12 +563,11 @@ def _return_visits(
     )
     bought = {**common, "order": first_order + visit}
     _price_lines(rng, s, traits, bought, customer[visit])
-    add(
-        customer[visit],
-        at[visit] + rng.integers(600, 660, visit.size) * 1_000_000,
-        "purchase",
-        **bought,
-    )
+    bought_at = at[visit] + rng.integers(*intent.RETURN_BUY_SECONDS, visit.size) * 1_000_000
+    add(customer[visit], bought_at, "purchase", **bought)
+    first_buy = np.full(back.size, np.iinfo(np.int64).max)
+    np.minimum.at(first_buy, visit, bought_at)
+    abandoned.bought_at[back] = first_buy
     return int(back.size)
 
 
@@ -541,6 +591,19 @@ def _concat(blocks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: v[order] for k, v in out.items()}
 
 
+def _open_carts_in_exposures(
+    exposures: dict[str, np.ndarray], open_carts: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """Every action's truth of each exposure, with the carts open at its midnight."""
+    no_purchase, no_visit = (f[exposures["customer"], exposures["day"]] for f in open_carts)
+    for name in lat.ACTIONS:
+        churn, purchase = exposures[f"p_churn_{name}"], exposures[f"p_purchase_{name}"]
+        exposures[f"p_churn_{name}"] = (churn * no_visit).astype(churn.dtype)
+        exposures[f"p_purchase_{name}"] = (1.0 - (1.0 - purchase) * no_purchase).astype(
+            purchase.dtype
+        )
+
+
 def simulate_block(rng: np.random.Generator, s: BlockSettings, n: int) -> BlockResult:
     """Simulate ``n`` customers end to end."""
     # Spawned before any draw and never drawn from otherwise: intent leaves the rest unchanged.
@@ -554,15 +617,13 @@ def simulate_block(rng: np.random.Generator, s: BlockSettings, n: int) -> BlockR
     # Thinning Poisson(rate) keeps Poisson(FADE * rate) sessions for fading days.
     fading = rng.binomial(potential, lat.FADE)
     residual = rng.poisson(lat.RETURN_RATE, potential.shape)
-    hz_mult, cv_mult, vi_mult, last, exposures = _run_campaigns(
-        rng, s, traits, paths, potential, fading, residual
-    )
+    effects, last, exposures = _run_campaigns(rng, s, traits, paths, potential, fading, residual)
     k = np.arange(s.days)[None, :]
     signed = k >= np.maximum(traits.signup_day, 0)[:, None]
     phase = _state(last[:, None], _fade_end(last, traits)[:, None], k)
     sessions = np.choose(phase, [potential, fading, residual])
     # Campaign visit effects: thin sessions where they fall, add Poisson ones where they rise.
-    visits = vi_mult[:, : s.days]
+    visits = effects.visits[:, : s.days]
     touched = np.flatnonzero((visits != 1.0).any(axis=1))
     if touched.size:
         m = visits[touched]
@@ -577,8 +638,14 @@ def simulate_block(rng: np.random.Generator, s: BlockSettings, n: int) -> BlockR
         )
         sessions[touched] = sub + rng.poisson(np.maximum(m - 1.0, 0.0) * base)
     sessions = sessions * signed
-    daily = _daily_truth(s, traits, paths, (hz_mult, cv_mult, vi_mult), last, exposures)
     events, n_sessions, n_orders, abandoned = _events(
-        rng, s, traits, paths, cv_mult, sessions, phase, signed, exposures, intent_rng
+        rng, s, traits, paths, effects, sessions, phase, signed, exposures, intent_rng
     )
+    # Carts still open at a midnight weigh on the windows that start there, whatever the action.
+    open_carts = None
+    if abandoned is not None:
+        horizons = (s.purchase_horizon, s.churn_horizon)
+        open_carts = intent.open_cart_factors(abandoned, n, s.days, horizons)
+        _open_carts_in_exposures(exposures, open_carts)
+    daily = _daily_truth(s, traits, paths, effects, last, exposures, open_carts)
     return BlockResult(traits, events, daily, exposures, n_sessions, n_orders, abandoned)

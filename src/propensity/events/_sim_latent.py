@@ -25,6 +25,7 @@ ACTIONS: tuple[str, ...] = (
     "loyalty_points",
     "onboarding_email",
     "feature_tutorial",
+    "cart_recovery",
     "control",
 )
 FEATURES: tuple[str, ...] = (
@@ -68,6 +69,9 @@ _HOURS = np.array(
     + [3, 0.0]
 )
 HOUR_PROBS = _HOURS / _HOURS.sum()
+#: cart_recovery multiplies the return probability of the carts abandoned in the purchase
+#: horizon after the exposure (capped, see ``_sim_intent.RETURN_CAP``).
+RECOVERY_BOOST = 2.0
 
 
 @dataclass
@@ -205,6 +209,7 @@ def window_no_event(
     starts: int,
     every: int = 1,
     share: np.ndarray | None = None,
+    late: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """P(no event in [T, T + horizon)) for T = 0, every, ... < starts.
 
@@ -217,6 +222,10 @@ def window_no_event(
     event yet. Returns the probability from an alive, a fading and a dormant
     start, each of shape (rows, len(range(0, starts, every))). ``rate`` and
     ``hazard`` need ``starts + horizon - 1`` columns.
+
+    ``late`` holds, like ``rate``, the share of each day's events that come
+    hours later (cart returns), and per day j of the window the probability
+    that such an event falls after the window's end: those are not counted.
 
     Examples
     --------
@@ -245,12 +254,21 @@ def window_no_event(
     for j in range(horizon):
         cols = slice(j, j + starts, every)
         q = quiet[:, cols]
+        st, lv = stay[:, cols], leave[:, cols]
         fs, fl = fade_stay[:, cols], fade_leave[:, cols]
+        # Below 1e-12 the late events change no float32 probability: skip the exps.
+        if late is not None and late[1][j] > 1e-12:
+            lost = late[0][:, cols].astype(np.float32) * np.float32(late[1][j])
+            alive_back = np.exp(rate32[:, cols] * lost)
+            fading_back = np.exp(np.float32(FADE) * rate32[:, cols] * lost)
+            st, lv = st * alive_back, lv * alive_back
+            fs, fl = fs * fading_back, fl * fading_back
+            q = q * np.exp(np.broadcast_to(back, rate.shape)[:, cols] * lost)
         d *= q
         d += np.multiply(f, fl, out=tmp)
         f *= fs
-        f += np.multiply(a, leave[:, cols], out=tmp)
-        a *= stay[:, cols]
+        f += np.multiply(a, lv, out=tmp)
+        a *= st
         d2 *= q
         d2 += np.multiply(f2, fl, out=tmp)
         f2 *= fs
@@ -265,17 +283,21 @@ def effect_multipliers(
     adoption: np.ndarray,
     price_sensitivity: np.ndarray,
     value_level: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Multipliers of the hazard, the conversion and the visits for every action.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Multipliers of the hazard, the conversion, the visits and the cart returns per action.
 
     Each has shape (n, actions). The visit multiplier scales the session rate
     in every state, so a campaign can bring a fading or dormant customer back
-    for a visit within the churn horizon.
+    for a visit within the churn horizon. The return multiplier scales the
+    probability that a cart abandoned while the campaign is in effect comes
+    back to buy (in-session intent, ``_sim_intent``).
 
     The best action depends on the segment: discount moves price-sensitive
     lapsing buyers, loyalty points keep high-value customers at risk,
     onboarding helps only new customers (and slightly annoys the others),
-    the tutorial helps customers who adopted few features.
+    the tutorial helps customers who adopted few features, and cart recovery
+    acts only on the carts a customer abandons: its effect grows with the
+    abandonment rate, and is nil without in-session intent.
     """
     lapsing = 1.0 / (1.0 + np.exp(3.0 * (np.log(np.maximum(purchase_rate, 1e-6)) - np.log(0.02))))
     high_value = 1.0 / (1.0 + np.exp(-4.0 * value_level))
@@ -286,6 +308,7 @@ def effect_multipliers(
     m_hazard = np.ones((n, len(ACTIONS)))
     m_conv = np.ones((n, len(ACTIONS)))
     m_visit = np.ones((n, len(ACTIONS)))
+    m_return = np.ones((n, len(ACTIONS)))
     m_visit[:, 0] = 1.0 + 0.8 * price_sensitivity * lapsing
     m_visit[:, 1] = 1.0 + 1.2 * high_value * at_risk
     m_visit[:, 2] = np.where(new, 1.8, 0.9)
@@ -298,7 +321,8 @@ def effect_multipliers(
     m_conv[:, 2] = np.where(new, 1.4, 0.97)
     m_hazard[:, 3] = 1.0 - 0.6 * low_adoption
     m_conv[:, 3] = 1.0 + 0.1 * low_adoption
-    return m_hazard, m_conv, m_visit
+    m_return[:, 4] = RECOVERY_BOOST
+    return m_hazard, m_conv, m_visit, m_return
 
 
 def assignment_probabilities(tenure: np.ndarray, value_level: np.ndarray) -> np.ndarray:
@@ -309,7 +333,7 @@ def assignment_probabilities(tenure: np.ndarray, value_level: np.ndarray) -> np.
     """
     new = (tenure < NEW_CUSTOMER_DAYS)[:, None]
     high = (value_level > 0.0)[:, None]
-    p_new = np.array([0.15, 0.15, 0.40, 0.15, 0.15])
-    p_high = np.array([0.20, 0.35, 0.05, 0.15, 0.25])
-    p_low = np.array([0.30, 0.15, 0.05, 0.25, 0.25])
+    p_new = np.array([0.13, 0.13, 0.36, 0.13, 0.10, 0.15])
+    p_high = np.array([0.18, 0.30, 0.05, 0.12, 0.12, 0.23])
+    p_low = np.array([0.25, 0.13, 0.05, 0.20, 0.14, 0.23])
     return np.where(new, p_new, np.where(high, p_high, p_low))

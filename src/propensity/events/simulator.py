@@ -6,7 +6,8 @@ disengagement shows as a decline over about a week before dormancy, and
 dormant customers come back for a rare visit) and emit the canonical events.
 Weekly campaign waves assign a random share of recently active customers
 one of :data:`ACTIONS` with logged, covariate-dependent probabilities; the
-true effects (on the hazard, the conversion and the visits) differ by segment.
+true effects (on the hazard, the conversion, the visits and the return of
+abandoned carts) differ by segment.
 
 The truth is computed from the latent process, not from outcomes:
 
@@ -17,6 +18,12 @@ The truth is computed from the latent process, not from outcomes:
   campaign exposure;
 * ``exposures``: for every exposure and every action, the same two
   probabilities from the exposure's midnight had that action been assigned.
+
+With ``cart_returns`` (in-session intent, ``_sim_intent``) both count the
+purchases and visits of abandoned carts that come back, the carts still open
+at T among them; ``cart_recovery`` acts only through them (it multiplies the
+return probability of the carts abandoned while it is in effect), so without
+intent it has no effect.
 
 :func:`simulate` returns everything in memory (tests, small runs);
 :func:`simulate_to` streams block after block to disk for large runs.
@@ -106,7 +113,8 @@ class SimulationConfig(BaseModel):
     eligibility_days: int = Field(default=30, gt=0)
     #: Keep the daily truth only every n-th day (1 = every day).
     truth_every_days: int = Field(default=1, gt=0)
-    #: In-session intent: abandoned carts come back to buy within hours (see ``_sim_intent``).
+    #: In-session intent: abandoned carts come back to buy within hours (see ``_sim_intent``);
+    #: the only channel of ``cart_recovery``'s effect.
     cart_returns: bool = False
 
 

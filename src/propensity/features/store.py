@@ -33,7 +33,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from feast import FeatureStore, RepoConfig
 
-from propensity.events.lake import EventLake
 from propensity.progress import ProgressCallback, report
 
 from .definitions import (
@@ -52,7 +51,7 @@ from .online.redis import BulkRedisOnlineStore
 from .online.redis_client import redis_connection_string
 from .online.sqlite import BulkSqliteOnlineStore, BulkSqliteOnlineStoreConfig
 from .snapshots import REGISTRY_FILE, TIMESTAMP, feature_table_path
-from .streaming_offline import streaming_features
+from .streaming_offline import with_streaming_features
 
 if TYPE_CHECKING:
     from propensity.config import Settings
@@ -294,10 +293,7 @@ class FeatureStoreAdapter:
             ]
         job = self.store.get_historical_features(entity_df=frame, features=features)
         out = job.to_df().sort_values(row).reset_index(drop=True)
-        if streaming:
-            lake = EventLake(self.settings.path(self.settings.lake_dir))
-            values = streaming_features(lake, out[[ENTITY, TIMESTAMP]], self.settings.timezone)
-            out = pd.concat([out, values.drop(columns=[ENTITY, TIMESTAMP])], axis=1)
+        out = with_streaming_features(self.settings, out, self.service_features(service))
         keep = [c for c in entity_df.columns if c != row]
         if added:
             keep = [c for c in keep if c != REQUEST_TIME]

@@ -4,17 +4,25 @@ The same tiles as online (:mod:`propensity.features.tiles`), built in DuckDB
 from the lake's events of the 25 hours up to each cutoff (``event_timestamp <=
 cutoff``, never later), then merged by the same :func:`~propensity.features.tiles.merge`
 as the online read: a training frame and a live ``/score`` see the same value
-for the same events at the same clock.
+for the same events at the same clock. :func:`with_streaming_features` is the
+one way an offline frame gets them: Feast's and Spark's training frames, and the
+latest snapshot (each row at its own ``event_timestamp``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from propensity.events.lake import EventLake
+from propensity.features.definitions import ENTITY
+from propensity.features.snapshots import TIMESTAMP
 from propensity.features.tiles import (
     NONE_US,
     READ_SPAN_MINUTES,
@@ -27,7 +35,10 @@ from propensity.features.tiles import (
     today_start_minutes,
 )
 
-__all__ = ["streaming_features"]
+if TYPE_CHECKING:
+    from propensity.config import Settings
+
+__all__ = ["streaming_features", "with_streaming_features"]
 
 _MEMORY_LIMIT = "1GB"
 
@@ -74,6 +85,38 @@ def streaming_features(
     return out
 
 
+def with_streaming_features(
+    settings: Settings, frame: pd.DataFrame, names: Sequence[str]
+) -> pd.DataFrame:
+    """``frame`` with the streaming features among ``names`` added, each row at its cutoff.
+
+    Parameters
+    ----------
+    settings : Settings
+        The project's event lake and time zone.
+    frame : pd.DataFrame
+        ``customer_id``, ``event_timestamp`` (the clock of each row) and any others.
+    names : sequence of str
+        Feature names (a service's, a model's); those not streaming are ignored.
+
+    Returns
+    -------
+    pd.DataFrame
+        ``frame`` itself when ``names`` holds no streaming feature, else its rows in
+        order (index reset) with one float64 column per streaming name, appended.
+
+    Examples
+    --------
+    >>> with_streaming_features(settings, frame, ["sessions_7d", "events_1h"])  # doctest: +SKIP
+    """
+    streamed = [n for n in dict.fromkeys(names) if n in STREAMING_NAMES]
+    if not streamed:
+        return frame
+    lake = EventLake(settings.path(settings.lake_dir))
+    values = streaming_features(lake, frame[[ENTITY, TIMESTAMP]], settings.timezone)
+    return pd.concat([frame.reset_index(drop=True), values[streamed]], axis=1)
+
+
 def _tiles(lake: EventLake, rows: pa.Table) -> tuple[Tiles, Sessions]:
     sums = ", ".join(
         f"sum({flag})::BIGINT AS {name}"
@@ -92,6 +135,10 @@ def _tiles(lake: EventLake, rows: pa.Table) -> tuple[Tiles, Sessions]:
         f"coalesce(max(CASE WHEN event_type = 'purchase' THEN us END), {NONE_US}) "
         "AS last_purchase_us"
     )
+    clocks = rows.column("clock_us")
+    hi = pc.max(clocks).as_py()
+    # Constant bounds (a minute wider than the rows' windows) let the scan skip row groups.
+    lo = (pc.min(clocks).as_py() // TILE_US - READ_SPAN_MINUTES - 1) * TILE_US
     con = duckdb.connect()
     try:
         con.execute(f"SET memory_limit = '{_MEMORY_LIMIT}'")
@@ -102,7 +149,9 @@ def _tiles(lake: EventLake, rows: pa.Table) -> tuple[Tiles, Sessions]:
             CREATE TEMP TABLE picked AS
             SELECT r.row, e.event_type, e.session_id, epoch_us(e.event_timestamp) AS us
             FROM rows r JOIN {lake.duckdb_scan()} e USING (customer_id)
-            WHERE epoch_us(e.event_timestamp) <= r.clock_us
+            WHERE e.event_timestamp <= make_timestamptz({hi})
+              AND e.event_timestamp > make_timestamptz({lo})
+              AND epoch_us(e.event_timestamp) <= r.clock_us
               AND epoch_us(e.event_timestamp) // {TILE_US}
                   > r.clock_us // {TILE_US} - {READ_SPAN_MINUTES}
             """

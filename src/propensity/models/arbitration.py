@@ -164,7 +164,7 @@ def load_catalog(path: str | Path) -> ActionCatalog:
     --------
     >>> catalog = load_catalog("models/actions.yaml")  # doctest: +SKIP
     >>> catalog.names  # doctest: +SKIP
-    ['discount', 'loyalty_points', 'onboarding_email', 'feature_tutorial']
+    ['discount', 'loyalty_points', 'onboarding_email', 'feature_tutorial', 'cart_recovery']
     """
     file = Path(path)
     try:

@@ -192,7 +192,7 @@ def load_spec(name_or_path: str | Path, models_dir: str | Path | None = None) ->
     --------
     >>> spec = load_spec("churn", "models")  # doctest: +SKIP
     >>> spec.feature_service  # doctest: +SKIP
-    'churn_v2'
+    'churn_v3'
     """
     key = _ALIASES.get(str(name_or_path), str(name_or_path))
     if key in MODEL_NAMES:

@@ -30,6 +30,8 @@ from propensity.config import Settings
 from propensity.events.lake import EventLake
 from propensity.features.definitions import FEATURES, request_features
 from propensity.features.snapshots import TIMESTAMP, build_features, feature_table_path
+from propensity.features.streaming_offline import with_streaming_features
+from propensity.features.tiles import STREAMING_NAMES
 from propensity.labels import (
     SplitSpec,
     choose_cutoffs,
@@ -490,10 +492,16 @@ def stored_columns_by_view(feature_names: Sequence[str]) -> dict[str, list[str]]
     """The stored columns each feature view must provide for ``feature_names``.
 
     The on-demand ``days_since_last_seen`` is computed from ``last_event_epoch``,
-    so it asks for that column instead. An unknown name is an error.
+    so it asks for that column instead; streaming features are not stored (see
+    :func:`~propensity.features.streaming_offline.with_streaming_features`). An
+    unknown name is an error.
     """
     view_of = {f.name: f.view for f in FEATURES}
-    base = [n for n in dict.fromkeys(feature_names) if n != "days_since_last_seen"]
+    base = [
+        n
+        for n in dict.fromkeys(feature_names)
+        if n != "days_since_last_seen" and n not in STREAMING_NAMES
+    ]
     if "days_since_last_seen" in feature_names and "last_event_epoch" not in base:
         base.append("last_event_epoch")
     unknown = [n for n in base if n not in view_of]
@@ -510,8 +518,8 @@ def latest_snapshot(
 ) -> tuple[pd.Timestamp, pd.DataFrame]:
     """Features of every customer at the latest snapshot in the offline feature tables.
 
-    On-demand features are computed as offline training computes them (the
-    request time is the snapshot time).
+    On-demand and streaming features are computed as offline training computes
+    them (the request time, and the streaming clock, is the snapshot time).
 
     Returns
     -------
@@ -553,6 +561,8 @@ def latest_snapshot(
             {"request_time": [seconds] * len(frame), "last_event_epoch": last.tolist()}
         )
         frame["days_since_last_seen"] = np.array(values["days_since_last_seen"], dtype=np.float64)
+    frame[TIMESTAMP] = snapshot
+    frame = with_streaming_features(settings, frame, wanted)
     out = frame[["customer_id", *wanted]].copy()
     out[wanted] = out[wanted].astype(np.float64)
     return snapshot, out.sort_values("customer_id", kind="stable").reset_index(drop=True)

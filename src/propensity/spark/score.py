@@ -21,6 +21,8 @@ import pandas as pd
 
 from propensity.features.definitions import ENTITY, request_features
 from propensity.features.snapshots import TIMESTAMP
+from propensity.features.streaming_offline import with_streaming_features
+from propensity.features.tiles import STREAMING_NAMES
 from propensity.pipeline.dataset import stored_columns_by_view
 from propensity.spark.features import PARTITION, latest_spark_snapshot, spark_table_path
 
@@ -91,6 +93,9 @@ def latest_snapshot_spark(settings: Settings, spark: Any, feature_names: list[st
 
     The counterpart of :func:`propensity.pipeline.dataset.latest_snapshot`: only
     the latest partition of each view is read, the views joined on ``customer_id``.
+    Streaming features among ``feature_names`` are computed on the driver at the
+    snapshot clock from the lake (one column of customer ids is collected) and
+    joined back.
     """
     by_view = stored_columns_by_view(feature_names)
     features_dir = settings.path(settings.features_dir)
@@ -100,7 +105,12 @@ def latest_snapshot_spark(settings: Settings, spark: Any, feature_names: list[st
         folder = spark_table_path(features_dir, view) / f"{PARTITION}={latest:%Y-%m-%d}"
         part = spark.read.parquet(str(folder)).select(ENTITY, TIMESTAMP, *names)
         frame = part if frame is None else frame.join(part.drop(TIMESTAMP), ENTITY, "full_outer")
-    return frame
+    assert frame is not None
+    if not set(feature_names) & set(STREAMING_NAMES):
+        return frame
+    ids = frame.select(ENTITY).toPandas().assign(**{TIMESTAMP: latest})
+    streamed = with_streaming_features(settings, ids, feature_names).drop(columns=TIMESTAMP)
+    return frame.join(spark.createDataFrame(streamed), ENTITY, "left")
 
 
 def score_all_spark(

@@ -31,11 +31,11 @@ from propensity.features.definitions import (
     ENTITY,
     FEATURES,
     ON_DEMAND_FEATURES,
-    STREAMING_VIEW,
     batch_views,
     service_views,
 )
 from propensity.features.snapshots import TIMESTAMP
+from propensity.features.streaming_offline import with_streaming_features
 from propensity.labels import LabelSpec, check_label_windows, cutoff_table, label_sql
 from propensity.pipeline.dataset import SAMPLE_WEIGHT, model_features
 from propensity.spark.features import PARTITION, read_events, spark_table_path
@@ -123,6 +123,7 @@ def historical_features_spark(
     views = batch_views(service)
     frame = training_frame_spark(settings, spark, entity, service, adapter.ttls(views)).toPandas()
     frame[TIMESTAMP] = pd.to_datetime(frame[TIMESTAMP], utc=True)
+    frame = with_streaming_features(settings, frame, adapter.service_features(service))
     return frame.sort_values([TIMESTAMP, ENTITY], kind="stable").reset_index(drop=True)
 
 
@@ -134,7 +135,8 @@ def labeled_frame_spark(
     The Spark engine's :func:`propensity.pipeline.dataset.labeled_frame`: snapshots
     missing at ``cutoffs`` are built on Spark, the labelled rows joined to their
     features there, and the frame sampled to ``settings.spark.training_rows`` rows
-    (:func:`stratified_sample`, seeded by the spec) before it reaches the driver.
+    (:func:`stratified_sample`, seeded by the spec) before it reaches the driver,
+    where the streaming features of the sampled rows are added.
 
     Returns
     -------
@@ -157,6 +159,8 @@ def labeled_frame_spark(
     rows = sample.frame
     rows[TIMESTAMP] = pd.to_datetime(rows[TIMESTAMP], utc=True)
     rows["label"] = rows["label"].astype("int8")
+    # After sampling: the lake's tiles are read for the rows that train only.
+    rows = with_streaming_features(settings, rows, names)
     rows = rows.sort_values([TIMESTAMP, ENTITY], kind="stable").reset_index(drop=True)
     rows, features = model_features(rows, names, spec)
     return rows, features, missing, Sample(rows, sample.counts, sample.fractions)
@@ -183,19 +187,16 @@ def training_frame_spark(
     Returns
     -------
     pyspark.sql.DataFrame
-        The entity columns, then the service's features (on-demand ones computed
-        with the request time = ``event_timestamp``, as offline Feast does).
+        The entity columns, then the service's batch features and on-demand ones
+        (computed with the request time = ``event_timestamp``, as offline Feast does).
 
-    Raises
-    ------
-    ValueError
-        For a service with streaming features, which are computed on DuckDB only.
+    Notes
+    -----
+    A service's streaming features are not in this frame: they are added to the
+    collected rows (:func:`historical_features_spark`, :func:`labeled_frame_spark`)
+    by :func:`~propensity.features.streaming_offline.with_streaming_features`, the
+    DuckDB engine's own computation, so both engines' values are one definition's.
     """
-    if STREAMING_VIEW in service_views(service):
-        raise ValueError(
-            f"feature service {service!r} reads streaming features, which the Spark engine "
-            "does not compute yet: use engine: duckdb, or a service without them"
-        )
     if isinstance(entity, pd.DataFrame):
         frame = entity.copy()
         frame[TIMESTAMP] = pd.to_datetime(frame[TIMESTAMP], utc=True)
