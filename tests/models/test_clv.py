@@ -127,6 +127,30 @@ def test_bgnbd_ranks_and_calibrates_future_purchases(tmp_path: Path, orders) -> 
     assert len(spend) == len(rows) and (spend > 0).all()
 
 
+def test_expected_purchases_are_finite_when_b_is_below_one() -> None:
+    """lifetimes answers NaN for customers without repeat purchases when a + b < 1."""
+    from scipy import integrate, stats
+
+    model = BGNBDBaseline()
+    model.params_ = {"r": 2.12, "alpha": 81.2, "a": 0.089, "b": 0.78}
+    rfm = pd.DataFrame(
+        {"frequency": [0, 0, 1, 3], "recency": [0, 0, 30, 60], "T": [40, 200, 90, 100]}
+    )
+    got = model._expected_purchases(rfm, 30.0)
+    # Eq. 10 as an integral: P(alive) E[(1 - E[exp(-lambda p h)]) / p], p ~ Beta(a, b + x).
+    r, alpha, a, b = (model.params_[k] for k in ("r", "alpha", "a", "b"))
+    p_alive, _, _ = model._posterior(rfm)
+    for (x, _, T), alive, value in zip(rfm.to_numpy(float), p_alive, got, strict=True):
+
+        def integrand(p: float, x: float = x, T: float = T) -> float:
+            kept = ((alpha + T) / (alpha + T + p * 30.0)) ** (r + x)
+            return (1 - kept) / p * stats.beta.pdf(p, a, b + x)
+
+        assert value == pytest.approx(
+            alive * integrate.quad(integrand, 0, 1, limit=200)[0], rel=1e-6
+        )
+
+
 def test_summary_without_a_column_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['T'\]"):
         BGNBDBaseline().fit(pd.DataFrame({"frequency": [1.0], "recency": [1.0]}))

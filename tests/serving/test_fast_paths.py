@@ -35,7 +35,7 @@ pytestmark = pytest.mark.slow
 
 CATALOG = load_catalog(REPO_ROOT / "models" / "actions.yaml")
 CONTACT = ["exposures_7d", "exposures_30d", "days_since_last_exposure"]
-RULES = ["discounts_30d", "tenure_days", "adoption_breadth"]
+RULES = ["discounts_30d", "tenure_days", "adoption_breadth", "cart_abandonment_rate_30d"]
 MODEL_FEATURES = ["sessions_7d", "orders_30d", "revenue_30d", "tenure_days", "adoption_breadth"]
 
 
@@ -68,6 +68,7 @@ def _features(names: list[str], n: int, seed: int) -> np.ndarray:
     X[:, col["discounts_30d"]] = rng.choice([0, 0, 1, np.nan], n)
     X[:, col["tenure_days"]] = rng.choice([10.0, 59.0, 60.0, 400.0, np.nan], n)
     X[:, col["adoption_breadth"]] = rng.choice([0.1, 0.5, 0.9, np.nan], n)
+    X[:, col["cart_abandonment_rate_30d"]] = rng.choice([0.0, 0.0, 0.5, np.nan], n)
     return X
 
 
@@ -81,7 +82,8 @@ def _reference(policy: ArbitrationPolicy, ids: list[str], X: np.ndarray) -> pd.D
 @pytest.mark.parametrize("learner", ["t", "x", "dr"])
 def test_uplift_matrix_equals_the_frame_path(learner: str) -> None:
     model = _nba(learner)
-    X = _features(MODEL_FEATURES + CONTACT + ["discounts_30d"], 300, seed=1)[:, :5]
+    rules = [r for r in RULES if r not in MODEL_FEATURES]
+    X = _features(MODEL_FEATURES + CONTACT + rules, 300, seed=1)[:, :5]
     expected = model.action_uplift(pd.DataFrame(X, columns=MODEL_FEATURES)).to_numpy()
     np.testing.assert_allclose(model.uplift_matrix(X, num_threads=1), expected, atol=1e-12)
     chunked = predict_rows(model.uplift_matrix, X, num_threads=0)

@@ -128,14 +128,27 @@ class BGNBDBaseline(BaseEstimator):
         )
 
     def _expected_purchases(self, rfm: pd.DataFrame, h: float) -> np.ndarray:
-        from lifetimes import BetaGeoFitter
+        """E[purchases in the next ``h`` days] (Fader, Hardie & Lee 2005, eq. 10).
 
-        f, r, t = _columns(rfm)
-        bgf = BetaGeoFitter(penalizer_coef=self.penalizer_coef)
-        bgf.params_ = pd.Series(self.params_)
+        lifetimes takes the log of the Gauss hypergeometric term, which is negative
+        when ``a + b + x < 1`` (``b < 1`` and no repeat purchase): its answer is NaN
+        there. The term is used as it is, through Euler's transformation where it
+        overflows.
+        """
+        from scipy.special import hyp2f1
+
+        f, _, t = _columns(rfm)
+        p = self.params_
+        a, b, alpha, rr = p["a"], p["b"], p["alpha"], p["r"]
+        c = a + b + f - 1
+        z = h / (alpha + t + h)
         with np.errstate(all="ignore"):
-            out = bgf.conditional_expected_number_of_purchases_up_to_time(h, f, r, t)
-        return np.asarray(out, dtype=np.float64)
+            # 2F1(r + x, b + x; c; z) (1 - z)^(r + x), the second factor folded into Euler's form
+            direct = hyp2f1(rr + f, b + f, c, z) * (1 - z) ** (rr + f)
+            euler = (1 - z) ** (a - 1) * hyp2f1(c - rr - f, a - 1, c, z)
+            term = np.where(np.isfinite(direct), direct, euler)
+        p_alive, _, _ = self._posterior(rfm)
+        return np.asarray(p_alive * c / (a - 1) * (1 - term), dtype=np.float64)
 
     def predict_proba(self, rfm: pd.DataFrame, horizon_days: int) -> np.ndarray:
         """P(at least one purchase in the next ``horizon_days``), shape ``(n,)``."""
