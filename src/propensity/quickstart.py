@@ -211,7 +211,13 @@ def _events_demo(client: httpx.Client, customer: str, out: Console) -> dict[str,
     after = client.post("/score", json={"customer_id": customer})
     after.raise_for_status()
     out.print(f"POST /events: {len(events)} live events for {customer} → {posted.json()}")
-    keys = ("churn_probability", "purchase_propensity", "stale", "features_timestamp")
+    keys = (
+        "churn_probability",
+        "purchase_propensity",
+        "purchase_24h_probability",
+        "stale",
+        "features_timestamp",
+    )
     for label, answer in (("before", before.json()), ("after", after.json())):
         shown = {k: answer.get(k) for k in keys if k in answer}
         out.print(f"/score {customer} {label} the events:")

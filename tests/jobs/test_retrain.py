@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from jobs_project import (
     MODELS,
@@ -220,3 +222,25 @@ def test_failure_is_recorded_raised_and_champions_kept(project):
     record = registry.find_records(settings.tracking_uri, RETRAIN_EXPERIMENT)[0]
     assert record["tags"]["status"] == "failed"
     assert "SpecError" in record["tags"]["error"]
+
+
+def test_the_24h_model_is_retrained_once_it_is_served(project):
+    from propensity.jobs.retrain import retrained_models
+
+    settings = project["settings"]
+    assert retrained_models(settings, RetrainPolicy()) == MODELS  # never served: not trained
+    # A champion registered by hand (as the quickstart's first training would).
+    churn = registry.load_estimator(settings.tracking_uri, "churn")
+    example = pd.DataFrame(np.zeros((2, len(churn.feature_names_))), columns=churn.feature_names_)
+    run = registry.log_run(
+        settings.tracking_uri,
+        "purchase_24h",
+        estimator=churn,
+        input_example=example,
+        register_as="purchase_24h",
+    )
+    assert run.version is not None
+    registry.set_champion(settings.tracking_uri, "purchase_24h", run.version)
+    assert retrained_models(settings, RetrainPolicy()) == (*MODELS, "purchase_24h")
+    only = RetrainPolicy(models=("churn",), when_served=())
+    assert retrained_models(settings, only) == ("churn",)

@@ -75,6 +75,7 @@ __all__ = [
     "ModelDecision",
     "RetrainError",
     "RetrainPolicy",
+    "retrained_models",
     "RetrainReport",
     "retrain",
     "RETRAIN_EXPERIMENT",
@@ -108,7 +109,11 @@ class RetrainPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     #: Models to retrain, in order.
-    models: tuple[str, ...] = ("churn", "purchase_propensity", "purchase_24h", NBA)
+    models: tuple[str, ...] = ("churn", "purchase_propensity", NBA)
+    #: Models retrained after those only once they have a champion (a first version
+    #: trained by the quickstart or by hand): a project that never served one is not
+    #: made to train it.
+    when_served: tuple[str, ...] = ("purchase_24h",)
     #: Data validation gate: no promotion when more than this share of the rows read
     #: in this run was quarantined, or when a whole landing file was unreadable.
     max_quarantine_share: float = Field(default=0.01, ge=0, le=1)
@@ -517,6 +522,7 @@ def retrain(
                 settings.tracking_uri, REGISTERED_MODELS
             )
             state = _read_state(state_path)
+            policy = policy.model_copy(update={"models": retrained_models(settings, policy)})
             report(progress, "retrain: ingest", 0, _STEPS)
             stage = _enter(folder, "ingest", began)
             landing = settings.path(settings.landing_dir)
@@ -685,6 +691,23 @@ def retrain(
 
 
 _BLOCKED_BY_VALIDATION = Check("data_validation", False, text="blocked: data validation failed")
+
+
+def retrained_models(settings: Settings, policy: RetrainPolicy) -> tuple[str, ...]:
+    """``policy.models``, then each of ``policy.when_served`` that has a champion.
+
+    Examples
+    --------
+    >>> retrained_models(load_settings(), RetrainPolicy())  # doctest: +SKIP
+    ('churn', 'purchase_propensity', 'next_best_action', 'purchase_24h')
+    """
+    served = [
+        m
+        for m in policy.when_served
+        if m not in policy.models
+        and registry.champion_version(settings.tracking_uri, m) is not None
+    ]
+    return (*policy.models, *served)
 
 
 def _validation(result: RetrainReport, policy: RetrainPolicy) -> list[Check]:
