@@ -39,7 +39,6 @@ from propensity.features.definitions import (
     request_features,
 )
 from propensity.features.snapshots import TIMESTAMP, feature_table_path
-from propensity.features.streaming_offline import with_streaming_features
 
 __all__ = ["DriftReport", "drift_report", "psi", "DEFAULT_MODELS", "DRIFT_EXPERIMENT"]
 
@@ -296,13 +295,8 @@ def drift_report(
             f"snapshots {[str(m.date()) for m in missing] or 'reference (empty)'} are not in "
             f"the feature tables under {features_dir}; rebuild features for those dates"
         )
-    estimators = {
-        m: registry.load_estimator(settings.tracking_uri, m, v) for m, v in champions.items()
-    }
-    # The champions' streaming features, from the lake at each snapshot's clock.
-    read = [name for e in estimators.values() for name in e.feature_names_]
-    ref = with_streaming_features(settings, _snapshot_frame(features_dir, ref_times), read)
-    cur = with_streaming_features(settings, _snapshot_frame(features_dir, [cur_time]), read)
+    ref = _snapshot_frame(features_dir, ref_times)
+    cur = _snapshot_frame(features_dir, [cur_time])
     names = [f.name for f in FEATURES if f.name not in _CLOCKS] + list(ON_DEMAND_FEATURES)
     report = DriftReport(
         reference=[str(t.date()) for t in sorted(ref_times)],
@@ -312,7 +306,7 @@ def drift_report(
         threshold=threshold,
     )
     for model, version in champions.items():
-        estimator = estimators[model]
+        estimator = registry.load_estimator(settings.tracking_uri, model, version)
         columns = list(estimator.feature_names_)
         report.scores[model] = psi(
             estimator.predict_proba(ref[columns])[:, 1],
