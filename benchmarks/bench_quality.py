@@ -14,10 +14,13 @@ For each seed it prints
 
 Figures are quality, not speed, so contention on a shared machine does not
 change them. The quickstart runs 20,000 customers × 180 days; ``--customers``
-and ``--days`` shrink it.
+and ``--days`` shrink it; ``--cart-returns`` simulates it with in-session intent
+(abandoned carts come back to buy, the channel of ``cart_recovery``) and adds
+how often the learned policy sends ``cart_recovery`` where the truth says it is
+the best action.
 
 Usage: python benchmarks/bench_quality.py [--seeds 42 43 44] [--customers 20000] [--days 180]
-       [--campaign-rows 20000] [--skip-quickstart]
+       [--cart-returns] [--campaign-rows 20000] [--skip-quickstart]
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from propensity import Project
 from propensity.events.campaign_table import simulate_campaign_table
 from propensity.models.nba import fit_tabular
 from propensity.models.spec import NBATraining
+from propensity.pipeline.nba import NBAResult
 
 _KEEP = ["customer", "recency", "history", "mens", "womens", "newbie", "channel", "noise"]
 
@@ -40,10 +44,10 @@ def _ci(row: dict[str, float], key: str) -> str:
     return f"{row[key]:+.3f} [{row[f'{key}_low']:+.3f}, {row[f'{key}_high']:+.3f}]"
 
 
-def _quickstart(seed: int, customers: int, days: int, root: Path) -> None:
+def _quickstart(seed: int, customers: int, days: int, root: Path, cart_returns: bool) -> None:
     started = time.perf_counter()
     project = Project.create(root / f"seed{seed}")
-    project.simulate(customers=customers, days=days, seed=seed)
+    project.simulate(customers=customers, days=days, seed=seed, cart_returns=cart_returns)
     project.build_features()
     churn = project.train("churn")
     model, oracle = churn.metrics["model"]["roc_auc"], churn.metrics["oracle"]["roc_auc"]
@@ -68,6 +72,21 @@ def _quickstart(seed: int, customers: int, days: int, root: Path) -> None:
         f"learned - best {_ci(learned, 'dr_diff')} on {report['n_test_rows']} held-out "
         f"exposures ({time.perf_counter() - started:.0f} s)",
         flush=True,
+    )
+    if cart_returns:
+        print(f"seed {seed}: {_cart_recovery_targeting(project, nba)}", flush=True)
+
+
+def _cart_recovery_targeting(project: Project, nba: NBAResult) -> str:
+    """Who the learned policy sends cart_recovery to, against who the truth says should get it."""
+    evaluation = project.evaluate_nba(nba, n_boot=0)
+    assert evaluation.actions is not None and evaluation.oracle_actions is not None
+    truly = evaluation.oracle_actions == "cart_recovery"
+    sent = evaluation.actions == "cart_recovery"
+    return (
+        f"cart_recovery truly best for {truly.mean():.1%} of held-out exposures; sent to "
+        f"{sent[truly].mean():.1%} of those and {sent[~truly].mean():.1%} of the others; "
+        f"{truly[sent].mean():.1%} of those sent it are truly best with it"
     )
 
 
@@ -110,6 +129,7 @@ def main() -> None:
     parser.add_argument("--customers", type=int, default=20_000)
     parser.add_argument("--days", type=int, default=180)
     parser.add_argument("--campaign-rows", type=int, default=20_000)
+    parser.add_argument("--cart-returns", action="store_true")
     parser.add_argument("--skip-quickstart", action="store_true")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -125,7 +145,7 @@ def main() -> None:
                 _campaign(seed, args.campaign_rows, heterogeneous, root)
         if not args.skip_quickstart:
             for seed in args.seeds:
-                _quickstart(seed, args.customers, args.days, root)
+                _quickstart(seed, args.customers, args.days, root, args.cart_returns)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import yaml
 from propensity.config import PROJECT_FILE, Settings, load_settings
 
 if TYPE_CHECKING:
+    import numpy as np
     from matplotlib.figure import Figure
 
     from propensity.events.ingest import IngestReport
@@ -72,7 +73,8 @@ class NBAEvaluation:
     ``table`` holds the policy values (IPS, DR with intervals, and the true value on
     simulated data) by policy; ``qini`` maps each action to its
     :class:`~propensity.models.uplift.QiniResult`; ``uplift`` is the predicted uplift
-    of every action on every test exposure.
+    of every action on every test exposure, ``actions`` the learned policy's action
+    of each and, on simulated data, ``oracle_actions`` the oracle's.
     """
 
     table: pd.DataFrame
@@ -81,6 +83,8 @@ class NBAEvaluation:
     best_single: str
     choices: dict[str, float]
     captured: float | None
+    actions: np.ndarray | None = None
+    oracle_actions: np.ndarray | None = None
 
 
 class Project:
@@ -698,6 +702,8 @@ class Project:
             best_single=evaluation["best_single"],
             choices=evaluation["choices"],
             captured=evaluation.get("captured"),
+            actions=evaluation["actions"],
+            oracle_actions=evaluation.get("oracle_actions"),
         )
 
     def plot_qini(self, evaluation: NBAEvaluation) -> Figure:

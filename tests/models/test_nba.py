@@ -254,8 +254,7 @@ def test_train_nba_on_simulated_events(simulated) -> None:
 
 @pytest.mark.slow
 def test_learned_policy_sends_cart_recovery_where_it_is_truly_best(with_cart_returns) -> None:
-    from propensity.models.arbitration import arbitrate, best_eligible
-    from propensity.models.nba_report import _true_scores
+    from propensity.models.nba_report import evaluate_policy
     from propensity.pipeline.dataset import nba_dataset
     from propensity.pipeline.nba import train_nba
 
@@ -268,15 +267,9 @@ def test_learned_policy_sends_cart_recovery_where_it_is_truly_best(with_cart_ret
     # The held-out exposures again with their truth: who gets cart_recovery, who should.
     days = [pd.Timestamp(d, tz="UTC") for d in report["test_days"]]
     data = nba_dataset(settings, model.catalog, report["feature_service"], sim_dir, days)
-    assert data.truth is not None
-    names = model.catalog.names
-    uplift = model.action_uplift(data.log[model.feature_names_])[names].to_numpy()
-    learned = arbitrate(
-        uplift, data.log, [], model.catalog, contacts=None, holdout=False, reasons=False
-    )
-    best, value = best_eligible(_true_scores(data.truth, model.catalog), learned.eligible)
-    truly = (best == names.index("cart_recovery")) & (value > 0)
-    sent = learned.action == "cart_recovery"
+    evaluation = evaluate_policy(model, data.log, truth=data.truth, n_boot=0)
+    truly = evaluation["oracle_actions"] == "cart_recovery"
+    sent = evaluation["actions"] == "cart_recovery"
     assert truly.mean() > 0.05 and sent.any()
     # More often than chance both ways: where the truth says it is best, and among those sent.
     assert sent[truly].mean() > 2 * sent[~truly].mean()

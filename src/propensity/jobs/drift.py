@@ -3,7 +3,8 @@
 The reference is a model's training window (the ``train`` cutoffs its MLflow run
 recorded), the current sample the latest snapshot of the feature tables. Both
 are read straight from the offline feature tables (every customer with history
-at that snapshot), so the two samples are built the same way.
+at that snapshot), the streaming features computed from the lake at each
+snapshot as training computes them, so the two samples are built the same way.
 
 PSI (population stability index) over ``bins`` quantile bins of the reference,
 plus one bin for missing values::
@@ -39,6 +40,8 @@ from propensity.features.definitions import (
     request_features,
 )
 from propensity.features.snapshots import TIMESTAMP, feature_table_path
+from propensity.features.streaming_offline import with_streaming_features
+from propensity.features.tiles import STREAMING_NAMES
 
 __all__ = ["DriftReport", "drift_report", "psi", "DEFAULT_MODELS", "DRIFT_EXPERIMENT"]
 
@@ -169,8 +172,10 @@ class DriftReport:
         return "\n".join(lines)
 
 
-def _snapshot_frame(features_dir: Path, times: Sequence[pd.Timestamp]) -> pd.DataFrame:
-    """All views' rows at ``times`` joined on customer and snapshot, plus on-demand features."""
+def _snapshot_frame(settings: Settings, times: Sequence[pd.Timestamp]) -> pd.DataFrame:
+    """All views' rows at ``times`` joined on customer and snapshot, plus on-demand and
+    streaming features."""
+    features_dir = settings.path(settings.features_dir)
     wanted = pa.array([t.to_pydatetime() for t in times], pa.timestamp("us", tz="UTC"))
     frame: pd.DataFrame | None = None
     for view in VIEWS:
@@ -190,7 +195,7 @@ def _snapshot_frame(features_dir: Path, times: Sequence[pd.Timestamp]) -> pd.Dat
     )
     for name in ON_DEMAND_FEATURES:
         frame[name] = np.array([np.nan if v is None else v for v in extra[name]], float)
-    return frame
+    return with_streaming_features(settings, frame, STREAMING_NAMES)
 
 
 def _snapshots(features_dir: Path) -> list[pd.Timestamp]:
@@ -295,9 +300,10 @@ def drift_report(
             f"snapshots {[str(m.date()) for m in missing] or 'reference (empty)'} are not in "
             f"the feature tables under {features_dir}; rebuild features for those dates"
         )
-    ref = _snapshot_frame(features_dir, ref_times)
-    cur = _snapshot_frame(features_dir, [cur_time])
-    names = [f.name for f in FEATURES if f.name not in _CLOCKS] + list(ON_DEMAND_FEATURES)
+    ref = _snapshot_frame(settings, ref_times)
+    cur = _snapshot_frame(settings, [cur_time])
+    names = [f.name for f in FEATURES if f.name not in _CLOCKS]
+    names += [*ON_DEMAND_FEATURES, *STREAMING_NAMES]
     report = DriftReport(
         reference=[str(t.date()) for t in sorted(ref_times)],
         current=str(cur_time.date()),

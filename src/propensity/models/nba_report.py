@@ -85,8 +85,10 @@ def evaluate_policy(
     -------
     dict
         ``table`` (DataFrame by policy), ``qini`` (per action), ``best_single``,
-        ``choices`` (learned action shares), ``captured`` (true learned / oracle
-        value, simulations only) and ``n_rows``.
+        ``choices`` (learned action shares), ``actions`` (the learned action of
+        each row, ``no_action`` included), ``n_rows`` and, on simulations,
+        ``oracle_actions`` (the oracle's of each row) and ``captured`` (true
+        learned / oracle value).
 
     Examples
     --------
@@ -169,12 +171,17 @@ def evaluate_policy(
         "qini": qini,
         "best_single": best_single,
         "choices": {k: float(v) for k, v in shares.items()},
+        "actions": learned.action,
         "n_rows": int(len(log)),
     }
     gate = getattr(model, "gate_", None)
     if gate is not None:
         out["heterogeneity_gate"] = gate.describe()
     if true is not None:
+        picked = policies["oracle"]
+        out["oracle_actions"] = np.where(
+            picked.any(axis=1), np.array(names)[picked.argmax(axis=1)], NO_ACTION
+        )
         oracle = float(table.loc["oracle", "true"])
         out["captured"] = (
             float(table.loc["learned", "true"]) / oracle if oracle > 0 else float("nan")
