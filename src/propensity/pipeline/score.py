@@ -26,7 +26,7 @@ from propensity import registry
 from propensity.config import Settings
 from propensity.models._compiled import compile_model
 from propensity.models.arbitration import ContactState, arbitrate, catalog_features
-from propensity.models.spec import REGISTERED_MODELS, load_spec, registered_name
+from propensity.models.spec import load_spec, registered_name
 from propensity.pipeline.dataset import latest_snapshot, scoring_frame
 from propensity.progress import ProgressCallback, report
 
@@ -111,10 +111,11 @@ def write_scores(scores: pd.DataFrame, path: str | Path) -> Path:
 def _champions(settings: Settings) -> dict[str, tuple[int, Any]]:
     """Version and estimator of each champion, compiled as the service compiles them.
 
-    Churn and purchase must have one.
+    Churn and purchase must have one; next-best-action is scored when it has one.
+    (The 24-hour purchase model is served by ``/score`` only, not in bulk yet.)
     """
     found = {}
-    for name in REGISTERED_MODELS:
+    for name in (_CHURN, _PURCHASE, _NBA):
         version = registry.champion_version(settings.tracking_uri, name)
         if version is None and name != _NBA:
             raise LookupError(registry.why_no_champion(settings.tracking_uri, name))
