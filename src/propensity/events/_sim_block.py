@@ -273,6 +273,7 @@ def _daily_truth(
     effects: _Effects,
     last: np.ndarray,
     exposures: dict[str, np.ndarray],
+    open_carts: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     every = s.truth_every
     hz_mult, cv_mult, vi_mult, rt_mult = effects
@@ -320,12 +321,16 @@ def _daily_truth(
     day = days[cols]
     state = _state(last[rows], _fade_end(last, traits)[rows], day)
     alive = state == 0
+    no_churn = np.choose(state, [w[rows, cols] for w in w_churn])
+    no_purchase = np.choose(state, [w[rows, cols] for w in w_purchase])
+    if open_carts is not None:
+        no_purchase = no_purchase * open_carts[0][rows, day]
+        no_churn = no_churn * open_carts[1][rows, day]
     return {
         "customer": rows.astype(np.int32),
         "day": day.astype(np.int32),
-        "p_churn": np.choose(state, [w[rows, cols] for w in w_churn]).astype(np.float32),
-        "p_purchase": 1.0
-        - np.choose(state, [w[rows, cols] for w in w_purchase]).astype(np.float32),
+        "p_churn": no_churn.astype(np.float32),
+        "p_purchase": 1.0 - no_purchase.astype(np.float32),
         "alive": alive,
         "fading": state == 1,
         "at_risk": alive & (hazard[rows, day] > 0.01),
@@ -586,21 +591,15 @@ def _concat(blocks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: v[order] for k, v in out.items()}
 
 
-def _with_open_carts(
-    truth: dict[str, np.ndarray],
-    open_carts: tuple[np.ndarray, np.ndarray],
-    suffixes: tuple[str, ...] = ("",),
+def _open_carts_in_exposures(
+    exposures: dict[str, np.ndarray], open_carts: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    """Truth rows (``customer``, ``day``) with the carts open at their midnight.
-
-    Updates ``p_churn<suffix>`` and ``p_purchase<suffix>`` for every suffix.
-    """
-    no_purchase, no_visit = (f[truth["customer"], truth["day"]] for f in open_carts)
-    for suffix in suffixes:
-        churn, purchase = truth[f"p_churn{suffix}"], truth[f"p_purchase{suffix}"]
-        truth[f"p_churn{suffix}"] = (churn * no_visit).astype(churn.dtype)
-        no_purchase_before = 1.0 - purchase.astype(np.float64)
-        truth[f"p_purchase{suffix}"] = (1.0 - no_purchase_before * no_purchase).astype(
+    """Every action's truth of each exposure, with the carts open at its midnight."""
+    no_purchase, no_visit = (f[exposures["customer"], exposures["day"]] for f in open_carts)
+    for name in lat.ACTIONS:
+        churn, purchase = exposures[f"p_churn_{name}"], exposures[f"p_purchase_{name}"]
+        exposures[f"p_churn_{name}"] = (churn * no_visit).astype(churn.dtype)
+        exposures[f"p_purchase_{name}"] = (1.0 - (1.0 - purchase) * no_purchase).astype(
             purchase.dtype
         )
 
@@ -639,15 +638,14 @@ def simulate_block(rng: np.random.Generator, s: BlockSettings, n: int) -> BlockR
         )
         sessions[touched] = sub + rng.poisson(np.maximum(m - 1.0, 0.0) * base)
     sessions = sessions * signed
-    daily = _daily_truth(s, traits, paths, effects, last, exposures)
     events, n_sessions, n_orders, abandoned = _events(
         rng, s, traits, paths, effects, sessions, phase, signed, exposures, intent_rng
     )
+    # Carts still open at a midnight weigh on the windows that start there, whatever the action.
+    open_carts = None
     if abandoned is not None:
-        # Carts still open at a midnight weigh on the windows that start there, whatever the
-        # action; they are known once the sessions are drawn.
         horizons = (s.purchase_horizon, s.churn_horizon)
         open_carts = intent.open_cart_factors(abandoned, n, s.days, horizons)
-        _with_open_carts(daily, open_carts)
-        _with_open_carts(exposures, open_carts, tuple(f"_{a}" for a in lat.ACTIONS))
+        _open_carts_in_exposures(exposures, open_carts)
+    daily = _daily_truth(s, traits, paths, effects, last, exposures, open_carts)
     return BlockResult(traits, events, daily, exposures, n_sessions, n_orders, abandoned)

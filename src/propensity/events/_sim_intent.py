@@ -228,8 +228,7 @@ def open_cart_factors(
     >>> round(float(buy[0, 1]), 3), float(buy[0, 0])
     (0.661, 1.0)
     """
-    # float32 like the truth they enter: two (n, days) arrays per block in flight
-    no_buy, no_visit = np.ones((n, days), np.float32), np.ones((n, days), np.float32)
+    no_buy, no_visit = np.ones((n, days)), np.ones((n, days))
     day_us = _DAY_S * 1_000_000
     mean_us = _MEAN_S * 1_000_000
     # The delay left must fit in the window; a purchase also waits for its visit's offset.

@@ -251,35 +251,24 @@ def window_no_event(
     d2 = np.zeros(shape, dtype=np.float32)
     d3 = np.ones(shape, dtype=np.float32)
     tmp = np.empty(shape, dtype=np.float32)
-    if late is not None:
-        # Late events per day in the alive and the dormant state; a day whose late events
-        # fall past the end with a probability below 1e-9 changes no float32 value (they
-        # are far fewer than one a day), so only the window's last days are recomputed.
-        share_late = late[0].astype(np.float32)
-        late_alive = rate32 * share_late
-        late_dormant = np.broadcast_to(back * share_late, rate.shape)
     for j in range(horizon):
         cols = slice(j, j + starts, every)
         q = quiet[:, cols]
+        st, lv = stay[:, cols], leave[:, cols]
         fs, fl = fade_stay[:, cols], fade_leave[:, cols]
-        if late is not None and late[1][j] > 1e-9:
-            # The day's late events that fall past the end are no event of the window:
-            # each state's no-event probability of the day grows by exp(their rate).
-            past = np.float32(late[1][j])
-            alive_back = np.exp(late_alive[:, cols] * past)
-            fading_back = np.exp(late_alive[:, cols] * (past * np.float32(FADE)))
-            dormant_back = np.exp(late_dormant[:, cols] * past)
-            a *= alive_back
-            f *= fading_back
-            f2 *= fading_back
-            d *= dormant_back
-            d2 *= dormant_back
-            d3 *= dormant_back
+        # Below 1e-12 the late events change no float32 probability: skip the exps.
+        if late is not None and late[1][j] > 1e-12:
+            lost = late[0][:, cols].astype(np.float32) * np.float32(late[1][j])
+            alive_back = np.exp(rate32[:, cols] * lost)
+            fading_back = np.exp(np.float32(FADE) * rate32[:, cols] * lost)
+            st, lv = st * alive_back, lv * alive_back
+            fs, fl = fs * fading_back, fl * fading_back
+            q = q * np.exp(np.broadcast_to(back, rate.shape)[:, cols] * lost)
         d *= q
         d += np.multiply(f, fl, out=tmp)
         f *= fs
-        f += np.multiply(a, leave[:, cols], out=tmp)
-        a *= stay[:, cols]
+        f += np.multiply(a, lv, out=tmp)
+        a *= st
         d2 *= q
         d2 += np.multiply(f2, fl, out=tmp)
         f2 *= fs
