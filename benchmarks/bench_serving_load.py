@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import random
 import shutil
 import signal
@@ -377,7 +376,9 @@ class _Consumer:
 
     def __init__(self, root: Path, tmp: Path) -> None:
         import yaml
-        from bench_stream import _free_port
+        from bench_stream import _consumer, _free_port
+
+        from propensity.config import load_settings
 
         port = _free_port()
         self.redis = subprocess.Popen(
@@ -391,13 +392,7 @@ class _Consumer:
         config_path.write_text(yaml.safe_dump(config))
         self.target = str(config_path)
         time.sleep(0.5)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PROPENSITY_")}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "propensity.cli", "stream", "--config", str(root)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        self.process = _consumer(load_settings(root, environ={}))
         self.began = time.perf_counter()
 
     def line(self) -> str:

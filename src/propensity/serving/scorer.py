@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -423,13 +424,13 @@ class Scorer:
                 )
             self._columns[name] = np.array([available[f] for f in features], dtype=np.intp)
 
-    @property
+    @cached_property
     def models(self) -> tuple[ModelBundle, ...]:
         """The binary models served, in :data:`SCORE_FIELDS` order."""
         extra = () if self.purchase_24h is None else (self.purchase_24h,)
         return (self.churn, self.purchase, *extra)
 
-    @property
+    @cached_property
     def fields(self) -> list[tuple[str, str]]:
         """``(model, response field)`` of every score a response carries, served or not."""
         slots = (self.churn, self.purchase, self.purchase_24h)

@@ -60,7 +60,15 @@ from propensity.features.tiles import (
 )
 
 from .redis_client import connect
-from .tiles import ApplyReport, _from_ipc, _ipc, _sessions, _tiles, tile_rows_minutes
+from .tiles import (
+    ApplyReport,
+    _from_ipc,
+    _ipc,
+    _sessions,
+    _tiles,
+    first_new,
+    tile_rows_minutes,
+)
 
 __all__ = ["RedisTileStore", "stream_keys"]
 
@@ -386,13 +394,7 @@ class RedisTileStore:
         ids = events.column("event_id").to_pylist()
         known: set[str] = set()
         while True:
-            seen: set[str] = set()
-            keep = np.zeros(len(ids), bool)
-            for i, event_id in enumerate(ids):
-                if event_id not in known and event_id not in seen:
-                    keep[i] = True
-                    seen.add(event_id)
-            new = events.filter(pa.array(keep)) if not keep.all() else events
+            new = first_new(events, ids, known)
             if not new.num_rows:
                 break
             keys, args = self._apply_args(new)

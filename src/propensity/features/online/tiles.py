@@ -176,14 +176,7 @@ class SqliteTileStore:
         ids = events.column("event_id").to_pylist()
         con.execute("BEGIN IMMEDIATE")
         try:
-            known = self._known(con, ids)
-            seen: set[str] = set()
-            keep = np.zeros(len(ids), bool)
-            for i, event_id in enumerate(ids):
-                if event_id not in known and event_id not in seen:
-                    keep[i] = True
-                    seen.add(event_id)
-            new = events.filter(pa.array(keep)) if not keep.all() else events
+            new = first_new(events, ids, self._known(con, ids))
             if new.num_rows:
                 self._write(con, new)
             con.execute("COMMIT")
@@ -397,6 +390,17 @@ def _rows(table: pa.Table) -> zip:
         for column in table.columns
     ]
     return zip(*columns, strict=True)
+
+
+def first_new(events: pa.Table, ids: list[str], known: set[str]) -> pa.Table:
+    """The rows of ``events`` whose ``event_id`` is not ``known``, the first of each id only."""
+    seen: set[str] = set()
+    keep = np.zeros(len(ids), bool)
+    for i, event_id in enumerate(ids):
+        if event_id not in known and event_id not in seen:
+            keep[i] = True
+            seen.add(event_id)
+    return events if keep.all() else events.filter(pa.array(keep))
 
 
 def tile_rows_minutes(events: pa.Table) -> np.ndarray:
