@@ -11,9 +11,9 @@ The loop, for each batch a :class:`~propensity.jobs.transport.Transport` reads:
 3. acknowledge the batch with its dead letters (only now: a consumer killed
    before this point leaves the batch pending, and the next consumer
    processes it again, which the processor's idempotency makes harmless);
-4. when a read finds nothing, let the processor flush to the event lake if
-   its ``streaming:`` policy says so (``process`` does it too); every
-   ``log_seconds``, trim the stream and log the counts.
+4. every ``log_seconds``, trim the stream and log the counts (the processor
+   flushes to the event lake in a thread of its own, as its ``streaming:``
+   policy says).
 
 SIGTERM or SIGINT stops it after the batch in hand: processed, acknowledged,
 flushed. A lost connection to the transport is retried with backoff, the
@@ -65,10 +65,6 @@ class Processor(Protocol):
     def process(self, records: list[dict[str, Any]], *, received_at: datetime | None = None) -> Any:
         """Apply a batch durably; the result has ``accepted``, ``duplicates``,
         ``suppressed`` and ``rejected`` (``(index, field, rule, message)``)."""
-        ...
-
-    def maybe_flush(self) -> Any:
-        """Write what was processed to the event lake when its policy says so."""
         ...
 
     def flush(self) -> Any:
@@ -260,10 +256,8 @@ class StreamConsumer:
         backoff = 0.0
         while not self.stopping.is_set():
             try:
-                if not self.step():
-                    self.processor.maybe_flush()  # nothing new: staged events still get flushed
-                    if stop_when_idle and self._idle():
-                        break
+                if not self.step() and stop_when_idle and self._idle():
+                    break
                 if time.monotonic() >= next_log:
                     self.tidy()
                     _log.info("stream: %s", self.stats.line())

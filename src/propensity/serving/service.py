@@ -185,7 +185,7 @@ class Scoring:
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
         self.runtime.close()
-        self.events.flush()
+        self.events.close()
 
 
 def settings_environment(settings: Settings) -> dict[str, str]:

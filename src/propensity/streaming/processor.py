@@ -22,7 +22,9 @@ canonical event schema and:
    duplicate and changes nothing;
 4. flushes the staged events into the event lake when enough are waiting
    (``streaming.flush_rows``) or the oldest waited long enough
-   (``streaming.flush_seconds``); the lake dedupes by ``event_id``, so a crash
+   (``streaming.flush_seconds``), in a background thread of its own: a flush
+   (a few hundred milliseconds of Parquet and manifest writes) never holds
+   up the batches behind it. The lake dedupes by ``event_id``, so a crash
    between the lake's commit and the unstaging re-flushes without duplicates.
 
 When ``process`` returns, everything it accepted is durable (in Redis: when it
@@ -31,9 +33,12 @@ runs with its append-only file): a caller may acknowledge the batch.
 
 from __future__ import annotations
 
+import atexit
+import logging
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, astuple, dataclass, field
 from datetime import UTC, datetime
@@ -55,6 +60,22 @@ if TYPE_CHECKING:
     from propensity.project import Project
 
 __all__ = ["EventProcessor", "ProcessResult", "Rejection", "FUTURE_TOLERANCE"]
+
+_log = logging.getLogger(__name__)
+#: Longest pause of the background flusher between two looks at the staged events.
+_FLUSH_POLL_SECONDS = 1.0
+#: Processors with a running flusher, stopped at exit (see :func:`_stop_flushers`).
+_FLUSHING: weakref.WeakSet[EventProcessor] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_flushers() -> None:
+    # At exit the interpreter kills daemon threads where they stand, and one
+    # killed inside DuckDB or Parquet code aborts the process: let a flush in
+    # progress finish first (what is still staged waits for the next flush).
+    for processor in list(_FLUSHING):
+        processor._stop_flusher()
+
 
 _CANONICAL = [f.name for f in ARROW_SCHEMA]
 
@@ -81,7 +102,6 @@ class ProcessResult:
     duplicates: int = 0
     suppressed: int = 0
     rejected: list[Rejection] = field(default_factory=list)
-    flushed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the ``POST /events`` answer)."""
@@ -148,6 +168,8 @@ class EventProcessor:
         self._flush_lock = threading.Lock()
         self._staged_since: float | None = None
         self._last_expiry = 0.0
+        self._flusher: threading.Thread | None = None
+        self._closed = threading.Event()
 
     @classmethod
     def from_project(cls, project: Project, **kwargs: Any) -> EventProcessor:
@@ -205,7 +227,7 @@ class EventProcessor:
             result.accepted, result.duplicates = applied.applied, applied.duplicates
             if applied.applied and self._staged_since is None:
                 self._staged_since = time.monotonic()
-        result.flushed = self.maybe_flush()
+            self._start_flusher()
         return result
 
     def _quarantine(self, rejected: pa.Table) -> None:
@@ -217,6 +239,34 @@ class EventProcessor:
         tmp.replace(final)
 
     # -- the lake ----------------------------------------------------------------
+
+    def _start_flusher(self) -> None:
+        # Started by the first batch, in the process that applies it (a server
+        # worker, the consumer), so a processor only read from has no thread.
+        if self._flusher is None and not self._closed.is_set():
+            self._flusher = threading.Thread(
+                target=self._flush_when_due, name="propensity-lake-flush", daemon=True
+            )
+            self._flusher.start()
+            _FLUSHING.add(self)
+
+    def _stop_flusher(self) -> None:
+        self._closed.set()
+        if self._flusher is not None:
+            self._flusher.join()
+
+    def _flush_when_due(self) -> None:
+        poll = min(_FLUSH_POLL_SECONDS, self.settings.streaming.flush_seconds)
+        while not self._closed.wait(poll):
+            try:
+                self.maybe_flush()
+            except Exception as exc:  # the events stay staged: the next look retries
+                _log.warning("events: flush to the lake failed (%s); retrying", exc)
+
+    def close(self) -> None:
+        """Stop the background flusher, then flush what is staged."""
+        self._stop_flusher()
+        self.flush()
 
     def maybe_flush(self) -> int:
         """Flush when ``flush_rows`` events wait or the oldest waited ``flush_seconds``."""
