@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -126,6 +127,22 @@ def test_flush_moves_staged_events_into_the_lake_once(tmp_path: Path) -> None:
     assert processor.tiles.staged_rows() == 0
     ids = processor.lake.read(["event_id"])["event_id"]
     assert ids.is_unique
+
+
+def test_staged_events_reach_the_lake_with_no_further_batch(tmp_path: Path) -> None:
+    settings = load_settings(tmp_path, environ={"PROPENSITY_STREAMING__FLUSH_SECONDS": "0.2"})
+    processor = EventProcessor(settings)
+    processor.process([_event(i, minutes=i) for i in range(25)], received_at=NOW)
+    deadline = time.monotonic() + 30
+    while processor.lake.count() < 25 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processor.lake.count() == 25
+    assert processor.tiles.staged_rows() == 0
+    # close() stops the flusher thread and flushes what came after its last look.
+    processor.process([_event(i, minutes=i) for i in range(25, 30)], received_at=NOW)
+    processor.close()
+    assert processor.lake.count() == 30
+    assert processor._flusher is not None and not processor._flusher.is_alive()
 
 
 def test_restaging_after_a_crash_between_lake_commit_and_unstage_adds_nothing(
