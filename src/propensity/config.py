@@ -231,6 +231,68 @@ class Streaming(_Strict):
     flush_seconds: float = Field(default=10.0, gt=0)
 
 
+class Webhook(_Strict):
+    """Where triggered decisions are posted (``activation.webhook:``).
+
+    Attributes
+    ----------
+    url : str, optional
+        The receiver's URL; unset means decisions go to the outbound stream only.
+    secret : SecretStr, optional
+        Key of the HMAC-SHA256 signature of each body (header
+        ``X-Propensity-Signature: sha256=<hex>``); never logged.
+    timeout_seconds : float
+        Longest wait for one answer.
+    max_attempts : int
+        Tries per decision before it goes to the dead-letter stream.
+    backoff_seconds, max_backoff_seconds : float
+        The first retry's wait, doubled on each further retry up to the maximum.
+    max_in_flight : int
+        Decisions being delivered or waiting for a retry at once (the bound of
+        the delivery queue; the outbound stream holds the rest).
+    group : str
+        The outbound stream's consumer group of the delivery.
+    dead_letter_key : str
+        The stream that receives decisions given up on, with the reason.
+    """
+
+    url: str | None = None
+    secret: SecretStr | None = None
+    timeout_seconds: float = Field(default=5.0, gt=0)
+    max_attempts: int = Field(default=8, gt=0)
+    backoff_seconds: float = Field(default=0.5, gt=0)
+    max_backoff_seconds: float = Field(default=60.0, gt=0)
+    max_in_flight: int = Field(default=100, gt=0)
+    group: str = "propensity-webhook"
+    dead_letter_key: str = "propensity:decisions:dead"
+
+
+class Activation(_Strict):
+    """Triggered decisions and live segments (``activation:``, ``PROPENSITY_ACTIVATION__*``).
+
+    Attributes
+    ----------
+    triggers_file : Path
+        The triggers and segments (relative to the project root).
+    url : str, optional
+        The Redis of the activation state (timers, fired windows, segments)
+        and of the outbound stream; unset means ``stream.url``, then the online
+        store's ``redis_url``.
+    prefix : str
+        Prefix of the activation state's keys.
+    outbound_key : str
+        The stream that receives each decision delivered (hold-outs are only logged).
+    webhook : Webhook
+        Optional delivery of the outbound decisions to an HTTP receiver.
+    """
+
+    triggers_file: Path = Path("models/triggers.yaml")
+    url: str | None = None
+    prefix: str = "propensity:activation"
+    outbound_key: str = "propensity:decisions"
+    webhook: Webhook = Webhook()
+
+
 #: The environment a :func:`load_settings` call reads (``os.environ`` when unset).
 _ENVIRON: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
     "propensity_environ", default=None
@@ -286,6 +348,7 @@ class Settings(BaseSettings):
     spark: Spark = Spark()
     stream: Stream = Stream()
     streaming: Streaming = Streaming()
+    activation: Activation = Activation()
     seed: int = 42
 
     @classmethod
@@ -308,6 +371,11 @@ class Settings(BaseSettings):
     def compiled_models_dir(self) -> Path | None:
         """Where compiled models are cached, or ``None`` when models are not compiled."""
         return self.path(self.compiled_dir) if self.compile_models else None
+
+    @property
+    def activation_url(self) -> str:
+        """The activation's Redis: ``activation.url``, ``stream.url`` or the online store's."""
+        return self.activation.url or self.stream.url or self.online_store.redis_url
 
     @property
     def tracking_uri(self) -> str:

@@ -45,8 +45,8 @@ from propensity.features.tiles import STREAMING_NAMES
 
 __all__ = ["DriftReport", "drift_report", "psi", "DEFAULT_MODELS", "DRIFT_EXPERIMENT"]
 
-#: Models whose champions are checked by default (probability outputs).
-DEFAULT_MODELS: tuple[str, ...] = ("churn", "purchase_propensity")
+#: Models whose champions are checked by default (probability outputs; those without one skipped).
+DEFAULT_MODELS: tuple[str, ...] = ("churn", "purchase_propensity", "purchase_24h")
 #: MLflow experiment that receives drift reports.
 DRIFT_EXPERIMENT = "drift"
 # Absolute clocks drift by construction; they only feed on-demand features.
