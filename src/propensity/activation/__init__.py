@@ -1,0 +1,1 @@
+"""Activation: triggered decisions and live segments from the event stream."""
