@@ -198,7 +198,7 @@ def build_app(
     body_timeout_seconds : float
         Deadline for receiving a whole request body (else 408).
     events : callable, optional
-        Returns the :class:`~propensity.streaming.processor.EventProcessor` of
+        Returns the event processor (:class:`~propensity.streaming.worker.EventWorker`) of
         ``/events`` (``None``, or no callable: the route answers 503).
 
     Returns

@@ -38,7 +38,7 @@ from starlette.routing import Route
 from propensity.config import ENV_PREFIX, PROJECT_FILE, ConfigError, Settings, load_settings
 from propensity.serving.app import ROUTES, build_app
 from propensity.serving.runtime import Runtime, freeze_heap
-from propensity.streaming.processor import EventProcessor
+from propensity.streaming.worker import EventWorker
 
 __all__ = ["Scoring", "serve", "settings_environment", "SERVICE_IMPORT", "UNKNOWN_ROUTE"]
 
@@ -168,8 +168,9 @@ class Scoring:
             body_timeout_seconds=config.body_timeout_seconds,
             events=lambda: getattr(self, "events", None),
         )
-        # Live events need no models: the processor starts before the champions load.
-        self.events = EventProcessor(settings)
+        # Live events need no models: the processor starts before the champions load,
+        # in a process of its own so that event batches never hold /score's GIL.
+        self.events = EventWorker(settings).start()
         self.runtime = Runtime(settings, on_swap=freeze_heap).start()
         _CURRENT.runtime = self.runtime
 
