@@ -220,3 +220,18 @@ def test_the_cached_midnight_of_one_clock_equals_the_vectorized_one(
             today_start_minutes(near[k : k + 1].repeat(2), timezone).tolist() == [expected[k]] * 2
         )
     assert today_start_minutes(near, timezone).tolist() == expected.tolist()
+
+
+def test_the_change_feed_keeps_a_customer_changed_again_after_it_was_read(
+    tmp_path: Path,
+) -> None:
+    processor = EventProcessor(_settings(tmp_path))
+    processor.process([_event(1, "C1"), _event(2, "C2")], received_at=NOW)
+    marks = processor.tiles.dirty(10)
+    assert sorted(c for c, _ in marks) == ["C1", "C2"]
+    processor.process([_event(3, "C1")], received_at=NOW)  # C1 changes before the clean
+    processor.tiles.clean(marks)
+    assert [c for c, _ in processor.tiles.dirty(10)] == ["C1"]
+    processor.tiles.clean(processor.tiles.dirty(10))
+    processor.process([_event(3, "C1")], received_at=NOW)  # a duplicate changes nothing
+    assert processor.tiles.dirty(10) == []

@@ -16,6 +16,8 @@ as the Feast plugin's do, so ``SCAN MATCH *<project>`` finds all of a project:
 * ``_stream:customers:<project>``, each customer scored by the oldest minute it
   holds, so :meth:`RedisTileStore.expire` visits only customers with something
   to drop;
+* ``_stream:dirty:<project>``, each customer changed since the trigger runner
+  last looked, scored by the batch that changed it (the change feed);
 * ``_stream:staged:<project>`` (batch → Arrow IPC), ``_stream:staged_rows:<project>``
   (batch → rows) and the counter ``_stream:batch:<project>``: events waiting
   for the lake, batch numbers increasing.
@@ -107,8 +109,8 @@ local function add(a, b)
 end
 """
 
-# KEYS: applied, customers, staged, staged_rows, batch, then per customer j its
-# hash (KEYS[4 + 2j]) and ids (KEYS[5 + 2j]).
+# KEYS: applied, customers, staged, staged_rows, batch, dirty, then per customer j
+# its hash (KEYS[5 + 2j]) and ids (KEYS[6 + 2j]).
 # ARGV: customers, events, tiles, sessions, rows, blob; then per customer
 # (id, oldest minute); per event (id, customer, minute); per tile (customer,
 # minute, 8 values); per session (customer, session_id, last_us, views).
@@ -135,12 +137,12 @@ for i = 0, ne - 1 do
   local o = ev + 3 * i
   local who, minute = tonumber(ARGV[o + 2]), ARGV[o + 3]
   redis.call('ZADD', KEYS[1], minute, ARGV[o + 1])
-  redis.call('ZADD', KEYS[5 + 2 * who], minute, ARGV[o + 1])
+  redis.call('ZADD', KEYS[6 + 2 * who], minute, ARGV[o + 1])
 end
 local tl = ev + 3 * ne
 for i = 0, nt - 1 do
   local o = tl + 10 * i
-  local key, field = KEYS[4 + 2 * tonumber(ARGV[o + 1])], 't' .. ARGV[o + 2]
+  local key, field = KEYS[5 + 2 * tonumber(ARGV[o + 1])], 't' .. ARGV[o + 2]
   local v = {}
   for k = 1, 8 do v[k] = ARGV[o + 2 + k] end
   local old = redis.call('HGET', key, field)
@@ -154,7 +156,7 @@ end
 local sl = tl + 10 * nt
 for i = 0, ns - 1 do
   local o = sl + 4 * i
-  local key, field = KEYS[4 + 2 * tonumber(ARGV[o + 1])], 's' .. ARGV[o + 2]
+  local key, field = KEYS[5 + 2 * tonumber(ARGV[o + 1])], 's' .. ARGV[o + 2]
   local last, views = ARGV[o + 3], ARGV[o + 4]
   local old = redis.call('HGET', key, field)
   if old then
@@ -166,6 +168,7 @@ end
 local batch = redis.call('INCR', KEYS[5])
 redis.call('HSET', KEYS[3], batch, ARGV[6])
 redis.call('HSET', KEYS[4], batch, ARGV[5])
+for j = 1, nc do redis.call('ZADD', KEYS[6], batch, ARGV[5 + 2 * j]) end
 return {1, batch}
 """
 )
@@ -219,12 +222,13 @@ return deleted
 """
 )
 
-# KEYS: applied, customers, then per customer j its hash (KEYS[1 + 2j]) and ids (KEYS[2 + 2j]).
-# ARGV: the customer ids. Returns the fields and ids removed.
+# KEYS: applied, customers, dirty, then per customer j its hash (KEYS[2 + 2j]) and ids
+# (KEYS[3 + 2j]). ARGV: the customer ids. Returns the fields, ids and marks removed.
 _FORGET = """
 local removed = 0
 for j = 1, #ARGV do
-  local state, ids = KEYS[1 + 2 * j], KEYS[2 + 2 * j]
+  local state, ids = KEYS[2 + 2 * j], KEYS[3 + 2 * j]
+  removed = removed + redis.call('ZREM', KEYS[3], ARGV[j])
   removed = removed + redis.call('HLEN', state)
   local members = redis.call('ZRANGE', ids, 0, -1)
   removed = removed + #members
@@ -268,6 +272,16 @@ return n
 """
 
 
+# KEYS: dirty. ARGV: pairs (customer, batch): removed only if still marked with that batch.
+_CLEAN = """
+for i = 1, #ARGV, 2 do
+  local now = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if now and tonumber(now) == tonumber(ARGV[i + 1]) then redis.call('ZREM', KEYS[1], ARGV[i]) end
+end
+return 0
+"""
+
+
 def stream_keys(project: str) -> dict[str, bytes]:
     """The project-wide keys of a project's streaming state in Redis.
 
@@ -276,7 +290,7 @@ def stream_keys(project: str) -> dict[str, bytes]:
     >>> stream_keys("propensity")["applied"]
     b'_stream:applied:propensity'
     """
-    kinds = ("applied", "customers", "staged", "staged_rows", "batch")
+    kinds = ("applied", "customers", "staged", "staged_rows", "batch", "dirty")
     return {kind: f"_stream:{kind}:{project}".encode() for kind in kinds}
 
 
@@ -344,6 +358,7 @@ class RedisTileStore:
                     ("forget", _FORGET),
                     ("restage", _RESTAGE),
                     ("unstage", _UNSTAGE),
+                    ("clean", _CLEAN),
                 )
             }
         return self._client
@@ -443,8 +458,8 @@ class RedisTileStore:
             strict=True,
         ):
             args += row
-        keys = [self.keys[k] for k in ("applied", "customers", "staged", "staged_rows", "batch")]
-        return keys + self._customer_keys(customers), args
+        fixed = ("applied", "customers", "staged", "staged_rows", "batch", "dirty")
+        return [self.keys[k] for k in fixed] + self._customer_keys(customers), args
 
     def _durable(self) -> None:
         """Wait for the append-only file's fsync of the write just made, when Redis has one."""
@@ -492,6 +507,23 @@ class RedisTileStore:
         if (self.url, what) not in _NOTED:
             _NOTED.add((self.url, what))
             _log.warning(message, self.url)
+
+    # -- the change feed ---------------------------------------------------------
+
+    def dirty(self, limit: int) -> list[tuple[str, int]]:
+        """Customers changed since :meth:`clean` last saw them, oldest first: ``(id, batch)``.
+
+        Marked by the apply script itself, so a change is never missed.
+        """
+        rows = self.client.zrange(self.keys["dirty"], 0, limit - 1, withscores=True)
+        return [(raw.decode("utf8"), int(score)) for raw, score in rows]
+
+    def clean(self, marks: Sequence[tuple[str, int]]) -> None:
+        """Drop the customers of :meth:`dirty`'s marks unless they changed again since."""
+        for start in range(0, len(marks), _CHUNK):
+            part = marks[start : start + _CHUNK]
+            args = [x for customer, batch in part for x in (customer, batch)]
+            self._script("clean", [self.keys["dirty"]], args)
 
     # -- the lake's side -------------------------------------------------------
 
@@ -555,7 +587,7 @@ class RedisTileStore:
         if not wanted:
             return 0
         removed = 0
-        head = [self.keys["applied"], self.keys["customers"]]
+        head = [self.keys["applied"], self.keys["customers"], self.keys["dirty"]]
         for start in range(0, len(wanted), _CHUNK):
             part = wanted[start : start + _CHUNK]
             removed += int(self._script("forget", head + self._customer_keys(part), part))
@@ -590,7 +622,10 @@ class RedisTileStore:
                 for c in wanted[start : start + _CHUNK]:
                     pipe.hlen(self.state_key(c))
                     pipe.zcard(self.ids_key(c))
-                found += sum(int(n) for n in pipe.execute())
+                    pipe.zscore(self.keys["dirty"], c)
+                replies = pipe.execute()
+                found += sum(int(n) for n in replies[0::3]) + sum(int(n) for n in replies[1::3])
+                found += sum(score is not None for score in replies[2::3])
         value_set = pa.array(wanted, pa.string())
         for blob in self.client.hvals(self.keys["staged"]):
             table = _from_ipc(blob)

@@ -47,7 +47,8 @@ def tile_tables(project: str) -> dict[str, str]:
     """Names of the streaming tables of a Feast project."""
     # Not ``<project>_...``: Feast's tables are named so, and erasure deletes from
     # every one of them by ``entity_key``.
-    return {kind: f"stream_{project}_{kind}" for kind in ("tiles", "sessions", "applied", "staged")}
+    kinds = ("tiles", "sessions", "applied", "staged", "dirty")
+    return {kind: f"stream_{project}_{kind}" for kind in kinds}
 
 
 @dataclass
@@ -133,6 +134,9 @@ class SqliteTileStore:
             CREATE TABLE IF NOT EXISTS "{t["staged"]}" (
                 batch INTEGER PRIMARY KEY AUTOINCREMENT, rows INTEGER NOT NULL,
                 events BLOB NOT NULL);
+            CREATE TABLE IF NOT EXISTS "{t["dirty"]}" (
+                customer_id TEXT PRIMARY KEY, batch INTEGER NOT NULL) WITHOUT ROWID;
+            CREATE INDEX IF NOT EXISTS "{t["dirty"]}_batch" ON "{t["dirty"]}" (batch);
             """
         )
 
@@ -213,9 +217,35 @@ class SqliteTileStore:
                 strict=True,
             ),
         )
-        con.execute(
+        batch = con.execute(
             f'INSERT INTO "{t["staged"]}" (rows, events) VALUES (?, ?)',
             (new.num_rows, _ipc(new)),
+        ).lastrowid
+        customers = pc.unique(new.column("customer_id")).to_pylist()
+        con.executemany(
+            f'INSERT INTO "{t["dirty"]}" VALUES (?, ?) '
+            "ON CONFLICT (customer_id) DO UPDATE SET batch = excluded.batch",
+            ((c, batch) for c in customers),
+        )
+
+    # -- the change feed ---------------------------------------------------------
+
+    def dirty(self, limit: int) -> list[tuple[str, int]]:
+        """Customers changed since :meth:`clean` last saw them, oldest first: ``(id, batch)``.
+
+        Written in the same transaction as the change, so a change is never
+        missed; the trigger runner reads them, evaluates, then cleans.
+        """
+        rows = self._con().execute(
+            f'SELECT customer_id, batch FROM "{self.tables["dirty"]}" ORDER BY batch LIMIT ?',
+            (limit,),
+        )
+        return [(str(c), int(b)) for c, b in rows]
+
+    def clean(self, marks: Sequence[tuple[str, int]]) -> None:
+        """Drop the customers of :meth:`dirty`'s marks unless they changed again since."""
+        self._con().executemany(
+            f'DELETE FROM "{self.tables["dirty"]}" WHERE customer_id = ? AND batch = ?', marks
         )
 
     # -- the lake's side -------------------------------------------------------
@@ -279,7 +309,7 @@ class SqliteTileStore:
             for start in range(0, len(wanted), _CHUNK):
                 part = wanted[start : start + _CHUNK]
                 marks = ",".join("?" * len(part))
-                for kind in ("tiles", "sessions", "applied"):
+                for kind in ("tiles", "sessions", "applied", "dirty"):
                     cur = con.execute(
                         f'DELETE FROM "{t[kind]}" WHERE customer_id IN ({marks})', part
                     )
@@ -323,7 +353,7 @@ class SqliteTileStore:
         for start in range(0, len(wanted), _CHUNK):
             part = wanted[start : start + _CHUNK]
             marks = ",".join("?" * len(part))
-            for kind in ("tiles", "sessions", "applied"):
+            for kind in ("tiles", "sessions", "applied", "dirty"):
                 row = con.execute(
                     f'SELECT count(*) FROM "{t[kind]}" WHERE customer_id IN ({marks})', part
                 ).fetchone()
