@@ -511,10 +511,11 @@ class Arbitration:
             self.best.tolist(),
             self.best_value.tolist(),
             self.holdout.tolist(),
+            self.action.tolist(),
             strict=True,
         )
         out = []
-        for ok_i, up_i, val_i, why_i, rank_i, best_i, best_value_i, held_i in rows:
+        for ok_i, up_i, val_i, why_i, rank_i, best_i, best_value_i, held_i, act_i in rows:
             alts: list[dict[str, Any]] = []
             for j in rank_i:
                 if ok_i[j]:
@@ -538,7 +539,7 @@ class Arbitration:
                     )
             if held_i:
                 action, expected, reason = NO_ACTION, 0.0, held_reason
-            elif best_value_i > 0:
+            elif act_i != NO_ACTION:  # the kernel's choice (it paid, or must_pay was off)
                 action, expected, reason = names[best_i], best_value_i, alts[0]["reason"]
             elif alts[0]["eligible"]:
                 action, expected = NO_ACTION, 0.0
@@ -569,8 +570,10 @@ def arbitrate(
     contacts: ContactState | None,
     holdout: bool = True,
     reasons: bool = True,
+    offered: Sequence[str] | None = None,
+    must_pay: bool = True,
 ) -> Arbitration:
-    """The arbitration kernel, numpy in and out: serving, bulk scoring and evaluation call it.
+    """The arbitration kernel, numpy in and out: serving, bulk scoring, triggers and evaluation.
 
     Expected value ``uplift × value − cost`` of every action, the eligibility
     mask (:func:`eligible_mask`), the best eligible action if it pays, and
@@ -591,6 +594,14 @@ def arbitrate(
     holdout : bool
     reasons : bool
         Keep blocking reasons (needed by :meth:`Arbitration.decisions`).
+    offered : sequence of str, optional
+        Only these catalog actions may be chosen (a trigger's ``actions``); the
+        others are blocked with that reason. Default: every action.
+    must_pay : bool
+        Take the best eligible action only when its expected value is positive
+        (the default); ``False`` takes it whatever its value (a trigger that
+        names its action: the campaign decided, the arbitration only checks
+        eligibility, contacts and the hold-out).
 
     Examples
     --------
@@ -608,13 +619,21 @@ def arbitrate(
         )
     values = up * plan.values[None, :] - plan.costs[None, :]
     ok, why = eligible_mask(columns, plan, contacts, n_rows=n, reasons=reasons)
+    if offered is not None:
+        unknown = sorted(set(offered) - set(plan.names))
+        if unknown:
+            raise ValueError(f"offered actions {unknown} are not in the catalog {plan.names}")
+        withheld = [a for a, name in enumerate(plan.names) if name not in set(offered)]
+        if reasons:
+            why[:, withheld] = np.where(ok[:, withheld], "not offered here", why[:, withheld])
+        ok[:, withheld] = False
     best, best_value = best_eligible(values, ok)
     held = (
         in_holdout(list(customer_ids), catalog.holdout_share, catalog.holdout_salt)
         if holdout
         else np.zeros(n, dtype=bool)
     )
-    act = (best_value > 0) & ~held
+    act = ((best_value > 0) if must_pay else np.isfinite(best_value)) & ~held
     return Arbitration(
         plan=plan,
         action=np.where(act, plan.labels[best], NO_ACTION).astype(object),

@@ -106,7 +106,15 @@ class ArbitrationPolicy:
         frame = pd.DataFrame(X, columns=self.feature_names)
         return np.asarray(self.model.action_uplift(frame)[self.catalog.names].to_numpy(np.float64))
 
-    def _arbitrate(self, customer_ids: Sequence[str], X: np.ndarray, reasons: bool) -> Arbitration:
+    def _arbitrate(
+        self,
+        customer_ids: Sequence[str],
+        X: np.ndarray,
+        reasons: bool,
+        offered: Sequence[str] | None = None,
+        must_pay: bool = True,
+        holdout: bool = True,
+    ) -> Arbitration:
         columns = {name: X[:, j] for name, j in self._catalog_columns}
         return arbitrate(
             self.uplift(X),
@@ -115,13 +123,31 @@ class ArbitrationPolicy:
             self._plan,
             contacts=ContactState.from_features(columns, self.catalog.contact_policy),
             reasons=reasons,
+            offered=offered,
+            must_pay=must_pay,
+            holdout=holdout,
         )
 
-    def decide(self, customer_ids: Sequence[str], X: np.ndarray) -> list[dict[str, Any]]:
-        """Arbitrated action, value, reason, hold-out flag and ranked alternatives per row."""
+    def decide(
+        self,
+        customer_ids: Sequence[str],
+        X: np.ndarray,
+        offered: Sequence[str] | None = None,
+        must_pay: bool = True,
+        holdout: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Arbitrated action, value, reason, hold-out flag and ranked alternatives per row.
+
+        ``offered`` limits the choice to those catalog actions, ``must_pay=False``
+        takes the best eligible one whatever its value and ``holdout=False``
+        leaves the catalog's hold-out to the caller (see :func:`arbitrate`).
+        """
         if len(customer_ids) == 0:
             return []
-        return self._arbitrate(customer_ids, X, reasons=True).decisions()
+        result = self._arbitrate(
+            customer_ids, X, True, offered=offered, must_pay=must_pay, holdout=holdout
+        )
+        return result.decisions()
 
     def best_actions(
         self, customer_ids: Sequence[str], X: np.ndarray

@@ -112,15 +112,25 @@ class NBAPolicy(Protocol):
     ``decide`` returns one dict per row with ``action``, ``expected_value``,
     ``reason``, ``holdout`` and ``alternatives`` (ranked dicts with
     ``action``, ``expected_value``, ``eligible``, ``reason``);
-    ``best_actions`` only the action and its value (bulk scoring).
-    Runtime-checkable: the registry may hold a ready policy or an uplift
-    model (:func:`propensity.serving.champions.as_policy` tells them apart).
+    ``best_actions`` only the action and its value (bulk scoring);
+    ``offered`` limits ``decide`` to some catalog actions (a trigger's), and
+    ``catalog`` is the action catalog arbitrated with. Runtime-checkable:
+    the registry may hold a ready policy or an uplift model
+    (:func:`propensity.serving.champions.as_policy` tells them apart).
     """
 
     version: str
     feature_names: list[str]
+    catalog: Any
 
-    def decide(self, customer_ids: Sequence[str], X: np.ndarray) -> list[dict[str, Any]]: ...
+    def decide(
+        self,
+        customer_ids: Sequence[str],
+        X: np.ndarray,
+        offered: Sequence[str] | None = None,
+        must_pay: bool = True,
+        holdout: bool = True,
+    ) -> list[dict[str, Any]]: ...
 
     def best_actions(
         self, customer_ids: Sequence[str], X: np.ndarray
@@ -361,6 +371,9 @@ class ScoredBatch:
     stale : ndarray of bool
     missing : list of list of str
         Names of the features missing in each row.
+    matrix : ndarray
+        The features of each row, in the reader's ``feature_names`` order
+        (what the triggers' conditions read).
     """
 
     customer_ids: list[str]
@@ -373,6 +386,7 @@ class ScoredBatch:
     timestamps: np.ndarray
     stale: np.ndarray
     missing: list[list[str]]
+    matrix: np.ndarray
 
     @property
     def unknown(self) -> list[str]:
@@ -463,7 +477,10 @@ class Scorer:
         names = {b.name: b.feature_names for b in self.models}
         if rows.size == 0:
             empty = np.zeros(0)
-            return ScoredBatch(ids, rows, {}, {}, names, [], self.versions, empty, empty, [])
+            features = np.zeros((0, len(self.reader.feature_names)))
+            return ScoredBatch(
+                ids, rows, {}, {}, names, [], self.versions, empty, empty, [], features
+            )
         matrix = batch.matrix if rows.size == len(ids) else batch.matrix[rows]
         decisions: list[dict[str, Any] | None] = [None] * len(rows)
         pending: Future[list[dict[str, Any]]] | None = None
@@ -500,6 +517,7 @@ class Scorer:
             timestamps=batch.timestamps[rows],
             stale=batch.stale[rows],
             missing=_missing_names(matrix, self.reader.feature_names),
+            matrix=matrix,
         )
 
     def score(
