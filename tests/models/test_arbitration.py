@@ -223,3 +223,29 @@ def test_kernel_on_small_arrays_with_hand_computed_answers() -> None:
 def test_kernel_rejects_uplift_of_the_wrong_width() -> None:
     with pytest.raises(ValueError, match=r"expected \(n, 2\)"):
         arbitrate(np.zeros((1, 3)), {}, ["a"], _catalog(), contacts=None)
+
+
+def test_offered_actions_and_a_campaign_that_named_its_action() -> None:
+    """A trigger's choice: only its actions, and, when it named one, whatever its value."""
+    catalog = _catalog()
+    uplift = np.array([[0.10, 0.01], [0.01, 0.004], [0.10, 0.05]])
+    columns = {
+        "discounts_30d": np.array([0.0, 0.0, 1.0]),
+        "tenure_days": np.array([10.0, 10.0, 10.0]),
+    }
+    ids = ["a", "b", "c"]
+    # Row 0 prefers discount (2.0); offered only the e-mail it takes that (0.5).
+    only = arbitrate(uplift, columns, ids, catalog, contacts=None, offered=["onboarding_email"])
+    assert only.action.tolist() == ["onboarding_email", NO_ACTION, "onboarding_email"]
+    assert only.blocked[0, 0] == "not offered here"
+    assert only.decisions()[1]["reason"].startswith("no eligible action pays")
+    # Named by the campaign: sent where eligible though it does not pay (row 1: -1.6),
+    # still never where ineligible (row 2: discounts_30d=1.0).
+    named = arbitrate(
+        uplift, columns, ids, catalog, contacts=None, offered=["discount"], must_pay=False
+    )
+    assert named.action.tolist() == ["discount", "discount", NO_ACTION]
+    assert named.expected_value[1] == pytest.approx(-1.6)
+    assert [d["action"] for d in named.decisions()] == named.action.tolist()
+    with pytest.raises(ValueError, match="not in the catalog"):
+        arbitrate(uplift, columns, ids, catalog, contacts=None, offered=["teleport"])
