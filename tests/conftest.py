@@ -24,6 +24,7 @@ _REDIS_MODULES = {
     "test_redis_tiles.py",
     "test_store.py",
     "test_stream.py",
+    "test_trigger_runner.py",
 }
 
 

@@ -483,6 +483,55 @@ def forget(
         raise typer.Exit(1)
 
 
+triggers_app = typer.Typer(help="Triggered decisions and live segments from the event stream.")
+app.add_typer(triggers_app, name="triggers")
+
+
+@triggers_app.command("check")
+def triggers_check(config: ConfigOption = None) -> None:
+    """Check the triggers file against the features, scores and action catalog."""
+    from propensity.activation.runner import load_project_triggers
+    from propensity.activation.spec import TriggerFileError
+
+    settings = _settings(config)
+    try:
+        spec = load_project_triggers(settings)
+    except TriggerFileError as exc:
+        _fail(str(exc))
+        return
+    console.print(
+        f"{settings.activation.triggers_file}: {len(spec.triggers)} trigger(s), "
+        f"{len(spec.segments)} segment(s), all valid",
+        markup=False,
+    )
+
+
+@triggers_app.command("run")
+def triggers_run(
+    drain: Annotated[bool, typer.Option(help="Stop once a pass finds nothing to do.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Evaluate the triggers on live behavior; decisions to the outbound stream (Ctrl-C stops)."""
+    import logging
+
+    from propensity.activation.runner import run_triggers
+    from propensity.activation.spec import TriggerFileError
+    from propensity.jobs.lock import LockBusyError
+    from propensity.jobs.redis_stream import TransportError
+
+    settings = _settings(config)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        stats = run_triggers(settings, stop_when_idle=drain)
+    except (TriggerFileError, LockBusyError, LookupError) as exc:
+        _fail(str(exc))
+        return
+    except TransportError as exc:
+        _fail(f"triggers: cannot reach Redis at {settings.activation_url}: {exc}")
+        return
+    console.print(stats.line(), markup=False, soft_wrap=True)
+
+
 nba_app = typer.Typer(help="Next-best-action from a randomized campaign table.")
 app.add_typer(nba_app, name="nba")
 

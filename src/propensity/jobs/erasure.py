@@ -17,6 +17,9 @@ where older data holds it exactly) and:
    then, when the project streams (:func:`propensity.jobs.stream.erase_stream`),
    their events still in the Redis Stream (entries rewritten without them) and
    their dead letters; a stream that cannot be reached is reported as a trace;
+   when the project runs triggers, their pending timers, live-segment
+   memberships, fired marks, contacts and the decisions naming them still in
+   the outbound stream (:meth:`~propensity.activation.state.ActivationState.forget`);
 3. removes their events from the event lake (atomic rewrite of the affected
    files; the lake's staged leftovers of killed writers go too) and their rows
    from every feature table;
@@ -130,6 +133,7 @@ class ErasureReport:
     stream_entries: int = 0
     stream_dead_letters: int = 0
     streaming_rows: int = 0
+    activation_keys: int = 0
     quarantine_rows: int = 0
     quarantine_files: int = 0
     landing_rows: int = 0
@@ -163,6 +167,8 @@ class ErasureReport:
             f"{self.stream_dead_letters} dead letters",
             f"  streaming state: {self.streaming_rows} tiles, sessions, applied ids and "
             "staged events",
+            f"  activation: {self.activation_keys} timers, segment memberships, fired marks, "
+            "contacts and pending decisions",
             f"  quarantine: {self.quarantine_rows} rows in {self.quarantine_files} files; "
             f"landing copies: {self.landing_rows} rows in {self.landing_files} files; "
             f"{self.deleted_files} unreadable files deleted; {self.temp_files} temp files deleted",
@@ -406,6 +412,7 @@ def forget(
         report.online_sqlite_vacuumed = online.sqlite_vacuumed
         report.online_redis_keys = online.redis_keys
         _erase_stream(settings, ids, report)
+        _erase_activation(settings, ids, report)
         report.lake_events = EventLake(settings.path(settings.lake_dir)).erase_customers(ids)
         report.feature_rows = _erase_features(settings, wanted)
         quarantine = settings.path(settings.quarantine_dir)
@@ -441,6 +448,25 @@ def _erase_stream(settings: Settings, ids: list[str], report: ErasureReport) -> 
         report.stream_events = erased.events
         report.stream_entries = erased.entries
         report.stream_dead_letters = erased.dead_letters
+
+
+def _erase_activation(settings: Settings, ids: list[str], report: ErasureReport) -> None:
+    """Pending timers, segment memberships and decisions, when the project runs triggers."""
+    from propensity.activation.state import MARKER_FILE
+
+    if not (settings.path(settings.jobs_dir) / MARKER_FILE).exists():
+        return
+    from propensity.activation.runner import load_project_triggers
+    from propensity.activation.state import ActivationState
+    from propensity.jobs.redis_stream import TransportError
+
+    config = settings.activation
+    try:
+        state = ActivationState(settings.activation_url, config.prefix, config.outbound_key)
+        report.activation_keys = state.forget(ids, load_project_triggers(settings).triggers)
+    except TransportError as exc:
+        where = f"activation state at {settings.activation_url} not reachable: {exc}"
+        report.traces.append(Trace(settings.path(settings.jobs_dir), where))
 
 
 def _now() -> str:

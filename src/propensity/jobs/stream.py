@@ -50,6 +50,7 @@ __all__ = [
     "erase_stream",
     "produce",
     "run_stream",
+    "stop_on_signals",
 ]
 
 _log = logging.getLogger(__name__)
@@ -291,14 +292,18 @@ def _retryable() -> tuple[type[Exception], ...]:
     return (OSError, *TransportError)
 
 
+class _Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
 @contextmanager
-def _stop_on_signals(consumer: StreamConsumer) -> Iterator[None]:
+def stop_on_signals(loop: _Stoppable) -> Iterator[None]:
+    """While inside, SIGTERM and SIGINT call ``loop.stop()`` (in the main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {
-        sig: signal.signal(sig, lambda *_: consumer.stop())
-        for sig in (signal.SIGTERM, signal.SIGINT)
+        sig: signal.signal(sig, lambda *_: loop.stop()) for sig in (signal.SIGTERM, signal.SIGINT)
     }
     try:
         yield
@@ -351,7 +356,7 @@ def run_stream(
         log_seconds=settings.stream.log_seconds,
     )
     try:
-        with _stop_on_signals(loop):
+        with stop_on_signals(loop):
             return loop.run(stop_when_idle=stop_when_idle)
     finally:
         transport.close()
