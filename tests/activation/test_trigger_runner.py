@@ -53,12 +53,14 @@ TRIGGERS = {
             ],
             "delay_minutes": 30,
             "action": "cart_recovery",
+            "segment": "recovering",
             "window_hours": 24,
             "holdout_share": 0.0,
         },
     },
     "segments": {
         "browsing_now": {"when": [{"feature": "events_30m", "op": ">", "value": 0}]},
+        "recovering": {"description": "Sent a cart recovery.", "ttl_hours": 1},
     },
 }
 
@@ -203,6 +205,13 @@ def test_a_delayed_trigger_fires_after_the_delay_only_if_it_still_holds(
     clock["now"] = now + timedelta(minutes=70)
     _drain(runner)
     assert len([d for d in _outbound(settings) if d["trigger"] == "abandoned_cart"]) == 3
+    # The firing put them in the trigger-fed segment, for its ttl of an hour.
+    assert runner.state.segment_members("recovering")[0] == left
+    assert runner.state.pending_timers() == 3  # their lapse, due at +91 minutes
+    clock["now"] = now + timedelta(minutes=95)
+    _drain(runner)
+    assert runner.state.segment_members("recovering") == ([], 0)
+    assert runner.state.customer_segments(left[0]) == []
     assert runner.state.pending_timers() == 0
     runner.close()
 

@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 __all__ = ["RunnerStats", "TriggerRunner", "load_project_triggers", "run_triggers"]
 
 _log = logging.getLogger(__name__)
+#: Timers of a segment's membership lapse are named so (trigger names cannot start so).
+_SEGMENT_TIMER = "segment:"
 #: Customers (or timers) handled per step.
 _BATCH = 500
 #: Pause when a step found nothing to do.
@@ -154,6 +156,11 @@ class TriggerRunner:
             for name, customer, _ in due:
                 by_trigger[name].append(customer)
             for name, customers in by_trigger.items():
+                if name.startswith(_SEGMENT_TIMER):
+                    self._on_segment_timer(
+                        scorer, name.removeprefix(_SEGMENT_TIMER), customers, now
+                    )
+                    continue
                 spec = self.spec.triggers.get(name)
                 if spec is not None:  # a trigger since removed from the file: drop its timers
                     self._on_timer(scorer, name, spec, customers, now)
@@ -217,18 +224,51 @@ class TriggerRunner:
             hits = np.flatnonzero(trigger.holds(columns, previous))
             if hits.size:
                 self._fire(scorer, name, trigger, scored, ids, hits, now)
-        membership = {}
-        for name, segment in self.spec.segments.items():
-            inside = segment.holds(columns)
-            membership[name] = (
-                [c for c, k in zip(ids, inside.tolist(), strict=True) if k],
-                [c for c, k in zip(ids, inside.tolist(), strict=True) if not k],
-            )
-        if membership:
-            self.state.update_segments(membership)
+        self._update_segments(ids, columns, now, list(self.spec.segments))
         for score in self._crossing_scores:
             if score in columns:
                 self.state.remember(score, ids, columns[score])
+
+    def _update_segments(
+        self, ids: list[str], columns: dict[str, np.ndarray], now: datetime, names: list[str]
+    ) -> None:
+        """Members in while their conditions hold (segments without any: left to their ttl)."""
+        membership = {}
+        for name in names:
+            segment = self.spec.segments[name]
+            if not segment.when:
+                continue  # filled by triggers only: members leave when their ttl lapses
+            inside = segment.holds(columns).tolist()
+            entering = [c for c, k in zip(ids, inside, strict=True) if k]
+            membership[name] = (entering, [c for c, k in zip(ids, inside, strict=True) if not k])
+            self._arm_lapse(name, entering, now)
+        if membership:
+            self.state.update_segments(membership)
+
+    def _arm_lapse(self, segment: str, members: list[str], now: datetime) -> None:
+        # Windowed conditions change with no event: a member is checked again ttl_hours
+        # after it entered or was confirmed, and leaves unless the conditions still hold.
+        ttl = self.spec.segments[segment].ttl_hours
+        if ttl is not None and members:
+            due_ms = int(now.timestamp() * 1000 + ttl * 3_600_000)
+            self.state.arm(_SEGMENT_TIMER + segment, members, due_ms)
+
+    def _on_segment_timer(
+        self, scorer: Scorer, name: str, customers: list[str], now: datetime
+    ) -> None:
+        segment = self.spec.segments.get(name)
+        if segment is None:
+            return
+        if not segment.when:
+            self.state.update_segments({name: ([], customers)})
+            return
+        scored = scorer.score_columns(customers, reasons=False)
+        ids = [customers[i] for i in scored.rows.tolist()]
+        gone = sorted(set(customers) - set(ids))
+        if gone:
+            self.state.update_segments({name: ([], gone)})
+        if ids:
+            self._update_segments(ids, self._columns(scorer, scored), now, [name])
 
     def _on_timer(
         self, scorer: Scorer, name: str, trigger: Trigger, customers: list[str], now: datetime
@@ -295,6 +335,7 @@ class TriggerRunner:
         if not decisions:
             return
         fired = self.state.fire(decisions, now.timestamp())
+        members = []
         for decision, new in zip(decisions, fired, strict=True):
             if not new:
                 self.stats.repeats += 1
@@ -302,8 +343,11 @@ class TriggerRunner:
             self.stats.fired += 1
             self.stats.delivered += int(decision.delivered)
             self.stats.held_out += int(decision.holdout)
-        if trigger.segment is not None:
-            self.state.update_segments({trigger.segment: ([d.customer_id for d in decisions], [])})
+            members.append(decision.customer_id)
+        if trigger.segment is not None and members:
+            # A firing puts the customer in the segment; a repeat in the window does not.
+            self.state.update_segments({trigger.segment: (members, [])})
+            self._arm_lapse(trigger.segment, members, now)
 
     def _decide(
         self,
