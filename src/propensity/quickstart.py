@@ -161,6 +161,7 @@ def _score_over_http(settings: Settings, port: int, out: Console) -> list[dict[s
                 out.print(f"POST /score {{customer_id: {customer}}} →")
                 out.print_json(json.dumps(response.json()))
             live = _events_demo(client, customers[0], out) if customers else None
+            decision = _trigger_demo(settings, client, out)
     finally:
         stop(server)
     stale = [a for a in answers if a.get("stale")]
@@ -172,7 +173,73 @@ def _score_over_http(settings: Settings, port: int, out: Console) -> list[dict[s
         )
     if live is not None:
         answers.append(live)
+    if decision is not None:
+        answers.append({"decision": decision})
     return answers
+
+
+def _trigger_demo(settings: Settings, client: httpx.Client, out: Console) -> dict[str, Any] | None:
+    """Abandon carts over ``/events``, run the triggers, print the first decision delivered.
+
+    The carts are stamped 35 minutes ago and the runner's clock is moved 31
+    minutes ahead, so the 30-minute timer of ``abandoned_cart`` falls due now.
+    """
+    import pyarrow.parquet as pq
+
+    from propensity.activation.runner import TriggerRunner
+    from propensity.features.online.redis_client import connect
+    from propensity.features.snapshots import feature_table_path
+    from propensity.jobs.redis_stream import TransportError
+
+    try:
+        connect(settings.activation_url, timeout=2).ping()
+    except TransportError:
+        out.print(
+            f"triggers: skipped, no Redis at {settings.activation_url} (redis-server starts it)"
+        )
+        return None
+    table = pq.read_table(
+        feature_table_path(settings.path(settings.features_dir), "basket"),
+        columns=["customer_id", "event_timestamp", "cart_abandonment_rate_30d"],
+    ).to_pandas()
+    latest = table[table["event_timestamp"] == table["event_timestamp"].max()]
+    # Customers the cart-recovery action is open to (it asks for an abandonment history).
+    open_to = latest[latest["cart_abandonment_rate_30d"] > 0]["customer_id"]
+    carts = [
+        {
+            "event_id": f"cart-{customer}-{stamp}",
+            "customer_id": customer,
+            "event_type": "add_to_cart",
+            "event_timestamp": (now - timedelta(minutes=35)).isoformat(),
+            "session_id": f"cart-{customer}-{stamp}",
+            "product_id": "P0002",
+        }
+        for now in [datetime.now(UTC)]
+        for stamp in [now.strftime("%Y%m%dT%H%M%S")]
+        for customer in open_to.head(20).tolist()
+    ]
+    client.post("/events", json={"events": carts}).raise_for_status()
+    clock = {"now": datetime.now(UTC)}
+    runner = TriggerRunner(settings, clock=lambda: clock["now"])
+    try:
+        while runner.step():  # arms a 30-minute timer per cart
+            pass
+        clock["now"] += timedelta(minutes=31)
+        while runner.step():  # the timers are due: still open carts fire
+            pass
+        redis: Any = connect(settings.activation_url)
+        rows = redis.xrevrange(settings.activation.outbound_key, count=50)
+    finally:
+        runner.close()
+    decisions = [json.loads(fields[b"decision"]) for _, fields in rows]
+    mine = [d for d in decisions if d["trigger"] == "abandoned_cart"]
+    out.print(
+        f"triggers: {len(carts)} carts abandoned 35 minutes ago → {runner.stats.line()}; "
+        f"outbound stream {settings.activation.outbound_key}:"
+    )
+    if mine:
+        out.print_json(json.dumps(mine[0]))
+    return mine[0] if mine else None
 
 
 def demo_events(customer: str, now: datetime) -> list[dict[str, Any]]:
