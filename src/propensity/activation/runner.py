@@ -57,6 +57,8 @@ _log = logging.getLogger(__name__)
 _SEGMENT_TIMER = "segment:"
 #: Customers (or timers) handled per step.
 _BATCH = 500
+#: Longest wait between retries while Redis or a store is down.
+_MAX_BACKOFF = 5.0
 #: Pause when a step found nothing to do.
 _IDLE_SECONDS = 0.05
 
@@ -72,13 +74,15 @@ class RunnerStats:
     held_out: int = 0
     repeats: int = 0
     exposures: int = 0
+    retries: int = 0
 
     def line(self) -> str:
         """One log line."""
         return (
             f"{self.evaluated:,} evaluated, {self.timers_due:,} timers due, {self.fired:,} fired "
             f"({self.delivered:,} delivered, {self.held_out:,} held out), "
-            f"{self.repeats:,} repeats skipped, {self.exposures:,} exposures to the lake"
+            f"{self.repeats:,} repeats skipped, {self.exposures:,} exposures to the lake, "
+            f"{self.retries:,} retries"
         )
 
 
@@ -127,6 +131,7 @@ class TriggerRunner:
         self.clock = clock or (lambda: datetime.now(UTC))
         self.stats = RunnerStats()
         self.stopping = threading.Event()
+        self._noted: set[str] = set()
         self._runtime: Any = None
         if scorer is None:
             from propensity.serving.runtime import Runtime
@@ -144,7 +149,8 @@ class TriggerRunner:
         """One pass: changed customers, due timers, the exposure outbox; return the work done."""
         scorer = self._scorer()
         if scorer is None:
-            return 0  # no champions yet: changes and timers wait where they are
+            self._note("no_champions", "triggers: waiting for the champions to load")
+            return 0  # changes and timers wait where they are
         now = self.clock()
         marks = self.tiles.dirty(_BATCH)
         if marks:
@@ -171,17 +177,36 @@ class TriggerRunner:
 
     def run(self, *, stop_when_idle: bool = False, log_seconds: float = 10.0) -> RunnerStats:
         """Step until :meth:`stop` (or, with ``stop_when_idle``, a step finds nothing)."""
+        from propensity.jobs.stream import retryable_errors
+
         next_log = time.monotonic() + log_seconds
+        backoff = 0.0
         while not self.stopping.is_set():
-            if not self.step():
-                if stop_when_idle:
-                    break
-                self.stopping.wait(_IDLE_SECONDS)
+            try:
+                if not self.step():
+                    if stop_when_idle:
+                        break
+                    self.stopping.wait(_IDLE_SECONDS)
+                backoff = 0.0
+            except retryable_errors() as exc:
+                # Redis restarting, a store down: the changes and timers stay where they are.
+                self.stats.retries += 1
+                backoff = min(max(backoff * 2, 0.1), _MAX_BACKOFF)
+                _log.warning("triggers: %s; retrying in %.1f s", exc, backoff)
+                self.stopping.wait(backoff)
             if time.monotonic() >= next_log:
                 _log.info("triggers: %s", self.stats.line())
                 next_log = time.monotonic() + log_seconds
-        self.drain_exposures()
+        try:
+            self.drain_exposures()
+        except retryable_errors() as exc:  # the outbox keeps them for the next run
+            _log.warning("triggers: exposures left in the outbox (%s)", exc)
         return self.stats
+
+    def _note(self, what: str, message: str) -> None:
+        if what not in self._noted:  # once per runner: the condition lasts
+            self._noted.add(what)
+            _log.warning(message)
 
     def stop(self) -> None:
         """Stop after the step in hand."""
@@ -306,6 +331,9 @@ class TriggerRunner:
         decisions: list[Decision] = []
         if trigger.action == NO_TRIGGER_ACTION:
             picks: list[dict[str, Any] | None] = [None] * len(chosen)
+        elif scorer.policy is None:
+            self._note(name, f"triggers: {name!r} needs a {NBA} champion to decide; not fired")
+            return
         else:
             picks = list(self._decide(scorer, trigger, scored, hits, chosen, now))
         for customer, held_i, pick in zip(chosen, held.tolist(), picks, strict=True):
@@ -360,7 +388,7 @@ class TriggerRunner:
     ) -> Sequence[dict[str, Any]]:
         policy = scorer.policy
         if policy is None:
-            raise LookupError(f"trigger needs a {NBA} champion to choose an action")
+            return [{"action": NO_ACTION, "holdout": False}] * len(chosen)
         names = scorer.reader.feature_names
         position = {n: j for j, n in enumerate(names)}
         X = scored.matrix[hits][:, [position[f] for f in policy.feature_names]].copy()

@@ -50,6 +50,7 @@ __all__ = [
     "erase_stream",
     "produce",
     "run_stream",
+    "retryable_errors",
     "stop_on_signals",
 ]
 
@@ -201,7 +202,7 @@ class StreamConsumer:
         try:
             self._apply(batch)
             return batch
-        except _retryable():
+        except retryable_errors():
             raise  # a store or disk problem, not the data's: retry the whole batch later
         except Exception as exc:
             if len(messages) == 1:
@@ -264,7 +265,7 @@ class StreamConsumer:
                     _log.info("stream: %s", self.stats.line())
                     next_log = time.monotonic() + self.log_seconds
                 backoff = 0.0
-            except _retryable() as exc:
+            except retryable_errors() as exc:
                 # Redis restarting, a store down, a full disk: the batch stays pending.
                 self.stats.retries += 1
                 backoff = min(max(backoff * 2, 0.1), _MAX_BACKOFF)
@@ -279,13 +280,13 @@ class StreamConsumer:
             try:
                 self.flush()
                 return
-            except _retryable() as exc:
+            except retryable_errors() as exc:
                 _log.warning("stream: final flush failed (%s), attempt %d", exc, attempt + 1)
                 time.sleep(min(0.2 * 2**attempt, _MAX_BACKOFF))
         _log.error("stream: stopped without a final flush; the processor's next flush writes it")
 
 
-def _retryable() -> tuple[type[Exception], ...]:
+def retryable_errors() -> tuple[type[Exception], ...]:
     """Errors of the environment, not of the data: a transport or a store down, a full disk."""
     from .redis_stream import TransportError
 
