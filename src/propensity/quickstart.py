@@ -172,9 +172,7 @@ def _score_over_http(settings: Settings, port: int, out: Console) -> list[dict[s
             "training. A store materialized daily answers false."
         )
     if live is not None:
-        answers.append(live)
-    if decision is not None:
-        answers.append({"decision": decision})
+        answers.append({**live, "trigger_decision": decision})
     return answers
 
 
@@ -191,6 +189,9 @@ def _trigger_demo(settings: Settings, client: httpx.Client, out: Console) -> dic
     from propensity.features.snapshots import feature_table_path
     from propensity.jobs.redis_stream import TransportError
 
+    if not settings.path(settings.activation.triggers_file).exists():
+        out.print(f"triggers: skipped, no {settings.activation.triggers_file} in the project")
+        return None
     try:
         connect(settings.activation_url, timeout=2).ping()
     except TransportError:

@@ -19,8 +19,10 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -29,10 +31,11 @@ from propensity.config import Settings, load_settings
 from propensity.features.online import tile_store
 from propensity.features.online.redis_client import connect
 from propensity.features.store import FeatureStoreAdapter
+from propensity.serving.process import stop, wait_ready
 from propensity.streaming.processor import EventProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serving"))
-from project import REPO_ROOT, build_project, fit_nba, register  # noqa: E402
+from project import REPO_ROOT, build_project, fit_nba, register, start_service  # noqa: E402
 
 REDIS_URL = os.environ.get("REDIS_URL", "localhost:6379")
 
@@ -318,3 +321,49 @@ def test_a_runner_killed_at_random_points_fires_each_decision_exactly_once(
     frame = lake.lake.read(["event_id", "event_type"])
     kill_exposures = frame["event_id"].str.startswith("exposure:browsing:").sum()
     assert kill_exposures >= len(ids)
+
+
+def test_the_api_pages_live_segments_and_names_a_customers_segments(
+    settings: Settings, tmp_path: Path
+) -> None:
+    now = datetime.now(UTC)
+    customers = [f"C{i:07d}" for i in range(1, 26)]
+    EventProcessor(settings).process(
+        [_event(f"seg-{c}", c, "page_view", now - timedelta(minutes=1)) for c in customers]
+    )
+    runner = TriggerRunner(settings, clock=lambda: now)
+    _drain(runner)
+    runner.close()
+    env = {
+        "PROPENSITY_ACTIVATION__URL": settings.activation_url,
+        "PROPENSITY_ACTIVATION__PREFIX": settings.activation.prefix,
+        "PROPENSITY_ACTIVATION__OUTBOUND_KEY": settings.activation.outbound_key,
+    }
+    url, process = start_service(
+        SimpleNamespace(settings=settings), tmp_path / "server.log", tmp_path / "home", **env
+    )
+    try:
+        wait_ready(url, process, timeout=120)
+        members: list[str] = []
+        after = None
+        while True:  # pages of 10, in id order, until next_after is null
+            params = {"limit": 10, **({"after": after} if after else {})}
+            page = httpx.get(f"{url}/segments/browsing_now", params=params, timeout=30).json()
+            members += page["members"]
+            after = page["next_after"]
+            if after is None:
+                break
+        assert members == sorted(members) and set(customers) <= set(members)
+        assert page["size"] == len(members)
+        mine = httpx.get(f"{url}/customers/{customers[0]}/segments", timeout=30).json()
+        assert mine == {"customer_id": customers[0], "segments": ["browsing_now"]}
+        unknown = httpx.get(f"{url}/segments/nobody", timeout=30)
+        assert unknown.status_code == 404 and "browsing_now" in unknown.json()["error"]
+        bad = httpx.get(f"{url}/segments/browsing_now", params={"limit": 0}, timeout=30)
+        assert bad.status_code == 422 and bad.json()["field"] == "limit"
+        # One metrics series per route, not per segment or customer.
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+        assert 'endpoint="/segments/{name}"' in text and "/segments/nobody" not in text
+        assert customers[0] not in text
+    finally:
+        stop(process)

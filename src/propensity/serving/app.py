@@ -45,6 +45,7 @@ from propensity.serving.schemas import (
     BatchRequest,
     ScoreRequest,
 )
+from propensity.serving.segments import MAX_PAGE
 
 __all__ = ["build_app", "API_KEY_HEADER", "JSON_MEDIA_TYPE"]
 
@@ -168,6 +169,8 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "/score_batch": ("POST",),
     "/audience": ("POST",),
     "/events": ("POST",),
+    "/segments/{name}": ("GET",),
+    "/customers/{customer_id}/segments": ("GET",),
     "/docs.json": ("GET",),
 }
 
@@ -180,6 +183,7 @@ def build_app(
     max_body_bytes: int = 1 << 20,
     body_timeout_seconds: float = 10.0,
     events: Callable[[], Any] | None = None,
+    segments: Callable[[], Any] | None = None,
 ) -> Starlette:
     """Build the ``/score``, ``/score_batch``, ``/audience`` and ``/docs.json`` routes.
 
@@ -200,6 +204,9 @@ def build_app(
     events : callable, optional
         Returns the event processor (:class:`~propensity.streaming.worker.EventWorker`) of
         ``/events`` (``None``, or no callable: the route answers 503).
+    segments : callable, optional
+        Returns the :class:`~propensity.serving.segments.LiveSegments` of the
+        segment routes (raises ``LookupError`` without a triggers file: 404).
 
     Returns
     -------
@@ -208,20 +215,24 @@ def build_app(
     Examples
     --------
     >>> app = build_app(lambda: None, api_key="secret")
-    >>> sorted(r.path for r in app.routes)
-    ['/audience', '/docs.json', '/events', '/score', '/score_batch']
+    >>> sorted(r.path for r in app.routes)  # doctest: +NORMALIZE_WHITESPACE
+    ['/audience', '/customers/{customer_id}/segments', '/docs.json', '/events', '/score',
+     '/score_batch', '/segments/{name}']
     """
     if api_key is not None and not api_key.strip():
         raise ValueError("api_key is empty or blank; pass None to serve without authentication")
     expected = api_key.encode() if api_key else None
     document = to_json(openapi_document(batch_limit=batch_limit, auth=expected is not None))
 
-    async def body_of(request: Request, model: type[_M]) -> tuple[Any, _M]:
-        # Order of refusals: the cheapest and least revealing first, the body last.
+    def authorize(request: Request) -> None:
         if expected is not None:
             given = request.headers.get(API_KEY_HEADER, "").encode()
             if not hmac.compare_digest(given, expected):
                 raise _HTTPError(401, "missing or invalid API key (header X-API-Key)")
+
+    async def body_of(request: Request, model: type[_M]) -> tuple[Any, _M]:
+        # Order of refusals: the cheapest and least revealing first, the body last.
+        authorize(request)
         current = runtime()
         if current is None or current.scorer is None:
             raise _HTTPError(503, "models are not loaded yet; see /readyz")
@@ -271,10 +282,7 @@ def build_app(
 
     @_route
     async def post_events_route(request: Request) -> Response:
-        if expected is not None:
-            given = request.headers.get(API_KEY_HEADER, "").encode()
-            if not hmac.compare_digest(given, expected):
-                raise _HTTPError(401, "missing or invalid API key (header X-API-Key)")
+        authorize(request)
         processor = events() if events is not None else None
         if processor is None:
             raise _HTTPError(503, "the event processor is not started yet; see /readyz")
@@ -291,6 +299,37 @@ def build_app(
             # Unicode, say): nothing of it was applied, the client may fix and resend.
             raise _HTTPError(422, f"events could not be read: {exc}", "events") from None
 
+    async def live_segments() -> Any:
+        try:
+            return await run_in_threadpool(segments) if segments is not None else None
+        except LookupError as exc:
+            raise _HTTPError(404, str(exc)) from None
+
+    @_route
+    async def segment_page(request: Request) -> Response:
+        authorize(request)
+        limit_text = request.query_params.get("limit", "100")
+        if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_PAGE:
+            raise _HTTPError(422, f"limit must be an integer from 1 to {MAX_PAGE}", "limit")
+        live = await live_segments()
+        if live is None:
+            raise _HTTPError(503, "live segments are not available in this process")
+        name, after = request.path_params["name"], request.query_params.get("after")
+        try:
+            page = await run_in_threadpool(live.page, name, after, int(limit_text))
+        except KeyError as exc:
+            raise _HTTPError(404, str(exc.args[0]), "name") from None
+        return _json(page)
+
+    @_route
+    async def customer_segments(request: Request) -> Response:
+        authorize(request)
+        live = await live_segments()
+        if live is None:
+            raise _HTTPError(503, "live segments are not available in this process")
+        answer = await run_in_threadpool(live.of_customer, request.path_params["customer_id"])
+        return _json(answer)
+
     async def docs(request: Request) -> Response:
         return Response(document, media_type=JSON_MEDIA_TYPE)
 
@@ -299,6 +338,8 @@ def build_app(
         "/score_batch": score_batch,
         "/audience": audience,
         "/events": post_events_route,
+        "/segments/{name}": segment_page,
+        "/customers/{customer_id}/segments": customer_segments,
         "/docs.json": docs,
     }
     return Starlette(routes=[Route(p, handlers[p], methods=list(m)) for p, m in ROUTES.items()])

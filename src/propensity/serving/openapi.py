@@ -24,6 +24,7 @@ from propensity.serving.schemas import (
     ScoreRequest,
     ScoreResponse,
 )
+from propensity.serving.segments import MAX_PAGE, CustomerSegments, SegmentPage
 
 __all__ = ["openapi_document", "ERROR_STATUSES"]
 
@@ -38,6 +39,10 @@ ERROR_STATUSES = {
     415: "The request body is not application/json.",
     422: "A field is missing, extra, of the wrong type or out of range; `field` names it.",
     503: "The models are not loaded yet (see /readyz).",
+}
+_LOOKUP_STATUSES = {
+    404: "No triggers file (so no live segments), or a segment it does not declare.",
+    503: "The live segments are not available in this process.",
 }
 _TEXT = {"text/plain": {"schema": {"type": "string"}}}
 _HTML = {"text/html": {"schema": {"type": "string"}}}
@@ -105,6 +110,45 @@ def _readiness() -> dict[str, Any]:
     return probe
 
 
+def _lookup(
+    operation_id: str,
+    summary: str,
+    parameters: list[dict[str, Any]],
+    response: type[BaseModel],
+    auth: bool,
+) -> dict[str, Any]:
+    """A GET route answering JSON (the live segments)."""
+    statuses = [404, 422, 503, *((401,) if auth else ())]
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "operationId": operation_id,
+        "parameters": parameters,
+        "responses": {
+            "200": {"description": "Success.", "content": _json_content(response)},
+            **{
+                str(status): {
+                    "description": _LOOKUP_STATUSES.get(status, ERROR_STATUSES[status]),
+                    "content": _json_content(ErrorResponse),
+                }
+                for status in sorted(statuses)
+            },
+        },
+    }
+    if auth:
+        operation["security"] = [{"ApiKey": []}]
+    return {"get": operation}
+
+
+def _path_parameter(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": {"type": "string", "minLength": 1},
+    }
+
+
 def openapi_document(*, batch_limit: int, auth: bool) -> dict[str, Any]:
     """The OpenAPI 3.1 document of the service as configured.
 
@@ -119,7 +163,7 @@ def openapi_document(*, batch_limit: int, auth: bool) -> dict[str, Any]:
     --------
     >>> doc = openapi_document(batch_limit=1000, auth=True)
     >>> sorted(doc["paths"])[:3]
-    ['/audience', '/docs.json', '/healthz']
+    ['/audience', '/customers/{customer_id}/segments', '/docs.json']
     """
     requests: list[type[BaseModel]] = [ScoreRequest, BatchRequest, AudienceRequest, EventsRequest]
     responses: list[type[BaseModel]] = [
@@ -127,6 +171,8 @@ def openapi_document(*, batch_limit: int, auth: bool) -> dict[str, Any]:
         BatchResponse,
         AudienceResponse,
         EventsResponse,
+        SegmentPage,
+        CustomerSegments,
         ErrorResponse,
     ]
     _, schemas = models_json_schema(
@@ -162,6 +208,36 @@ def openapi_document(*, batch_limit: int, auth: bool) -> dict[str, Any]:
         "/audience": audience,
         "/events": _scoring(
             "events", "Post live events", EventsRequest, EventsResponse, (), auth, timed=False
+        ),
+        "/segments/{name}": _lookup(
+            "segment_members",
+            "A page of a live segment's members",
+            [
+                _path_parameter("name", "A segment of the triggers file."),
+                {
+                    "name": "after",
+                    "in": "query",
+                    "required": False,
+                    "description": "The next_after of the page before.",
+                    "schema": {"type": "string"},
+                },
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "required": False,
+                    "description": "Most members of the page.",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
+                },
+            ],
+            SegmentPage,
+            auth,
+        ),
+        "/customers/{customer_id}/segments": _lookup(
+            "customer_segments",
+            "The live segments of one customer",
+            [_path_parameter("customer_id", "The customer.")],
+            CustomerSegments,
+            auth,
         ),
         "/healthz": _probe("Liveness", {"200": "The process is up."}, _TEXT),
         "/livez": _probe("Liveness", {"200": "The process is up."}, _TEXT),

@@ -131,9 +131,21 @@ class _RouteLabelledMetrics(instruments.RunnerTrafficMetricsMiddleware):
         if scope["type"] == "http":
             path = scope["path"]
             if path not in _ROUTES:
-                label = _STATIC if path.startswith(_STATIC) else UNKNOWN_ROUTE
-                scope = {**scope, "path": label, _RAW_PATH: path}
+                scope = {**scope, "path": _route_label(path), _RAW_PATH: path}
         await super().__call__(scope, receive, send)
+
+
+def _route_label(path: str) -> str:
+    """The route template a path without an exact route matches, or :data:`UNKNOWN_ROUTE`."""
+    if path.startswith(_STATIC):
+        return _STATIC
+    parts = path.split("/")
+    # One series per route, never per segment name or customer id.
+    if len(parts) == 3 and parts[1] == "segments" and parts[2]:
+        return "/segments/{name}"
+    if len(parts) == 4 and parts[1] == "customers" and parts[2] and parts[3] == "segments":
+        return "/customers/{customer_id}/segments"
+    return UNKNOWN_ROUTE
 
 
 # BentoML has no option for the label; its app factory looks the class up in this
@@ -167,12 +179,23 @@ class Scoring:
             max_body_bytes=config.max_body_bytes,
             body_timeout_seconds=config.body_timeout_seconds,
             events=lambda: getattr(self, "events", None),
+            segments=self._segments,
         )
+        self._settings = settings
+        self._live_segments: Any = None
         # Live events need no models: the processor starts before the champions load,
         # in a process of its own so that event batches never hold /score's GIL.
         self.events = EventWorker(settings).start()
         self.runtime = Runtime(settings, on_swap=freeze_heap).start()
         _CURRENT.runtime = self.runtime
+
+    def _segments(self) -> Any:
+        # Built on first use (it reads the triggers file); a missing file is looked for again.
+        if self._live_segments is None:
+            from propensity.serving.segments import LiveSegments
+
+            self._live_segments = LiveSegments(self._settings)
+        return self._live_segments
 
     def __is_ready__(self) -> bool:
         # BentoML's /readyz answers 503 with a fixed text when this returns False, and
