@@ -187,24 +187,27 @@ class ActivationState:
 
         Returns, per decision, whether it was new (and so sent, when delivered).
         """
-        out = []
         oldest = int(now_s - CONTACT_DAYS * 86400)
-        for d in decisions:
-            keys = [
-                self.key("fired", d.trigger, d.window, d.customer_id),
-                self.outbound_key,
-                self.key("contacts", d.customer_id),
-                self.key("exposures"),
-            ]
-            args: list[Any] = [
-                d.ttl_seconds,
-                d.decision_id,
-                d.to_json(),
-                int(d.delivered),
-                now_s,
-                oldest,
-            ]
-            out.append(bool(int(self._fire(keys=keys, args=args))))
+        # One round trip for the batch: each script still runs alone and whole, so a
+        # runner killed mid-pipeline left every decision recorded or not at all.
+        with self.client.pipeline(transaction=False) as pipe:
+            for d in decisions:
+                keys = [
+                    self.key("fired", d.trigger, d.window, d.customer_id),
+                    self.outbound_key,
+                    self.key("contacts", d.customer_id),
+                    self.key("exposures"),
+                ]
+                args: list[Any] = [
+                    d.ttl_seconds,
+                    d.decision_id,
+                    d.to_json(),
+                    int(d.delivered),
+                    now_s,
+                    oldest,
+                ]
+                self._fire(keys=keys, args=args, client=pipe)
+            out = [bool(int(reply)) for reply in pipe.execute()]
         return out
 
     def contacts(self, customers: Sequence[str], since_s: Sequence[float]) -> np.ndarray:
