@@ -76,6 +76,15 @@ class RedisStream:
         ``stream.url``, else ``online_store.redis_url``.
     consumer : str, optional
         Overrides ``stream.consumer`` (default: the host name).
+    config : Stream, optional
+        Another stream than ``settings.stream`` (the outbound decisions, say):
+        its key, group, dead-letter key and timings.
+    url : str, optional
+        That stream's Redis (default ``config.url``, then ``online_store.redis_url``).
+    field : str
+        The entry field that holds the payload (``events`` for the event stream).
+    extra : tuple of str
+        Further fields read into :attr:`Message.fields` (``("key",)`` for decisions).
 
     Examples
     --------
@@ -83,9 +92,20 @@ class RedisStream:
     >>> stream.add([b'[{"event_id": "e1", ...}]'])  # doctest: +SKIP
     """
 
-    def __init__(self, settings: Settings, consumer: str | None = None) -> None:
-        self.config: StreamSettings = settings.stream
-        self.url = self.config.url or settings.online_store.redis_url
+    def __init__(
+        self,
+        settings: Settings,
+        consumer: str | None = None,
+        *,
+        config: StreamSettings | None = None,
+        url: str | None = None,
+        field: str = EVENTS_FIELD,
+        extra: tuple[str, ...] = (),
+    ) -> None:
+        self.config: StreamSettings = config or settings.stream
+        self.url = url or self.config.url or settings.online_store.redis_url
+        self._field = field.encode()
+        self._extra = tuple(name.encode() for name in extra)
         self.key = self.config.key
         self.group = self.config.group
         self.consumer = consumer or self.config.consumer or socket.gethostname()
@@ -136,7 +156,8 @@ class RedisStream:
             if not fields:
                 deleted.append(_text(entry_id))
                 continue
-            messages.append(Message(_text(entry_id), fields.get(_EVENTS)))
+            more = {_text(k): _text(fields[k]) for k in self._extra if k in fields}
+            messages.append(Message(_text(entry_id), fields.get(self._field), more))
         return messages, deleted
 
     def read(self, count: int) -> list[Message]:
@@ -254,7 +275,7 @@ class RedisStream:
         """Append one message per payload (JSON of one event or an array); return their ids."""
         pipe = self.client.pipeline(transaction=False)
         for payload in payloads:
-            pipe.xadd(self.key, {_EVENTS: payload})
+            pipe.xadd(self.key, {self._field: payload})
         return [_text(i) for i in pipe.execute()]
 
     def dead_letters(self, count: int = 1000) -> list[dict[str, str]]:

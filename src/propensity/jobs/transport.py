@@ -24,8 +24,8 @@ canonical event objects (a batch) or a single object (one event).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 __all__ = ["EVENTS_FIELD", "DeadLetter", "Message", "MessageError", "Transport", "decode_events"]
@@ -38,11 +38,13 @@ EVENTS_FIELD = "events"
 class Message:
     """One message of the transport: its id and the raw ``events`` payload.
 
-    ``payload`` is ``None`` when the message has no ``events`` field.
+    ``payload`` is ``None`` when the message has no ``events`` field;
+    ``fields`` holds the further fields the transport was asked for (as text).
     """
 
     id: str
     payload: bytes | None
+    fields: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
