@@ -25,6 +25,7 @@ _REDIS_MODULES = {
     "test_store.py",
     "test_stream.py",
     "test_trigger_runner.py",
+    "test_webhook.py",
 }
 
 

@@ -393,6 +393,28 @@ def stream(
 
 
 @app.command()
+def deliver(config: ConfigOption = None) -> None:
+    """Deliver the triggered decisions to the webhook (stop with Ctrl-C or SIGTERM)."""
+    import logging
+
+    from propensity.activation.webhook import WebhookNotConfigured
+    from propensity.activation.webhook import deliver as run_delivery
+    from propensity.jobs.redis_stream import TransportError
+
+    settings = _settings(config)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        stats = run_delivery(settings)
+    except WebhookNotConfigured as exc:
+        _fail(str(exc))
+        return
+    except TransportError as exc:
+        _fail(f"deliver: cannot reach Redis: {exc}")
+        return
+    console.print(stats.line(), markup=False, soft_wrap=True)
+
+
+@app.command()
 def retrain(
     force: Annotated[bool, typer.Option(help="Retrain even when nothing changed.")] = False,
     status: Annotated[
