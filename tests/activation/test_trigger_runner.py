@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from propensity.activation.runner import TriggerRunner
+from propensity.activation.state import ActivationState
 from propensity.config import Settings, load_settings
 from propensity.features.online import tile_store
 from propensity.features.online.redis_client import connect
@@ -228,10 +229,28 @@ def test_forget_removes_timers_and_segment_memberships(settings: Settings) -> No
     _drain(runner)
     assert runner.state.customer_segments("C0000100") == ["browsing_now"]
     assert runner.state.pending_timers() >= 1
-    runner.state.forget(["C0000100"], runner.spec.triggers)
+    # Decisions naming customers: delivered, and given up on by the webhook.
+    client = connect(settings.activation_url)
+    dead = f"{settings.activation.prefix}:webhook-dead"
+    for customer in ("C0000100", "C0000101"):
+        decision = json.dumps({"decision_id": f"x:{customer}", "customer_id": customer})
+        client.xadd(
+            settings.activation.outbound_key, {"key": f"x:{customer}", "decision": decision}
+        )
+        client.xadd(dead, {"message_id": "1-0", "rule": "http_410", "payload": decision})
+    state = ActivationState(
+        settings.activation_url,
+        settings.activation.prefix,
+        settings.activation.outbound_key,
+        dead_letter_key=dead,
+    )
+    assert state.forget(["C0000100"], runner.spec.triggers) > 0
     assert runner.state.customer_segments("C0000100") == []
     assert "C0000100" not in runner.state.segment_members("browsing_now", limit=1000)[0]
     assert runner.state.pending_timers() == 0
+    for key, field in ((settings.activation.outbound_key, b"decision"), (dead, b"payload")):
+        left = [json.loads(f[field])["customer_id"] for _, f in client.xrange(key)]
+        assert "C0000100" not in left and "C0000101" in left
     runner.close()
 
 

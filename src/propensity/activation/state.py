@@ -116,6 +116,8 @@ class ActivationState:
         ``activation.prefix``.
     outbound_key : str
         ``activation.outbound_key``.
+    dead_letter_key : str, optional
+        ``activation.webhook.dead_letter_key``: erasure reaches its decisions too.
 
     Examples
     --------
@@ -123,9 +125,12 @@ class ActivationState:
     >>> state.arm("abandoned_cart", ["C1"], due_ms=1_700_000_000_000)  # doctest: +SKIP
     """
 
-    def __init__(self, url: str, prefix: str, outbound_key: str) -> None:
+    def __init__(
+        self, url: str, prefix: str, outbound_key: str, dead_letter_key: str | None = None
+    ) -> None:
         self.prefix = prefix
         self.outbound_key = outbound_key
+        self.dead_letter_key = dead_letter_key
         self.client: Any = connect(url, timeout=30)
         self._fire = self.client.register_script(_FIRE)
         self._disarm = self.client.register_script(_DISARM)
@@ -292,14 +297,26 @@ class ActivationState:
 
     def _forget_decisions(self, wanted: set[str]) -> int:
         removed = 0
-        for key in (self.outbound_key, self.key("exposures")):
+        streams = [(self.outbound_key, b"decision"), (self.key("exposures"), b"decision")]
+        if self.dead_letter_key is not None:  # decisions the webhook gave up on
+            streams.append((self.dead_letter_key, b"payload"))
+        for key, field in streams:
             start = "-"
             while True:
                 rows = self.client.xrange(key, min=start, count=1000)
-                doomed = [i for i, f in rows if json.loads(f[b"decision"])["customer_id"] in wanted]
+                doomed = [i for i, f in rows if _customer_of(f.get(field)) in wanted]
                 if doomed:
                     removed += int(self.client.xdel(key, *doomed))
                 if len(rows) < 1000:
                     break
                 start = "(" + rows[-1][0].decode()
         return removed
+
+
+def _customer_of(raw: bytes | None) -> str | None:
+    """The ``customer_id`` of a decision's JSON (``None`` when it is not one)."""
+    try:
+        value = json.loads(raw or b"null")
+    except ValueError:
+        return None
+    return value.get("customer_id") if isinstance(value, dict) else None

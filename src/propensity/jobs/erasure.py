@@ -462,7 +462,12 @@ def _erase_activation(settings: Settings, ids: list[str], report: ErasureReport)
 
     config = settings.activation
     try:
-        state = ActivationState(settings.activation_url, config.prefix, config.outbound_key)
+        state = ActivationState(
+            settings.activation_url,
+            config.prefix,
+            config.outbound_key,
+            dead_letter_key=config.webhook.dead_letter_key,
+        )
         report.activation_keys = state.forget(ids, load_project_triggers(settings).triggers)
     except TransportError as exc:
         where = f"activation state at {settings.activation_url} not reachable: {exc}"
