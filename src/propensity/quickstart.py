@@ -205,7 +205,25 @@ def _trigger_demo(settings: Settings, client: httpx.Client, out: Console) -> dic
     ).to_pandas()
     latest = table[table["event_timestamp"] == table["event_timestamp"].max()]
     # Customers the cart-recovery action is open to (it asks for an abandonment history).
-    open_to = latest[latest["cart_abandonment_rate_30d"] > 0]["customer_id"]
+    open_to = latest[latest["cart_abandonment_rate_30d"] > 0]["customer_id"].tolist()
+    now = datetime.now(UTC)
+    clock = {"now": now}
+    runner = TriggerRunner(settings, clock=lambda: clock["now"])
+    trigger = runner.spec.triggers.get("abandoned_cart")
+    if trigger is None:
+        runner.close()
+        out.print("triggers: skipped, the triggers file has no abandoned_cart trigger")
+        return None
+    # Not those an earlier quickstart run fired for in this window (once per window).
+    window = trigger.window_key(int((now + timedelta(minutes=31)).timestamp() * 1_000_000))
+    redis: Any = connect(settings.activation_url)
+    chosen: list[str] = []
+    for customer in open_to:
+        if len(chosen) == 20:
+            break
+        if not redis.exists(runner.state.key("fired", "abandoned_cart", window, customer)):
+            chosen.append(customer)
+    stamp = now.strftime("%Y%m%dT%H%M%S")
     carts = [
         {
             "event_id": f"cart-{customer}-{stamp}",
@@ -215,32 +233,28 @@ def _trigger_demo(settings: Settings, client: httpx.Client, out: Console) -> dic
             "session_id": f"cart-{customer}-{stamp}",
             "product_id": "P0002",
         }
-        for now in [datetime.now(UTC)]
-        for stamp in [now.strftime("%Y%m%dT%H%M%S")]
-        for customer in open_to.head(20).tolist()
+        for customer in chosen
     ]
-    client.post("/events", json={"events": carts}).raise_for_status()
-    clock = {"now": datetime.now(UTC)}
-    runner = TriggerRunner(settings, clock=lambda: clock["now"])
     try:
+        if carts:
+            client.post("/events", json={"events": carts}).raise_for_status()
         while runner.step():  # arms a 30-minute timer per cart
             pass
         clock["now"] += timedelta(minutes=31)
         while runner.step():  # the timers are due: still open carts fire
             pass
-        redis: Any = connect(settings.activation_url)
-        rows = redis.xrevrange(settings.activation.outbound_key, count=50)
+        rows = redis.xrevrange(settings.activation.outbound_key, count=200)
     finally:
         runner.close()
     decisions = [json.loads(fields[b"decision"]) for _, fields in rows]
-    mine = [d for d in decisions if d["trigger"] == "abandoned_cart"]
+    mine = [d for d in decisions if d["trigger"] == "abandoned_cart" and d["customer_id"] in chosen]
     out.print(
         f"triggers: {len(carts)} carts abandoned 35 minutes ago → {runner.stats.line()}; "
         f"outbound stream {settings.activation.outbound_key}:"
     )
     if mine:
-        out.print_json(json.dumps(mine[0]))
-    return mine[0] if mine else None
+        out.print_json(json.dumps(mine[-1]))
+    return mine[-1] if mine else None
 
 
 def demo_events(customer: str, now: datetime) -> list[dict[str, Any]]:

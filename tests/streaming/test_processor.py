@@ -134,7 +134,10 @@ def test_staged_events_reach_the_lake_with_no_further_batch(tmp_path: Path) -> N
     processor = EventProcessor(settings)
     processor.process([_event(i, minutes=i) for i in range(25)], received_at=NOW)
     deadline = time.monotonic() + 30
-    while processor.lake.count() < 25 and time.monotonic() < deadline:
+    # The flusher commits to the lake, then unstages: wait for both.
+    while (processor.lake.count() < 25 or processor.tiles.staged_rows()) and (
+        time.monotonic() < deadline
+    ):
         time.sleep(0.05)
     assert processor.lake.count() == 25
     assert processor.tiles.staged_rows() == 0

@@ -19,7 +19,10 @@ child had applied counts as duplicates, not twice.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -36,13 +39,28 @@ __all__ = ["EventWorker"]
 
 _log = logging.getLogger(__name__)
 
+#: How often the child checks that the server that started it is still there.
+_PARENT_POLL_SECONDS = 1.0
 #: The child's processor (one per child process).
 _PROCESSOR: EventProcessor | None = None
 
 
 def _start(settings: Settings) -> None:
     global _PROCESSOR
+    # A stop of the server's process group reaches the child too: the parent ends it
+    # (after its final flush, :meth:`EventWorker.close`), not the signal.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     _PROCESSOR = EventProcessor(settings)
+
+
+def _exit_with_parent(parent: int) -> None:
+    # A server killed outright (SIGKILL, out of memory) cannot end its child: the child
+    # notices it was orphaned and exits, as abruptly (every write it makes is atomic).
+    while os.getppid() == parent:
+        time.sleep(_PARENT_POLL_SECONDS)
+    os._exit(0)
 
 
 def _child() -> EventProcessor:
