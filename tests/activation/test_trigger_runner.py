@@ -384,5 +384,12 @@ def test_the_api_pages_live_segments_and_names_a_customers_segments(
         text = httpx.get(f"{url}/metrics", timeout=30).text
         assert 'endpoint="/segments/{name}"' in text and "/segments/nobody" not in text
         assert customers[0] not in text
+        # Each live segment's size, as GET /segments/{name} counts it.
+        sizes = {
+            line.split('"')[1]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("propensity_segment_members{")
+        }
+        assert sizes == {"browsing_now": len(members), "recovering": 0.0}, sizes
     finally:
         stop(process)

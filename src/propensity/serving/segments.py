@@ -82,6 +82,10 @@ class LiveSegments:
         last = members[-1] if len(members) == limit else None
         return {"segment": name, "size": size, "members": members, "next_after": last}
 
+    def sizes(self) -> dict[str, int]:
+        """Members of each declared segment now."""
+        return self.state.segment_sizes(self.names)
+
     def of_customer(self, customer_id: str) -> dict[str, Any]:
         """The declared segments ``customer_id`` is in."""
         found = [s for s in self.state.customer_segments(customer_id) if s in self.names]

@@ -11,7 +11,9 @@ Run it with ``bentoml serve propensity.serving.service:Scoring --port 3000``
   in the body, until the champions are loaded and the online store holds
   materialized rows for every view they read), ``GET /metrics`` (Prometheus),
   all served by BentoML and open without the API key so probes and scrapers
-  need no secret.
+  need no secret. Beside BentoML's request series, ``/metrics`` holds
+  ``propensity_segment_members{segment=…}``, each live segment's size, read from
+  the activation state every :data:`SEGMENT_GAUGE_SECONDS`.
 
 The project is located by ``PROPENSITY_CONFIG`` (a ``propensity.yaml``); its
 ``serving:`` settings (or ``PROPENSITY_SERVING__*`` variables) configure the
@@ -26,6 +28,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from typing import Any
 
 import bentoml
@@ -40,11 +43,20 @@ from propensity.serving.app import ROUTES, build_app
 from propensity.serving.runtime import Runtime, freeze_heap
 from propensity.streaming.worker import EventWorker
 
-__all__ = ["Scoring", "serve", "settings_environment", "SERVICE_IMPORT", "UNKNOWN_ROUTE"]
+__all__ = [
+    "Scoring",
+    "serve",
+    "settings_environment",
+    "SEGMENT_GAUGE_SECONDS",
+    "SERVICE_IMPORT",
+    "UNKNOWN_ROUTE",
+]
 
 SERVICE_IMPORT = "propensity.serving.service:Scoring"
 #: The ``endpoint`` label of every request to a path no route serves.
 UNKNOWN_ROUTE = "__unknown__"
+#: How often the live segments' gauge is read from the activation state.
+SEGMENT_GAUGE_SECONDS = 5.0
 _log = logging.getLogger(__name__)
 
 
@@ -183,6 +195,8 @@ class Scoring:
         )
         self._settings = settings
         self._live_segments: Any = None
+        self._stopping = threading.Event()
+        threading.Thread(target=self._export_segment_sizes, daemon=True).start()
         # Live events need no models: the processor starts before the champions load,
         # in a process of its own so that event batches never hold /score's GIL.
         self.events = EventWorker(settings).start()
@@ -197,6 +211,34 @@ class Scoring:
             self._live_segments = LiveSegments(self._settings)
         return self._live_segments
 
+    def _export_segment_sizes(self) -> None:
+        # Imported here: BentoML points prometheus_client at its multiprocess folder
+        # when the worker starts, after this module was imported.
+        from prometheus_client import Gauge
+
+        from propensity.jobs.stream import retryable_errors
+
+        members = Gauge(
+            "propensity_segment_members",
+            "Members of each live segment (GET /segments/{name}).",
+            labelnames=["segment"],
+            multiprocess_mode="livemostrecent",
+        )
+        failing = False
+        while True:
+            try:
+                for name, size in self._segments().sizes().items():
+                    members.labels(segment=name).set(size)
+                failing = False
+            except LookupError:
+                pass  # no triggers file (yet): no segments to count
+            except retryable_errors() as exc:
+                if not failing:  # once per outage: the gauge keeps its last values
+                    _log.warning("live segment sizes not read: %s", exc)
+                failing = True
+            if self._stopping.wait(SEGMENT_GAUGE_SECONDS):
+                return
+
     def __is_ready__(self) -> bool:
         # BentoML's /readyz answers 503 with a fixed text when this returns False, and
         # lets an HTTPException through as the response: raising it puts the reason
@@ -208,6 +250,7 @@ class Scoring:
 
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
+        self._stopping.set()
         self.runtime.close()
         self.events.close()
 
