@@ -554,6 +554,61 @@ def triggers_run(
     console.print(stats.line(), markup=False, soft_wrap=True)
 
 
+@triggers_app.command("report")
+def triggers_report(
+    trigger: Annotated[
+        list[str] | None, typer.Argument(help="Triggers to report (default: every one that sends).")
+    ] = None,
+    outcome: Annotated[
+        str, typer.Option(help="The event type that counts as success.")
+    ] = "purchase",
+    hours: Annotated[
+        float | None,
+        typer.Option(
+            help="Outcome window after each firing (default: the trigger's window_hours).", min=0.0
+        ),
+    ] = None,
+    as_of: Annotated[
+        str | None,
+        typer.Option(help="The date the data runs to (default: the lake's latest event)."),
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per trigger.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Each trigger's incremental outcome from the lake: treated against hold-out."""
+    import json
+
+    import pandas as pd
+
+    from propensity.activation.measure import measure_triggers, outcomes_table
+    from propensity.activation.runner import load_project_triggers
+    from propensity.activation.spec import TriggerFileError
+    from propensity.events.schema import EVENT_TYPES
+
+    settings = _settings(config)
+    if outcome not in EVENT_TYPES:
+        _fail(f"--outcome {outcome!r} is not an event type; one of: {', '.join(EVENT_TYPES)}")
+    try:
+        end = None if as_of is None else pd.Timestamp(as_of).to_pydatetime()
+    except ValueError:
+        _fail(f"--as-of {as_of!r} is not a date (YYYY-MM-DD or an ISO 8601 time)")
+        return
+    try:
+        spec = load_project_triggers(settings)
+        with _needs_project(settings):
+            rows = measure_triggers(
+                settings, spec, outcome=outcome, hours=hours, as_of=end, names=trigger
+            )
+    except (TriggerFileError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    if json_out:
+        for row in rows:
+            console.print_json(json.dumps(row.to_dict()))
+    else:
+        console.print(outcomes_table(rows))
+
+
 nba_app = typer.Typer(help="Next-best-action from a randomized campaign table.")
 app.add_typer(nba_app, name="nba")
 
