@@ -137,3 +137,16 @@ def test_an_empty_lake_is_one_line_with_a_hint(tmp_path: Path) -> None:
     settings = _project(tmp_path)
     out = CliRunner().invoke(app, ["triggers", "report", "--config", str(settings.root)])
     assert out.exit_code == 2 and "empty" in out.output and "Traceback" not in out.output
+
+
+def test_on_the_simulator_the_interval_covers_the_true_effect(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from bench_trigger_measurement import closed_loop
+
+    for boost in (2.0, 1.0):  # the simulator's recovery boost, then an A/A (no effect)
+        m, truth, _ = closed_loop(1, customers=4000, days=30, holdout=0.5, boost=boost)
+        assert m.treated > 1000 and m.held_out > 1000
+        assert m.low <= truth <= m.high, (m, truth)
+        assert (m.low > 0) == (boost > 1)  # the effect is found, and none where there is none
