@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from propensity.activation.measure import difference_interval, measure_triggers
+from propensity.activation.measure import design_effect, difference_interval, measure_triggers
 from propensity.activation.runner import load_project_triggers
 from propensity.cli import app
 from propensity.config import Settings, load_settings
@@ -36,6 +36,26 @@ def test_the_interval_covers_the_true_difference_at_its_level() -> None:
         _, low, high = difference_interval(int(k1), 150, int(k0), 60)
         covered += low <= 0.07 <= high
     assert 0.93 <= covered / 1000 <= 0.975
+
+
+def test_firings_of_one_customer_widen_the_interval_to_its_level() -> None:
+    # A/A: customers with their own rate fire 1-8 times each, all in one arm.
+    rng = np.random.default_rng(11)
+    covered = naive = 0
+    for _ in range(600):
+        arms = []
+        for _ in range(2):
+            firings = rng.integers(1, 9, size=150)
+            who = np.repeat(np.arange(150), firings)
+            won = rng.random(who.size) < rng.beta(1, 3, size=150)[who]
+            arms.append((int(won.sum()), who.size, design_effect(who, won)))
+        (k1, n1, d1), (k0, n0, d0) = arms
+        _, low, high = difference_interval(k1, n1, k0, n0, design_effects=(d1, d0))
+        covered += low <= 0 <= high
+        _, low, high = difference_interval(k1, n1, k0, n0)
+        naive += low <= 0 <= high
+    assert 0.93 <= covered / 600 <= 0.975
+    assert naive / 600 < 0.85  # firings taken as independent: far too narrow
 
 
 def _project(root: Path) -> Settings:

@@ -90,6 +90,12 @@ def _producer(settings: Settings, tmp_path: Path, events: list[dict[str, Any]], 
     return thread, errors
 
 
+def _lag(client: Any, settings: Settings) -> int | None:
+    """Entries the consumer group has not read yet (None before the group exists)."""
+    groups = client.xinfo_groups(settings.stream.key)
+    return groups[0].get("lag") if groups else None
+
+
 def _wait_busy(client: Any, settings: Settings, since: int, timeout: float = 120) -> None:
     """Until the group has read past ``since`` with a batch in flight."""
     deadline = time.monotonic() + timeout
@@ -106,7 +112,7 @@ def _wait_read(client: Any, settings: Settings, target: int, timeout: float = 12
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         read, pending = group_progress(client, settings.stream.key, settings.stream.group)
-        lag = client.xinfo_groups(settings.stream.key)[0].get("lag")
+        lag = _lag(client, settings)
         if read >= target or (lag == 0 and pending):
             return
         time.sleep(0.01)
@@ -123,12 +129,17 @@ def test_sigkilled_consumers_lose_nothing_and_count_nothing_twice(
     settings = make_project(tmp_path / "project", redis_server.url, online)
     client = redis_server.client()
     # A backlog first (a loaded machine may starve the producer), then more while killing.
-    backlog, rest = events[: len(events) // 3], events[len(events) // 3 :]
+    backlog, live, held = events[:800], events[800:1600], events[1600:]
     first = write_jsonl(backlog, tmp_path / "first.jsonl")
     run_cli(settings, "stream", "--produce", str(first), "--per-message", "10")
-    producer, errors = _producer(settings, tmp_path, rest, parts=4)
+    producer, errors = _producer(settings, tmp_path, live, parts=4)
+    # Held back: a kill that finds the stream drained first tops it up, so it has a batch
+    # to land in however fast the consumers were.
+    reserve = [write_jsonl(held[i::8], tmp_path / f"reserve{i}.jsonl") for i in range(8)]
     in_flight = kills = 0
     while kills < 4 or (in_flight < 2 and kills < 8):  # until two kills met a batch in flight
+        if _lag(client, settings) == 0 and reserve:
+            run_cli(settings, "stream", "--produce", str(reserve.pop()), "--per-message", "10")
         since, _ = group_progress(client, settings.stream.key, settings.stream.group)
         # Two names: a restarted "a" re-reads its own pending batch, "b" claims the other's.
         consumer = cli(settings, "stream", "--consumer", "ab"[kills % 2])
@@ -144,6 +155,8 @@ def test_sigkilled_consumers_lose_nothing_and_count_nothing_twice(
     producer.join(timeout=300)
     assert not errors, errors
     assert in_flight >= 2, "the kills should land while batches were unacknowledged"
+    for file in reserve:
+        run_cli(settings, "stream", "--produce", str(file), "--per-message", "10")
     out = run_cli(settings, "stream", "--consumer", "a", "--drain")
     assert "0 rejected" in out
     _check_applied_once(settings, events, _expected(tmp_path, events))

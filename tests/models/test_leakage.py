@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from propensity.events.campaign_table import simulate_campaign_table
 from propensity.models.leakage import post_treatment_columns
@@ -34,10 +32,13 @@ def test_a_column_that_moves_with_the_arm_fails_the_chi2_test() -> None:
     assert finding.statistic > 100 and finding.p_value < 1e-6
 
 
-@settings(max_examples=15, deadline=None)
-@given(seed=st.integers(0, 10_000), rows=st.integers(200, 3_000))
-def test_random_pre_treatment_columns_raise_no_warning(seed: int, rows: int) -> None:
-    # Independent of the arm by construction (randomized); any finding is a false alarm,
-    # whose family-wise rate is 1%: these 15 draws are all expected to be clean.
-    table, _ = simulate_campaign_table(rows, seed=seed)
-    assert post_treatment_columns(table, PRE, "arm", "visit") == []
+def test_random_pre_treatment_columns_raise_few_false_alarms() -> None:
+    # Independent of the arm by construction (randomized): any finding is a false alarm,
+    # whose family-wise rate is 1% per table. Over 100 tables, about one; five or more
+    # has probability 0.3%, and the seeds are fixed, so the check is reproducible.
+    rng = np.random.default_rng(5)
+    alarms = []
+    for seed in range(100):
+        table, _ = simulate_campaign_table(int(rng.integers(200, 3_000)), seed=seed)
+        alarms += [f.column for f in post_treatment_columns(table, PRE, "arm", "visit")]
+    assert len(alarms) <= 4, alarms

@@ -7,11 +7,13 @@ A firing's outcome is whether the customer has an ``outcome`` event (a
 purchase by default) in the ``hours`` after it. The hold-out is drawn at random
 among the customers the trigger fired for, so the difference of the two arms'
 rates estimates the trigger's effect on the customers it fires for; its interval
-is Newcombe's (hybrid Wilson score), sound at small counts and rates near 0 or 1.
+is Newcombe's (hybrid Wilson score), sound at small counts and rates near 0 or 1,
+widened by each arm's design effect: the hold-out is drawn per customer, so the
+firings of one customer share an arm and their outcomes are correlated.
 
 Only firings whose outcome window has closed by ``as_of`` (default: the latest
-event in the lake) count; the others are reported as pending. Each firing is one
-unit: a customer fired for in several windows counts in each.
+event in the lake) count; the others are reported as pending. A customer fired
+for in several windows counts in each.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 import numpy as np
 import pandas as pd
-from scipy.stats import binomtest
+from scipy.stats import norm
 
 from propensity.events.lake import EventLake
 
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TriggerOutcome",
+    "design_effect",
     "difference_interval",
     "measure_triggers",
     "outcomes_table",
@@ -71,12 +74,28 @@ class TriggerOutcome:
         }
 
 
+def _wilson(p: float, n: float, z: float) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``p`` observed on ``n`` (possibly effective) trials."""
+    scale = 1.0 + z * z / n
+    center = (p + z * z / (2 * n)) / scale
+    half = z * float(np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / scale
+    return center - half, center + half
+
+
 def difference_interval(
-    k1: int, n1: int, k0: int, n0: int, level: float = 0.95
+    k1: float,
+    n1: float,
+    k0: float,
+    n0: float,
+    level: float = 0.95,
+    *,
+    design_effects: tuple[float, float] = (1.0, 1.0),
 ) -> tuple[float, float, float]:
     """``p1 - p0`` of two independent proportions with Newcombe's hybrid score interval.
 
-    NaN when either arm is empty.
+    ``design_effects`` widen each arm's Wilson interval for correlated trials
+    (its trials count as ``n / design_effect`` independent ones). NaN when
+    either arm is empty.
 
     Examples
     --------
@@ -86,13 +105,38 @@ def difference_interval(
     """
     if n1 == 0 or n0 == 0:
         return (np.nan, np.nan, np.nan)
+    z = float(norm.ppf(0.5 + level / 2))
     p1, p0 = k1 / n1, k0 / n0
-    l1, u1 = binomtest(k1, n1).proportion_ci(level, method="wilson")
-    l0, u0 = binomtest(k0, n0).proportion_ci(level, method="wilson")
+    l1, u1 = _wilson(p1, n1 / design_effects[0], z)
+    l0, u0 = _wilson(p0, n0 / design_effects[1], z)
     diff = p1 - p0
     low = diff - float(np.hypot(p1 - l1, u0 - p0))
     high = diff + float(np.hypot(u1 - p1, p0 - l0))
     return (diff, low, high)
+
+
+def design_effect(customers: np.ndarray, converted: np.ndarray) -> float:
+    """How much firings of the same customer widen an arm's rate's variance (at least 1).
+
+    The hold-out is drawn per customer, so a customer's firings share an arm and
+    their outcomes are correlated: the cluster-robust variance of the ratio
+    estimator (customers as clusters) over the binomial one.
+
+    Examples
+    --------
+    >>> design_effect(np.array(["a", "b", "c", "d"]), np.array([1, 0, 1, 0]))
+    1.0
+    >>> design_effect(np.array(["a", "a", "b", "b"]), np.array([1, 1, 0, 0]))
+    2.0
+    """
+    n = len(customers)
+    rate = float(np.mean(converted)) if n else 0.0
+    if n == 0 or rate in (0.0, 1.0):
+        return 1.0
+    _, cluster, firings = np.unique(customers, return_inverse=True, return_counts=True)
+    wins = np.bincount(cluster, weights=np.asarray(converted, dtype=float))
+    robust = float(np.sum((wins - rate * firings) ** 2)) / (n * n)
+    return max(1.0, robust / (rate * (1 - rate) / n))
 
 
 def trigger_outcomes(
@@ -109,18 +153,20 @@ def trigger_outcomes(
     Parameters
     ----------
     firings : DataFrame
-        One row per firing of the trigger: ``fired_at`` (UTC), ``held_out``
-        (bool) and ``converted`` (bool: an ``outcome`` event in the ``hours``
-        after ``fired_at``).
+        One row per firing of the trigger: ``customer_id``, ``fired_at`` (UTC),
+        ``held_out`` (bool) and ``converted`` (bool: an ``outcome`` event in the
+        ``hours`` after ``fired_at``).
     as_of : Timestamp
         Firings whose window ends after it are pending.
     """
     closed = firings[firings["fired_at"] + pd.Timedelta(hours=hours) <= as_of]
     held = closed["held_out"].to_numpy(bool)
     won = closed["converted"].to_numpy(bool)
+    who = closed["customer_id"].to_numpy(str)
     n1, n0 = int((~held).sum()), int(held.sum())
     k1, k0 = int(won[~held].sum()), int(won[held].sum())
-    uplift, low, high = difference_interval(k1, n1, k0, n0, level)
+    effects = (design_effect(who[~held], won[~held]), design_effect(who[held], won[held]))
+    uplift, low, high = difference_interval(k1, n1, k0, n0, level, design_effects=effects)
     return TriggerOutcome(
         trigger=trigger,
         outcome=outcome,
@@ -244,9 +290,9 @@ def outcomes_table(rows: Iterable[TriggerOutcome]) -> object:
 def _firings(
     lake: EventLake, windows: dict[str, float], outcome: str, control: str
 ) -> pd.DataFrame:
-    """One row per firing: trigger, fired_at, held_out, converted."""
+    """One row per firing: customer_id, trigger, fired_at, held_out, converted."""
     if not windows:
-        return pd.DataFrame(columns=["trigger", "fired_at", "held_out", "converted"])
+        return pd.DataFrame(columns=["customer_id", "trigger", "fired_at", "held_out", "converted"])
     scan = lake.duckdb_scan()
     con = duckdb.connect()
     try:
@@ -266,14 +312,14 @@ def _firings(
                 FROM events e JOIN windows w ON e.campaign_id = w.trigger
                 WHERE e.event_type = 'campaign_exposure' AND e.event_id LIKE 'exposure:%'
             )
-            SELECT f.trigger, f.fired_at, f.held_out,
+            SELECT f.customer_id, f.trigger, f.fired_at, f.held_out,
                    count(o.event_id) > 0 AS converted
             FROM fired f LEFT JOIN events o
               ON o.customer_id = f.customer_id AND o.event_type = ?
              AND o.event_timestamp > f.fired_at
              AND o.event_timestamp <= f.fired_at + to_microseconds(
                    CAST(f.hours * 3600000000 AS BIGINT))
-            GROUP BY f.event_id, f.trigger, f.fired_at, f.held_out
+            GROUP BY f.event_id, f.customer_id, f.trigger, f.fired_at, f.held_out
             """,
             [control, outcome],
         ).df()

@@ -450,6 +450,11 @@ def _parse_jsonl(
         )
     except pa.ArrowInvalid:
         return _parse_jsonl_slowly(block, path, first_row)
+    # A nested value is wrong for every field, and some nested columns (an empty
+    # object, ``struct<>``) crash Arrow's take when the row is quarantined: such
+    # blocks take the line-by-line path too, which flags them and keeps them as text.
+    if any(pa.types.is_nested(f.type) for f in table.schema):
+        return _parse_jsonl_slowly(block, path, first_row)
     _check_names(path, table.column_names)
     return table, []
 
