@@ -155,6 +155,8 @@ def test_an_immediate_trigger_fires_once_per_customer_and_window(settings: Setti
     sent = _outbound(settings)
     stats = runner.stats
     assert stats.fired > 0 and stats.fired == stats.delivered + stats.held_out
+    # Each customer evaluated once: the exposures written for the firings are no change.
+    assert stats.evaluated == len(customers) and stats.exposures == stats.fired
     assert len(sent) == stats.delivered
     assert {d["trigger"] for d in sent} == {"browsing"}
     assert len({d["customer_id"] for d in sent}) == len(sent)  # once per customer
@@ -204,8 +206,9 @@ def test_a_delayed_trigger_fires_after_the_delay_only_if_it_still_holds(
     carts = [d for d in _outbound(settings) if d["trigger"] == "abandoned_cart"]
     assert sorted(d["customer_id"] for d in carts) == left
     assert {d["action"] for d in carts} == {"cart_recovery"}
-    # The exposures written for those firings are events too and re-arm the timers;
-    # when those fall due, the window's mark keeps the trigger from firing again.
+    # The exposures written for those firings are in the lake but are no change: they
+    # arm no timer, and only the segment's lapse is pending.
+    assert runner.stats.exposures == 3 and runner.state.pending_timers() == 3
     clock["now"] = now + timedelta(minutes=70)
     _drain(runner)
     assert len([d for d in _outbound(settings) if d["trigger"] == "abandoned_cart"]) == 3

@@ -15,6 +15,9 @@
 4. writes the fired decisions to the event lake as ``campaign_exposure``
    events (the outbox of :class:`~propensity.activation.state.ActivationState`),
    so the next feature build counts them as contacts and measurement finds them.
+   They do not mark their customers changed: a decision is not behavior to
+   evaluate again (it would fire "any recent event" triggers on itself), and
+   until that build the arbitration counts the runner's own contacts live.
 
 A firing takes the next-best-action through the same arbitration kernel as
 ``/score`` (eligibility, contact policy with this runner's own recent
@@ -445,7 +448,7 @@ class TriggerRunner:
                     "action": control if d["holdout"] or d["action"] is None else d["action"],
                 }
             )
-        self.processor.process(events, received_at=self.clock())
+        self.processor.process(events, received_at=self.clock(), changes=False)
         self.state.drop_exposures([i for i, _ in entries])
         self.stats.exposures += len(entries)
         return len(entries)

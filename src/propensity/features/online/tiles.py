@@ -172,7 +172,7 @@ class SqliteTileStore:
             known.update(r[0] for r in rows)
         return known
 
-    def apply(self, events: pa.Table) -> ApplyReport:
+    def apply(self, events: pa.Table, *, changes: bool = True) -> ApplyReport:
         """Apply canonical events not applied before, in one durable transaction.
 
         Within ``events`` the first row of each ``event_id`` wins; an id
@@ -184,6 +184,8 @@ class SqliteTileStore:
         ----------
         events : pa.Table
             Validated canonical events (``ARROW_SCHEMA`` columns).
+        changes : bool
+            Mark their customers in the change feed (:meth:`dirty`).
 
         Returns
         -------
@@ -194,10 +196,10 @@ class SqliteTileStore:
         with _transaction(con):
             new = first_new(events, ids, self._known(con, ids))
             if new.num_rows:
-                self._write(con, new)
+                self._write(con, new, changes)
         return ApplyReport(applied=new.num_rows, duplicates=len(ids) - new.num_rows)
 
-    def _write(self, con: sqlite3.Connection, new: pa.Table) -> None:
+    def _write(self, con: sqlite3.Connection, new: pa.Table, changes: bool) -> None:
         t = self.tables
         tiles = tile_rows(new)
         sums = ", ".join(f"{c} = {c} + excluded.{c}" for c in TILE_COLUMNS[:5])
@@ -229,6 +231,8 @@ class SqliteTileStore:
             f'INSERT INTO "{t["staged"]}" (rows, events) VALUES (?, ?)',
             (new.num_rows, _ipc(new)),
         ).lastrowid
+        if not changes:
+            return
         customers = pc.unique(new.column("customer_id")).to_pylist()
         con.executemany(
             f'INSERT INTO "{t["dirty"]}" VALUES (?, ?) '
