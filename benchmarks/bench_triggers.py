@@ -53,6 +53,7 @@ from propensity.activation.runner import TriggerRunner  # noqa: E402
 from propensity.config import Settings, load_settings  # noqa: E402
 from propensity.features.online.redis_client import connect  # noqa: E402
 from propensity.features.store import FeatureStoreAdapter  # noqa: E402
+from propensity.models.arbitration import in_holdout, load_catalog  # noqa: E402
 from propensity.streaming.processor import EventProcessor  # noqa: E402
 
 TRIGGERS = {
@@ -111,6 +112,19 @@ def _project(root: Path, customers: int, redis_url: str) -> Settings:
     }
     (root / "propensity.yaml").write_text(yaml.safe_dump(config))
     return load_settings(root, environ={})
+
+
+def _awaited(settings: Settings, keys: dict[str, str]) -> list[str]:
+    """The decision ids to wait for: the catalog's hold-out is never sent."""
+    catalog = load_catalog(settings.path(settings.models_dir) / "actions.yaml")
+    held = in_holdout(list(keys), catalog.holdout_share, catalog.holdout_salt)
+    return [k for k, h in zip(keys.values(), held.tolist(), strict=True) if not h]
+
+
+def _wait_for(outbound: _Outbound, awaited: list[str], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and any(k not in outbound.arrived for k in awaited):
+        time.sleep(0.1)
 
 
 def _event(customer: str, i: int, at: datetime) -> dict[str, Any]:
@@ -191,10 +205,8 @@ def immediate(settings: Settings, outbound: _Outbound, args: argparse.Namespace)
             applied_at[customer] = done
     behind = time.monotonic() - start - args.seconds
     window = settings_window(now)
-    wait_until = time.monotonic() + 60
     keys = {c: f"visit:{c}:{window}" for c in applied_at}
-    while time.monotonic() < wait_until and any(k not in outbound.arrived for k in keys.values()):
-        time.sleep(0.1)
+    _wait_for(outbound, _awaited(settings, keys), 60)
     latencies = [
         outbound.arrived[k][0] - applied_at[c] for c, k in keys.items() if k in outbound.arrived
     ]
@@ -230,9 +242,7 @@ def timers(settings: Settings, outbound: _Outbound, args: argparse.Namespace) ->
             pipe.execute()
     window = settings_window(datetime.now(UTC))
     keys = {c: f"revisit:{c}:{window}" for c in chosen}
-    deadline = time.monotonic() + args.spread + 120
-    while time.monotonic() < deadline and any(k not in outbound.arrived for k in keys.values()):
-        time.sleep(0.2)
+    _wait_for(outbound, _awaited(settings, keys), args.spread + 120)
     late = [
         outbound.arrived[k][0] - d / 1000
         for (c, k), d in zip(keys.items(), due.tolist(), strict=True)

@@ -155,6 +155,8 @@ def test_an_immediate_trigger_fires_once_per_customer_and_window(settings: Setti
     sent = _outbound(settings)
     stats = runner.stats
     assert stats.fired > 0 and stats.fired == stats.delivered + stats.held_out
+    # Each customer evaluated once: the exposures written for the firings are no change.
+    assert stats.evaluated == len(customers) and stats.exposures == stats.fired
     assert len(sent) == stats.delivered
     assert {d["trigger"] for d in sent} == {"browsing"}
     assert len({d["customer_id"] for d in sent}) == len(sent)  # once per customer
@@ -169,9 +171,11 @@ def test_an_immediate_trigger_fires_once_per_customer_and_window(settings: Setti
     EventProcessor(settings).process(
         [_event(f"again-{c}", c, "page_view", now - timedelta(minutes=1)) for c in customers]
     )
+    fired_before = stats.fired
     _drain(runner)
     assert len(_outbound(settings)) == len(sent)
-    assert runner.stats.fired == stats.fired
+    assert runner.stats.fired == fired_before
+    assert runner.stats.repeats == fired_before  # each fired customer, skipped by its mark
     # Every firing, held out or not, is in the lake as a campaign exposure.
     lake = runner.processor
     lake.flush()
@@ -204,8 +208,9 @@ def test_a_delayed_trigger_fires_after_the_delay_only_if_it_still_holds(
     carts = [d for d in _outbound(settings) if d["trigger"] == "abandoned_cart"]
     assert sorted(d["customer_id"] for d in carts) == left
     assert {d["action"] for d in carts} == {"cart_recovery"}
-    # The exposures written for those firings are events too and re-arm the timers;
-    # when those fall due, the window's mark keeps the trigger from firing again.
+    # The exposures written for those firings are in the lake but are no change: they
+    # arm no timer, and only the segment's lapse is pending.
+    assert runner.stats.exposures == 3 and runner.state.pending_timers() == 3
     clock["now"] = now + timedelta(minutes=70)
     _drain(runner)
     assert len([d for d in _outbound(settings) if d["trigger"] == "abandoned_cart"]) == 3

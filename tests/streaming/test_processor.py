@@ -258,3 +258,10 @@ def test_the_change_feed_keeps_a_customer_changed_again_after_it_was_read(
     processor.tiles.clean(processor.tiles.dirty(10))
     processor.process([_event(3, "C1")], received_at=NOW)  # a duplicate changes nothing
     assert processor.tiles.dirty(10) == []
+    # The trigger runner's own exposures: applied to the tiles, no change to evaluate;
+    # a change marked before stays marked with its own batch.
+    processor.process([_event(4, "C2")], received_at=NOW)
+    marked = processor.tiles.dirty(10)
+    result = processor.process([_event(5, "C1"), _event(6, "C2")], received_at=NOW, changes=False)
+    assert result.accepted == 2 and processor.tiles.dirty(10) == marked
+    assert _col(processor.read(["C1"], NOW), "events_1h")[0] == 3

@@ -15,6 +15,9 @@
 4. writes the fired decisions to the event lake as ``campaign_exposure``
    events (the outbox of :class:`~propensity.activation.state.ActivationState`),
    so the next feature build counts them as contacts and measurement finds them.
+   They do not mark their customers changed: a decision is not behavior to
+   evaluate again (it would fire "any recent event" triggers on itself), and
+   until that build the arbitration counts the runner's own contacts live.
 
 A firing takes the next-best-action through the same arbitration kernel as
 ``/score`` (eligibility, contact policy with this runner's own recent
@@ -228,12 +231,18 @@ class TriggerRunner:
                 columns[field] = scored.scores[model]
         return columns
 
+    def _score(self, scorer: Scorer, customers: list[str]) -> tuple[ScoredBatch, list[str]]:
+        """Scores and features of the customers, and the ids the online store knows."""
+        # The scorer's own next-best-action is not needed: a firing decides with the
+        # trigger's actions and this runner's live contacts (:meth:`_decide`).
+        scored = scorer.score_columns(customers, reasons=False, decide=False)
+        return scored, [customers[i] for i in scored.rows.tolist()]
+
     def _previous(self, ids: list[str]) -> dict[str, np.ndarray]:
         return {score: self.state.previous(score, ids) for score in self._crossing_scores}
 
     def _on_change(self, scorer: Scorer, customers: list[str], now: datetime) -> None:
-        scored = scorer.score_columns(customers, reasons=False)
-        ids = [customers[i] for i in scored.rows.tolist()]
+        scored, ids = self._score(scorer, customers)
         if not ids:
             return
         self.stats.evaluated += len(ids)
@@ -287,8 +296,7 @@ class TriggerRunner:
         if not segment.when:
             self.state.update_segments({name: ([], customers)})
             return
-        scored = scorer.score_columns(customers, reasons=False)
-        ids = [customers[i] for i in scored.rows.tolist()]
+        scored, ids = self._score(scorer, customers)
         gone = sorted(set(customers) - set(ids))
         if gone:
             self.state.update_segments({name: ([], gone)})
@@ -298,8 +306,7 @@ class TriggerRunner:
     def _on_timer(
         self, scorer: Scorer, name: str, trigger: Trigger, customers: list[str], now: datetime
     ) -> None:
-        scored = scorer.score_columns(customers, reasons=False)
-        ids = [customers[i] for i in scored.rows.tolist()]
+        scored, ids = self._score(scorer, customers)
         if not ids:
             return
         columns = self._columns(scorer, scored)
@@ -319,12 +326,15 @@ class TriggerRunner:
         hits: np.ndarray,
         now: datetime,
     ) -> None:
+        window = trigger.window_key(int(now.timestamp() * 1_000_000))
+        hits = self._unfired(name, window, ids, hits)
+        if not hits.size:
+            return
         chosen = [ids[i] for i in hits.tolist()]
         held = trigger.in_holdout(chosen)
         catalog = None if scorer.policy is None else scorer.policy.catalog
         if catalog is not None and trigger.action != NO_TRIGGER_ACTION:
             held |= in_holdout(chosen, catalog.holdout_share, catalog.holdout_salt)
-        window = trigger.window_key(int(now.timestamp() * 1_000_000))
         ttl = trigger.window_us // 1_000_000 + 3600  # the window, and an hour of clock skew
         fired_at = now.isoformat().replace("+00:00", "Z")
         versions = dict(scorer.versions)
@@ -377,6 +387,14 @@ class TriggerRunner:
             self.state.update_segments({trigger.segment: (members, [])})
             self._arm_lapse(trigger.segment, members, now)
 
+    def _unfired(self, name: str, window: str, ids: list[str], hits: np.ndarray) -> np.ndarray:
+        """The hits whose trigger has not fired in this window yet (the rest are repeats)."""
+        # Read ahead of the firing script, which still has the last word: it spares the
+        # repeats (most events are of customers fired already) the arbitration and the script.
+        fired = self.state.fired(name, window, [ids[i] for i in hits.tolist()])
+        self.stats.repeats += int(fired.sum())
+        return hits[~fired]
+
     def _decide(
         self,
         scorer: Scorer,
@@ -413,15 +431,19 @@ class TriggerRunner:
             )
         )
         since = np.where(np.isnan(stamps), 0.0, stamps)
-        live = self.state.contacts(ids, since.tolist())
-        t = now.timestamp()
-        for i, times in enumerate(live.tolist()):
-            if not times:
-                continue
-            ages = (t - np.asarray(times, dtype=np.float64)) / 86400.0
-            X[i, j7] = np.nan_to_num(X[i, j7]) + float((ages < 7).sum())
-            X[i, j30] = np.nan_to_num(X[i, j30]) + float((ages < 30).sum())
-            X[i, jsince] = float(np.nanmin([X[i, jsince], ages.min()]))
+        rows, times = self.state.contacts(ids, since.tolist())
+        if not rows.size:
+            return
+        n = len(ids)
+        ages = (now.timestamp() - times) / 86400.0
+        contacted = np.bincount(rows, minlength=n) > 0
+        for j, days in ((j7, 7), (j30, 30)):
+            recent = np.bincount(rows, weights=ages < days, minlength=n)
+            X[contacted, j] = np.nan_to_num(X[contacted, j]) + recent[contacted]
+        youngest = np.full(n, np.inf)
+        np.minimum.at(youngest, rows, ages)
+        # fmin: a customer without a days-since feature (NaN) takes its live contact's.
+        X[contacted, jsince] = np.fmin(X[contacted, jsince], youngest[contacted])
 
     # -- the lake --------------------------------------------------------------
 
@@ -445,7 +467,7 @@ class TriggerRunner:
                     "action": control if d["holdout"] or d["action"] is None else d["action"],
                 }
             )
-        self.processor.process(events, received_at=self.clock())
+        self.processor.process(events, received_at=self.clock(), changes=False)
         self.state.drop_exposures([i for i, _ in entries])
         self.stats.exposures += len(entries)
         return len(entries)

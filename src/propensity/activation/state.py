@@ -198,7 +198,7 @@ class ActivationState:
         with self.client.pipeline(transaction=False) as pipe:
             for d in decisions:
                 keys = [
-                    self.key("fired", d.trigger, d.window, d.customer_id),
+                    self._fired_key(d.trigger, d.window, d.customer_id),
                     self.outbound_key,
                     self.key("contacts", d.customer_id),
                     self.key("exposures"),
@@ -215,13 +215,31 @@ class ActivationState:
             out = [bool(int(reply)) for reply in pipe.execute()]
         return out
 
-    def contacts(self, customers: Sequence[str], since_s: Sequence[float]) -> np.ndarray:
-        """Per customer, the times (epoch s) of decisions delivered after ``since_s``."""
+    def _fired_key(self, trigger: str, window: str, customer: str) -> str:
+        return self.key("fired", trigger, window, customer)
+
+    def fired(self, trigger: str, window: str, customers: Sequence[str]) -> np.ndarray:
+        """Whether ``trigger`` fired for each customer in ``window`` (by its mark)."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for c in customers:
+                pipe.exists(self._fired_key(trigger, window, c))
+            return np.array(pipe.execute(), dtype=bool).reshape(len(customers))
+
+    def contacts(
+        self, customers: Sequence[str], since_s: Sequence[float]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Decisions delivered to each customer after its ``since_s``, flat.
+
+        Returns ``(row, time)``: per decision, the index of its customer in
+        ``customers`` and its time (epoch s).
+        """
         with self.client.pipeline(transaction=False) as pipe:
             for c, since in zip(customers, since_s, strict=True):
                 pipe.zrangebyscore(self.key("contacts", c), f"({since}", "+inf", withscores=True)
             replies = pipe.execute()
-        return np.array([[score for _, score in r] for r in replies], dtype=object)
+        rows = np.repeat(np.arange(len(replies)), [len(r) for r in replies])
+        times = np.array([score for r in replies for _, score in r], dtype=np.float64)
+        return rows, times
 
     def exposures(self, limit: int) -> list[tuple[str, dict[str, Any]]]:
         """Fired decisions not yet in the event lake: ``(entry id, decision)``."""

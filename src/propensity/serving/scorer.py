@@ -464,12 +464,15 @@ class Scorer:
     def _model_input(self, name: str, matrix: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(matrix[:, self._columns[name]])
 
-    def score_columns(self, customer_ids: Sequence[str], reasons: bool = True) -> ScoredBatch:
+    def score_columns(
+        self, customer_ids: Sequence[str], reasons: bool = True, *, decide: bool = True
+    ) -> ScoredBatch:
         """Score customers into a :class:`ScoredBatch` (the arrays behind :meth:`score`).
 
         Everything is computed once per batch: one LightGBM call per model
         (probabilities and contributions for the reasons together), one
-        policy call. ``reasons=False`` skips the contributions.
+        policy call. ``reasons=False`` skips the contributions, ``decide=False``
+        the policy (for callers that decide on their own, as the trigger runner).
         """
         ids = list(customer_ids)
         batch = self.reader.read(ids)
@@ -484,7 +487,7 @@ class Scorer:
         matrix = batch.matrix if rows.size == len(ids) else batch.matrix[rows]
         decisions: list[dict[str, Any] | None] = [None] * len(rows)
         pending: Future[list[dict[str, Any]]] | None = None
-        if self.policy is not None:
+        if self.policy is not None and decide:
             known = [ids[i] for i in rows.tolist()]
             X_policy = self._model_input(NBA, matrix)
             if len(rows) >= _OVERLAP_ROWS:

@@ -179,7 +179,7 @@ class EventProcessor:
     # -- processing ------------------------------------------------------------
 
     def process(
-        self, records: Sequence[Any], *, received_at: datetime | None = None
+        self, records: Sequence[Any], *, received_at: datetime | None = None, changes: bool = True
     ) -> ProcessResult:
         """Process one batch of canonical events; durable when it returns.
 
@@ -191,6 +191,9 @@ class EventProcessor:
             customer: their events are dropped).
         received_at : datetime, optional
             The clock for the future-timestamp rule and flush timing (default: now).
+        changes : bool
+            Mark the customers changed for the trigger runner (its own exposures
+            are not: they are its decisions, not behavior to evaluate again).
 
         Returns
         -------
@@ -223,7 +226,7 @@ class EventProcessor:
             self._quarantine(rejected)
         valid = checked.valid.select(_CANONICAL)
         if valid.num_rows:
-            applied = self.tiles.apply(valid)
+            applied = self.tiles.apply(valid, changes=changes)
             result.accepted, result.duplicates = applied.applied, applied.duplicates
             if applied.applied and self._staged_since is None:
                 self._staged_since = time.monotonic()

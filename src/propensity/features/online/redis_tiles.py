@@ -113,7 +113,8 @@ end
 # its hash (KEYS[5 + 2j]) and ids (KEYS[6 + 2j]).
 # ARGV: customers, events, tiles, sessions, rows, blob; then per customer
 # (id, oldest minute); per event (id, customer, minute); per tile (customer,
-# minute, 8 values); per session (customer, session_id, last_us, views).
+# minute, 8 values); per session (customer, session_id, last_us, views); last, 1 to mark
+# the customers in the change feed (0 not to).
 _APPLY = (
     _LUA_HELPERS
     + """
@@ -168,7 +169,9 @@ end
 local batch = redis.call('INCR', KEYS[5])
 redis.call('HSET', KEYS[3], batch, ARGV[6])
 redis.call('HSET', KEYS[4], batch, ARGV[5])
-for j = 1, nc do redis.call('ZADD', KEYS[6], batch, ARGV[5 + 2 * j]) end
+if ARGV[#ARGV] == '1' then
+  for j = 1, nc do redis.call('ZADD', KEYS[6], batch, ARGV[5 + 2 * j]) end
+end
 return {1, batch}
 """
 )
@@ -389,7 +392,7 @@ class RedisTileStore:
 
     # -- writing ---------------------------------------------------------------
 
-    def apply(self, events: pa.Table) -> ApplyReport:
+    def apply(self, events: pa.Table, *, changes: bool = True) -> ApplyReport:
         """Apply canonical events not applied before, atomically (one Lua script).
 
         Within ``events`` the first row of each ``event_id`` wins; an id
@@ -401,6 +404,8 @@ class RedisTileStore:
         ----------
         events : pa.Table
             Validated canonical events (``ARROW_SCHEMA`` columns).
+        changes : bool
+            Mark their customers in the change feed (:meth:`dirty`).
 
         Returns
         -------
@@ -412,7 +417,7 @@ class RedisTileStore:
             new = first_new(events, ids, known)
             if not new.num_rows:
                 break
-            keys, args = self._apply_args(new)
+            keys, args = self._apply_args(new, changes)
             done, detail = self._script("apply", keys, args)
             if int(done) == 1:
                 self._durable()
@@ -421,7 +426,7 @@ class RedisTileStore:
             known.update(raw.decode("utf8") for raw in detail)
         return ApplyReport(applied=new.num_rows, duplicates=len(ids) - new.num_rows)
 
-    def _apply_args(self, new: pa.Table) -> tuple[list[bytes], list[Any]]:
+    def _apply_args(self, new: pa.Table, changes: bool) -> tuple[list[bytes], list[Any]]:
         tiles = tile_rows(new)
         sessions = session_rows(new)
         tile_customers = tiles.column("customer_id").to_pylist()
@@ -458,6 +463,7 @@ class RedisTileStore:
             strict=True,
         ):
             args += row
+        args.append(int(changes))
         fixed = ("applied", "customers", "staged", "staged_rows", "batch", "dirty")
         return [self.keys[k] for k in fixed] + self._customer_keys(customers), args
 

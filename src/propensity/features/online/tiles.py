@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,18 @@ class ApplyReport:
 
     applied: int
     duplicates: int
+
+
+@contextmanager
+def _transaction(con: sqlite3.Connection) -> Iterator[None]:
+    """One durable transaction on an autocommit connection (rolled back on any error)."""
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
 
 
 def _ipc(table: pa.Table) -> bytes:
@@ -159,7 +172,7 @@ class SqliteTileStore:
             known.update(r[0] for r in rows)
         return known
 
-    def apply(self, events: pa.Table) -> ApplyReport:
+    def apply(self, events: pa.Table, *, changes: bool = True) -> ApplyReport:
         """Apply canonical events not applied before, in one durable transaction.
 
         Within ``events`` the first row of each ``event_id`` wins; an id
@@ -171,6 +184,8 @@ class SqliteTileStore:
         ----------
         events : pa.Table
             Validated canonical events (``ARROW_SCHEMA`` columns).
+        changes : bool
+            Mark their customers in the change feed (:meth:`dirty`).
 
         Returns
         -------
@@ -178,18 +193,13 @@ class SqliteTileStore:
         """
         con = self._con()
         ids = events.column("event_id").to_pylist()
-        con.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(con):
             new = first_new(events, ids, self._known(con, ids))
             if new.num_rows:
-                self._write(con, new)
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+                self._write(con, new, changes)
         return ApplyReport(applied=new.num_rows, duplicates=len(ids) - new.num_rows)
 
-    def _write(self, con: sqlite3.Connection, new: pa.Table) -> None:
+    def _write(self, con: sqlite3.Connection, new: pa.Table, changes: bool) -> None:
         t = self.tables
         tiles = tile_rows(new)
         sums = ", ".join(f"{c} = {c} + excluded.{c}" for c in TILE_COLUMNS[:5])
@@ -221,6 +231,8 @@ class SqliteTileStore:
             f'INSERT INTO "{t["staged"]}" (rows, events) VALUES (?, ?)',
             (new.num_rows, _ipc(new)),
         ).lastrowid
+        if not changes:
+            return
         customers = pc.unique(new.column("customer_id")).to_pylist()
         con.executemany(
             f'INSERT INTO "{t["dirty"]}" VALUES (?, ?) '
@@ -244,9 +256,12 @@ class SqliteTileStore:
 
     def clean(self, marks: Sequence[tuple[str, int]]) -> None:
         """Drop the customers of :meth:`dirty`'s marks unless they changed again since."""
-        self._con().executemany(
-            f'DELETE FROM "{self.tables["dirty"]}" WHERE customer_id = ? AND batch = ?', marks
-        )
+        con = self._con()
+        # One transaction: in autocommit each DELETE would be a commit of its own (an fsync).
+        with _transaction(con):
+            con.executemany(
+                f'DELETE FROM "{self.tables["dirty"]}" WHERE customer_id = ? AND batch = ?', marks
+            )
 
     # -- the lake's side -------------------------------------------------------
 
@@ -280,18 +295,13 @@ class SqliteTileStore:
         """Delete tiles, sessions and applied ids before ``before_minute``; return tiles deleted."""
         t = self.tables
         con = self._con()
-        con.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(con):
             n = con.execute(f'DELETE FROM "{t["tiles"]}" WHERE minute < ?', (before_minute,))
             deleted = n.rowcount
             con.execute(
                 f'DELETE FROM "{t["sessions"]}" WHERE last_us < ?', (before_minute * 60_000_000,)
             )
             con.execute(f'DELETE FROM "{t["applied"]}" WHERE minute < ?', (before_minute,))
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
         return int(deleted)
 
     def forget(self, customer_ids: Sequence[str]) -> int:
@@ -304,8 +314,7 @@ class SqliteTileStore:
         removed = 0
         # Freed pages are zeroed: the file alone must not hold the ids afterwards.
         con.execute("PRAGMA secure_delete=ON")
-        con.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(con):
             for start in range(0, len(wanted), _CHUNK):
                 part = wanted[start : start + _CHUNK]
                 marks = ",".join("?" * len(part))
@@ -330,10 +339,6 @@ class SqliteTileStore:
                     )
                 else:
                     con.execute(f'DELETE FROM "{t["staged"]}" WHERE batch = ?', (batch,))
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
         con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         data = self.path.read_bytes()
         if any(c.encode("utf8") in data for c in wanted):
