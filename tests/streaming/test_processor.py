@@ -203,7 +203,7 @@ def test_any_batch_is_fully_accounted_for(tmp_path: Path, records: list) -> None
 def test_nested_values_are_rejected_not_a_crash(tmp_path: Path) -> None:
     # A body schemathesis sent to /events: empty objects nested in objects crashed
     # Arrow's take when the rows were quarantined (the server answered 500).
-    body = json.loads((Path(__file__).parent / "data" / "nested_events.json").read_text())
+    body = json.loads((Path(__file__).parent / "nested_events.json").read_text())
     result = EventProcessor(_settings(tmp_path)).process(body["events"], received_at=NOW)
     assert result.accepted == 0
     assert [(r.index, r.field) for r in result.rejected] == [(i, "customer_id") for i in range(5)]
