@@ -123,7 +123,10 @@ def ingest(
         list[str], typer.Option("--map", help="Rename a source column: SOURCE=TARGET.")
     ] = [],  # noqa: B006 - typer reads the default, never mutates it
     orders_only: Annotated[
-        bool, typer.Option(help="Transaction log: customer, date/time, amount[, quantity].")
+        bool,
+        typer.Option(
+            help="Transaction log: customer, date/time, amount (or unit price)[, quantity]."
+        ),
     ] = False,
     consent: Annotated[
         Path | None, typer.Option(help="File of customers who withdrew consent.")

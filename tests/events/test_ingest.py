@@ -178,6 +178,45 @@ def test_orders_only(tmp_path: Path) -> None:
     assert again.accepted == 0
 
 
+def test_orders_only_with_unit_prices(tmp_path: Path) -> None:
+    # Retail logs give a unit price and a quantity per line (no amount): price is kept
+    # as given, and the order amount (price x quantity) enters the derived order id.
+    lines = pd.DataFrame(
+        {
+            "CustomerID": ["12346.0", "12346.0", "12347.0", "12347.0"],
+            "InvoiceDate": ["12/1/2010 8:26", "12/1/2010 8:26", "12/2/2010 9:01", "12/3/2010 9:01"],
+            "UnitPrice": ["2.55", "3.39", "abc", "0.85"],
+            "Quantity": ["6", "6", "2", "-1"],
+        }
+    )
+    source = _write(tmp_path / "retail.csv", lines)
+    mapping = {
+        "CustomerID": "customer_id",
+        "InvoiceDate": "timestamp",
+        "UnitPrice": "price",
+        "Quantity": "quantity",
+    }
+    lake = EventLake(tmp_path / "lake")
+    report = ingest(
+        [source], lake, tmp_path / "q", mapping=mapping, orders_only=True,
+        timestamp_format="%m/%d/%Y %H:%M", now=NOW,
+    )  # fmt: skip
+    assert (report.accepted, report.quarantined) == (2, 2)
+    stored = lake.read().sort_values("price").reset_index(drop=True)
+    assert stored[["price", "quantity"]].values.tolist() == [[2.55, 6.0], [3.39, 6.0]]
+    assert stored["order_id"].nunique() == 2
+    rejected = pq.read_table(report.quarantine_path).to_pylist()
+    assert [(r["row_number"], r["field"], r["rule"], r["value"]) for r in rejected] == [
+        (3, "price", "not_numeric", "abc"),
+        (4, "quantity", "not_positive", "-1"),
+    ]
+    # Without an amount or a unit price, the error names what is missing.
+    no_value = _write(tmp_path / "no_value.csv", lines.drop(columns="UnitPrice"))
+    del mapping["UnitPrice"]
+    with pytest.raises(IngestError, match=r"lacks column\(s\) \['amount'\]"):
+        ingest([no_value], lake, tmp_path / "q", mapping=mapping, orders_only=True, now=NOW)
+
+
 def test_consent_file_drops_batch_rows_and_erases_stored_events(tmp_path: Path) -> None:
     lake = EventLake(tmp_path / "lake")
     ingest([_write(tmp_path / "old.csv", _frame())], lake, tmp_path / "q", now=NOW)

@@ -147,7 +147,7 @@ class IngestReport:
         if self.identical_rows:
             notes.append(
                 f"of duplicates, identical rows merged within a file: {self.identical_rows:,} "
-                "(give an order_id or event_id, or use --keep-identical-rows, to keep them)"
+                "(use --keep-identical-rows, or give each row an event_id, to keep them)"
             )
         if self.already_quarantined:
             notes.append(

@@ -25,9 +25,10 @@ names the format expected. Text and naive timestamps are read in
 ``timezone``; values carrying an offset or an aware Arrow type are converted
 to UTC. Times before 1970-01-01 UTC are implausible for behavioral events.
 
-Orders-only sources (customer, date or datetime, amount, optional quantity)
-become ``purchase`` events: ``quantity`` defaults to 1 and ``price`` is the
-unit price ``amount / quantity``, so ``price * quantity`` is the order amount.
+Orders-only sources (customer, date or datetime, amount or unit price,
+optional quantity) become ``purchase`` events: ``quantity`` defaults to 1 and
+``price`` is the unit price, ``amount / quantity`` when the source gives the
+line's amount, so ``price * quantity`` is the order amount.
 Their ``order_id`` is derived from the row's content.
 
 Rows without an ``event_id`` get one derived from their canonical content
@@ -456,7 +457,9 @@ def _events_plan(kinds: Mapping[str, str], now_sql: str, fmt: str | None) -> _Pl
 
 def _orders_plan(kinds: Mapping[str, str], now_sql: str, fmt: str | None) -> _Plan:
     time_col = next((c for c in ORDER_TIME_COLUMNS if c in kinds), None)
-    missing = [c for c in ("customer_id", "amount") if c not in kinds]
+    # The order line's amount, or its unit price (times the quantity, as in most retail logs).
+    value = "amount" if "amount" in kinds or "price" not in kinds else "price"
+    missing = [c for c in ("customer_id", value) if c not in kinds]
     if time_col is None:
         missing.append("|".join(ORDER_TIME_COLUMNS))
     if missing:
@@ -469,18 +472,22 @@ def _orders_plan(kinds: Mapping[str, str], now_sql: str, fmt: str | None) -> _Pl
     parsed, wrong = _text_fields(canonical_text, kinds)
     time_items, time_rules = _time(time_col, kinds[time_col], now_sql, fmt)
     parsed += ["'purchase' AS event_type", *time_items]
-    parsed.append(f"{_number('amount', kinds['amount'])} AS amount")
-    parsed.append(f"{_present('amount', kinds['amount'])} AS _has_amount")
     quantity = kinds.get("quantity")
     parsed.append(f"{_number('quantity', quantity)} AS _quantity")
     parsed.append(f"{_present('quantity', quantity)} AS _has_quantity")
+    parsed.append(f"{_number(value, kinds[value])} AS _value")
+    parsed.append(f"{_present(value, kinds[value])} AS _has_value")
+    if value == "amount":
+        parsed += ["_value AS amount", "_value / coalesce(_quantity, 1) AS _unit_price"]
+    else:
+        parsed += ["_value * coalesce(_quantity, 1) AS amount", "_value AS _unit_price"]
     parsed.append("CAST(NULL AS DOUBLE) AS propensity")
     rules = _customer_rules(kinds, wrong)
     rules += time_rules
     rules += [
-        ("amount", "missing", "NOT _has_amount"),
-        ("amount", "not_numeric", "_has_amount AND (amount IS NULL OR NOT isfinite(amount))"),
-        ("amount", "negative", "amount < 0"),
+        (value, "missing", "NOT _has_value"),
+        (value, "not_numeric", "_has_value AND (_value IS NULL OR NOT isfinite(_value))"),
+        (value, "negative", "_value < 0"),
         (
             "quantity",
             "not_numeric",
@@ -493,7 +500,7 @@ def _orders_plan(kinds: Mapping[str, str], now_sql: str, fmt: str | None) -> _Pl
         "concat_ws(chr(31), customer_id, CAST(epoch_us(event_timestamp) AS VARCHAR), "
         "CAST(amount AS VARCHAR), CAST(coalesce(_quantity, 1) AS VARCHAR))"
     )
-    used = {*canonical_text, time_col, "amount", "quantity"} & set(kinds)
+    used = {*canonical_text, time_col, value, "quantity"} & set(kinds)
     return _Plan(parsed, rules, used, key, _time_reasons(time_col, kinds[time_col], fmt))
 
 
@@ -504,7 +511,7 @@ def _canonical_select(plan: _Plan) -> str:
         if plan.order_key is not None and name == "quantity":
             items.append("coalesce(_quantity, 1) AS quantity")
         elif plan.order_key is not None and name == "price":
-            items.append("amount / coalesce(_quantity, 1) AS price")
+            items.append("_unit_price AS price")
         elif plan.order_key is not None and name == "order_id":
             key = plan.order_key
             if plan.row_in_id:
@@ -798,7 +805,8 @@ def _validated(
 def _absent_required(names: Sequence[str], orders_only: bool) -> list[str]:
     if orders_only:
         times = [] if set(ORDER_TIME_COLUMNS) & set(names) else [ORDER_TIME_COLUMNS[0]]
-        return [c for c in ("customer_id", "amount") if c not in names] + times
+        value = [] if {"amount", "price"} & set(names) else ["amount"]
+        return [c for c in ("customer_id",) if c not in names] + value + times
     return [c for c in ("customer_id", "event_type", "event_timestamp") if c not in names]
 
 
