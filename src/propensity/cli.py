@@ -118,7 +118,9 @@ def simulate(
 
 @app.command()
 def ingest(
-    paths: Annotated[list[Path], typer.Argument(help="CSV, Parquet or JSON Lines files.")],
+    paths: Annotated[
+        list[Path], typer.Argument(help="CSV, Parquet, JSON Lines or Excel (.xlsx) files.")
+    ],
     map_: Annotated[
         list[str], typer.Option("--map", help="Rename a source column: SOURCE=TARGET.")
     ] = [],  # noqa: B006 - typer reads the default, never mutates it

@@ -262,7 +262,7 @@ class Project:
         Parameters
         ----------
         paths : path or sequence of paths
-            CSV, Parquet or JSON Lines files, or folders of them.
+            CSV, Parquet, JSON Lines or Excel files, or folders of them.
         **options
             ``mapping``, ``orders_only``, ``consent_file``, ``timestamp_format``
             (default: the project's ``events.timestamp_format``), ``progress``... as

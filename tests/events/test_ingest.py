@@ -217,6 +217,42 @@ def test_orders_only_with_unit_prices(tmp_path: Path) -> None:
         ingest([no_value], lake, tmp_path / "q", mapping=mapping, orders_only=True, now=NOW)
 
 
+def test_an_excel_workbook_is_read_like_its_csv_export(tmp_path: Path) -> None:
+    from openpyxl import Workbook
+
+    book = Workbook()
+    sheet = book.active
+    sheet.append([None])  # a blank row above the header
+    sheet.append(["CustomerID", "InvoiceDate", "UnitPrice", "Quantity"])
+    sheet.append([12346, datetime(2010, 12, 1, 8, 26), 2.55, 6])
+    sheet.append([None, None, None, None])  # blank rows are not rows
+    sheet.append(["12347", "2010-12-02 09:01", "abc", 2])  # dates typed as text work too
+    sheet.append([12348, datetime(2010, 12, 3), 1.25, 4, "stray"])  # beyond the header
+    sheet.append([12349, datetime(2010, 12, 3, 10, 0), 0.85, 1])
+    book.save(tmp_path / "retail.xlsx")
+    mapping = {
+        "CustomerID": "customer_id",
+        "InvoiceDate": "timestamp",
+        "UnitPrice": "price",
+        "Quantity": "quantity",
+    }
+    lake = EventLake(tmp_path / "lake")
+    report = ingest(
+        [tmp_path / "retail.xlsx"], lake, tmp_path / "q", mapping=mapping, orders_only=True,
+        now=NOW,
+    )  # fmt: skip
+    assert (report.read, report.accepted, report.quarantined) == (4, 2, 2)
+    stored = lake.read().sort_values("customer_id").reset_index(drop=True)
+    assert stored["customer_id"].tolist() == ["12346", "12349"]
+    assert stored["price"].tolist() == [2.55, 0.85]
+    assert str(stored["event_timestamp"][0]) == "2010-12-01 08:26:00+00:00"
+    rejected = pq.read_table(report.quarantine_path).to_pylist()
+    assert [(r["row_number"], r["field"], r["rule"]) for r in rejected] == [
+        (2, "price", "not_numeric"),
+        (3, "(row)", "ragged_row"),
+    ]
+
+
 def test_consent_file_drops_batch_rows_and_erases_stored_events(tmp_path: Path) -> None:
     lake = EventLake(tmp_path / "lake")
     ingest([_write(tmp_path / "old.csv", _frame())], lake, tmp_path / "q", now=NOW)
@@ -278,7 +314,8 @@ def test_consent_column_withdraws_customer_everywhere(tmp_path: Path) -> None:
         ("bad.csv.gz", b"not gzip at all", "cannot be read as csv"),
         ("cols.csv", b"a,b\n1,2\n", "required column(s) ['customer_id'"),
         ("empty.csv", b"", "empty file"),
-        ("bad.xlsx", b"x", "unsupported file type"),
+        ("bad.xlsx", b"x", "cannot be read as xlsx"),
+        ("bad.xls", b"x", "unsupported file type"),
     ],
 )
 def test_unreadable_file_raises_one_clear_error(

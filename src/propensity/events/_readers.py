@@ -1,4 +1,4 @@
-"""Read source files (CSV, Parquet, JSON Lines) as bounded Arrow batches, untouched.
+"""Read source files (CSV, Parquet, JSON Lines, Excel) as bounded Arrow batches, untouched.
 
 Values are not interpreted here: CSV columns are read as text and JSON values
 keep their JSON type (or become text when a column mixes types within a
@@ -6,8 +6,10 @@ chunk), so that validation sees exactly what the source held and can name the
 bad value.
 
 Files are streamed: Parquet by record batches, CSV through Arrow's streaming
-reader, JSON Lines in blocks of whole lines, so memory stays bounded by the
-batch size whatever the file size.
+reader, JSON Lines in blocks of whole lines, the first sheet of an Excel
+workbook (``.xlsx``, through openpyxl, the only module importing it) row by row
+with every cell as text (dates and times in ISO 8601), so memory stays bounded
+by the batch size whatever the file size.
 
 A row the reader cannot turn into values (a CSV row with the wrong number of
 fields, a JSON Lines line that is not a JSON object or not UTF-8) is not an
@@ -29,6 +31,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import date, datetime, time
 from pathlib import Path
 from typing import IO, Any
 
@@ -56,7 +59,9 @@ __all__ = [
     "source_columns",
 ]
 
-SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq", ".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
+SUFFIXES = (
+    ".csv", ".csv.gz", ".parquet", ".pq", ".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz", ".xlsx",
+)  # fmt: skip
 # Rows handed to validation at once: large enough to amortise DuckDB's per-query
 # cost, small enough that a batch (as text) stays in the low hundreds of MB.
 BATCH_ROWS = 1_000_000
@@ -158,13 +163,16 @@ def _open_text(path: Path) -> io.TextIOBase:
 
 
 def source_columns(path: Path) -> list[str] | None:
-    """Column names of a CSV or Parquet file without reading its rows (None for JSON Lines)."""
+    """Column names of a CSV, Parquet or Excel file without its rows (None for JSON Lines)."""
     kind = _kind(path)
     with _reading(path, kind):
         if kind == "csv":
             return _csv_header(path)
         if kind in ("parquet", "pq"):
             return list(pq.read_schema(path).names)
+        if kind == "xlsx":
+            with _first_sheet(path) as rows:
+                return _sheet_header(path, rows)
     return None
 
 
@@ -336,6 +344,94 @@ def _iter_parquet(path: Path, columns: list[str] | None, batch_rows: int) -> Ite
         yield _Part(
             file.schema_arrow.empty_table().select(columns or file.schema_arrow.names), 0, 0
         )
+
+
+@contextlib.contextmanager
+def _first_sheet(path: Path) -> Iterator[Iterator[tuple[Any, ...]]]:
+    """The rows of a workbook's first sheet, as cell values."""
+    from openpyxl import load_workbook
+
+    try:
+        book = load_workbook(path, read_only=True, data_only=True)
+    except Exception as exc:  # not a zip, not a workbook, a sheet openpyxl cannot parse
+        raise IngestError(f"{path}: cannot be read as xlsx: {exc}") from None
+    try:
+        yield book.worksheets[0].iter_rows(values_only=True)
+    finally:
+        book.close()
+
+
+def _sheet_header(path: Path, rows: Iterator[tuple[Any, ...]]) -> list[str]:
+    """The first non-empty row, as column names (empty cells after the last name dropped)."""
+    for row in rows:
+        names = ["" if v is None else str(v).strip() for v in row]
+        while names and not names[-1]:
+            names.pop()
+        if not names:
+            continue
+        if "" in names:
+            raise IngestError(f"{path}: the header row has an empty name: {names}")
+        if len(set(names)) != len(names):
+            raise IngestError(f"{path}: the header repeats a column name: {names}")
+        _check_names(path, names)
+        return names
+    raise IngestError(f"{path}: empty sheet, expected a header row")
+
+
+def _cell_text(value: Any) -> str | None:
+    """A cell as the text a CSV export would hold (dates and times in ISO 8601)."""
+    if isinstance(value, datetime):
+        return value.isoformat(sep=" ")
+    if isinstance(value, date | time):
+        return value.isoformat()
+    if isinstance(value, str) and not value:
+        return None  # an empty cell, as an empty CSV field
+    return _text(value)
+
+
+def _iter_xlsx(path: Path, columns: list[str] | None, batch_rows: int) -> Iterator[_Part]:
+    with _first_sheet(path) as rows:
+        header = _sheet_header(path, rows)
+        wanted = header if columns is None else columns
+        missing = [c for c in wanted if c not in header]
+        if missing:
+            raise IngestError(f"{path}: no column(s) {missing}; the header has {header}")
+        index = [header.index(c) for c in wanted]
+        values: list[list[str | None]] = [[] for _ in wanted]
+        kept: list[int] = []
+        problems: list[RowProblem] = []
+        data_row = 0
+        for row in rows:
+            if all(v is None for v in row):
+                continue  # blank rows are not rows, as blank lines of a CSV
+            if any(v is not None for v in row[len(header) :]):
+                shown = ",".join("" if v is None else str(v) for v in row)
+                detail = f"values beyond the header's {len(header)} columns"
+                problems.append(RowProblem(data_row, "ragged_row", shown, detail))
+            else:
+                for out, i in zip(values, index, strict=True):
+                    out.append(_cell_text(row[i]) if i < len(row) else None)
+                kept.append(data_row)
+            data_row += 1
+            if len(kept) + len(problems) >= batch_rows:
+                yield _sheet_part(wanted, values, kept, problems, data_row)
+                values, kept, problems = [[] for _ in wanted], [], []
+        if kept or problems or not data_row:
+            yield _sheet_part(wanted, values, kept, problems, data_row)
+
+
+def _sheet_part(
+    names: list[str],
+    values: list[list[str | None]],
+    kept: list[int],
+    problems: list[RowProblem],
+    done: int,
+) -> _Part:
+    table = pa.table({n: pa.array(v, pa.string()) for n, v in zip(names, values, strict=True)})
+    if problems:
+        table = table.append_column(SOURCE_ROW, pa.array(kept, pa.int64()))
+    # Progress in rows: a sheet's length is known only once it is read.
+    return _Part(table, done, done, problems)
 
 
 def _encodable(value: str) -> bool:
@@ -545,8 +641,8 @@ def iter_source(
     Parameters
     ----------
     path : Path
-        A ``.csv``, ``.parquet``/``.pq`` or ``.jsonl``/``.ndjson`` file
-        (CSV and JSON Lines may be gzipped).
+        A ``.csv``, ``.parquet``/``.pq``, ``.jsonl``/``.ndjson`` or ``.xlsx``
+        file (CSV and JSON Lines may be gzipped).
     text_columns : iterable of str
         JSON fields to read as text whatever they look like.
     columns : list of str, optional
@@ -573,6 +669,8 @@ def iter_source(
             parts = _iter_csv(path, columns)
         elif kind in ("parquet", "pq"):
             parts = _iter_parquet(path, columns, batch_rows)
+        elif kind == "xlsx":
+            parts = _iter_xlsx(path, columns, batch_rows)
         else:
             parts = _iter_jsonl(path, text_columns, columns)
         pending: list[pa.Table] = []

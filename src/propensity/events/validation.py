@@ -72,7 +72,7 @@ __all__ = [
 
 RULES: dict[str, str] = {
     "not_utf8": "a text value, or a JSON Lines line, holds bytes that are not UTF-8",
-    "ragged_row": "a CSV row has more or fewer fields than the header",
+    "ragged_row": "a row has more or fewer fields than the header",
     "bad_json": "a JSON Lines line is not valid JSON or not a JSON object",
     "missing": "a required field is absent, empty or only whitespace",
     "whitespace": "customer_id starts or ends with whitespace (or a control character)",
