@@ -67,7 +67,8 @@ NEXT_BEST_ACTION = "next_best_action"
 #: ``action:`` value of a trigger that sends nothing (the firing is recorded, a segment entered).
 NO_TRIGGER_ACTION = "none"
 
-_NAME_PATTERN = "[a-z][a-z0-9_]*"
+#: Names of triggers and segments (the API documents the segments' with it).
+NAME_PATTERN = "[a-z][a-z0-9_]*"
 _US_PER_MINUTE = 60_000_000
 _US_PER_HOUR = 60 * _US_PER_MINUTE
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -715,7 +716,7 @@ class Segment(_Strict):
 
 
 def _check_name(name: str) -> str:
-    if not re.fullmatch(_NAME_PATTERN, name):
+    if not re.fullmatch(NAME_PATTERN, name):
         raise ValueError(
             f"{name!r} is not a name: lowercase letters, digits and _, starting with a letter"
         )

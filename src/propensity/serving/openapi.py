@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from propensity.activation.spec import NAME_PATTERN
 from propensity.serving.events import EventsRequest, EventsResponse
 from propensity.serving.schemas import (
     AudienceRequest,
@@ -139,13 +140,18 @@ def _lookup(
     return {"get": operation}
 
 
-def _path_parameter(name: str, description: str) -> dict[str, Any]:
+#: A path segment the server routes: BentoML mounts the routes under a catch-all
+#: ``/{path:path}`` whose ``.*`` stops at a line break, so such a path never arrives.
+_ROUTABLE = "^[^\n]+$"
+
+
+def _path_parameter(name: str, description: str, pattern: str = _ROUTABLE) -> dict[str, Any]:
     return {
         "name": name,
         "in": "path",
         "required": True,
         "description": description,
-        "schema": {"type": "string", "minLength": 1},
+        "schema": {"type": "string", "minLength": 1, "pattern": pattern},
     }
 
 
@@ -213,7 +219,7 @@ def openapi_document(*, batch_limit: int, auth: bool) -> dict[str, Any]:
             "segment_members",
             "A page of a live segment's members",
             [
-                _path_parameter("name", "A segment of the triggers file."),
+                _path_parameter("name", "A segment of the triggers file.", f"^{NAME_PATTERN}$"),
                 {
                     "name": "after",
                     "in": "query",
