@@ -143,13 +143,16 @@ def test_sigkilled_consumers_lose_nothing_and_count_nothing_twice(
         since, _ = group_progress(client, settings.stream.key, settings.stream.group)
         # Two names: a restarted "a" re-reads its own pending batch, "b" claims the other's.
         consumer = cli(settings, "stream", "--consumer", "ab"[kills % 2])
-        _wait_busy(client, settings, since)
-        # Killed in its 1st to 3rd batch, anywhere in it: reading, processing, flushing
-        # to the lake, acknowledging.
-        _wait_read(client, settings, since + rng.randint(0, 2) * settings.stream.batch_size + 1)
-        time.sleep(rng.uniform(0, 0.15))  # a batch takes well under a second now
-        consumer.send_signal(signal.SIGKILL)
-        consumer.wait(timeout=10)
+        try:
+            _wait_busy(client, settings, since)
+            # Killed in its 1st to 3rd batch, anywhere in it: reading, processing,
+            # flushing to the lake, acknowledging.
+            target = since + rng.randint(0, 2) * settings.stream.batch_size + 1
+            _wait_read(client, settings, target)
+            time.sleep(rng.uniform(0, 0.15))  # a batch takes well under a second now
+        finally:  # killed on a failed wait too: no consumer outlives the test
+            consumer.send_signal(signal.SIGKILL)
+            consumer.wait(timeout=10)
         in_flight += group_progress(client, settings.stream.key, settings.stream.group)[1] > 0
         kills += 1
     producer.join(timeout=300)
