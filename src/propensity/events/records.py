@@ -134,6 +134,15 @@ def _number_ok(value: Any) -> bool:
     return isinstance(value, float) and math.isfinite(value)
 
 
+#: How the fast path checks each canonical field's value (other keys: only not nested).
+_TEXT, _NUMBER, _CONSENT = "text", "number", "consent"
+_FIELD_KIND = {
+    **dict.fromkeys(_STRINGS, _TEXT),
+    **dict.fromkeys(NUMERIC_COLUMNS, _NUMBER),
+    "consent": _CONSENT,
+}
+
+
 def _fast(record: Any, naive_ok: bool) -> int | None:
     """The record's timestamp (µs, None when absent/unparseable) if it can be checked here.
 
@@ -141,12 +150,24 @@ def _fast(record: Any, naive_ok: bool) -> int | None:
     """
     if not isinstance(record, dict):
         raise LookupError
-    for key in record:
+    # One pass over the record's own keys (a batch's records hold few of the schema's).
+    for key, value in record.items():
         # Reserved reader columns (``__source_row__``) are the file path's error to raise.
         if not isinstance(key, str) or key.startswith("__"):
             raise LookupError
-    for name in _STRINGS:
-        if not _text_ok(record.get(name)):
+        if value is None:
+            continue
+        kind = _FIELD_KIND.get(key)
+        if kind is _TEXT:
+            if not _text_ok(value):
+                raise LookupError
+        elif kind is _NUMBER:
+            if not _number_ok(value):
+                raise LookupError
+        elif kind is _CONSENT:
+            if not isinstance(value, bool):
+                raise LookupError
+        elif isinstance(value, dict | list):
             raise LookupError
     customer = record.get("customer_id")
     if customer is not None and not _clean_edges(customer):
@@ -154,15 +175,6 @@ def _fast(record: Any, naive_ok: bool) -> int | None:
     event_id = record.get("event_id")
     if event_id is None or _blank(event_id):
         raise LookupError  # derived ids are the file path's (DuckDB's md5 of its casts)
-    for name in NUMERIC_COLUMNS:
-        if not _number_ok(record.get(name)):
-            raise LookupError
-    consent = record.get("consent")
-    if consent is not None and not isinstance(consent, bool):
-        raise LookupError
-    for value in record.values():
-        if isinstance(value, dict | list):
-            raise LookupError
     stamp = record.get("event_timestamp")
     if stamp is None or (isinstance(stamp, str) and _blank(stamp)):
         return None
@@ -309,7 +321,9 @@ def validate_records(
 def _check(
     fast: list[tuple[int, dict, int | None]], withdrawn: Collection[str], now_us: int, source: str
 ) -> tuple[pa.Table, pa.Table, int]:
-    columns: dict[str, list[Any]] = {f.name: [] for f in _OUT_SCHEMA}
+    good: list[dict] = []
+    stamps: list[int | None] = []
+    rows: list[int] = []
     bad: dict[str, list[Any]] = {name: [] for name in QUARANTINE_SCHEMA.names}
     removed = 0
     for index, record, micros in fast:
@@ -334,17 +348,32 @@ def _check(
             reason = _TIME_REASON if rule == "unparseable_timestamp" else RULES.get(rule)
             bad["reason"].append(reason)
             continue
-        for name in _STRINGS:
-            columns[name].append(_present(record.get(name)))
-        columns["event_timestamp"].append(micros)
-        for name in NUMERIC_COLUMNS:
-            value = record.get(name)
-            columns[name].append(None if value is None else float(value))
-        columns["__row__"].append(index + 1)
-    valid = pa.table(
-        {f.name: pa.array(columns[f.name], f.type) for f in _OUT_SCHEMA}, schema=_OUT_SCHEMA
+        good.append(record)
+        stamps.append(micros)
+        rows.append(index + 1)
+    return _columns(good, stamps, rows), pa.table(bad, schema=QUARANTINE_SCHEMA), removed
+
+
+#: The fields Arrow reads straight from the records (the timestamp is parsed already).
+_READ_SCHEMA = pa.schema([f for f in _OUT_SCHEMA if f.name in (*_STRINGS, *NUMERIC_COLUMNS)])
+
+
+def _columns(records: list[dict], stamps: list[int | None], rows: list[int]) -> pa.Table:
+    """The valid records as the validated table: blank text is absent, as validation stores it."""
+    # Arrow converts the records in C++ (the per-field Python loop was most of a batch).
+    read = pa.Table.from_pylist(records, schema=_READ_SCHEMA)
+    columns: dict[str, Any] = {}
+    for name in _STRINGS:
+        text = read.column(name)
+        blank = pc.equal(pc.utf8_trim(text, _WS), "")
+        columns[name] = pc.if_else(blank, pa.scalar(None, pa.string()), text)
+    for name in NUMERIC_COLUMNS:
+        columns[name] = read.column(name)
+    columns["event_timestamp"] = pa.array(stamps, pa.int64()).cast(
+        _OUT_SCHEMA.field("event_timestamp").type
     )
-    return valid, pa.table(bad, schema=QUARANTINE_SCHEMA), removed
+    columns["__row__"] = pa.array(rows, pa.int64())
+    return pa.table([columns[f.name] for f in _OUT_SCHEMA], schema=_OUT_SCHEMA)
 
 
 def _merged(
