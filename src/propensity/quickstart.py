@@ -216,13 +216,8 @@ def _trigger_demo(settings: Settings, client: httpx.Client, out: Console) -> dic
         return None
     # Not those an earlier quickstart run fired for in this window (once per window).
     window = trigger.window_key(int((now + timedelta(minutes=31)).timestamp() * 1_000_000))
-    redis: Any = connect(settings.activation_url)
-    chosen: list[str] = []
-    for customer in open_to:
-        if len(chosen) == 20:
-            break
-        if not redis.exists(runner.state.key("fired", "abandoned_cart", window, customer)):
-            chosen.append(customer)
+    fired = runner.state.fired("abandoned_cart", window, open_to)
+    chosen = [c for c, done in zip(open_to, fired.tolist(), strict=True) if not done][:20]
     stamp = now.strftime("%Y%m%dT%H%M%S")
     carts = [
         {
@@ -243,7 +238,7 @@ def _trigger_demo(settings: Settings, client: httpx.Client, out: Console) -> dic
         clock["now"] += timedelta(minutes=31)
         while runner.step():  # the timers are due: still open carts fire
             pass
-        rows = redis.xrevrange(settings.activation.outbound_key, count=200)
+        rows = runner.state.client.xrevrange(settings.activation.outbound_key, count=200)
     finally:
         runner.close()
     decisions = [json.loads(fields[b"decision"]) for _, fields in rows]

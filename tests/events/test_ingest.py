@@ -178,6 +178,15 @@ def test_orders_only(tmp_path: Path) -> None:
     assert again.accepted == 0
 
 
+#: A retail export's columns (unit prices, quantities) mapped for an orders-only ingest.
+_RETAIL_MAPPING = {
+    "CustomerID": "customer_id",
+    "InvoiceDate": "timestamp",
+    "UnitPrice": "price",
+    "Quantity": "quantity",
+}
+
+
 def test_orders_only_with_unit_prices(tmp_path: Path) -> None:
     # Retail logs give a unit price and a quantity per line (no amount): price is kept
     # as given, and the order amount (price x quantity) enters the derived order id.
@@ -190,12 +199,7 @@ def test_orders_only_with_unit_prices(tmp_path: Path) -> None:
         }
     )
     source = _write(tmp_path / "retail.csv", lines)
-    mapping = {
-        "CustomerID": "customer_id",
-        "InvoiceDate": "timestamp",
-        "UnitPrice": "price",
-        "Quantity": "quantity",
-    }
+    mapping = dict(_RETAIL_MAPPING)
     lake = EventLake(tmp_path / "lake")
     report = ingest(
         [source], lake, tmp_path / "q", mapping=mapping, orders_only=True,
@@ -230,12 +234,7 @@ def test_an_excel_workbook_is_read_like_its_csv_export(tmp_path: Path) -> None:
     sheet.append([12348, datetime(2010, 12, 3), 1.25, 4, "stray"])  # beyond the header
     sheet.append([12349, datetime(2010, 12, 3, 10, 0), 0.85, 1])
     book.save(tmp_path / "retail.xlsx")
-    mapping = {
-        "CustomerID": "customer_id",
-        "InvoiceDate": "timestamp",
-        "UnitPrice": "price",
-        "Quantity": "quantity",
-    }
+    mapping = dict(_RETAIL_MAPPING)
     lake = EventLake(tmp_path / "lake")
     report = ingest(
         [tmp_path / "retail.xlsx"], lake, tmp_path / "q", mapping=mapping, orders_only=True,

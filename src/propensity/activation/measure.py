@@ -23,12 +23,11 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-import duckdb
 import numpy as np
 import pandas as pd
 from scipy.stats import norm
 
-from propensity.events.lake import EventLake
+from propensity.events.lake import EventLake, duckdb_connection
 
 from .spec import NO_TRIGGER_ACTION
 
@@ -294,9 +293,7 @@ def _firings(
     if not windows:
         return pd.DataFrame(columns=["customer_id", "trigger", "fired_at", "held_out", "converted"])
     scan = lake.duckdb_scan()
-    con = duckdb.connect()
-    try:
-        con.execute("SET TimeZone = 'UTC'")
+    with duckdb_connection() as con:
         con.register(
             "windows",
             pd.DataFrame({"trigger": list(windows), "hours": [float(h) for h in windows.values()]}),
@@ -323,8 +320,6 @@ def _firings(
             """,
             [control, outcome],
         ).df()
-    finally:
-        con.close()
 
 
 def _control(settings: Settings) -> str:

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from propensity.events.schema import ARROW_SCHEMA
 
-__all__ = ["EventLake", "EmptyLakeError", "StagedAppend", "MANIFEST_NAME"]
+__all__ = ["EventLake", "EmptyLakeError", "StagedAppend", "MANIFEST_NAME", "duckdb_connection"]
 
 MANIFEST_NAME = "_manifest.json"
 _LOCK_NAME = "_lock"
@@ -97,7 +97,8 @@ def _scan(paths: Iterable[Path], *, filename: bool = False) -> str:
 
 
 @contextlib.contextmanager
-def _connect() -> Iterator[duckdb.DuckDBPyConnection]:
+def duckdb_connection() -> Iterator[duckdb.DuckDBPyConnection]:
+    """A DuckDB connection for queries over the lake: UTC, bounded memory, private spill folder."""
     spill = tempfile.mkdtemp(prefix="lake-duckdb-")
     con = duckdb.connect()
     try:
@@ -377,7 +378,7 @@ class EventLake:
             self._clean_orphans(entry["path"] for entry in manifest["files"])
             if not manifest["files"]:
                 return 0
-            with _connect() as con:
+            with duckdb_connection() as con:
                 con.register("wanted", wanted)
                 hits = con.execute(
                     f"SELECT filename, count(*) FROM {_scan(self.files(), filename=True)} "
@@ -600,7 +601,7 @@ class StagedAppend:
         added: list[pa.Table] = []
         conflicts: list[pa.Table] = []
         parts: list[tuple[Path, int, Any, Any]] = []
-        with _connect() as con:
+        with duckdb_connection() as con:
             repeated = self._find_repeated(con, months, repeats_within)
             for done, month in enumerate(months):
                 _report(progress, "store", done, len(months))
