@@ -77,7 +77,7 @@ def test_few_rows_and_many_rows_paths_agree() -> None:
     paths = PathAttribution(booster, num_iteration=25)
     leaves = paths.leaves(X)
     assert leaves.shape == (len(X), 25)
-    many = paths.from_leaves(leaves)  # sparse product
+    many = paths.from_leaves(leaves)
     few = np.vstack([paths.from_leaves(leaves[i : i + 3]) for i in range(0, len(X), 3)])
     np.testing.assert_allclose(few, many, atol=1e-12)
     raw = booster.predict(X, raw_score=True, num_iteration=25)

@@ -15,19 +15,39 @@ about as much as a prediction. Like TreeSHAP, the contributions plus the bias
 the bias is the same. They differ where the model is non-additive: path
 attribution credits features near the root a little more. On the simulated
 churn model, its top reason is TreeSHAP's top reason for 97 % of customers.
+
+Summing the table rows is a small loop compiled by numba (the one module that
+imports it): on 1,000 rows of a 600-tree model it takes 12 ms on one thread,
+where the sparse product it replaced (scipy's CSR ``@`` and ``toarray``) took
+25 ms, as much as LightGBM takes to find the leaves.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numba
 import numpy as np
-from scipy import sparse
 
 __all__ = ["PathAttribution"]
 
-#: Up to this many rows, contributions are gathered with numpy instead of a sparse product.
-_GATHER_ROWS = 8
+
+@numba.njit(nogil=True, cache=True)
+def _sum_credits(
+    leaves: np.ndarray,
+    offsets: np.ndarray,
+    indptr: np.ndarray,
+    features: np.ndarray,
+    credits: np.ndarray,
+    out: np.ndarray,
+) -> None:  # pragma: no cover - compiled; its callers are tested
+    """``out[i, f] += credits`` of every table entry of every leaf row ``i`` reached."""
+    for i in range(leaves.shape[0]):
+        row = out[i]
+        for t in range(leaves.shape[1]):
+            k = leaves[i, t] + offsets[t]
+            for e in range(indptr[k], indptr[k + 1]):
+                row[features[e]] += credits[e]
 
 
 class PathAttribution:
@@ -97,10 +117,7 @@ class PathAttribution:
         self._features = np.asarray(features, dtype=np.int64)[order]
         self._credits = np.asarray(credits, dtype=np.float64)[order]
         counts = np.bincount(np.asarray(leaf_rows, dtype=np.int64), minlength=total)
-        self._indptr = np.concatenate([[0], np.cumsum(counts)])
-        self._table = sparse.csr_matrix(
-            (self._credits, self._features, self._indptr), shape=(total, self.n_features)
-        )
+        self._indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
     def leaves(self, X: np.ndarray, num_threads: int = 0) -> np.ndarray:
         """Leaf index of every row in every tree, shape ``(n, num_iteration)``."""
@@ -112,33 +129,12 @@ class PathAttribution:
     def from_leaves(self, leaves: np.ndarray) -> np.ndarray:
         """Contributions of rows given their leaves, shape ``(n, n_features + 1)``.
 
-        The last column is the bias, as in LightGBM's ``pred_contrib``.
+        The last column is the bias, as in LightGBM's ``pred_contrib``. The
+        compiled loop releases the GIL, so row chunks run in parallel threads.
         """
-        leaves = np.asarray(leaves, dtype=np.int64).reshape(-1, len(self._offsets))
-        n, n_trees = leaves.shape
-        table_rows = (leaves + self._offsets).ravel()
-        out = np.empty((n, self.n_features + 1))
-        if n <= _GATHER_ROWS:
-            # A few rows: gather their table entries directly (a sparse product
-            # costs ~0.1 ms of set-up, more than the arithmetic).
-            starts = self._indptr[table_rows]
-            lengths = self._indptr[table_rows + 1] - starts
-            firsts = np.cumsum(lengths) - lengths
-            entries = np.repeat(starts - firsts, lengths) + np.arange(int(lengths.sum()))
-            owner = np.repeat(np.arange(n), lengths.reshape(n, -1).sum(axis=1))
-            width = self.n_features
-            out[:, :-1] = np.bincount(
-                owner * width + self._features[entries],
-                weights=self._credits[entries],
-                minlength=n * width,
-            ).reshape(n, width)
-        else:
-            # Many rows: (rows x leaves indicator) @ (leaves x features table).
-            indptr = np.arange(0, n * n_trees + 1, n_trees)
-            visited = sparse.csr_matrix(
-                (np.ones(table_rows.size), table_rows, indptr), shape=(n, self._table.shape[0])
-            )
-            out[:, :-1] = (visited @ self._table).toarray()
+        leaves = np.ascontiguousarray(leaves, dtype=np.int64).reshape(-1, len(self._offsets))
+        out = np.zeros((len(leaves), self.n_features + 1))
+        _sum_credits(leaves, self._offsets, self._indptr, self._features, self._credits, out)
         out[:, -1] = self.bias
         return out
 
