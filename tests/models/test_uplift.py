@@ -10,6 +10,7 @@ import pytest
 
 from propensity.models.uplift import (
     DRLearner,
+    PropensityModel,
     TLearner,
     XLearner,
     qini_auc_normalized,
@@ -141,3 +142,21 @@ def test_qini_curve_of_tied_scores_ignores_row_order() -> None:
     # Without a ranking the curve is the random diagonal.
     np.testing.assert_allclose(gain, fraction * gain[-1], atol=1e-12)
     assert qini_score(score, treated, y, n_boot=20).qini == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("arms", [ARMS[:2], ARMS])
+def test_propensity_numpy_path_equals_predict_proba(arms: list[str]) -> None:
+    """The serving path's numpy arithmetic gives scikit-learn's probabilities, NaN rows included."""
+    rng = np.random.default_rng(5)
+    X = pd.DataFrame(rng.normal(size=(400, 3)), columns=["x0", "x1", "x2"])
+    treatment = rng.choice(arms, size=len(X))
+    treatment[X["x0"].to_numpy() > 1] = arms[-1]  # the arm depends on the features
+    model = PropensityModel().fit(X, treatment)
+    X.iloc[::7, 1] = np.nan
+    expected = model.predict_proba(X)
+    for start in (0, 1, 2):  # one row, as /score asks, and the whole frame
+        got = model.proba_matrix(X.to_numpy(np.float64)[start : start + 1])
+        np.testing.assert_allclose(got, expected[start : start + 1], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(
+        model.proba_matrix(X.to_numpy(np.float64)), expected, rtol=0, atol=1e-15
+    )

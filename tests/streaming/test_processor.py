@@ -265,3 +265,32 @@ def test_the_change_feed_keeps_a_customer_changed_again_after_it_was_read(
     result = processor.process([_event(5, "C1"), _event(6, "C2")], received_at=NOW, changes=False)
     assert result.accepted == 2 and processor.tiles.dirty(10) == marked
     assert _col(processor.read(["C1"], NOW), "events_1h")[0] == 3
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    clock_minute=st.integers(min_value=30_000_000, max_value=31_000_000),
+    age_minutes=st.integers(min_value=24 * 60, max_value=10 * 24 * 60),
+)
+def test_expired_state_merges_like_no_state(clock_minute: int, age_minutes: int) -> None:
+    """A customer whose tiles and session have all expired reads as one without any state.
+
+    The stateless customer takes merge's shortcut; the expired one the general path.
+    """
+    from propensity.features.tiles import TILE_COLUMNS, Sessions, Tiles, merge
+
+    clock = np.array([clock_minute * 60_000_000 + 59_000_000], np.int64)
+    today = today_start_minutes(clock, "UTC")
+    minute = np.array([clock_minute - age_minutes], np.int64)
+    stamp = minute * 60_000_000
+    values = {c: (stamp if c.endswith("_us") else np.ones(1, np.int64)) for c in TILE_COLUMNS}
+    expired = merge(
+        Tiles(np.zeros(1, np.int64), minute, values),
+        Sessions(np.zeros(1, np.int64), stamp, np.ones(1, np.int64)),
+        clock,
+        today,
+    )
+    stateless = merge(Tiles.empty(), Sessions.empty(), clock, today)
+    np.testing.assert_array_equal(expired, stateless)
+    assert stateless.shape == (1, len(STREAMING_NAMES))
+    assert stateless.flags.writeable  # a caller's own array, not the shared row

@@ -291,6 +291,15 @@ def _session_views(sessions: Sessions, k: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+@functools.cache
+def _stateless() -> np.ndarray:
+    """:func:`merge`'s row for a customer without tiles or sessions (the same at every clock)."""
+    zero = np.zeros(1, np.int64)
+    row = _merged(Tiles.empty(), Sessions.empty(), zero, zero)[0]
+    row.flags.writeable = False
+    return row
+
+
 def merge(
     tiles: Tiles, sessions: Sessions, clock_us: np.ndarray, today_start: np.ndarray
 ) -> np.ndarray:
@@ -312,6 +321,16 @@ def merge(
         :data:`STREAMING_NAMES` order.
     """
     clock_us = np.asarray(clock_us, np.int64)
+    n = clock_us.size
+    if not tiles.row.size and not sessions.row.size:
+        # No state at all (most customers at any moment): the values at any clock.
+        return np.tile(_stateless(), (n, 1))
+    return _merged(tiles, sessions, clock_us, today_start)
+
+
+def _merged(
+    tiles: Tiles, sessions: Sessions, clock_us: np.ndarray, today_start: np.ndarray
+) -> np.ndarray:
     n = clock_us.size
     k = np.floor_divide(clock_us, TILE_US)
     out: dict[str, np.ndarray] = {}

@@ -48,6 +48,8 @@ from typing import Any
 
 import numpy as np
 
+from propensity.models._kernels import mark_row_cells
+
 __all__ = ["CompiledTrees", "compile_model", "compile_trees"]
 
 _log = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ _CORES = os.cpu_count() or 1
 _MISSING = np.int64(0xFFFFFFFF)
 #: The low 32 bits that read as ``missing == -1``, viewed as the even uint32 words.
 _LOW_WORD = np.uint32(0xFFFFFFFF)
+_LOW_BITS = np.int64(0xFFFFFFFF)  # the same, as the low bits of an int64 cell
 #: Options of the generated code: thresholds as integer bin indices (fewer float compares).
 _PARAMS: dict[str, Any] = {"quantize": 1}
 
@@ -198,10 +201,11 @@ class CompiledTrees:
         values = np.ascontiguousarray(row, dtype=np.float64).reshape(-1)
         if values.size != self.n_features:
             raise ValueError(f"row has {values.size} values; the model expects {self.n_features}")
-        values = _unaliased(values, self.guarded)
         cells, out, cells_address, out_address = self._row_buffers()
-        cells[:] = values.view(np.int64)
-        cells[np.isnan(values)] = _MISSING
+        if not mark_row_cells(values.view(np.int64), cells, _MISSING, _LOW_BITS):
+            values = _unaliased(values, self.guarded)  # rare: a value that reads as missing
+            cells[:] = values.view(np.int64)
+            cells[np.isnan(values)] = _MISSING
         out[0] = 0.0  # the generated code adds every tree's leaf to it
         self._row_fn(cells_address, int(raw_score), out_address)
         return float(out[0])
