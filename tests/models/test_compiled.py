@@ -121,6 +121,7 @@ def test_reasons_are_unchanged_by_compiling(churn_like, cache) -> None:
     X = _probe(200)
     plain = BoosterBundle("churn", "1", pickle.loads(pickle.dumps(churn_like)))
     fast = BoosterBundle("churn", "1", pickle.loads(pickle.dumps(churn_like)).compile(cache))
+    assert fast._leaves.__self__ is fast.model.compiled_leaves_  # reasons from compiled leaves
     for rows in (X[:1], X[1:2], X):
         p_plain, c_plain = plain.predict_with_contributions(rows)
         p_fast, c_fast = fast.predict_with_contributions(rows)
@@ -229,3 +230,28 @@ def test_a_model_with_no_safe_move_falls_back_to_lightgbm(cache, caplog) -> None
     with caplog.at_level(logging.WARNING, logger=_compiled.__name__):
         assert compile_trees(booster, None, cache) is None
     assert "mistake for missing" in caplog.text
+
+
+def test_compiled_leaves_equal_lightgbm_pred_leaf(churn_like, cache) -> None:
+    """The leaf model answers every tree's leaf, NaN, zeros and aliased values included."""
+    X = _probe()
+    X[2, :] = ALIASED  # reads as missing to the generated code: must be stepped around
+    booster, trees = churn_like.booster_, churn_like.best_iteration_
+    leaves = _compiled.compile_leaves(booster, trees, cache)
+    assert leaves is not None and leaves.n_outputs == trees
+    expected = booster.predict(X, pred_leaf=True, num_iteration=trees)
+    np.testing.assert_array_equal(leaves.leaves(X, 0), expected)
+    np.testing.assert_array_equal(leaves.leaves(X, 1), expected)
+    for i in range(20):
+        np.testing.assert_array_equal(leaves.leaves(X[i : i + 1], 1)[0], expected[i])
+    # a single-leaf tree (the booster's first ones can be) and a regression booster
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(300, 2))
+    flat = lgb.train(
+        {"objective": "regression", "verbose": -1, "min_data_in_leaf": 400},
+        lgb.Dataset(x, x[:, 0]),
+        3,
+    )
+    compiled = _compiled.compile_leaves(flat, None, cache)
+    assert compiled is not None
+    np.testing.assert_array_equal(compiled.leaves(x, 0), flat.predict(x, pred_leaf=True))

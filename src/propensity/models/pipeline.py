@@ -7,6 +7,7 @@ single-thread prediction and per-feature contributions for reasons.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from sklearn.utils import Tags
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import check_array, check_is_fitted, column_or_1d, validate_data
 
-from propensity.models._compiled import compile_trees
+from propensity.models._compiled import compile_leaves, compile_trees
 from propensity.models.spec import CalibrationMethod, LightGBMParams
 
 __all__ = ["CalibratedBooster", "Calibrator", "as_matrix", "fit_matrix", "predict_matrix"]
@@ -240,6 +241,8 @@ class CalibratedBooster(ClassifierMixin, BaseEstimator):
     compiled_ : CompiledTrees or None
         The booster compiled to native code, set by :meth:`compile` (absent
         before; ``None`` when compiling failed): predictions then come from it.
+    compiled_leaves_ : CompiledTrees or None
+        Its leaf indices compiled the same way (the serving reasons' input).
 
     Examples
     --------
@@ -289,21 +292,29 @@ class CalibratedBooster(ClassifierMixin, BaseEstimator):
         # The compiled library lives on this machine: a loaded copy compiles (or finds) its own.
         state: dict[str, Any] = super().__getstate__()
         state.pop("compiled_", None)
+        state.pop("compiled_leaves_", None)
         return state
 
     def compile(self, cache_dir: str | Path | None = None) -> CalibratedBooster:
-        """Compile the booster to native code for prediction; returns ``self``.
+        """Compile the booster to native code for prediction and its leaves; returns ``self``.
 
-        Scores equal LightGBM's own (to the last bit on the raw score, tested).
-        The library is cached in ``cache_dir`` by the model's content; when
-        compiling is impossible LightGBM keeps predicting (logged once).
+        Scores and leaves equal LightGBM's own (to the last bit on the raw
+        score, tested). The libraries are cached in ``cache_dir`` by the
+        model's content; when compiling is impossible LightGBM keeps
+        predicting (logged once).
 
         Examples
         --------
         >>> model.compile("data/compiled").predict_proba(X)  # doctest: +SKIP
         """
         check_is_fitted(self)
-        self.compiled_ = compile_trees(self.booster_, self.best_iteration_, cache_dir)
+        # Each compile is mostly a C compiler process: run the two side by side.
+        with ThreadPoolExecutor(2) as pool:
+            jobs = [
+                pool.submit(compile_, self.booster_, self.best_iteration_, cache_dir)
+                for compile_ in (compile_trees, compile_leaves)
+            ]
+            self.compiled_, self.compiled_leaves_ = (job.result() for job in jobs)
         return self
 
     def _lgb_params(self, y: np.ndarray) -> dict[str, Any]:

@@ -19,7 +19,8 @@ Speed (``/score`` budget: 3 ms p50 including HTTP): one SQLite query per
 request (:mod:`propensity.serving.online`); the models compiled to native code
 when they were loaded (:mod:`propensity.models._compiled`), else LightGBM's
 single-row C path for every one-row prediction (:mod:`propensity.models._lightgbm`);
-leaves for the reasons from LightGBM's single-row C path; batches are
+the leaves the reasons are tabulated by from the compiled leaf model
+(:func:`~propensity.models._compiled.compile_leaves`, else LightGBM); batches are
 scored with one call per model over all rows, split across cores by
 :func:`predict_rows`; no pandas anywhere on the request path.
 """
@@ -240,7 +241,13 @@ class BoosterBundle:
         )
         if reasons == "path":
             self._attribution = PathAttribution(booster, iteration)
-            self._contrib_row = SingleRowPredictor(booster, iteration, output="leaf")
+            leaves = getattr(model, "compiled_leaves_", None)  # also set by compile()
+            if leaves is not None and leaves.n_outputs == self._attribution.num_iteration:
+                self._leaves: Callable[[np.ndarray, int], np.ndarray] = leaves.leaves
+                self._contrib_row = lambda row: leaves.leaves(row[None, :], 1)
+            else:
+                self._leaves = self._attribution.leaves
+                self._contrib_row = SingleRowPredictor(booster, iteration, output="leaf")
         else:
             self._contrib_row = SingleRowPredictor(booster, iteration, output="contrib")
 
@@ -260,7 +267,7 @@ class BoosterBundle:
             if one_row:
                 return self._contrib_row(X[0])[None, :]
             return np.asarray(self.model.contributions(X, num_threads=num_threads))
-        leaves = self._contrib_row(X[0]) if one_row else self._attribution.leaves(X, num_threads)
+        leaves = self._contrib_row(X[0]) if one_row else self._leaves(X, num_threads)
         return self._attribution.from_leaves(leaves)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
