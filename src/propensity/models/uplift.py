@@ -40,7 +40,7 @@ from sklearn.model_selection import KFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from propensity.models._compiled import compile_trees
+from propensity.models._compiled import compile_stack, compile_trees
 from propensity.models._lightgbm import estimator_predict
 
 __all__ = [
@@ -323,11 +323,17 @@ class _MetaLearner(BaseEstimator):
         """The numpy predict path, built once after fit (as scikit-learn's HGB builds its own)."""
         models = self._fitted_models()
         native: list[Any] = [None] * len(models)
+        self._stack_ = None
         if compiled:
-            # Each compile is mostly a C compiler process: run them side by side.
-            with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-                boosters = [m.booster_ for m in models]
-                native = list(pool.map(lambda b: compile_trees(b, None, cache_dir), boosters))
+            # Every booster in one library: one input conversion and one call per row or
+            # batch (a 10-booster learner's row 116 -> 60 us); one library each otherwise.
+            self._stack_ = compile_stack([m.booster_ for m in models], cache_dir)
+            if self._stack_ is None:
+                # Each compile is mostly a C compiler process: run them side by side.
+                with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+                    boosters = [m.booster_ for m in models]
+                    native = list(pool.map(lambda b: compile_trees(b, None, cache_dir), boosters))
+        self._stack_columns_ = {id(m): k for k, m in enumerate(models)}
         self._predictors_ = {
             id(m): estimator_predict(m, c) for m, c in zip(models, native, strict=True)
         }
@@ -345,6 +351,8 @@ class _MetaLearner(BaseEstimator):
 
         One ``Booster.predict`` per model with ``num_threads`` LightGBM
         threads (0: all cores); one row takes the C API's single-row path.
+        Compiled (:meth:`compile`), one call of the stacked library predicts
+        every model.
         Numeric features only (a categorical column has no float encoding).
         ``actions`` (default ``actions_``) limits the columns, and the models
         predicted, to those actions.
@@ -362,9 +370,16 @@ class _MetaLearner(BaseEstimator):
                 f"X has shape {data.shape}; expected (n, {len(self.feature_names_)}) "
                 f"columns {self.feature_names_}"
             )
-        predictors = self._predictors_
+        predict: _ModelPredict
+        stack = getattr(self, "_stack_", None)
+        if stack is not None:
+            outputs, columns = stack.predict(data, num_threads), self._stack_columns_
+            predict = lambda model: outputs[:, columns[id(model)]]  # noqa: E731
+        else:
+            predictors = self._predictors_
+            predict = lambda model: predictors[id(model)](data, num_threads)  # noqa: E731
         return self._uplift(
-            lambda model: predictors[id(model)](data, num_threads),
+            predict,
             lambda: self.propensity_model_.proba_matrix(data[:, self._propensity_columns_])[
                 :, self._arm_order_
             ],
@@ -374,7 +389,8 @@ class _MetaLearner(BaseEstimator):
     def __getstate__(self) -> dict[str, Any]:
         # Predictors are keyed by the models' ids, which a pickle does not keep: rebuilt on use.
         state: dict[str, Any] = super().__getstate__()
-        state.pop("_predictors_", None)
+        for name in ("_predictors_", "_stack_", "_stack_columns_"):
+            state.pop(name, None)
         return state
 
 
@@ -445,14 +461,13 @@ class XLearner(_MetaLearner):
         self, predict: _ModelPredict, proba: Callable[[], np.ndarray], actions: Sequence[str]
     ) -> np.ndarray:
         p = proba()
-        columns = []
-        for action in actions:
-            j = self.arms_.index(action)
-            tau0, tau1 = self.effect_models_[action]
-            # Weight toward the effect model trained on the larger (better estimated) arm.
-            g = p[:, j] / np.clip(p[:, j] + p[:, 0], 1e-9, None)
-            columns.append(g * predict(tau0) + (1 - g) * predict(tau1))
-        return np.column_stack(columns)
+        arm = p[:, [self.arms_.index(action) for action in actions]]
+        # Weight toward the effect model trained on the larger (better estimated) arm.
+        g = arm / np.clip(arm + p[:, :1], 1e-9, None)
+        pairs = [self.effect_models_[action] for action in actions]
+        tau0 = np.column_stack([predict(models[0]) for models in pairs])
+        tau1 = np.column_stack([predict(models[1]) for models in pairs])
+        return np.asarray(g * tau0 + (1 - g) * tau1)
 
 
 class DRLearner(_MetaLearner):
