@@ -255,3 +255,39 @@ def test_compiled_leaves_equal_lightgbm_pred_leaf(churn_like, cache) -> None:
     compiled = _compiled.compile_leaves(flat, None, cache)
     assert compiled is not None
     np.testing.assert_array_equal(compiled.leaves(x, 0), flat.predict(x, pred_leaf=True))
+
+
+def test_a_stack_predicts_each_booster_as_lightgbm_does(cache) -> None:
+    """Boosters of different lengths and objectives, one library: each column is its booster's."""
+    rng = np.random.default_rng(12)
+    X = _features(2000, seed=6).to_numpy(np.float64)
+    target = np.nan_to_num(X[:, 0]) + X[:, 1] + rng.normal(size=len(X))
+    params = {"verbose": -1, "num_leaves": 7, "num_threads": 1}
+    boosters = [
+        lgb.train({**params, "objective": "regression"}, lgb.Dataset(X, target), 25),
+        lgb.train({**params, "objective": "binary"}, lgb.Dataset(X, target > 0), 9),
+        lgb.train({**params, "objective": "binary", "sigmoid": 2.0}, lgb.Dataset(X, target > 1), 1),
+    ]
+    stack = _compiled.compile_stack(boosters, cache)
+    assert stack is not None
+    probe = _probe()
+    probe[3, :] = ALIASED
+    expected = np.column_stack([b.predict(probe) for b in boosters])
+    np.testing.assert_allclose(stack.predict(probe, 0), expected, rtol=0, atol=TOLERANCE)
+    np.testing.assert_allclose(stack.predict(probe, 1), expected, rtol=0, atol=TOLERANCE)
+    for i in range(10):
+        np.testing.assert_allclose(stack.predict(probe[i : i + 1], 1)[0], expected[i], atol=1e-12)
+
+
+def test_boosters_that_cannot_share_a_library_are_not_stacked(cache, caplog) -> None:
+    rng = np.random.default_rng(13)
+    X = rng.normal(size=(300, 3))
+    params = {"verbose": -1, "num_threads": 1}
+    count = lgb.train({**params, "objective": "poisson"}, lgb.Dataset(X, rng.poisson(2, 300)), 3)
+    plain = lgb.train({**params, "objective": "regression"}, lgb.Dataset(X, X[:, 0]), 3)
+    narrow = lgb.train({**params, "objective": "regression"}, lgb.Dataset(X[:, :2], X[:, 0]), 3)
+    _compiled._warned.clear()
+    with caplog.at_level(logging.WARNING, logger=_compiled.__name__):
+        assert _compiled.compile_stack([plain, count], cache) is None  # a log link
+        assert _compiled.compile_stack([plain, narrow], cache) is None  # other features
+    assert "not stacked" in caplog.text
