@@ -288,6 +288,15 @@ def _assert_compiled_boosters_equal_lightgbm(
     plain = model.uplift_matrix(X, 0)
     compiled = pickle.loads(pickle.dumps(model)).compile(cache)
     np.testing.assert_allclose(compiled.uplift_matrix(X, 0), plain, rtol=0, atol=1e-9)
+    for i in range(5):  # one row: the stacked library's single-row call
+        got = compiled.uplift_matrix(X[i : i + 1], 1)
+        np.testing.assert_allclose(got, plain[i : i + 1], rtol=0, atol=1e-9)
+    # Each learner stacks exactly the boosters of the catalog actions on its outcome.
+    for outcome, learner in compiled.learners_.items():
+        targeted = [a for a, spec in model.catalog.actions.items() if spec.outcome == outcome]
+        stacked = set(learner._stack_columns_)
+        assert stacked == {id(m) for m in learner._models_for(targeted)}
+        assert learner._stack_ is not None or not targeted
     learners = model.learners_.values()
     boosters = [m.booster_ for learner in learners for m in learner._fitted_models()]
     assert boosters

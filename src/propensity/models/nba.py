@@ -173,8 +173,10 @@ class NBAModel:
         --------
         >>> model.compile("data/compiled").uplift_matrix(X[:1])  # doctest: +SKIP
         """
-        for learner in self.learners_.values():
-            learner.compile(cache_dir)
+        # Each learner stacks the boosters of the actions that target its outcome.
+        targeted = {o: actions for o, (actions, _) in self._by_outcome().items()}
+        for outcome, learner in self.learners_.items():
+            learner.compile(cache_dir, targeted.get(outcome, []))
         return self
 
     def _columns(self, outcome: str) -> dict[str, int]:
