@@ -407,6 +407,12 @@ class SqliteTileStore:
                 f"WHERE customer_id IN ({marks}) AND minute > ? AND minute <= ?",
                 [*part, lo, k],
             ).fetchall()
+        # A live session's last event has its tile in the window: only customers with
+        # tiles can have one (most customers, most of the time, have neither).
+        active = list(dict.fromkeys(row[0] for row in tile_parts))
+        for start in range(0, len(active), _CHUNK):
+            part = active[start : start + _CHUNK]
+            marks = ",".join("?" * len(part))
             session_parts += con.execute(
                 f'SELECT customer_id, last_us, views FROM "{t["sessions"]}" '
                 f"WHERE customer_id IN ({marks}) AND last_us >= ?",
