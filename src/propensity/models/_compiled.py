@@ -18,6 +18,11 @@ never see half a file. When the compiler is missing or fails,
 :func:`compile_trees` returns ``None`` (logged once per process) and callers
 keep LightGBM's own predict.
 
+Two more kinds of library come from rewritten model texts
+(:mod:`propensity.models._tree_text`): a booster's leaf model
+(:func:`compile_leaves`, the reasons' leaves) and a meta-learner's boosters
+stacked into one (:func:`compile_stack`, one call for all of them).
+
 Single rows skip TL2cgen's batch predictor (its DMatrix and thread pool cost
 tens of microseconds) and call the generated ``predict`` function directly
 on a prepared buffer of its ``union Entry`` cells.
@@ -50,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from propensity.models._kernels import mark_row_cells
+from propensity.models._tree_text import leaf_text, link, model_text, stacked_text
 
 __all__ = [
     "CompiledTrees",
@@ -258,87 +264,6 @@ class CompiledTrees:
         return (CompiledTrees, (self.library, self.n_features, self.guarded, self.n_outputs))
 
 
-def _model_text(booster: Any, num_iteration: int | None) -> str:
-    if num_iteration is None:
-        num_iteration = int(getattr(booster, "best_iteration", 0) or 0)
-    iterations = int(num_iteration) if num_iteration and num_iteration > 0 else -1
-    return str(booster.model_to_string(num_iteration=iterations))
-
-
-def _blocks(text: str) -> tuple[list[str], list[str], str]:
-    """A model text's header lines, tree blocks and what follows them (``end of trees``...)."""
-    head, _, rest = text.partition("\nTree=")
-    trees, end, tail = ("Tree=" + rest).partition("end of trees")
-    blocks = [block.strip("\n") for block in trees.split("\n\n") if block.strip()]
-    return head.splitlines(), blocks, end + tail
-
-
-def _as_classes(head: list[str], blocks: list[str], n_classes: int, tail: str) -> str:
-    """A model text of ``blocks`` declared a multi-class model (tree ``t`` adds to class ``t % n``).
-
-    TL2cgen's generated code then sums each class's trees into its own output.
-    """
-    replaced = {
-        "num_class": f"num_class={n_classes}",
-        "num_tree_per_iteration": f"num_tree_per_iteration={n_classes}",
-        "objective": f"objective=multiclass num_class:{n_classes}",
-    }
-    lines = [
-        replaced.get(line.partition("=")[0], line)
-        for line in head
-        if not line.startswith("tree_sizes=")  # byte offsets of the blocks, changed here
-    ]
-    numbered = ["\n".join([f"Tree={t}", *block.splitlines()[1:]]) for t, block in enumerate(blocks)]
-    return "\n".join(lines) + "\n\n" + "\n\n".join(numbered) + "\n\n" + tail
-
-
-def _leaf_text(text: str) -> str:
-    """A model text whose tree ``t`` outputs its own leaf index, as class ``t``'s margin.
-
-    TL2cgen's generated code returns sums of leaf values only; declared a
-    multi-class model with one tree per class and leaf ``k`` worth ``k``, the
-    same splits return every tree's leaf (path attribution's input) at the
-    compiled code's speed: 14 ms for 1,000 rows of a 600-tree model on one
-    thread, against 37 ms for LightGBM's ``pred_leaf``.
-    """
-    head, blocks, tail = _blocks(text)
-    out = []
-    for block in blocks:
-        rows = block.splitlines()
-        leaves = next(int(r.partition("=")[2]) for r in rows if r.startswith("num_leaves="))
-        indices = "leaf_value=" + " ".join(map(str, range(leaves)))
-        out.append("\n".join(indices if r.startswith("leaf_value=") else r for r in rows))
-    return _as_classes(head, out, len(out), tail)
-
-
-#: A tree adding nothing: pads the shorter boosters of a stack (``x + 0.0`` is ``x``).
-_ZERO_TREE = "\n".join(
-    ["Tree=0", "num_leaves=1", "num_cat=0", "split_feature=", "split_gain=", "threshold=",
-     "decision_type=", "left_child=", "right_child=", "leaf_value=0", "leaf_weight=",
-     "leaf_count=", "internal_value=", "internal_weight=", "internal_count=", "is_linear=0",
-     "shrinkage=1"]
-)  # fmt: skip
-
-
-def _stacked_text(texts: Sequence[str]) -> str:
-    """One model text answering each of several boosters' raw scores as class ``k``'s margin.
-
-    Boosters on the same features (a meta-learner's) are then one library, one
-    input conversion and one call per row or batch instead of one each: the
-    trees of iteration ``j`` of every booster sit side by side, in each
-    booster's order, so each output is its booster's sum in LightGBM's order.
-    """
-    parsed = [_blocks(text) for text in texts]
-    iterations = max(len(blocks) for _, blocks, _ in parsed)
-    blocks = [
-        trees[j] if j < len(trees) else _ZERO_TREE
-        for j in range(iterations)
-        for _, trees, _ in parsed
-    ]
-    head, _, tail = parsed[0]
-    return _as_classes(head, blocks, len(texts), tail)
-
-
 def _build(text: str, library: Path) -> None:
     import tl2cgen
     import treelite
@@ -391,7 +316,9 @@ def compile_trees(
 def compile_leaves(
     booster: Any, num_iteration: int | None, cache_dir: str | Path | None
 ) -> CompiledTrees | None:
-    """:func:`compile_trees` of a model answering each tree's leaf index (:func:`_leaf_text`).
+    """:func:`compile_trees` of the booster's leaf model: each tree answers its leaf index.
+
+    The model text is :func:`~propensity.models._tree_text.leaf_text`'s.
 
     Its :meth:`CompiledTrees.leaves` equals ``Booster.predict(pred_leaf=True)``.
     """
@@ -419,29 +346,17 @@ class StackedTrees:
         return raw
 
 
-def _link(text: str) -> tuple[bool, float | None]:
-    """Whether a booster's objective can be stacked, and its sigmoid slope (None: identity)."""
-    line = next((x for x in text.splitlines() if x.startswith("objective=")), "objective=")
-    objective = line.partition("=")[2].split()
-    if not objective:
-        return False, None
-    if objective[0] in ("regression", "regression_l1", "huber", "fair", "quantile"):
-        return True, None
-    if objective[0] == "binary":
-        slopes = [float(o.partition(":")[2]) for o in objective if o.startswith("sigmoid:")]
-        return True, slopes[0] if slopes else 1.0
-    return False, None  # poisson, gamma, tweedie...: links not written here
-
-
 def compile_stack(boosters: Sequence[Any], cache_dir: str | Path | None) -> StackedTrees | None:
-    """One compiled library predicting every booster of a meta-learner (:func:`_stacked_text`).
+    """One compiled library predicting every booster of a meta-learner.
+
+    The model text is :func:`~propensity.models._tree_text.stacked_text`'s.
 
     ``None`` (logged once) when the boosters differ in features or kind, or
     compiling fails; callers then compile them one by one.
     """
-    texts = [_model_text(b, None) for b in boosters]
+    texts = [model_text(b, None) for b in boosters]
     features = {int(b.num_feature()) for b in boosters}
-    kinds = [_link(text) for text in texts]
+    kinds = [link(text) for text in texts]
     if (
         not texts
         or len(features) != 1
@@ -451,7 +366,7 @@ def compile_stack(boosters: Sequence[Any], cache_dir: str | Path | None) -> Stac
     ):
         _warn_once("boosters of different features or objectives are not stacked")
         return None
-    trees = _library(_stacked_text(texts), features.pop(), len(texts), cache_dir)
+    trees = _library(stacked_text(texts), features.pop(), len(texts), cache_dir)
     return None if trees is None else StackedTrees(trees, [slope for _, slope in kinds])
 
 
@@ -461,10 +376,10 @@ def _compiled(
     if booster.num_model_per_iteration() != 1:
         _warn_once("the tree compiler path serves binary and regression boosters only")
         return None
-    text = _model_text(booster, num_iteration)
+    text = model_text(booster, num_iteration)
     if not leaves:
         return _library(text, int(booster.num_feature()), 1, cache_dir)
-    return _library(_leaf_text(text), int(booster.num_feature()), text.count("\nTree="), cache_dir)
+    return _library(leaf_text(text), int(booster.num_feature()), text.count("\nTree="), cache_dir)
 
 
 def _library(
