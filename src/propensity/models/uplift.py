@@ -312,7 +312,8 @@ class _MetaLearner(BaseEstimator):
 
         The boosters the uplift of ``actions`` (default: every action) needs
         are stacked into one library (one call per row or batch); the others
-        compiled one by one. Uplift equals the boosters' own (tested per
+        keep LightGBM's predict (each booster is compiled on its own when
+        stacking is impossible). Uplift equals the boosters' own (tested per
         learner); a booster that cannot be compiled keeps LightGBM's predict
         (logged once). Libraries are cached in ``cache_dir`` by the boosters' content.
 
@@ -357,7 +358,9 @@ class _MetaLearner(BaseEstimator):
                 self._stack_ = compile_stack([m.booster_ for m in stacked], cache_dir)
             if self._stack_ is not None:
                 self._stack_columns_ = {id(m): k for k, m in enumerate(stacked)}
-            rest = [k for k, m in enumerate(models) if id(m) not in self._stack_columns_]
+            # Without a stack, every booster on its own; with one, the others are never
+            # asked for by the caller that chose the actions, and keep LightGBM's predict.
+            rest = [] if self._stack_ is not None else list(range(len(models)))
             # Each compile is mostly a C compiler process: run them side by side.
             with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
                 boosters = [models[k].booster_ for k in rest]
