@@ -42,6 +42,8 @@ from propensity.features.tiles import (
 __all__ = ["ApplyReport", "SqliteTileStore", "tile_tables"]
 
 _CHUNK = 900  # ids per IN (...) query, under SQLite's default bound-parameter limit
+#: WAL pages between automatic checkpoints (80 MB of 4 KB pages; SQLite's default: 1,000).
+_WAL_CHECKPOINT_PAGES = 20_000
 
 
 def tile_tables(project: str) -> dict[str, str]:
@@ -123,6 +125,10 @@ class SqliteTileStore:
             # FULL: a commit survives a crash of the machine, not only of the process;
             # callers acknowledge events once apply returns.
             con.execute("PRAGMA synchronous=FULL")
+            # Random event ids touch a new page of the applied-ids B-tree each; checkpointing
+            # the WAL every 1,000 pages (SQLite's default) copied those pages back again
+            # and again: a larger interval made apply 35 % faster after 400k events.
+            con.execute(f"PRAGMA wal_autocheckpoint={_WAL_CHECKPOINT_PAGES}")
             self._local.con = con
             if not self._created:
                 self._create(con)
