@@ -291,3 +291,19 @@ def test_boosters_that_cannot_share_a_library_are_not_stacked(cache, caplog) -> 
         assert _compiled.compile_stack([plain, count], cache) is None  # a log link
         assert _compiled.compile_stack([plain, narrow], cache) is None  # other features
     assert "not stacked" in caplog.text
+
+
+def test_averaged_trees_are_not_stacked(cache, caplog) -> None:
+    """LightGBM's rf averages its trees: a stack, which sums them, must not take it."""
+    rng = np.random.default_rng(14)
+    X = rng.normal(size=(400, 3))
+    params = {"verbose": -1, "num_threads": 1, "bagging_fraction": 0.5, "bagging_freq": 1}
+    forest = lgb.train(
+        {**params, "boosting": "rf", "objective": "regression"}, lgb.Dataset(X, X[:, 0]), 4
+    )
+    plain = lgb.train({**params, "objective": "regression"}, lgb.Dataset(X, X[:, 0]), 4)
+    _compiled._warned.clear()
+    with caplog.at_level(logging.WARNING, logger=_compiled.__name__):
+        assert _compiled.compile_stack([plain, forest], cache) is None
+    assert "not stacked" in caplog.text
+    assert _compiled.compile_stack([plain], cache) is not None

@@ -362,7 +362,7 @@ def compile_stack(boosters: Sequence[Any], cache_dir: str | Path | None) -> Stac
         or len(features) != 1
         or any(b.num_model_per_iteration() != 1 for b in boosters)
         or not all(ok for ok, _ in kinds)
-        or len({b.feature_name() and tuple(b.feature_name()) for b in boosters}) != 1
+        or len({tuple(b.feature_name()) for b in boosters}) != 1
     ):
         _warn_once("boosters of different features or objectives are not stacked")
         return None

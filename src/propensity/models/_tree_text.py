@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["leaf_text", "link", "model_text", "stacked_text"]
+__all__ = ["leaf_text", "link", "model_text", "objective_link", "stacked_text"]
 
 
 def model_text(booster: Any, num_iteration: int | None) -> str:
@@ -97,15 +97,37 @@ def stacked_text(texts: Sequence[str]) -> str:
     return _as_classes(head, blocks, len(texts), tail)
 
 
-def link(text: str) -> tuple[bool, float | None]:
-    """Whether a booster's objective can be stacked, and its sigmoid slope (None: identity)."""
-    line = next((x for x in text.splitlines() if x.startswith("objective=")), "objective=")
-    objective = line.partition("=")[2].split()
-    if not objective:
+#: Objectives whose prediction is the sum of the trees itself.
+_IDENTITY = ("regression", "regression_l1", "huber", "fair", "quantile")
+
+
+def objective_link(objective: str, averaged: bool = False) -> tuple[bool, float | None]:
+    """How LightGBM turns a booster's summed trees into its prediction, from its objective.
+
+    Returns ``(known, slope)``: ``known`` is False for links not written here
+    (poisson, gamma, tweedie..., or trees averaged rather than summed:
+    ``averaged``, LightGBM's ``rf``); ``slope`` is the binary sigmoid's, None
+    for the identity.
+
+    Examples
+    --------
+    >>> objective_link("binary sigmoid:2"), objective_link("regression"), objective_link("poisson")
+    ((True, 2.0), (True, None), (False, None))
+    """
+    words = objective.split()
+    if averaged or not words:
         return False, None
-    if objective[0] in ("regression", "regression_l1", "huber", "fair", "quantile"):
+    if words[0] in _IDENTITY:
         return True, None
-    if objective[0] == "binary":
-        slopes = [float(o.partition(":")[2]) for o in objective if o.startswith("sigmoid:")]
+    if words[0] == "binary":
+        slopes = [float(w.partition(":")[2]) for w in words if w.startswith("sigmoid:")]
         return True, slopes[0] if slopes else 1.0
-    return False, None  # poisson, gamma, tweedie...: links not written here
+    return False, None
+
+
+def link(text: str) -> tuple[bool, float | None]:
+    """:func:`objective_link` of a model text (its ``objective`` and ``average_output`` lines)."""
+    head, _, _ = text.partition("\nTree=")
+    lines = head.splitlines()
+    objective = next((x for x in lines if x.startswith("objective=")), "objective=")
+    return objective_link(objective.partition("=")[2], "average_output" in lines)

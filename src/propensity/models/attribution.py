@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from propensity.models._kernels import sum_credits
+from propensity.models._tree_text import objective_link
 
 __all__ = ["PathAttribution"]
 
@@ -75,11 +76,11 @@ class PathAttribution:
         self.n_features = int(booster.num_feature())
         dump = booster.dump_model(num_iteration=self.num_iteration)
         trees = dump["tree_info"]
-        objective = str(dump.get("objective", "")).split()
-        self.sigmoid: float | None = None
-        if objective[:1] == ["binary"] and not dump.get("average_output"):
-            slope = [float(o.split(":")[1]) for o in objective if o.startswith("sigmoid:")]
-            self.sigmoid = slope[0] if slope else 1.0
+        # Averaged trees (``rf``) break "contributions add up to the raw score": no link.
+        known, slope = objective_link(
+            str(dump.get("objective", "")), bool(dump.get("average_output"))
+        )
+        self.sigmoid: float | None = slope if known else None
         offsets, leaf_rows, features, credits = [], [], [], []
         bias, total = 0.0, 0
         for tree in trees:

@@ -352,7 +352,7 @@ class _MetaLearner(BaseEstimator):
         self._stack_columns_: dict[int, int] = {}
         if compiled:
             # The boosters the actions need in one library: one input conversion and one
-            # call per row or batch (a 10-booster learner's row 116 -> 90 us).
+            # call per row or batch (next-best-action's row 116 -> 86 us, batch 26 -> 20 ms).
             stacked = self._models_for(self.actions_ if actions is None else actions)
             if stacked:
                 self._stack_ = compile_stack([m.booster_ for m in stacked], cache_dir)
@@ -385,7 +385,7 @@ class _MetaLearner(BaseEstimator):
         One ``Booster.predict`` per model with ``num_threads`` LightGBM
         threads (0: all cores); one row takes the C API's single-row path.
         Compiled (:meth:`compile`), one call of the stacked library predicts
-        every model.
+        every stacked model.
         Numeric features only (a categorical column has no float encoding).
         ``actions`` (default ``actions_``) limits the columns, and the models
         predicted, to those actions.
