@@ -138,7 +138,9 @@ def test_sigkilled_consumers_lose_nothing_and_count_nothing_twice(
     reserve = [write_jsonl(held[i::8], tmp_path / f"reserve{i}.jsonl") for i in range(8)]
     in_flight = kills = 0
     while kills < 4 or (in_flight < 2 and kills < 8):  # until two kills met a batch in flight
-        if _lag(client, settings) == 0 and reserve:
+        # A consumer drains a batch in milliseconds: keep several batches waiting, so that
+        # it is still mid-batch, not idle on a drained stream, when the kill lands.
+        if (_lag(client, settings) or 0) < 4 * settings.stream.batch_size and reserve:
             run_cli(settings, "stream", "--produce", str(reserve.pop()), "--per-message", "10")
         since, _ = group_progress(client, settings.stream.key, settings.stream.group)
         # Two names: a restarted "a" re-reads its own pending batch, "b" claims the other's.
@@ -149,7 +151,7 @@ def test_sigkilled_consumers_lose_nothing_and_count_nothing_twice(
             # flushing to the lake, acknowledging.
             target = since + rng.randint(0, 2) * settings.stream.batch_size + 1
             _wait_read(client, settings, target)
-            time.sleep(rng.uniform(0, 0.15))  # a batch takes well under a second now
+            time.sleep(rng.uniform(0, 0.005))  # a few batches' time at most: lag remains
         finally:  # killed on a failed wait too: no consumer outlives the test
             consumer.send_signal(signal.SIGKILL)
             consumer.wait(timeout=10)
