@@ -46,6 +46,7 @@ from feast.infra.online_stores.helpers import get_online_store_from_config
 from feast.repo_config import RepoConfig
 
 from ._codec import encode_entity_keys, encode_values, micros
+from ._packed import quote_name as _quote
 
 __all__ = [
     "BulkWriter",
@@ -189,10 +190,6 @@ def latest_rows(
             yield from reader
     finally:
         con.close()
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _batches(source: Source, columns: list[str], chunk_rows: int) -> Iterator[pa.RecordBatch]:

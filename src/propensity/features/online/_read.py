@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ._codec import DOUBLE_RECORD, NAN_DOUBLE_HEX, decode_values, entity_keys
+from ._packed import PackedReader
 
 __all__ = ["FeastReader", "MatrixReader", "OnlineRows", "SqliteReader"]
 
@@ -227,16 +228,19 @@ class _ViewValues:
 class SqliteReader(MatrixReader):
     """Read features straight from a Feast SQLite online store.
 
-    Reads the layout Feast's SQLite store (and this package's bulk writer)
-    uses: one table ``<project>_<view>`` with a row per (entity key,
-    feature). Feast's own reader issues one query per view and converts
-    every timestamp in Python, which costs more than the whole HTTP request;
-    this reader answers a few customers with one ``UNION ALL`` query. From
-    16 customers on, each view is one query returning one row (the view's
-    values for the whole batch, concatenated), the views run in parallel on
-    read threads with their own connections, and numpy parses each result
-    in a few calls (Python objects per value were most of a 1,000-customer
-    read). Connections map the database into memory.
+    Reads the plugin's packed rows first (:mod:`._packed`: one query, one
+    row per customer with every view's values; 1,000 customers of seven
+    views in about 11 ms, one customer in about 0.1 ms). Views whose packed
+    copy is off, and customers it cannot decode, are read from the layout
+    Feast's SQLite store uses: one table ``<project>_<view>`` with a row
+    per (entity key, feature). Feast's own reader issues one query per view
+    and converts every timestamp in Python, which costs more than the whole
+    HTTP request; this reader answers a few customers with one ``UNION
+    ALL`` query. From 16 customers on, each view is one query returning one
+    row (the view's values for the whole batch, concatenated), the views
+    run in parallel on read threads with their own connections, and numpy
+    parses each result in a few calls. Connections map the database into
+    memory.
 
     Parameters
     ----------
@@ -276,7 +280,7 @@ class SqliteReader(MatrixReader):
         self._ttl = [self._view_ttl[v] for v in views]
         self._tables = [f"{project}_{v}" for v in views]
         self._local = threading.local()
-        self._sql_cache: dict[int, str] = {}
+        self._sql_cache: dict[tuple[int, tuple[int, ...]], str] = {}
         # Grouped reads split feature-name lists on commas.
         self._groupable = not any("," in name for _, name in self._refs)
         # Per view: its served features as an SQL list, and the matrix column of each.
@@ -287,6 +291,7 @@ class SqliteReader(MatrixReader):
         self._view_columns = [
             {name: self._column[name] for view, name in self._refs if view == v} for v in views
         ]
+        self._packed = PackedReader(project, self._tables, self._view_columns, self._ttl)
         # View index of each served column, and -1 last, for features nobody asked for.
         view_index = {v: k for k, v in enumerate(views)}
         by_name = {name: view_index[view] for view, name in self._refs}
@@ -415,9 +420,28 @@ class SqliteReader(MatrixReader):
             rows[served], columns[served], records["value"][served], stamped, seconds, retry
         )
 
+    def _read_packed(
+        self, keys: list[bytes], out: tuple[np.ndarray, ...], now: float
+    ) -> tuple[frozenset[int], list[bytes]]:
+        """The views the packed rows served (see :mod:`._packed`), and keys to re-read.
+
+        A view is served only if every chunk read it (each chunk is its own
+        snapshot); the others are read again for all keys, which is idempotent.
+        """
+        served: frozenset[int] | None = None
+        again: list[bytes] = []
+        for start in range(0, len(keys), _KEYS_PER_QUERY):
+            chunk = keys[start : start + _KEYS_PER_QUERY]
+            part = tuple(a[start : start + len(chunk)] for a in out)
+            views, redo = self._packed.read(self._connection(), chunk, part, now)  # type: ignore[arg-type]
+            served = views if served is None else served & views
+            again += [chunk[i] for i in redo]
+        return served or frozenset(), again
+
     def _read_grouped(
         self,
         keys: list[bytes],
+        views: Sequence[int],
         matrix: np.ndarray,
         oldest: np.ndarray,
         found: np.ndarray,
@@ -432,7 +456,6 @@ class SqliteReader(MatrixReader):
         value by value, which is idempotent for the parts already written.
         """
         retry: set[int] = set()
-        views = range(len(self._tables))
         for start in range(0, len(keys), _KEYS_PER_QUERY):
             chunk = keys[start : start + _KEYS_PER_QUERY]
             run = map if self.executor is None else self.executor.map
@@ -448,8 +471,8 @@ class SqliteReader(MatrixReader):
                 retry.update((part.retry + start).tolist())
         return [keys[i] for i in sorted(retry)]
 
-    def _sql(self, n_keys: int) -> str:
-        cached = self._sql_cache.get(n_keys)
+    def _sql(self, n_keys: int, views: tuple[int, ...]) -> str:
+        cached = self._sql_cache.get((n_keys, views))
         if cached is not None:
             return cached
         marks = ",".join("?" * n_keys)
@@ -459,12 +482,29 @@ class SqliteReader(MatrixReader):
         parts = [
             f'SELECT {k}, entity_key, feature_name, value, event_ts FROM "{table}" '
             f"WHERE entity_key IN ({marks})"
-            for k, table in enumerate(self._tables)
+            for k, table in ((k, self._tables[k]) for k in views)
         ]
         sql = " UNION ALL ".join(parts)
         if n_keys <= 8:  # the same text each call lets sqlite3 reuse its prepared statement
-            self._sql_cache[n_keys] = sql
+            self._sql_cache[(n_keys, views)] = sql
         return sql
+
+    def _read_by_value(
+        self,
+        keys: list[bytes],
+        views: tuple[int, ...],
+        row_of: dict[bytes, int],
+        out: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+        now: float,
+    ) -> None:
+        """Read ``views`` of ``keys`` row per value (a few customers, or those to re-read)."""
+        step = max(1, _KEYS_PER_QUERY // len(views))
+        for start in range(0, len(keys), step):
+            chunk = keys[start : start + step]
+            rows = self._connection().execute(self._sql(len(chunk), views), chunk * len(views))
+            fetched = rows.fetchall()
+            if fetched:
+                self._fill(fetched, row_of, *out, now)
 
     def read(self, customer_ids: Sequence[str], now: float) -> OnlineRows:
         ids = [str(c) for c in customer_ids]
@@ -472,18 +512,19 @@ class SqliteReader(MatrixReader):
         keys = entity_keys(unique, self.entity_key)
         row_of = {key: i for i, key in enumerate(keys)}
         n = len(unique)
-        matrix, oldest, found, stale = self._empty(n)
-        by_value = keys
-        if n >= GROUPED_ROWS and self._groupable:
-            by_value = self._read_grouped(keys, matrix, oldest, found, stale, now)
-        # A few customers, or those the grouped read could not decode: value by value.
-        step = max(1, _KEYS_PER_QUERY // len(self._tables))
-        for start in range(0, len(by_value), step):
-            chunk = by_value[start : start + step]
-            params = chunk * len(self._tables)
-            rows = self._connection().execute(self._sql(len(chunk)), params).fetchall()
-            if rows:
-                self._fill(rows, row_of, matrix, oldest, found, stale, now)
+        out = matrix, oldest, found, stale = self._empty(n)
+        every = tuple(range(len(self._tables)))
+        rest, again = every, list[bytes]()
+        if self._groupable:  # packed layouts and grouped reads split feature names on commas
+            packed, again = self._read_packed(keys, out, now)
+            rest = tuple(v for v in every if v not in packed)
+        if rest and n >= GROUPED_ROWS and self._groupable:
+            again += self._read_grouped(keys, rest, matrix, oldest, found, stale, now)
+        elif rest:
+            self._read_by_value(keys, rest, row_of, out, now)
+        # Customers the faster reads could not decode, value by value (idempotent).
+        if again:
+            self._read_by_value(list(dict.fromkeys(again)), every, row_of, out, now)
         if len(unique) == len(ids):
             return OnlineRows.from_oldest(matrix, oldest, found, stale)
         index = np.array([row_of[key] for key in entity_keys(ids, self.entity_key)], dtype=np.intp)

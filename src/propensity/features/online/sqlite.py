@@ -21,6 +21,10 @@ teardown``) works unchanged; on top it has
   :class:`~propensity.features.online.SqliteReader`;
 * :meth:`BulkSqliteOnlineStore.materialized_views`, which views hold rows
   (the scoring service's readiness);
+* packed rows (:mod:`._packed`): one row per entity in ``_packed_<project>``
+  holding each view's values, which the scoring read steps through instead of
+  a row per feature; every write of the plugin refreshes them in its
+  transaction;
 * :meth:`BulkSqliteOnlineStore.delete_entities`, erasure that leaves no copy
   of the deleted keys in the database file;
 * the materialization marks, table ``_materialized_<project>`` (outside
@@ -49,8 +53,10 @@ from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.repo_config import RepoConfig
 from feast.utils import to_naive_utc
 
-from ._bulk import BulkWrites, Chunk, ViewPlan, _quote, _utc
+from . import _packed
+from ._bulk import BulkWrites, Chunk, ViewPlan, _utc
 from ._codec import encode_matrix, encode_values, sqlite_epochs, texts
+from ._packed import quote_name as _quote
 from ._read import SqliteReader
 
 __all__ = ["BulkSqliteOnlineStore", "BulkSqliteOnlineStoreConfig", "clustered", "marks_table"]
@@ -150,9 +156,10 @@ class BulkSqliteOnlineStore(BulkWrites, SqliteOnlineStore):
         entities_to_keep: Sequence[Any],
         partial: bool,
     ) -> None:
-        """Feast's apply, then every kept view's table in the clustered layout.
+        """Feast's apply, then every kept view's table clustered and packed.
 
-        See :func:`clustered`.
+        See :func:`clustered` and :mod:`._packed` (a copy turned off by a
+        foreign write is rebuilt here).
         """
         super().update(
             config, tables_to_delete, tables_to_keep, entities_to_delete, entities_to_keep, partial
@@ -164,7 +171,12 @@ class BulkSqliteOnlineStore(BulkWrites, SqliteOnlineStore):
         conn = sqlite3.connect(self._get_db_path(config), isolation_level=None, timeout=60)
         try:
             for view in tables_to_keep:
-                clustered(conn, compute_table_id(config.project, view, versioning))
+                table = compute_table_id(config.project, view, versioning)
+                clustered(conn, table)
+                _packed.ensure(conn, config.project, table)
+            for view in tables_to_delete:
+                table = compute_table_id(config.project, view, versioning)
+                _packed.drop(conn, config.project, table)
         finally:
             conn.close()
 
@@ -175,7 +187,10 @@ class BulkSqliteOnlineStore(BulkWrites, SqliteOnlineStore):
         data: list[tuple[EntityKeyProto, dict[str, ValueProto], datetime, datetime | None]],
         progress: Callable[[int], Any] | None,
     ) -> None:
-        """Feast's interface, in one ``executemany`` and one transaction per batch."""
+        """Feast's interface, in one ``executemany`` and one transaction per batch.
+
+        The written entities' packed rows are refreshed in the same transaction.
+        """
         online = config.online_store
         if online.vector_enabled or getattr(online, "enable_openai_compatible_store", False):
             # Those add columns (vector_value, value_num) only Feast's writer fills.
@@ -203,7 +218,13 @@ class BulkSqliteOnlineStore(BulkWrites, SqliteOnlineStore):
         versioning = config.registry.enable_online_feature_view_versioning
         name = compute_table_id(config.project, table, versioning)
         with self._get_conn(config) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            _packed.create(conn, config.project, name)
+            kept = _packed.complete(conn, [name])
             conn.executemany(_upsert_sql(name), rows)
+            keys = _packed.stage_keys(conn, [row[0] for row in rows])
+            _packed.refresh(conn, config.project, name, keys)
+            _packed.keep_complete(conn, kept)
         if progress:
             progress(len(data))
 
@@ -287,11 +308,14 @@ class BulkSqliteOnlineStore(BulkWrites, SqliteOnlineStore):
             removed = 0
             con.execute("BEGIN IMMEDIATE")  # a reader never sees a half-erased customer
             try:
+                kept = _packed.complete(con, tables)
                 for table in tables:
                     cursor = con.execute(
                         f"DELETE FROM {_quote(table)} WHERE entity_key IN ({marks})", list(keys)
                     )
                     removed += cursor.rowcount
+                _packed.delete(con, project, keys)
+                _packed.keep_complete(con, kept)
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
@@ -326,6 +350,7 @@ class _SqliteWriter:
         self.conn.execute("PRAGMA cache_size=-262144")
         self.conn.execute("PRAGMA temp_store=MEMORY")
         self.sql: dict[str, str] = {}
+        self.tables: dict[str, str] = {}
         self.expand: dict[str, str] = {}
         self.staged: dict[str, int] = {}
         # ->> needs SQLite 3.38; older libraries take the row-by-row path.
@@ -342,6 +367,8 @@ class _SqliteWriter:
         )
         clustered(self.conn, table)  # a table written before, in Feast's rowid layout
         self.conn.execute(f"CREATE INDEX IF NOT EXISTS {_quote(table + '_ek')} ON {q} (entity_key)")
+        _packed.ensure(self.conn, plan.project, table)
+        self.tables[plan.view.name] = table
         self.sql[plan.view.name] = _upsert_sql(table)
         if self.bulk_sql:
             self.expand[plan.view.name] = self._staging(plan)
@@ -429,18 +456,24 @@ class _SqliteWriter:
         # view in this call, become visible together.
         self.conn.execute("BEGIN IMMEDIATE")
         try:
-            for plan, rows, staged in encoded:
+            tables = [self.tables[plan.view.name] for plan, _, _ in encoded]
+            kept = _packed.complete(self.conn, tables)
+            for (plan, rows, staged), table in zip(encoded, tables, strict=True):
                 if not staged:
                     self.conn.executemany(self.sql[plan.view.name], rows)
-                    continue
-                k = self.staged[plan.view.name]
-                self.conn.execute(f"DELETE FROM temp._ow_stage_{k}")
-                self.conn.executemany(
-                    f"INSERT INTO temp._ow_stage_{k} VALUES (?, ?, ?, ?, ?)", rows
-                )
-                # One C-level statement: sqlite3 releases the GIL while it runs, so
-                # the prefetch thread encodes the next chunk meanwhile.
-                self.conn.execute(self.expand[plan.view.name], (_BYTES,))
+                    keys = _packed.stage_keys(self.conn, [row[0] for row in rows])
+                else:
+                    k = self.staged[plan.view.name]
+                    self.conn.execute(f"DELETE FROM temp._ow_stage_{k}")
+                    self.conn.executemany(
+                        f"INSERT INTO temp._ow_stage_{k} VALUES (?, ?, ?, ?, ?)", rows
+                    )
+                    # One C-level statement: sqlite3 releases the GIL while it runs, so
+                    # the prefetch thread encodes the next chunk meanwhile.
+                    self.conn.execute(self.expand[plan.view.name], (_BYTES,))
+                    keys = f"SELECT ek FROM temp._ow_stage_{k}"
+                _packed.refresh(self.conn, plan.project, table, keys)
+            _packed.keep_complete(self.conn, kept)
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
