@@ -343,10 +343,10 @@ class FeatureStoreAdapter:
         """The vectorized online read of a service's features, or of ``"view:feature"`` refs.
 
         With ``direct`` (the default) the online-store plugin reads its own
-        storage (SQLite: one query per view, views in parallel on
-        ``executor``); otherwise, and for stores without a direct read
-        (Redis), the read goes through Feast's ``get_online_features``. TTLs
-        come from the registered views.
+        storage (SQLite: one query over the packed rows, views whose copy is
+        off one query each, in parallel on ``executor``); otherwise, and for
+        stores without a direct read (Redis), the read goes through Feast's
+        ``get_online_features``. TTLs come from the registered views.
 
         Parameters
         ----------

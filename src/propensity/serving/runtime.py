@@ -96,7 +96,7 @@ def online_reader(
 
     Regular features are read from their view by the online-store plugin
     (:meth:`~propensity.features.store.FeatureStoreAdapter.reader`: SQLite
-    read directly, one query per view; ``direct=False``, or Redis, through
+    read directly, one query over the packed rows; ``direct=False``, or Redis, through
     Feast); on-demand ones are computed here with the feature repo's own
     transformation (cheaper than Feast's on-demand path, same values);
     streaming ones are merged from their tiles at the request clock by
