@@ -32,6 +32,7 @@ __all__ = [
     "decode_values",
     "encode_entity_keys",
     "DOUBLE_RECORD",
+    "DOUBLE_TAG",
     "NAN_DOUBLE_HEX",
     "encode_matrix",
     "encode_values",
@@ -361,6 +362,8 @@ def decode_value(blob: bytes, feature: str) -> float:
 
 #: A ``ValueProto`` holding a double, as a numpy record (tag byte, value).
 DOUBLE_RECORD = np.dtype([("tag", "u1"), ("value", "<f8")])
+#: The tag byte of a ``ValueProto`` double (the ``tag`` of a :data:`DOUBLE_RECORD`).
+DOUBLE_TAG = _TAG_DOUBLE
 #: The ``ValueProto`` of a NaN double, as SQL hex (stands for an empty, null value).
 NAN_DOUBLE_HEX = "29" + struct.pack("<d", math.nan).hex().upper()
 

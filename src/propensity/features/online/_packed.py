@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._codec import DOUBLE_RECORD, NAN_DOUBLE_HEX
+from ._codec import DOUBLE_RECORD, DOUBLE_TAG, NAN_DOUBLE_HEX
 
 __all__ = [
     "COMPLETE",
@@ -45,6 +45,7 @@ __all__ = [
     "packed_table",
     "quote_name",
     "refresh",
+    "requested",
     "stage_keys",
 ]
 
@@ -234,12 +235,9 @@ def drop(conn: sqlite3.Connection, project: str, table: str) -> None:
         conn.execute(f"UPDATE {quote_name(packed)} SET {sets}")
 
 
-_DOUBLE_TAG = 0x29  # the tag byte of a ValueProto double
-
-
 @functools.lru_cache(maxsize=16)
-def _requested(n_keys: int) -> str:
-    """The ``requested(row, key)`` table of a batch, built once per batch size."""
+def requested(n_keys: int) -> str:
+    """The ``requested(row, key)`` table of a batch of keys, built once per batch size."""
     rows = ",".join(f"({i},?)" for i in range(n_keys))
     return f"WITH requested(row, key) AS (VALUES {rows}) "
 
@@ -327,7 +325,7 @@ class PackedReader:
             stamps.append(f"CASE WHEN {layout} IS NULL THEN 'inf' ELSE ifnull({stamp}, 'nan') END")
         comma = " || ',' || "
         return (
-            f"{_requested(n_keys)}SELECT requested.row, '' || {comma.join(layouts)}, "
+            f"{requested(n_keys)}SELECT requested.row, '' || {comma.join(layouts)}, "
             f"CAST({' || '.join(values)} AS BLOB), '' || {comma.join(stamps)} "
             f"FROM requested JOIN {quote_name(self.table)} ON entity_key = requested.key"
         )
@@ -402,7 +400,7 @@ class PackedReader:
             stamps = np.fromstring(",".join(r[3] for r in group), dtype=np.float64, sep=",")
             stamps = stamps.reshape(len(rows), len(views))[:, layout.dated]
             values = records["value"]
-            bad = (records["tag"] != _DOUBLE_TAG).any(axis=1) | np.isnan(stamps).any(axis=1)
+            bad = (records["tag"] != DOUBLE_TAG).any(axis=1) | np.isnan(stamps).any(axis=1)
             if bad.any():
                 redo += rows[bad].tolist()
                 good = ~bad

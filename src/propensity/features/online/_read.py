@@ -11,7 +11,6 @@ TTLs. This module imports no Feast: the store is handed in.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import sqlite3
@@ -23,12 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from ._codec import DOUBLE_RECORD, NAN_DOUBLE_HEX, decode_values, entity_keys
-from ._packed import PackedReader
+from ._codec import DOUBLE_RECORD, DOUBLE_TAG, NAN_DOUBLE_HEX, decode_values, entity_keys
+from ._packed import PackedReader, requested
 
 __all__ = ["FeastReader", "MatrixReader", "OnlineRows", "SqliteReader"]
-
-_DOUBLE_TAG = 0x29  # the tag byte of a ValueProto double
 
 
 @dataclass(frozen=True)
@@ -199,13 +196,6 @@ _probe = sqlite3.connect(":memory:")
 #: (32,766 since SQLite 3.32, 999 before).
 _KEYS_PER_QUERY = min(10_000, _probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
 _probe.close()
-
-
-@functools.lru_cache(maxsize=16)
-def _requested(n_keys: int) -> str:
-    """The ``requested(row, key)`` table of a batch: built once per batch size, not per view."""
-    rows = ",".join(f"({i},?)" for i in range(n_keys))
-    return f"WITH requested(row, key) AS (VALUES {rows}) "
 
 
 @dataclass(frozen=True)
@@ -379,7 +369,7 @@ class SqliteReader(MatrixReader):
                 f"CAST(group_concat({value}, '') AS BLOB), "
                 f"min(event_ts), max(event_ts), count(event_ts) {joined}"
             )
-        return f"{_requested(n_keys)}SELECT {selected}"
+        return f"{requested(n_keys)}SELECT {selected}"
 
     def _read_view(self, view: int, keys: list[bytes]) -> _ViewValues | None:
         """Fetch and parse one view for many customers; runs on a read thread."""
@@ -402,7 +392,7 @@ class SqliteReader(MatrixReader):
             return _ViewValues.retry_all(np.unique(rows))
         records = np.frombuffer(blob, dtype=DOUBLE_RECORD)
         served = columns >= 0
-        retry = np.unique(rows[records["tag"] != _DOUBLE_TAG])
+        retry = np.unique(rows[records["tag"] != DOUBLE_TAG])
         if first is not None and first == last and dated == len(rows):
             stamped = np.unique(rows[served])  # one snapshot: every customer shares it
             seconds = np.full(len(stamped), float(first))
