@@ -88,11 +88,15 @@ def _trigger(table: str, event: str) -> str:
     return f"_packed_{table}_{event.lower()}"
 
 
+def _marked(conn: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in conn.execute(f"SELECT name FROM {COMPLETE}")}
+
+
 def complete(conn: sqlite3.Connection, tables: Sequence[str]) -> list[str]:
     """Those of ``tables`` whose packed columns are complete (readers may use them)."""
     if not _exists(conn, COMPLETE):
         return []
-    done = {row[0] for row in conn.execute(f"SELECT name FROM {COMPLETE}")}
+    done = _marked(conn)
     return [t for t in tables if t in done]
 
 
@@ -197,7 +201,6 @@ def refresh(conn: sqlite3.Connection, project: str, table: str, keys: str | None
         f"ON CONFLICT(entity_key) DO UPDATE SET {layout} = excluded.{layout}, "
         f"{vals} = excluded.{vals}, {stamp} = excluded.{stamp}"
     )
-    conn.execute("DELETE FROM temp._packed_new")
 
 
 def keep_complete(conn: sqlite3.Connection, tables: Sequence[str]) -> None:
@@ -289,7 +292,7 @@ class PackedReader:
         self.view_columns = list(view_columns)
         self.ttls = np.asarray(ttls, dtype=np.float64)
         self._local = threading.local()
-        self._layouts: dict[tuple[tuple[int, ...], str], _Layout | None] = {}
+        self._layouts: dict[tuple[tuple[int, ...], str], _Layout] = {}
 
     def _catalog(self, conn: sqlite3.Connection) -> _Catalog:
         catalog: _Catalog = getattr(self._local, "catalog", None) or _Catalog()
@@ -332,10 +335,10 @@ class PackedReader:
 
     def _layout(
         self, conn: sqlite3.Connection, catalog: _Catalog, views: tuple[int, ...], key: str
-    ) -> _Layout | None:
-        """The layout of rows whose views have the layout ids ``key``; None if not readable."""
+    ) -> _Layout:
+        """The layout of rows whose views have the layout ids ``key`` (cached)."""
         cached = self._layouts.get((views, key))
-        if cached is not None or (views, key) in self._layouts:
+        if cached is not None:
             return cached
         ids = [int(i) if i else None for i in key.split(",")]
         if any(i is not None and i not in catalog.names for i in ids):
@@ -375,11 +378,7 @@ class PackedReader:
         conn.execute("BEGIN")  # the marks and the rows from one snapshot
         try:
             catalog = self._catalog(conn)
-            done = (
-                {r[0] for r in conn.execute(f"SELECT name FROM {COMPLETE}")}
-                if catalog.views
-                else set()
-            )
+            done = _marked(conn) if catalog.views else set()
             views = tuple(v for v in catalog.views if self.tables[v] in done)
             fetched = conn.execute(self._sql(views, len(keys)), keys).fetchall() if views else []
         finally:
@@ -393,7 +392,7 @@ class PackedReader:
             layout = self._layout(conn, catalog, views, key)
             rows = np.array([r[0] for r in group], dtype=np.intp)
             blob = b"".join([r[2] for r in group])
-            if layout is None or len(blob) != DOUBLE_RECORD.itemsize * layout.width * len(rows):
+            if len(blob) != DOUBLE_RECORD.itemsize * layout.width * len(rows):
                 redo += rows.tolist()  # values of other types: lengths differ
                 continue
             records = np.frombuffer(blob, dtype=DOUBLE_RECORD).reshape(len(rows), layout.width)

@@ -411,7 +411,10 @@ class SqliteReader(MatrixReader):
         )
 
     def _read_packed(
-        self, keys: list[bytes], out: tuple[np.ndarray, ...], now: float
+        self,
+        keys: list[bytes],
+        out: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+        now: float,
     ) -> tuple[frozenset[int], list[bytes]]:
         """The views the packed rows served (see :mod:`._packed`), and keys to re-read.
 
@@ -422,8 +425,10 @@ class SqliteReader(MatrixReader):
         again: list[bytes] = []
         for start in range(0, len(keys), _KEYS_PER_QUERY):
             chunk = keys[start : start + _KEYS_PER_QUERY]
-            part = tuple(a[start : start + len(chunk)] for a in out)
-            views, redo = self._packed.read(self._connection(), chunk, part, now)  # type: ignore[arg-type]
+            rows = slice(start, start + len(chunk))
+            matrix, oldest, found, stale = out
+            part = matrix[rows], oldest[rows], found[rows], stale[rows]
+            views, redo = self._packed.read(self._connection(), chunk, part, now)
             served = views if served is None else served & views
             again += [chunk[i] for i in redo]
         return served or frozenset(), again
@@ -504,7 +509,8 @@ class SqliteReader(MatrixReader):
         n = len(unique)
         out = matrix, oldest, found, stale = self._empty(n)
         every = tuple(range(len(self._tables)))
-        rest, again = every, list[bytes]()
+        rest: tuple[int, ...] = every
+        again: list[bytes] = []
         if self._groupable:  # packed layouts and grouped reads split feature names on commas
             packed, again = self._read_packed(keys, out, now)
             rest = tuple(v for v in every if v not in packed)

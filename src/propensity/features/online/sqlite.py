@@ -198,8 +198,10 @@ class BulkSqliteOnlineStore(BulkWrites, SqliteOnlineStore):
             return
         version = config.entity_key_serialization_version
         rows = []
+        keys = []
         for entity, values, stamp, created in data:
             key = serialize_entity_key(entity, entity_key_serialization_version=version)
+            keys.append(key)
             # Naive UTC datetimes: Feast's sqlite3 adapter stores their epoch seconds.
             ts = to_naive_utc(stamp)
             cts = to_naive_utc(created) if created is not None else None
@@ -222,8 +224,7 @@ class BulkSqliteOnlineStore(BulkWrites, SqliteOnlineStore):
             _packed.create(conn, config.project, name)
             kept = _packed.complete(conn, [name])
             conn.executemany(_upsert_sql(name), rows)
-            keys = _packed.stage_keys(conn, [row[0] for row in rows])
-            _packed.refresh(conn, config.project, name, keys)
+            _packed.refresh(conn, config.project, name, _packed.stage_keys(conn, keys))
             _packed.keep_complete(conn, kept)
         if progress:
             progress(len(data))
