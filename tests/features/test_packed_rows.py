@@ -7,7 +7,10 @@ writer would, straight into Feast's table with ``sqlite3``.
 
 from __future__ import annotations
 
+import signal
 import sqlite3
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from feast import Entity, FeatureStore, FeatureView, Field, FileSource
 from feast.repo_config import RepoConfig
 from feast.types import Float64
@@ -266,3 +270,56 @@ def test_erasure_removes_packed_rows_and_keeps_the_copy(store: FeatureStore) -> 
     read = SqliteReader(_path(store), REFS, project="proj", ttls=TTLS).read(IDS, NOW)
     assert not read.found[:3].any() and read.found[3:].all()
     _assert_reads_agree(store)
+
+
+_WRITER = """
+import sys
+import pyarrow.parquet as pq
+from feast import FeatureStore
+from propensity.features.online import write_many
+
+store = FeatureStore(repo_path=sys.argv[1])
+frame = pq.read_table(sys.argv[2])
+write_many(store, {"alpha": frame, "beta": frame}, end=frame["event_timestamp"][0].as_py(),
+           chunk_rows=1, progress=lambda n: print(n, flush=True))
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_the_copy_equal_to_feasts_rows(
+    store: FeatureStore, tmp_path: Path
+) -> None:
+    _seed(store)
+    # The same repo as a folder a child process can open.
+    config = {
+        "project": "proj",
+        "provider": "local",
+        "registry": str(tmp_path / "registry.db"),
+        "online_store": {
+            "type": "propensity.features.online.sqlite.BulkSqliteOnlineStore",
+            "path": str(_path(store)),
+        },
+        "offline_store": {"type": "duckdb"},
+        "entity_key_serialization_version": 3,
+    }
+    (tmp_path / "feature_store.yaml").write_text(yaml.safe_dump(config))
+    table = [[100.0 + i] * 6 for i in range(len(IDS))]
+    later = T0 + timedelta(days=5)
+    pq.write_table(_frame(IDS, table, [later] * len(IDS)), tmp_path / "update.parquet")
+    child = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(tmp_path), str(tmp_path / "update.parquet")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for _ in range(5):  # five transactions (a customer each) committed, then killed
+            assert child.stdout is not None and child.stdout.readline()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    assert _complete(store) == ["proj_alpha", "proj_beta"]
+    _assert_reads_agree(store)  # the packed copy holds what Feast's rows hold, no more
+    read = SqliteReader(_path(store), REFS, project="proj", ttls=TTLS).read(IDS, NOW)
+    written = read.matrix[:, 0] >= 100.0
+    assert 5 <= written.sum() < len(IDS)  # the kill landed mid-write
+    # Each customer all new or all old, across both views.
+    assert (written == (read.matrix[:, 4] >= 100.0)).all()
