@@ -15,7 +15,9 @@ about 2 s for 100,000 customers on 2 cores.
 
 from __future__ import annotations
 
+import logging
 import warnings
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,6 +29,8 @@ __all__ = ["CLV_FEATURES", "RFM_COLUMNS", "BGNBDBaseline"]
 RFM_COLUMNS = ("frequency", "recency", "T", "monetary")
 #: The outputs offered as model features (:meth:`BGNBDBaseline.features`).
 CLV_FEATURES = ("bgnbd_p_alive", "bgnbd_expected_purchases", "bgnbd_p_purchase", "gg_spend")
+
+_log = logging.getLogger(__name__)
 
 
 class BGNBDBaseline(BaseEstimator):
@@ -45,7 +49,11 @@ class BGNBDBaseline(BaseEstimator):
     params_ : dict
         BG/NBD ``r``, ``alpha``, ``a``, ``b``.
     spend_params_ : dict
-        Gamma-Gamma ``p``, ``q``, ``v`` (empty without spend data).
+        Gamma-Gamma ``p``, ``q``, ``v`` (empty without spend data, or when the fit
+        did not converge).
+    penalizer_ : float
+        The penalty BG/NBD's fit took: ``penalizer_coef``, or ten or a hundred times
+        it when lifetimes' optimizer did not converge with less.
 
     Examples
     --------
@@ -66,10 +74,12 @@ class BGNBDBaseline(BaseEstimator):
         from lifetimes import BetaGeoFitter, GammaGammaFitter
 
         f, r, t = _columns(rfm)
-        with warnings.catch_warnings():
-            # lifetimes warns on slow convergence; the fit is checked by its metrics
-            warnings.simplefilter("ignore")
-            bgf = BetaGeoFitter(penalizer_coef=self.penalizer_coef).fit(f, r, t)
+        bgf, self.penalizer_ = _fit_converging(BetaGeoFitter, self.penalizer_coef, f, r, t)
+        if bgf is None:
+            raise ValueError(
+                f"BG/NBD did not converge on {len(f):,} customers, even with a penalizer of "
+                f"{self.penalizer_:g}: too few repeat purchases to fit it?"
+            )
         self.params_ = {k: float(v) for k, v in bgf.params_.items()}
         self.spend_params_: dict[str, float] = {}
         self.mean_spend_ = 0.0
@@ -77,12 +87,24 @@ class BGNBDBaseline(BaseEstimator):
             monetary = rfm["monetary"].to_numpy(np.float64)
             buyers = (f > 0) & (monetary > 0)
             if buyers.sum() >= 10:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    ggf = GammaGammaFitter(penalizer_coef=self.penalizer_coef)
-                    ggf.fit(f[buyers], monetary[buyers])
-                self.spend_params_ = {k: float(v) for k, v in ggf.params_.items()}
                 self.mean_spend_ = float(monetary[buyers].mean())
+                # Fitted on order values in units of their mean: in the shop's currency
+                # the likelihood's optimizer has stopped short ("precision loss") on
+                # real-looking data. Only ``v`` carries the unit.
+                ggf, _ = _fit_converging(
+                    GammaGammaFitter,
+                    self.penalizer_coef,
+                    f[buyers],
+                    monetary[buyers] / self.mean_spend_,
+                )
+                if ggf is None:
+                    _log.warning(
+                        "Gamma-Gamma did not converge on %d repeat buyers; no spend model",
+                        buyers.sum(),
+                    )
+                else:
+                    self.spend_params_ = {k: float(v) for k, v in ggf.params_.items()}
+                    self.spend_params_["v"] *= self.mean_spend_
         return self
 
     def _posterior(self, rfm: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -153,6 +175,28 @@ class BGNBDBaseline(BaseEstimator):
     def predict_proba(self, rfm: pd.DataFrame, horizon_days: int) -> np.ndarray:
         """P(at least one purchase in the next ``horizon_days``), shape ``(n,)``."""
         return self.features(rfm, horizon_days)["bgnbd_p_purchase"].to_numpy()
+
+
+def _fit_converging(
+    fitter: type[Any], penalizer: float, *columns: np.ndarray
+) -> tuple[Any | None, float]:
+    """A lifetimes fitter fitted on ``columns``, and the penalizer it took.
+
+    lifetimes raises when its optimizer does not report success; its own advice is a
+    larger penalizer, tried here up to a hundred times the asked one. ``None`` when
+    even that fails.
+    """
+    from lifetimes.utils import ConvergenceError
+
+    for coef in (penalizer, 10 * penalizer, 100 * penalizer):
+        try:
+            with warnings.catch_warnings():
+                # lifetimes warns on slow convergence; the fit is checked by its metrics
+                warnings.simplefilter("ignore")
+                return fitter(penalizer_coef=coef).fit(*columns), coef
+        except ConvergenceError:
+            continue
+    return None, coef
 
 
 def _columns(rfm: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
