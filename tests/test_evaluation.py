@@ -116,3 +116,41 @@ def test_weighted_metrics_equal_the_metrics_of_rows_repeated_by_weight(rows) -> 
 def test_weights_must_be_finite_and_non_negative() -> None:
     with pytest.raises(ValueError, match="weight at row 1 is -1.0"):
         ev.binary_metrics([0, 1], [0.2, 0.7], sample_weight=[1.0, -1.0])
+
+
+def test_paired_difference_covers_the_true_difference_and_is_narrower_than_separate_intervals() -> (
+    None
+):
+    """Two scores of the same rows, one a noisier copy of the other: their AUC
+    difference over fresh samples is the truth the interval should cover, and
+    pairing makes it far narrower than the spread of either AUC alone."""
+    rng = np.random.default_rng(3)
+
+    def sample(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        signal = rng.normal(0, 1, n)
+        y = (rng.random(n) < 1 / (1 + np.exp(-2 * signal))).astype(float)
+        good = signal + rng.normal(0, 0.5, n)
+        return y, good, good + rng.normal(0, 0.5, n)
+
+    truth = np.mean([ev.paired_difference(*sample(50_000), n_resamples=2)[0] for _ in range(3)])
+    y, good, worse = sample(3000)
+    diff, low, high = ev.paired_difference(y, good, worse)
+    assert low < truth < high and low > 0
+    auc_spread = np.std(
+        [
+            skm.roc_auc_score(y[i], good[i])
+            for i in (rng.integers(0, 3000, 3000) for _ in range(100))
+        ]
+    )
+    assert high - low < 2 * 1.645 * auc_spread  # narrower than an unpaired 90% interval
+    # log loss: the worse score loses, and the sign says so
+    p, q = 1 / (1 + np.exp(-good)), 1 / (1 + np.exp(-worse))
+    d, lo, hi = ev.paired_difference(y, p, q, "log_loss")
+    assert d < 0 and hi < 0 and lo < d < hi
+    # identical scores differ by exactly nothing
+    assert ev.paired_difference(y, good, good) == (0.0, 0.0, 0.0)
+
+
+def test_paired_difference_names_a_metric_it_does_not_know() -> None:
+    with pytest.raises(ValueError, match="metric must be one of"):
+        ev.paired_difference([0, 1], [0.2, 0.8], [0.3, 0.7], "brier")

@@ -26,6 +26,7 @@ __all__ = [
     "expected_calibration_error",
     "lift_at",
     "capture_at",
+    "paired_difference",
     "roc_figure",
     "pr_figure",
     "calibration_figure",
@@ -194,6 +195,84 @@ def binary_metrics(
     out["ece"] = expected_calibration_error(y_arr, p_arr, n_bins, weights)
     out["mean_prediction"] = float(np.average(p_arr, weights=w))
     return out
+
+
+_PAIRED_METRICS = {
+    "roc_auc": lambda y, p, w: skm.roc_auc_score(y, p, sample_weight=w),
+    "log_loss": lambda y, p, w: skm.log_loss(
+        y, np.clip(p, 1e-15, 1 - 1e-15), labels=[0, 1], sample_weight=w
+    ),
+}
+
+
+def paired_difference(
+    y: np.ndarray,
+    p: np.ndarray,
+    q: np.ndarray,
+    metric: str = "roc_auc",
+    sample_weight: np.ndarray | None = None,
+    confidence: float = 0.9,
+    n_resamples: int = 200,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """``metric(p) - metric(q)`` on the same rows, with a paired bootstrap interval.
+
+    Two models scored on one test set share its luck: resampling the rows with
+    both scores together (scipy's ``bootstrap(..., paired=True)``, percentile
+    interval) measures only the uncertainty of their difference, far narrower
+    than two separate intervals.
+
+    Parameters
+    ----------
+    y : array of 0/1
+    p, q : arrays of probabilities
+        The two models' scores of the same rows.
+    metric : {"roc_auc", "log_loss"}
+    sample_weight : array, optional
+    confidence : float
+        Coverage of the interval.
+    n_resamples : int
+    seed : int
+
+    Returns
+    -------
+    difference, low, high : float
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> y = rng.integers(0, 2, 2000)
+    >>> good, noise = y + rng.normal(0, 1, 2000), rng.normal(0, 1, 2000)
+    >>> diff, low, high = paired_difference(y, good, noise)
+    >>> bool(0 < low < diff < high)
+    True
+    """
+    from scipy import stats
+
+    if metric not in _PAIRED_METRICS:
+        raise ValueError(f"metric must be one of {sorted(_PAIRED_METRICS)}, got {metric!r}")
+    y_arr, p_arr, w = _arrays(y, p, sample_weight)
+    _, q_arr, _ = _arrays(y, q, sample_weight)
+    score = _PAIRED_METRICS[metric]
+
+    def difference(y: np.ndarray, p: np.ndarray, q: np.ndarray, w: np.ndarray) -> float:
+        if y.min() == y.max():  # a resample of one class: no ranking to compare
+            return float("nan")
+        return float(score(y, p, w) - score(y, q, w))
+
+    point = difference(y_arr, p_arr, q_arr, w)
+    result = stats.bootstrap(
+        (y_arr, p_arr, q_arr, w),
+        difference,
+        paired=True,
+        vectorized=False,
+        n_resamples=n_resamples,
+        confidence_level=confidence,
+        method="percentile",
+        random_state=seed,
+    )
+    low, high = result.confidence_interval
+    return point, float(low), float(high)
 
 
 def _figure(title: str) -> tuple[Figure, plt.Axes]:

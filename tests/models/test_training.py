@@ -200,6 +200,17 @@ def test_purchase_report_has_the_specialist_baselines(project):
         assert 0.5 < m[name]["roc_auc"] < 1 and np.isfinite(m[name]["log_loss"])
     # the full-behavior model knows more than purchases alone
     assert m["model"]["roc_auc"] > m["rfm_lightgbm"]["roc_auc"]
+    # each comparison: the point difference inside its paired interval, in the summary
+    # and in MLflow
+    result = project["purchase"]
+    info = registry.version_info(project["settings"].tracking_uri, result.model, result.version)
+    for name in ("bgnbd", "rfm_lightgbm"):
+        for k in ("roc_auc", "log_loss"):
+            diff, low, high = result.comparisons[name][k]
+            assert diff == pytest.approx(m["model"][k] - m[name][k])
+            assert low <= diff <= high and low < high
+            assert info["metrics"][f"model_minus_{name}_{k}_low"] == pytest.approx(low)
+        assert f"model - {name}: AUC {result.comparisons[name]['roc_auc'][0]:+.4f}" in str(result)
 
 
 def test_score_every_customer(project, tmp_path):

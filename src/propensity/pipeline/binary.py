@@ -40,6 +40,9 @@ from propensity.progress import ProgressCallback, report
 __all__ = ["TrainingResult", "train_model"]
 
 _STAGES = 9
+#: The specialist baselines the model is compared with, difference and interval.
+_COMPARED = ("rfm_lightgbm", "bgnbd")
+_METRIC_NAMES = {"roc_auc": "AUC", "log_loss": "log loss"}
 
 
 @dataclass
@@ -48,7 +51,9 @@ class TrainingResult:
 
     ``metrics`` maps ``model``, ``logistic``, ``recency`` (test window) and
     ``oracle`` (when a truth dir was given) to metric dicts; ``model_validation``
-    holds the model's validation metrics.
+    holds the model's validation metrics. ``comparisons`` holds, per specialist
+    baseline (``rfm_lightgbm``, and ``bgnbd`` for purchase models), the model's
+    test AUC and log loss minus the baseline's with a 90% paired bootstrap interval.
     """
 
     model: str
@@ -59,6 +64,7 @@ class TrainingResult:
     split: TimeSplit
     rows: dict[str, int]
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    comparisons: dict[str, dict[str, tuple[float, float, float]]] = field(default_factory=dict)
     calibration: str = ""
     best_iteration: int = 0
     feature_names: list[str] = field(default_factory=list)
@@ -107,6 +113,15 @@ class TrainingResult:
                     + (f"  log loss {m[name]['log_loss']:.4f}" if "log_loss" in m[name] else "")
                     + (f"  ECE {m[name]['ece']:.4f}" if "ece" in m[name] else "")
                 )
+        for name, diffs in self.comparisons.items():
+            lines.append(
+                f"  model - {name}: "
+                + ", ".join(
+                    f"{_METRIC_NAMES[k]} {d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+                    for k, (d, lo, hi) in diffs.items()
+                )
+                + " (90% paired bootstrap)"
+            )
         lines.append("  gates (on the selection model's test metrics):")
         lines += [f"  gate: {c}" for c in self.gates.checks]
         return "\n".join(lines)
@@ -341,6 +356,16 @@ def train_model(
         else ev.binary_metrics(y_test, s, sample_weight=w_test)
         for name, s in scores.items()
     }
+    comparisons = {
+        name: {
+            k: ev.paired_difference(
+                y_test, scores["model"], scores[name], k, w_test, seed=spec.seed
+            )
+            for k in _METRIC_NAMES
+        }
+        for name in _COMPARED
+        if name in scores
+    }
     metrics["model_validation"] = ev.binary_metrics(
         val["label"].to_numpy(),
         model.predict_proba(val[features])[:, 1],
@@ -406,6 +431,15 @@ def train_model(
         for k, v in values.items()
     }
     logged_metrics.update({f"rows_{k}": float(v) for k, v in rows.items()})
+    for name, diffs in comparisons.items():
+        for k, values in diffs.items():
+            logged_metrics.update(
+                zip(
+                    [f"model_minus_{name}_{k}{e}" for e in ("", "_low", "_high")],
+                    values,
+                    strict=True,
+                )
+            )
     logged_metrics["best_iteration"] = float(model.best_iteration_)
     logged_metrics["refit_trees"] = float(final.best_iteration_)
     if data.sampling:
@@ -449,6 +483,7 @@ def train_model(
         split=split,
         rows=rows,
         metrics=metrics,
+        comparisons=comparisons,
         calibration=model.calibration_,
         best_iteration=model.best_iteration_,
         feature_names=features,
