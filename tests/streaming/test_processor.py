@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import glob
 import json
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -128,6 +130,63 @@ def test_flush_moves_staged_events_into_the_lake_once(tmp_path: Path) -> None:
     assert processor.tiles.staged_rows() == 0
     ids = processor.lake.read(["event_id"])["event_id"]
     assert ids.is_unique
+
+
+def test_a_flush_takes_what_was_staged_when_it_began_not_what_arrives_meanwhile(
+    tmp_path: Path,
+) -> None:
+    """A producer keeps staging while a flush runs: the flush moves what was staged
+    when it began, in chunks of ``flush_rows``, and leaves the rest for the next one
+    (chasing the producer appended a small lake file every few batches)."""
+    settings = load_settings(
+        tmp_path,
+        environ={
+            "PROPENSITY_STREAMING__FLUSH_ROWS": "1000",
+            "PROPENSITY_STREAMING__FLUSH_SECONDS": "3600",
+        },
+    )
+    processor = EventProcessor(settings)
+    batch = 100
+    for k in range(25):  # 2,500 staged before the flush
+        processor.process(
+            [_event(k * batch + i, minutes=i % 50) for i in range(batch)], received_at=NOW
+        )
+    producing = threading.Event()
+    stop = threading.Event()
+
+    def produce() -> None:
+        k = 25
+        while not stop.is_set() and k < 325:  # bounded: a flush that chases it still ends
+            processor.process(
+                [_event(k * batch + i, minutes=i % 50) for i in range(batch)], received_at=NOW
+            )
+            producing.set()
+            k += 1
+
+    appends: list[int] = []
+    append = processor.lake.append
+
+    def counted(table: Any) -> int:  # the real append, counted
+        producing.wait(10)  # the producer stages more while this flush runs
+        appends.append(table.num_rows)
+        return append(table)
+
+    processor.lake.append = counted  # type: ignore[method-assign]
+    thread = threading.Thread(target=produce)
+    thread.start()
+    try:
+        added = processor.flush()
+    finally:
+        stop.set()
+        thread.join()
+    # three chunks cover the 2,500: the last one may take up to a chunk of the new rows
+    assert len(appends) == 3 and 2500 <= added <= 3000, appends
+    assert all(n <= 1000 for n in appends)
+    staged = processor.tiles.staged_rows()
+    assert staged > 0  # what the producer added beyond that waits for the next flush
+    processor.flush()
+    assert processor.lake.count() == added + staged
+    assert processor.lake.read(["event_id"])["event_id"].is_unique
 
 
 def test_staged_events_reach_the_lake_with_no_further_batch(tmp_path: Path) -> None:

@@ -291,12 +291,18 @@ class EventProcessor:
         added = 0
         with self._flush_lock:
             self._staged_since = None
-            while True:
+            # What is staged now, not what arrives meanwhile: chasing a producer that keeps
+            # pace appended a small lake file per few batches, and their fixed costs (a
+            # DuckDB dedupe, a Parquet file, a manifest commit, the unstage's wait for the
+            # write lock) took most of a core at 20,000 events/s.
+            due = self.tiles.staged_rows()
+            while due > 0:
                 last, table = self.tiles.staged(self.settings.streaming.flush_rows)
                 if table is None:
                     break
                 added += self.lake.append(table)
                 self.tiles.unstage(last)
+                due -= table.num_rows
             self._expire()
         return added
 
