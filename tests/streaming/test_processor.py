@@ -353,3 +353,28 @@ def test_expired_state_merges_like_no_state(clock_minute: int, age_minutes: int)
     np.testing.assert_array_equal(expired, stateless)
     assert stateless.shape == (1, len(STREAMING_NAMES))
     assert stateless.flags.writeable  # a caller's own array, not the shared row
+
+
+def test_a_first_read_waits_for_a_writer_of_a_store_not_yet_in_wal_mode(tmp_path: Path) -> None:
+    """A store another process just made in rollback-journal mode, its write lock held:
+    switching it to WAL fails at once ("database is locked", no busy handler there),
+    so the tile store's first connection waits for the lock instead of failing."""
+    import sqlite3
+
+    from propensity.features.online.tiles import SqliteTileStore
+
+    path = tmp_path / "online_store.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE feast_table (x)")
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO feast_table VALUES (1)")
+    fresh = sqlite3.connect(path, timeout=5, isolation_level=None)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        fresh.execute("PRAGMA journal_mode=WAL")  # what a first connection used to do
+    fresh.close()
+    threading.Timer(0.3, lambda: other.execute("COMMIT")).start()
+    store = SqliteTileStore(path, "propensity")
+    started = time.monotonic()
+    values = store.read(["C1"], 0)
+    assert values.shape[0] == 1 and time.monotonic() - started >= 0.25
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -58,6 +58,7 @@ from ._bulk import BulkWrites, Chunk, ViewPlan, _utc
 from ._codec import encode_matrix, encode_values, sqlite_epochs, texts
 from ._packed import quote_name as _quote
 from ._read import SqliteReader
+from .tiles import use_wal
 
 __all__ = ["BulkSqliteOnlineStore", "BulkSqliteOnlineStoreConfig", "clustered", "marks_table"]
 
@@ -346,7 +347,7 @@ class _SqliteWriter:
         # isolation_level=None: transactions are ours, opened with BEGIN IMMEDIATE.
         self.conn = sqlite3.connect(self.path, isolation_level=None, timeout=60)
         if wal:
-            self.conn.execute("PRAGMA journal_mode=WAL")
+            use_wal(self.conn)
             self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.execute("PRAGMA cache_size=-262144")
         self.conn.execute("PRAGMA temp_store=MEMORY")

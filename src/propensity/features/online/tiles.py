@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,9 +40,11 @@ from propensity.features.tiles import (
     today_start_minutes,
 )
 
-__all__ = ["ApplyReport", "SqliteTileStore", "tile_tables"]
+__all__ = ["ApplyReport", "SqliteTileStore", "tile_tables", "use_wal"]
 
 _CHUNK = 900  # ids per IN (...) query, under SQLite's default bound-parameter limit
+#: How long a connection waits for another's lock.
+_TIMEOUT_SECONDS = 60.0
 #: WAL pages between automatic checkpoints (80 MB of 4 KB pages; SQLite's default: 1,000).
 _WAL_CHECKPOINT_PAGES = 20_000
 
@@ -60,6 +63,26 @@ class ApplyReport:
 
     applied: int
     duplicates: int
+
+
+def use_wal(con: sqlite3.Connection, timeout: float = _TIMEOUT_SECONDS) -> None:
+    """Put the connection's database in WAL mode, waiting for other writers.
+
+    Switching a database that is still in rollback-journal mode (a store just
+    made, by Feast or another process) while a connection holds its write lock
+    fails at once with "database is locked": SQLite does not call the busy
+    handler there. Seen as a reader's first call failing beside a writer.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if str(con.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                con.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
 
 
 @contextmanager
@@ -120,8 +143,8 @@ class SqliteTileStore:
         con: sqlite3.Connection | None = getattr(self._local, "con", None)
         if con is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            con.execute("PRAGMA journal_mode=WAL")
+            con = sqlite3.connect(self.path, timeout=_TIMEOUT_SECONDS, isolation_level=None)
+            use_wal(con)
             # FULL: a commit survives a crash of the machine, not only of the process;
             # callers acknowledge events once apply returns.
             con.execute("PRAGMA synchronous=FULL")
@@ -129,7 +152,6 @@ class SqliteTileStore:
             # the WAL every 1,000 pages (SQLite's default) copied those pages back again
             # and again: a larger interval made apply 35 % faster after 400k events.
             con.execute(f"PRAGMA wal_autocheckpoint={_WAL_CHECKPOINT_PAGES}")
-            con.execute("PRAGMA cache_size=-262144")
             self._local.con = con
             if not self._created:
                 self._create(con)
