@@ -165,7 +165,9 @@ def test_gamma_gamma_converges_where_the_currency_unit_stops_it_short() -> None:
     from lifetimes import GammaGammaFitter
     from lifetimes.utils import ConvergenceError
 
-    rows = pd.DataFrame(dict(np.load(Path(__file__).parent / "data/gamma_gamma_stops_short.npz")))
+    rows = pd.DataFrame(
+        dict(np.load(Path(__file__).parent / "fixtures/gamma_gamma_stops_short.npz"))
+    )
     f, m = rows["frequency"].to_numpy(), rows["monetary"].to_numpy()
     buyers = (f > 0) & (m > 0)
     with pytest.raises(ConvergenceError):
