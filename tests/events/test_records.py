@@ -194,3 +194,20 @@ def test_a_lone_surrogate_is_rejected_as_not_utf8_and_the_rest_kept() -> None:
     rejected = result.rejected.to_pylist()
     assert [(r["row_number"], r["rule"]) for r in rejected] == [(1, "not_utf8"), (2, "not_utf8")]
     assert [r["field"] for r in rejected] == ["customer_id", "product_id"]
+
+
+def test_a_boolean_in_a_numeric_field_shows_as_json_text_alone_or_mixed() -> None:
+    """Found by the comparison above: a batch whose only ``propensity`` is a boolean
+    (a column of booleans) showed ``True``, one that mixes it with numbers ``true``."""
+    bad = {
+        "customer_id": "C1",
+        "event_type": "page_view",
+        "event_timestamp": "2026-06-01T11:59:00Z",
+        "event_id": "a",
+        "propensity": True,
+    }
+    mixed = [bad, {**bad, "event_id": "b", "propensity": 0.5}]
+    for records in ([bad], mixed):
+        _compare(records, "UTC")
+        rejected = validate_records(records, source="x", timezone="UTC", now=NOW).rejected
+        assert rejected.column("value").to_pylist() == ["true"]

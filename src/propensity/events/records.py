@@ -341,7 +341,7 @@ def _check(
             bad["row_number"].append(index + 1)
             bad["field"].append(field)
             bad["rule"].append(rule)
-            bad["value"].append(None if value is None else str(value))
+            bad["value"].append(_as_text(value))
             bad["rules"].append(";".join(f"{f}:{r}" for f, r in problems))
             bad["raw"].append(json.dumps(record, default=str))
             bad["source_sha256"].append(None)

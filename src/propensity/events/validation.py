@@ -54,6 +54,7 @@ import pyarrow.compute as pc
 
 from propensity.events import timestamps
 from propensity.events._readers import FLAGS, SOURCE_ROW, IngestError, RowProblem
+from propensity.events._readers import _text as _value_text
 from propensity.events.schema import ARROW_SCHEMA, EVENT_TYPES, NUMERIC_COLUMNS
 
 __all__ = [
@@ -845,7 +846,9 @@ def _quarantine_records(
         records["row_number"].append(number)
         records["field"].append(field)
         records["rule"].append(rule)
-        records["value"].append(None if value is None else str(value))
+        # As a JSON Lines reader shows it whatever the column's type (``true``, not ``True``):
+        # a column of booleans only, or mixed with text, gives the same value text.
+        records["value"].append(_value_text(value))
         records["rules"].append(problems)
         records["raw"].append(json.dumps(raw, default=str, sort_keys=False))
         records["source_sha256"].append(None)
