@@ -432,14 +432,9 @@ def train_model(
     }
     logged_metrics.update({f"rows_{k}": float(v) for k, v in rows.items()})
     for name, diffs in comparisons.items():
-        for k, values in diffs.items():
-            logged_metrics.update(
-                zip(
-                    [f"model_minus_{name}_{k}{e}" for e in ("", "_low", "_high")],
-                    values,
-                    strict=True,
-                )
-            )
+        for k, (diff, low, high) in diffs.items():
+            key = f"model_minus_{name}_{k}"
+            logged_metrics.update({key: diff, f"{key}_low": low, f"{key}_high": high})
     logged_metrics["best_iteration"] = float(model.best_iteration_)
     logged_metrics["refit_trees"] = float(final.best_iteration_)
     if data.sampling:
